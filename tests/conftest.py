@@ -1,0 +1,80 @@
+"""Shared fixtures. Model folders are built once per test session (and cached between local runs under
+.cache/test-models, keyed by the exporter's source, so a changed exporter rebuilds them)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EDGELM_SHARED", ROOT.parent / "shared")).resolve()
+STORIES260K = SHARED / "fixtures" / "stories260K"
+EVAL_TEXT = SHARED / "eval" / "tinystories-v1-valid-a.txt"
+CACHE = Path(os.environ.get("EDGELM_TEST_CACHE", ROOT / ".cache" / "test-models"))
+
+# Keep test processes from fighting over the two cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _exporter_fingerprint() -> str:
+    h = hashlib.sha256()
+    for p in sorted((ROOT / "export").rglob("*.py")) + [ROOT / "edgelm" / "folder.py"]:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def needs_shared():
+    return pytest.mark.skipif(not STORIES260K.is_dir(), reason=f"shared data not found at {SHARED} (set EDGELM_SHARED)")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data not found at {SHARED} (set EDGELM_SHARED)")
+    return SHARED
+
+
+def cached_export(name: str, src: Path, **kwargs) -> Path:
+    """Export `src` once per exporter version and return the model folder (treat it as read-only)."""
+    pytest.importorskip("torch")
+    from edgelm_export.convert import export_model
+
+    out = CACHE / f"{name}-{_exporter_fingerprint()}"
+    if not (out / "edgelm.json").is_file():
+        if out.exists():
+            shutil.rmtree(out)
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        export_model(str(src), str(tmp), overwrite=True, progress=False, **kwargs)
+        tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stories_fp32() -> Path:
+    """stories260K (real trained weights) exported to fp32 ONNX."""
+    if not STORIES260K.is_dir():
+        pytest.skip("stories260K fixture not available")
+    return cached_export("stories260k-fp32", STORIES260K, quantize="none")
+
+
+@pytest.fixture(scope="session")
+def stories_int8() -> Path:
+    """stories260K exported to int8 ONNX (the default export settings)."""
+    if not STORIES260K.is_dir():
+        pytest.skip("stories260K fixture not available")
+    return cached_export("stories260k-int8", STORIES260K, quantize="int8")
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    """Copy a cached model folder somewhere a test may damage it."""
+    def _copy(folder: Path) -> Path:
+        dst = tmp_path / folder.name
+        shutil.copytree(folder, dst)
+        return dst
+    return _copy
