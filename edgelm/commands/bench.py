@@ -1,0 +1,47 @@
+"""``edgelm bench [MODEL]``: load time, time to first token, prefill/decode tokens per second, peak memory."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="model folder (default: the shipped default model)")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
+    parser.add_argument("--new-tokens", type=int, default=128,
+                        help="tokens to generate per run; EOS is ignored so every run makes exactly this many "
+                             "(default 128)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs after one warm-up (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (default 1)")
+    parser.add_argument("--json", metavar="FILE", default=None,
+                        help="also write the results as JSON to FILE ('-' for standard output only)")
+    parser.add_argument("--plot", metavar="FILE.png", default=None,
+                        help="also write a PNG plot (needs matplotlib: pip install 'edgelm[bench]')")
+    parser.add_argument("--no-verify", action="store_true", help="skip the checksum check when loading")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgelm.bench import format_table, plot_result, run_bench
+    from edgelm.errors import InvalidArgumentError
+
+    if args.plot:  # fail before minutes of benchmarking, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InvalidArgumentError("--plot needs matplotlib, which is not installed.",
+                                       hint='Install it with: pip install "edgelm[bench]", or drop --plot.')
+    result = run_bench(args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                       threads=args.threads, repeat=args.repeat, warmup=args.warmup, verify=not args.no_verify)
+    if args.json == "-":
+        print(result.to_json())
+    else:
+        print(format_table(result))
+        if args.json:
+            Path(args.json).write_text(result.to_json() + "\n", encoding="utf-8")
+            print(f"\nwrote {args.json}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {plot_result(result, args.plot)}", file=sys.stderr)
+    return 0
