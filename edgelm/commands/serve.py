@@ -1,0 +1,71 @@
+"""`edgelm serve [MODEL]`: serve a model over an OpenAI-compatible HTTP API (the [server] extra)."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from edgelm import server
+
+    parser.add_argument("model", nargs="?", default=None,
+                        help="model folder to serve (default: the shipped default model)")
+    parser.add_argument("--host", default=server.DEFAULT_HOST,
+                        help="address to listen on (default: %(default)s, this machine only; use 0.0.0.0 to "
+                             "accept other machines, ideally with --api-key)")
+    parser.add_argument("--port", type=int, default=server.DEFAULT_PORT,
+                        help="port to listen on, 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=server.DEFAULT_WORKERS,
+                        help="generation threads sharing the model (default: %(default)s)")
+    parser.add_argument("--max-queue", type=int, default=server.DEFAULT_MAX_QUEUE,
+                        help="requests that may wait for a worker before the server answers 503 "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-body-bytes", type=int, default=server.DEFAULT_MAX_BODY_BYTES,
+                        help="largest accepted request body in bytes (default: %(default)s)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${server.API_KEY_ENV} when "
+                             f"set; prefer the environment variable, command lines are visible to other users)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="onnxruntime intra-op threads per generation (default: the runtime's choice)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="server log level (default: %(default)s)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    import edgelm
+    from edgelm import server
+    from edgelm.errors import InvalidArgumentError
+
+    for name in ("workers", "max_queue", "max_body_bytes"):
+        value = getattr(args, name)
+        if value < (0 if name == "max_queue" else 1):
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least "
+                                       f"{0 if name == 'max_queue' else 1}, got {value}.")
+    if not 0 <= args.port <= 65535:
+        raise InvalidArgumentError(f"--port must be in 0..65535, got {args.port}.")
+    api_key = args.api_key or os.environ.get(server.API_KEY_ENV) or None
+
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("edgelm").setLevel(level)
+    if not _is_loopback(args.host) and api_key is None:
+        print(f"edgelm serve: warning: listening on {args.host} without an API key; anyone who can reach this "
+              f"machine can use the model. Set ${server.API_KEY_ENV} or --api-key.", file=sys.stderr)
+
+    model = edgelm.load(args.model, threads=args.threads)
+    server.serve(model, host=args.host, port=args.port, workers=args.workers, api_key=api_key,
+                 max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, log_level=args.log_level)
+    print("edgelm serve: stopped", file=sys.stderr)
+    return 0
