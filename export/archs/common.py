@@ -1,0 +1,292 @@
+"""Shared pieces of the hand-written decoder graphs (see docs/export.md for why we build graphs ourselves).
+
+Every family module (llama.py, phi3.py, gpt2.py) walks its Hugging Face module tree and calls the helpers
+here, so the I/O contract of docs/model-format.md (``kv_cache: "concat"``) lives in exactly one place:
+
+    input_ids [B, S] int64, attention_mask [B, P+S] int64, position_ids [B, S] int64,
+    past_key_values.{i}.key/.value [B, Hkv, P, D] float32
+    -> logits [B, S, V] float32, present.{i}.key/.value [B, Hkv, P+S, D] float32
+
+Only standard ONNX ops (opset 17) are emitted, so the graph works for any head size and any onnxruntime
+build; onnxruntime's own optimiser fuses the RMSNorm / GELU / MatMul+Add patterns at load time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+# A large finite negative number for masked attention scores: finite so a fully masked row (a left-pad query)
+# gives a uniform softmax instead of NaN; large enough that exp() of it is exactly 0 in fp32.
+MASK_VALUE = -1e9
+
+
+@dataclass
+class DecoderShape:
+    """The numbers the runtime needs to drive the graph (they go into the folder's config.json)."""
+
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int
+
+
+class GraphBuilder:
+    """A tiny append-only helper around onnx.helper: unique names, initializers, node lists."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._names: set[str] = set()
+        self._consts: dict[tuple, str] = {}
+
+    def _unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._names:
+            name = f"{base}_{i}"
+            i += 1
+        self._names.add(name)
+        return name
+
+    def weight(self, name: str, array: Any, dtype=np.float32) -> str:
+        """Add an initializer (a weight); torch tensors are converted to contiguous numpy arrays."""
+        if hasattr(array, "detach"):
+            array = array.detach().cpu().numpy()
+        arr = np.ascontiguousarray(np.asarray(array, dtype=dtype))
+        name = self._unique(name)
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def const(self, values: Sequence | np.ndarray | float | int, dtype=np.int64) -> str:
+        """A small constant, shared between all nodes that use the same value."""
+        arr = np.asarray(values, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.weight(f"const_{len(self._consts)}", arr, dtype)
+        return self._consts[key]
+
+    def op(self, op_type: str, inputs: Sequence[str], *, name: str | None = None, outputs: int = 1,
+           domain: str = "", **attrs) -> Any:
+        """Append one node and return its output name (or a list when ``outputs > 1``)."""
+        base = self._unique(name or op_type.lower())
+        outs = [base] if outputs == 1 else [self._unique(f"{base}_out{i}") for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, domain=domain or None, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def add_input(self, name: str, elem_type: int, shape: Sequence) -> str:
+        self._names.add(name)
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def add_output(self, src: str, name: str, elem_type: int, shape: Sequence) -> None:
+        # Outputs carry fixed contract names; an Identity renames the internal value.
+        self._names.add(name)
+        self.nodes.append(helper.make_node("Identity", [src], [name], name=f"{name}_identity"))
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+
+    def model(self, graph_name: str, doc: str = "") -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers,
+                                  doc_string=doc)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="edgelm-export")
+        model.ir_version = 8  # readable by every onnxruntime >= 1.14
+        return model
+
+
+# --- graph I/O and masks -------------------------------------------------------------------------------------
+@dataclass
+class DecoderIO:
+    """Names of the shared per-step values that every layer uses."""
+
+    input_ids: str
+    attention_mask: str
+    position_ids: str
+    past: list[tuple[str, str]]
+    bias: dict[int | None, str] = field(default_factory=dict)  # sliding window (None = full) -> additive mask
+
+
+def declare_io(gb: GraphBuilder, shape: DecoderShape) -> DecoderIO:
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    ids = gb.add_input("input_ids", i64, ["batch", "seq"])
+    mask = gb.add_input("attention_mask", i64, ["batch", "total"])
+    pos = gb.add_input("position_ids", i64, ["batch", "seq"])
+    past = []
+    for i in range(shape.num_layers):
+        k = gb.add_input(f"past_key_values.{i}.key", f32, ["batch", shape.num_kv_heads, "past", shape.head_dim])
+        v = gb.add_input(f"past_key_values.{i}.value", f32, ["batch", shape.num_kv_heads, "past", shape.head_dim])
+        past.append((k, v))
+    return DecoderIO(ids, mask, pos, past)
+
+
+def attention_bias(gb: GraphBuilder, io: DecoderIO, sliding_window: int | None = None) -> str:
+    """Additive mask [B, 1, S, T] (0 = may attend, MASK_VALUE = may not), built once per graph.
+
+    New token j sits at slot P + j (P = T - S past slots). It may see slot t when t <= P + j (causal),
+    attention_mask[b, t] == 1 (not padding) and, with a sliding window W, t > P + j - W (Hugging Face's rule).
+    """
+    if sliding_window in io.bias:
+        return io.bias[sliding_window]
+    total = gb.op("Gather", [gb.op("Shape", [io.attention_mask]), gb.const(1)], name="total_len")
+    seq = gb.op("Gather", [gb.op("Shape", [io.input_ids]), gb.const(1)], name="seq_len")
+    past = gb.op("Sub", [total, seq], name="past_len")
+    rows = gb.op("Unsqueeze", [gb.op("Range", [past, total, gb.const(1)], name="q_slots"), gb.const([1])])  # [S,1]
+    cols = gb.op("Range", [gb.const(0), total, gb.const(1)], name="kv_slots")  # [T]
+    allowed = gb.op("LessOrEqual", [cols, rows], name="causal")  # [S, T]
+    if sliding_window is not None:
+        lower = gb.op("Sub", [rows, gb.const(sliding_window)])
+        allowed = gb.op("And", [allowed, gb.op("Greater", [cols, lower])], name="sliding")
+    pad = gb.op("Equal", [io.attention_mask, gb.const(1)], name="not_padding")  # [B, T]
+    pad = gb.op("Unsqueeze", [pad, gb.const([1, 2])])  # [B, 1, 1, T]
+    allowed = gb.op("And", [pad, allowed])  # [B, 1, S, T]
+    bias = gb.op("Where", [allowed, gb.const(0.0, np.float32), gb.const(MASK_VALUE, np.float32)],
+                 name="attn_bias" if sliding_window is None else f"attn_bias_sw{sliding_window}")
+    io.bias[sliding_window] = bias
+    return bias
+
+
+# --- building blocks -------------------------------------------------------------------------------------------
+def linear(gb: GraphBuilder, x: str, weight_in_out: Any, bias: Any | None, name: str) -> str:
+    """x @ W (+ b). ``weight_in_out`` is [in, out] (an nn.Linear weight transposed, or a GPT-2 Conv1D weight)."""
+    y = gb.op("MatMul", [x, gb.weight(f"{name}.weight", weight_in_out)], name=f"{name}/MatMul")
+    if bias is not None:
+        y = gb.op("Add", [y, gb.weight(f"{name}.bias", bias)], name=f"{name}/Add")
+    return y
+
+
+def rms_norm(gb: GraphBuilder, x: str, weight: Any, eps: float, name: str) -> str:
+    """x / sqrt(mean(x^2) + eps) * w, spelled the way onnxruntime's SimplifiedLayerNorm fusion expects."""
+    sq = gb.op("Pow", [x, gb.const(2.0, np.float32)], name=f"{name}/Pow")
+    mean = gb.op("ReduceMean", [sq], name=f"{name}/ReduceMean", axes=[-1], keepdims=1)
+    std = gb.op("Sqrt", [gb.op("Add", [mean, gb.const(eps, np.float32)], name=f"{name}/AddEps")], name=f"{name}/Sqrt")
+    y = gb.op("Div", [x, std], name=f"{name}/Div")
+    return gb.op("Mul", [y, gb.weight(f"{name}.weight", weight)], name=f"{name}/Mul")
+
+
+def layer_norm(gb: GraphBuilder, x: str, weight: Any, bias: Any, eps: float, name: str) -> str:
+    return gb.op("LayerNormalization", [x, gb.weight(f"{name}.weight", weight), gb.weight(f"{name}.bias", bias)],
+                 name=name, axis=-1, epsilon=float(eps))
+
+
+def silu(gb: GraphBuilder, x: str, name: str) -> str:
+    return gb.op("Mul", [x, gb.op("Sigmoid", [x], name=f"{name}/Sigmoid")], name=f"{name}/Mul")
+
+
+def gelu_tanh(gb: GraphBuilder, x: str, name: str) -> str:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) -- GPT-2's "gelu_new" (onnxruntime fuses it to FastGelu)."""
+    cube = gb.op("Mul", [gb.op("Mul", [x, x]), x], name=f"{name}/cube")
+    inner = gb.op("Add", [x, gb.op("Mul", [cube, gb.const(0.044715, np.float32)])])
+    t = gb.op("Tanh", [gb.op("Mul", [inner, gb.const(float(np.sqrt(2.0 / np.pi)), np.float32)])], name=f"{name}/Tanh")
+    half_x = gb.op("Mul", [x, gb.const(0.5, np.float32)])
+    return gb.op("Mul", [half_x, gb.op("Add", [t, gb.const(1.0, np.float32)])], name=f"{name}/Mul")
+
+
+@dataclass
+class Rotary:
+    """cos/sin tables [ctx, rot_dim] gathered once per graph by position_ids -> [B, 1, S, rot_dim]."""
+
+    cos: str
+    sin: str
+    rot_dim: int
+
+
+def rotary_tables(gb: GraphBuilder, io: DecoderIO, cos: np.ndarray, sin: np.ndarray) -> Rotary:
+    cos_t, sin_t = gb.weight("rotary.cos", cos), gb.weight("rotary.sin", sin)
+    c = gb.op("Unsqueeze", [gb.op("Gather", [cos_t, io.position_ids], axis=0), gb.const([1])], name="rotary/cos")
+    s = gb.op("Unsqueeze", [gb.op("Gather", [sin_t, io.position_ids], axis=0), gb.const([1])], name="rotary/sin")
+    return Rotary(c, s, int(cos.shape[-1]))
+
+
+def apply_rotary(gb: GraphBuilder, x: str, rot: Rotary, head_dim: int, name: str) -> str:
+    """x * cos + rotate_half(x) * sin on the first rot_dim features of each head ([B, H, S, D])."""
+    half = rot.rot_dim // 2
+    if rot.rot_dim < head_dim:
+        x_rot, x_pass = gb.op("Split", [x, gb.const([rot.rot_dim, head_dim - rot.rot_dim])], outputs=2,
+                              axis=-1, name=f"{name}/split_pass")
+    else:
+        x_rot, x_pass = x, None
+    x1, x2 = gb.op("Split", [x_rot, gb.const([half, half])], outputs=2, axis=-1, name=f"{name}/split_half")
+    rotated = gb.op("Concat", [gb.op("Neg", [x2]), x1], axis=-1, name=f"{name}/rotate_half")
+    out = gb.op("Add", [gb.op("Mul", [x_rot, rot.cos]), gb.op("Mul", [rotated, rot.sin])], name=f"{name}/rope")
+    if x_pass is not None:
+        out = gb.op("Concat", [out, x_pass], axis=-1, name=f"{name}/concat_pass")
+    return out
+
+
+def attention(gb: GraphBuilder, io: DecoderIO, shape: DecoderShape, layer: int, qkv: str, *, rotary: Rotary | None,
+              bias: str, scale: float) -> str:
+    """Multi-head attention with a concat KV cache, from the fused projection qkv = [B, S, (Hq + 2 Hkv) D].
+
+    Grouped-query attention without copying the cache: the Hq query heads are regrouped as [B, Hkv, n_rep*S, D]
+    (query head h uses KV head h // n_rep, as in Hugging Face's repeat_kv), so each KV head is read once.
+    Returns the attention output [B, S, Hq*D] (before the output projection) and adds the present outputs.
+    """
+    hq, hkv, d = shape.num_attention_heads, shape.num_kv_heads, shape.head_dim
+    n_rep = hq // hkv
+    p = f"layers.{layer}.attn"
+    q, k, v = gb.op("Split", [qkv, gb.const([hq * d, hkv * d, hkv * d])], outputs=3, axis=-1, name=f"{p}/split_qkv")
+
+    def heads(x: str, n: int, tag: str) -> str:  # [B, S, n*D] -> [B, n, S, D]
+        x = gb.op("Reshape", [x, gb.const([0, 0, n, d])], name=f"{p}/{tag}_reshape")
+        return gb.op("Transpose", [x], perm=[0, 2, 1, 3], name=f"{p}/{tag}_transpose")
+
+    q, k, v = heads(q, hq, "q"), heads(k, hkv, "k"), heads(v, hkv, "v")
+    if rotary is not None:
+        q = apply_rotary(gb, q, rotary, d, f"{p}/q")
+        k = apply_rotary(gb, k, rotary, d, f"{p}/k")
+    past_k, past_v = io.past[layer]
+    k = gb.op("Concat", [past_k, k], axis=2, name=f"{p}/k_cache")  # keys are cached after rotary
+    v = gb.op("Concat", [past_v, v], axis=2, name=f"{p}/v_cache")
+    gb.add_output(k, f"present.{layer}.key", TensorProto.FLOAT, ["batch", hkv, "total", d])
+    gb.add_output(v, f"present.{layer}.value", TensorProto.FLOAT, ["batch", hkv, "total", d])
+
+    q = gb.op("Mul", [q, gb.const(scale, np.float32)], name=f"{p}/q_scale")
+    if n_rep > 1:
+        q = gb.op("Reshape", [q, gb.const([0, hkv, -1, d])], name=f"{p}/q_group")  # [B, Hkv, n_rep*S, D]
+    kt = gb.op("Transpose", [k], perm=[0, 1, 3, 2], name=f"{p}/k_t")
+    scores = gb.op("MatMul", [q, kt], name=f"{p}/qk")  # [B, Hkv, n_rep*S, T]
+    if n_rep > 1:
+        scores = gb.op("Reshape", [scores, gb.const([0, hq, -1, 0])], name=f"{p}/scores_ungroup")  # [B,Hq,S,T]
+    probs = gb.op("Softmax", [gb.op("Add", [scores, bias], name=f"{p}/mask")], axis=-1, name=f"{p}/softmax")
+    if n_rep > 1:
+        probs = gb.op("Reshape", [probs, gb.const([0, hkv, -1, 0])], name=f"{p}/probs_group")
+    ctx = gb.op("MatMul", [probs, v], name=f"{p}/pv")  # [B, Hkv, n_rep*S, D]
+    if n_rep > 1:
+        ctx = gb.op("Reshape", [ctx, gb.const([0, hq, -1, d])], name=f"{p}/ctx_ungroup")
+    ctx = gb.op("Transpose", [ctx], perm=[0, 2, 1, 3], name=f"{p}/ctx_transpose")  # [B, S, Hq, D]
+    return gb.op("Reshape", [ctx, gb.const([0, 0, hq * d])], name=f"{p}/ctx_merge")
+
+
+def lm_head_and_logits(gb: GraphBuilder, x: str, weight_out_in: Any, bias: Any | None, shape: DecoderShape) -> None:
+    """The LM head is always its own [hidden, vocab] initializer, even with tied embeddings.
+
+    Why: a tied head spelled as Transpose(embedding) makes quantizers keep it fp32 and transpose the whole table
+    on every token (shared/notes/performance.md measured ~3x slower decode on a 135M model).
+    """
+    w = weight_out_in.detach().cpu().numpy().T if hasattr(weight_out_in, "detach") else np.asarray(weight_out_in).T
+    logits = linear(gb, x, w, bias, "lm_head")
+    gb.add_output(logits, "logits", TensorProto.FLOAT, ["batch", "seq", shape.vocab_size])
+
+
+def t(weight: Any) -> np.ndarray:
+    """An nn.Linear weight [out, in] as a MatMul operand [in, out]."""
+    return weight.detach().cpu().numpy().T
+
+
+def cat_linear(mods: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Fuse several nn.Linear layers that read the same input into one [in, sum(out)] MatMul (+ bias)."""
+    w = np.concatenate([t(m.weight) for m in mods], axis=1)
+    biases = [m.bias for m in mods]
+    if all(b is None for b in biases):
+        return w, None
+    b = np.concatenate([np.zeros(m.weight.shape[0], np.float32) if m.bias is None else m.bias.detach().cpu().numpy()
+                        for m in mods])
+    return w, b

@@ -1,0 +1,89 @@
+"""Llama-style decoders: Llama (also SmolLM, TinyLlama), Mistral and Qwen2.
+
+Pre-norm blocks with RMSNorm, rotary position embeddings, grouped-query attention and a SiLU-gated MLP.
+Qwen2 adds q/k/v biases (read from the modules, so any bias the source has is carried); Mistral and Qwen2
+may use a sliding attention window, which is built into the attention mask when it is shorter than the
+context the graph is built for (otherwise it changes nothing and is left out).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+
+from edgelm.errors import UnsupportedArchitectureError
+
+from . import common as c
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+def check_config(cfg: dict[str, Any]) -> None:
+    """Refuse features this builder does not implement, from config.json alone (before loading weights)."""
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedArchitectureError(
+            f"hidden_act={act!r} is not supported for {cfg.get('architectures')}; the Llama builder implements 'silu'.",
+            hint="Open an issue with the model id, or export a model with the standard SiLU MLP.")
+
+
+def sliding_windows(model: Any, family: str, num_layers: int) -> list[int | None]:
+    """The sliding window of each layer (None = full attention), following the Hugging Face modules' rules."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    if family == "llama" or window is None:
+        return [None] * num_layers
+    if family == "qwen2":
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * num_layers
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * num_layers  # mistral: every layer slides when sliding_window is set
+
+
+def build(model: Any, family: str, context_length: int) -> tuple[onnx.ModelProto, c.DecoderShape]:
+    """Build the decoder graph from a loaded (fp32, eval) Hugging Face causal LM."""
+    import torch
+
+    cfg, base = model.config, model.model
+    attn0 = base.layers[0].self_attn
+    head_dim = int(getattr(attn0, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    shape = c.DecoderShape(
+        num_layers=len(base.layers), num_attention_heads=cfg.num_attention_heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim=head_dim,
+        hidden_size=cfg.hidden_size, vocab_size=base.embed_tokens.weight.shape[0], context_length=context_length)
+    gb = c.GraphBuilder()
+    io = c.declare_io(gb, shape)
+
+    # Rotary tables straight from the model's own rotary module, so every rope_scaling variant it implements
+    # (linear, dynamic, llama3, yarn, longrope...) is reproduced exactly for positions 0..context_length-1.
+    with torch.no_grad():
+        pos = torch.arange(context_length, dtype=torch.long)[None]
+        cos, sin = base.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    rot = c.rotary_tables(gb, io, cos[0].numpy(), sin[0].numpy())
+
+    windows = sliding_windows(model, family, shape.num_layers)
+    x = gb.op("Gather", [gb.weight("embed_tokens.weight", base.embed_tokens.weight), io.input_ids], axis=0,
+              name="embed_tokens")
+    for i, layer in enumerate(base.layers):
+        a, m = layer.self_attn, layer.mlp
+        w = windows[i] if windows[i] is not None and windows[i] < context_length else None
+        bias = c.attention_bias(gb, io, w)
+        h = c.rms_norm(gb, x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+                       f"layers.{i}.input_layernorm")
+        qkv_w, qkv_b = c.cat_linear([a.q_proj, a.k_proj, a.v_proj])
+        qkv = c.linear(gb, h, qkv_w, qkv_b, f"layers.{i}.attn.qkv_proj")
+        ctx = c.attention(gb, io, shape, i, qkv, rotary=rot, bias=bias,
+                          scale=float(getattr(a, "scaling", head_dim ** -0.5)))
+        x = gb.op("Add", [x, c.linear(gb, ctx, c.t(a.o_proj.weight), a.o_proj.bias, f"layers.{i}.attn.o_proj")],
+                  name=f"layers.{i}/attn_residual")
+        h = c.rms_norm(gb, x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                       f"layers.{i}.post_attention_layernorm")
+        gu_w, gu_b = c.cat_linear([m.gate_proj, m.up_proj])
+        gate, up = gb.op("Split", [c.linear(gb, h, gu_w, gu_b, f"layers.{i}.mlp.gate_up_proj"),
+                                   gb.const([m.gate_proj.weight.shape[0], m.up_proj.weight.shape[0]])],
+                         outputs=2, axis=-1, name=f"layers.{i}.mlp/split")
+        act = gb.op("Mul", [c.silu(gb, gate, f"layers.{i}.mlp/silu"), up], name=f"layers.{i}.mlp/gate")
+        x = gb.op("Add", [x, c.linear(gb, act, c.t(m.down_proj.weight), m.down_proj.bias, f"layers.{i}.mlp.down_proj")],
+                  name=f"layers.{i}/mlp_residual")
+    x = c.rms_norm(gb, x, base.norm.weight, base.norm.variance_epsilon, "norm")
+    c.lm_head_and_logits(gb, x, model.lm_head.weight, getattr(model.lm_head, "bias", None), shape)
+    return gb.model(f"edgelm-{family}"), shape

@@ -1,0 +1,500 @@
+"""`edgelm export SRC --out DIR`: a Hugging Face causal LM -> a verified, quantized, evaluated model folder.
+
+Steps (each refuses early with a typed error, see docs/export.md):
+  1. check arguments, SRC, its config.json (architecture) and tokenizer, the output folder and free disk;
+  2. load the model with transformers (fp32, eval) and build our own lean ONNX graph (archs/);
+  3. verify the fp32 graph against PyTorch (prefill + cached decode steps, and a left-padded batch);
+  4. quantize (quantize.py), then measure fp32 vs quantized quality with the runtime (evaluate.py) and refuse
+     a model that lost more than ``max_ppl_increase`` perplexity unless ``force``;
+  5. write the folder into a temporary directory beside ``out`` and rename it into place, manifest last.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgelm.errors import (EdgeLMError, ExportError, InvalidArgumentError, ModelNotFoundError, OutOfDiskError,
+                           QualityGateError, TokenizerError)
+
+QUANTIZE_CHOICES = ("int8", "int8-dynamic", "int4", "none")
+KEEP_FP32_CHOICES = ("embeddings", "lm_head")
+DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent / "data" / "eval-sample.txt"
+# fp32 ONNX vs PyTorch: max |logit diff| allowed, relative to the largest reference logit (at least 1).
+# Measured diffs are ~1e-6..1e-5 (float summation order); 1e-3 catches any real graph bug with a wide margin.
+VERIFY_RTOL = 1e-3
+# Default context when the source allows more: rotary tables and masks grow with it, and edge devices rarely
+# hold longer caches. Pass context_length= to build for more (up to the source's max positions).
+DEFAULT_MAX_CONTEXT = 4096
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class ExportReport:
+    """What an export produced and measured."""
+
+    out: str
+    source: str
+    architecture: str
+    model_type: str
+    quantization: str
+    context_length: int
+    num_parameters: int
+    max_logit_diff: float                # fp32 ONNX vs PyTorch, over all verification steps
+    model_bytes: int                     # size of model.onnx in the folder
+    fp32_model_bytes: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- checks done before any work -------------------------------------------------------------------------------
+def _check_arguments(quantize: str, max_ppl_increase: float, keep_fp32: Any, context_length: int | None) -> tuple[str, ...]:
+    if quantize not in QUANTIZE_CHOICES:
+        raise InvalidArgumentError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}.",
+                                   hint="Use --quantize int8 (the default) or --quantize none for fp32.")
+    if not isinstance(max_ppl_increase, (int, float)) or max_ppl_increase < 0:
+        raise InvalidArgumentError(f"max_ppl_increase must be a number >= 0 (a fraction: 0.05 = 5 %), got {max_ppl_increase!r}.")
+    if isinstance(keep_fp32, str):
+        keep_fp32 = [k for k in keep_fp32.split(",") if k.strip()]
+    keep = tuple(k.strip() for k in keep_fp32)
+    bad = [k for k in keep if k not in KEEP_FP32_CHOICES]
+    if bad:
+        raise InvalidArgumentError(f"keep_fp32 entries {bad} are unknown; choose from {', '.join(KEEP_FP32_CHOICES)}.")
+    if context_length is not None and (not isinstance(context_length, int) or context_length < 1):
+        raise InvalidArgumentError(f"context_length must be a positive integer, got {context_length!r}.")
+    return keep
+
+
+def _resolve_source(src: str) -> Path:
+    """A local folder, or a hub id downloaded with huggingface_hub (needs network)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{path} is a file; SRC must be a Hugging Face model folder or hub id.",
+                                     hint="Pass the folder that holds config.json and the weights.")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ModelNotFoundError(f"{path} is not readable.", hint="Check the folder's permissions.")
+        return path
+    if _HUB_ID.match(src) and not src.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model",
+                                                               "*.txt", "*.md", "*.jinja", "LICENSE*"]))
+        except Exception as exc:  # offline, unknown id, gated model...
+            raise ModelNotFoundError(f"{src} is not a local folder and could not be downloaded from the Hugging Face "
+                                     f"hub ({type(exc).__name__}: {exc}).",
+                                     hint="Check the id and your network, or download the model and pass its folder.")
+    raise ModelNotFoundError(f"Source model {src} does not exist.",
+                             hint="Pass a local Hugging Face model folder (with config.json) or a hub id like org/name.")
+
+
+def _read_source_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelNotFoundError(f"{cfg_path} is missing: {path} is not a Hugging Face model folder.",
+                                 hint="Pass the folder written by save_pretrained (config.json + weights + tokenizer).")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{cfg_path} cannot be read ({exc}).", hint="Restore or re-download the source model.")
+    if not isinstance(cfg, dict):
+        raise ExportError(f"{cfg_path} does not hold a JSON object.", hint="Restore or re-download the source model.")
+    return cfg
+
+
+def _check_tokenizer(path: Path) -> None:
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+        raise TokenizerError(f"{path} has no tokenizer (neither tokenizer.json nor tokenizer.model).",
+                             hint="Copy the model's tokenizer files into the folder (tokenizer.save_pretrained).")
+
+
+def _weights_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir()
+               if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+
+
+def _check_output(out: Path, overwrite: bool, src: Path) -> None:
+    if out.resolve() == src.resolve():
+        raise InvalidArgumentError(f"--out {out} is the source folder.", hint="Choose a new folder for the export.")
+    if out.exists() and not overwrite:
+        raise ExportError(f"Output folder {out} already exists.",
+                          hint="Choose another --out, or pass --overwrite to replace it.")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"Output path {out} exists and is not a folder.", hint="Remove it or choose another --out.")
+
+
+def _check_disk(parent: Path, src_bytes: int, quantize: str) -> None:
+    # Work files: the fp32 graph (~ source size in fp32), plus the quantized copy and its staging folder.
+    need = int(src_bytes * (1.0 if quantize == "none" else 2.0)) + (64 << 20)
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise OutOfDiskError(f"Not enough free disk space in {parent}: about {need >> 20} MiB needed, "
+                             f"{free >> 20} MiB free.", hint="Free some space or choose an --out on another disk.")
+
+
+# --- the folder files ----------------------------------------------------------------------------------------------
+def _token_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _write_tokenizer(src: Path, dst: Path, model_type: str) -> dict[str, Any]:
+    """Copy (or produce) tokenizer.json and tokenizer_config.json; return the tokenizer config."""
+    if (src / "tokenizer.json").is_file():
+        shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
+    else:  # only a SentencePiece tokenizer.model: let transformers convert it to a fast tokenizer
+        from transformers import AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(str(src), use_fast=True)
+            tok.backend_tokenizer.save(str(dst / "tokenizer.json"))
+        except Exception as exc:
+            raise TokenizerError(f"Could not convert {src / 'tokenizer.model'} to tokenizer.json ({exc}).",
+                                 hint="Install sentencepiece and protobuf, or provide tokenizer.json.") from exc
+    tok_cfg: dict[str, Any] = {}
+    if (src / "tokenizer_config.json").is_file():
+        try:
+            tok_cfg = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise TokenizerError(f"{src / 'tokenizer_config.json'} cannot be read ({exc}).",
+                                 hint="Restore the file or remove it.") from exc
+    # Newer transformers keep the chat template in its own file; the runtime reads it from tokenizer_config.json.
+    if "chat_template" not in tok_cfg and (src / "chat_template.jinja").is_file():
+        tok_cfg["chat_template"] = (src / "chat_template.jinja").read_text(encoding="utf-8")
+    tok_cfg.pop("auto_map", None)  # points at remote code the runtime never runs
+    if "add_bos_token" not in tok_cfg:
+        tok_cfg["add_bos_token"] = model_type != "gpt2" and _post_processor_adds_bos(dst / "tokenizer.json") is False
+    (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return tok_cfg
+
+
+def _post_processor_adds_bos(tokenizer_json: Path) -> bool | None:
+    try:
+        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    pp = data.get("post_processor") or {}
+    return bool(pp.get("type") == "TemplateProcessing" and pp.get("single")
+                and "SpecialToken" in pp["single"][0])
+
+
+def _generation_config(src: Path, bos: int | None, eos: list[int], pad: int | None) -> dict[str, Any]:
+    """Our sampling defaults, overridden by the source's own when it asks for sampling."""
+    gen: dict[str, Any] = {"temperature": 0.8, "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.0,
+                           "max_new_tokens": 128}
+    src_gen: dict[str, Any] = {}
+    if (src / "generation_config.json").is_file():
+        try:
+            src_gen = json.loads((src / "generation_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            src_gen = {}
+    if src_gen.get("do_sample"):
+        for k in ("temperature", "top_p", "top_k", "repetition_penalty"):
+            if src_gen.get(k) is not None:
+                gen[k] = src_gen[k]
+    gen.update({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad})
+    return gen
+
+
+def _edgelm_config(arch: str, model_type: str, shape: Any, src_cfg: dict[str, Any], gen_src: dict[str, Any],
+                   tok_cfg: dict[str, Any], dtype: str) -> dict[str, Any]:
+    bos = gen_src.get("bos_token_id", src_cfg.get("bos_token_id"))
+    eos = _token_ids(gen_src.get("eos_token_id", src_cfg.get("eos_token_id")))
+    pad = gen_src.get("pad_token_id", src_cfg.get("pad_token_id"))
+    inputs = {"input_ids": "int64", "attention_mask": "int64", "position_ids": "int64"}
+    outputs = {"logits": "float32"}
+    for i in range(shape.num_layers):
+        inputs[f"past_key_values.{i}.key"] = inputs[f"past_key_values.{i}.value"] = "float32"
+        outputs[f"present.{i}.key"] = outputs[f"present.{i}.value"] = "float32"
+    return {
+        "format": "edgelm/1", "model_type": model_type, "source_architecture": arch,
+        "num_layers": shape.num_layers, "num_attention_heads": shape.num_attention_heads,
+        "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim, "hidden_size": shape.hidden_size,
+        "vocab_size": shape.vocab_size, "context_length": shape.context_length,
+        "bos_token_id": None if bos is None else int(bos), "eos_token_ids": eos,
+        "pad_token_id": None if pad is None else int(pad),
+        "add_bos_token": bool(tok_cfg.get("add_bos_token", False)), "dtype": dtype,
+        "onnx": {"file": "model.onnx", "kv_cache": "concat", "inputs": inputs, "outputs": outputs},
+    }
+
+
+def _read_json_or_empty(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _licence_notes(src: Path) -> str:
+    """Licence lines carried from the source card: YAML front matter `license:` and any licence section."""
+    readme = src / "README.md"
+    if not readme.is_file():
+        return ""
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    notes = []
+    m = re.search(r"^license:\s*(\S+)", text, re.M)
+    if m:
+        notes.append(f"Source licence (from its model card): `{m.group(1)}`.")
+    idx = max(text.find("MIT License"), text.lower().find("## licen"), text.find("Apache License"))
+    if idx >= 0:
+        notes.append("Licence text carried from the source model card:\n\n" + text[idx:].strip())
+    elif "licen" in text.lower() and not notes:
+        notes.append("The source model card mentions licence terms; see it before redistributing this model.")
+    return "\n\n".join(notes)
+
+
+def _model_card(report: ExportReport, shape: Any, src: Path, quant: dict[str, Any], licence: str) -> str:
+    m = report.metrics
+    lines = [
+        f"# {Path(report.out).name}", "",
+        f"Exported by `edgelm export` from `{report.source}` ({report.architecture}).", "",
+        "| | |", "| --- | --- |",
+        f"| family | {report.model_type} |", f"| parameters | {report.num_parameters:,} |",
+        f"| layers | {shape.num_layers} |", f"| hidden size | {shape.hidden_size} |",
+        f"| attention heads / KV heads | {shape.num_attention_heads} / {shape.num_kv_heads} |",
+        f"| head size | {shape.head_dim} |", f"| vocabulary | {shape.vocab_size} |",
+        f"| context length | {shape.context_length} |",
+        f"| weights | {report.quantization} ({quant.get('method', 'fp32')}) |",
+        f"| model.onnx | {report.model_bytes / 1e6:.2f} MB (fp32 graph {report.fp32_model_bytes / 1e6:.2f} MB) |",
+        f"| fp32 ONNX vs PyTorch, max abs logit diff | {report.max_logit_diff:.2e} |", "",
+    ]
+    if m:
+        lines += ["## Quality at export", "",
+                  f"Measured on `{m.get('eval_text', '?')}` ({m.get('eval_bytes', '?')} bytes) with the edgelm runtime.", "",
+                  "| model | perplexity | bits per byte |", "| --- | --- | --- |"]
+        for tag in ("fp32", "quantized"):
+            if f"{tag}_perplexity" in m:
+                lines.append(f"| {tag} | {m[f'{tag}_perplexity']:.4f} | {m[f'{tag}_bits_per_byte']:.4f} |")
+        if "ppl_increase" in m:
+            lines += ["", f"Perplexity increase: {100 * m['ppl_increase']:.2f} % (gate: {100 * m['max_ppl_increase']:.1f} %"
+                      f"{', forced' if m.get('forced') else ''}). Greedy agreement with fp32 over "
+                      f"{m.get('agreement_prompts')} prompts x {m.get('agreement_tokens')} tokens: "
+                      f"{100 * m.get('greedy_token_agreement', 0):.1f} % of tokens, "
+                      f"{100 * m.get('greedy_prefix_agreement', 0):.1f} % before the first divergence."]
+        lines.append("")
+    lines += ["## Licence", "", licence or "The source folder carries no licence notes; check the source model's terms.", ""]
+    return "\n".join(lines)
+
+
+def _producer() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for pkg in ("edgelm", "torch", "transformers", "onnx", "onnxruntime"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+# --- the pipeline --------------------------------------------------------------------------------------------------
+def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str | None = None,
+                 max_ppl_increase: float = 0.05, force: bool = False, overwrite: bool = False,
+                 progress: bool = True, keep_fp32: Any = (), context_length: int | None = None,
+                 threads: int | None = None) -> ExportReport:
+    """Export a Hugging Face causal LM folder (or hub id) to an edgelm model folder at ``out``.
+
+    ``quantize``: "int8" (weight-only int8, the default), "int8-dynamic", "int4" or "none" (fp32).
+    ``eval_text``: held-out text for the quality gate (default: a small built-in sample).
+    ``max_ppl_increase``: largest allowed relative perplexity increase of the quantized model (0.05 = 5 %);
+    a worse model raises QualityGateError unless ``force``. ``keep_fp32``: parts left in fp32
+    ("embeddings", "lm_head"). Raises a subclass of EdgeLMError before any work when an input is wrong.
+    """
+    started = time.perf_counter()
+    keep = _check_arguments(quantize, max_ppl_increase, keep_fp32, context_length)
+    src_path = _resolve_source(src)
+    src_cfg = _read_source_config(src_path)
+    from .archs import resolve
+    arch, builder, model_type = resolve(src_cfg)  # unsupported -> raised here, before any weights are read
+    _check_tokenizer(src_path)
+    eval_path = Path(eval_text).expanduser() if eval_text else DEFAULT_EVAL_TEXT
+    if quantize != "none" and not eval_path.is_file():
+        raise InvalidArgumentError(f"Evaluation text {eval_path} does not exist.", hint="Pass an existing --eval-text FILE.")
+    out_path = Path(out).expanduser()
+    _check_output(out_path, overwrite, src_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _check_disk(out_path.parent, _weights_bytes(src_path), quantize)
+
+    work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.edgelm-export-", dir=out_path.parent))
+    try:
+        report = _export(src, src_path, src_cfg, arch, builder, model_type, out_path, work, quantize=quantize,
+                         eval_path=eval_path, max_ppl_increase=float(max_ppl_increase), force=force,
+                         progress=progress, keep=keep, context_length=context_length, threads=threads)
+    except OSError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc, EdgeLMError):
+            raise OutOfDiskError(f"The disk filled up while writing the export ({exc}); nothing was left behind.",
+                                 hint="Free some space or choose an --out on another disk, then rerun.") from exc
+        raise
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    report.seconds = round(time.perf_counter() - started, 2)
+    return report
+
+
+def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builder: Any, model_type: str,
+            out_path: Path, work: Path, *, quantize: str, eval_path: Path, max_ppl_increase: float, force: bool,
+            progress: bool, keep: tuple[str, ...], context_length: int | None, threads: int | None) -> ExportReport:
+    import onnx
+    import torch
+    from tqdm.auto import tqdm
+
+    from edgelm.folder import write_manifest
+
+    from .verify import verify_against_torch
+
+    steps = ["load", "build", "verify"] + ([] if quantize == "none" else ["quantize"]) + ["evaluate", "write"]
+    bar = tqdm(total=len(steps), desc="export", unit="step", disable=not progress)
+
+    def step(name: str) -> None:
+        bar.set_postfix_str(name)
+
+    if threads:
+        torch.set_num_threads(threads)
+    step("load")
+    from transformers import AutoModelForCausalLM
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:  # transformers >= 4.56 calls it `dtype`; older ones only know `torch_dtype`
+                model = AutoModelForCausalLM.from_pretrained(str(src_path), dtype=torch.float32)
+            except TypeError:
+                model = AutoModelForCausalLM.from_pretrained(str(src_path), torch_dtype=torch.float32)
+    except Exception as exc:
+        raise ExportError(f"transformers could not load {src_path} ({type(exc).__name__}: {exc}).",
+                          hint="Check that the weights are complete and match config.json.") from exc
+    model.eval()
+    max_pos = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048))
+    ctx = context_length or min(max_pos, DEFAULT_MAX_CONTEXT)
+    if ctx > max_pos:
+        raise InvalidArgumentError(f"context_length={ctx} is longer than the model's {max_pos} positions.",
+                                   hint=f"Pass context_length <= {max_pos}.")
+    bar.update(1)
+
+    step("build")
+    with torch.no_grad():
+        graph, shape = builder.build(model, model_type, ctx)
+    fp32_dir = work / "fp32"
+    fp32_dir.mkdir()
+    fp32_onnx = fp32_dir / "model.onnx"
+    onnx.save_model(graph, str(fp32_onnx))
+    del graph
+    bar.update(1)
+
+    step("verify")
+    max_diff = verify_against_torch(model, fp32_onnx, shape, rtol=VERIFY_RTOL, threads=threads)
+    num_params = sum(p.numel() for p in model.parameters())
+    del model
+    bar.update(1)
+
+    # The folder files other than the graph are the same for every variant.
+    tok_cfg = _write_tokenizer(src_path, fp32_dir, model_type)
+    gen_src = _read_json_or_empty(src_path / "generation_config.json")
+    fp32_cfg = _edgelm_config(arch, model_type, shape, src_cfg, gen_src, tok_cfg, "float32")
+    (fp32_dir / "config.json").write_text(json.dumps(fp32_cfg, indent=2) + "\n", encoding="utf-8")
+    gen = _generation_config(src_path, fp32_cfg["bos_token_id"], fp32_cfg["eos_token_ids"], fp32_cfg["pad_token_id"])
+    (fp32_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    source_info = {"model": src, "path": str(src_path.resolve()), "architecture": arch}
+    write_manifest(fp32_dir, source=source_info)  # provisional, so the runtime can open the folder to evaluate it
+
+    final_dir, quant_info = fp32_dir, {"method": "none", "dtype": "float32"}
+    if quantize != "none":
+        step("quantize")
+        q_dir = work / quantize
+        q_dir.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            shutil.copyfile(fp32_dir / name, q_dir / name)
+        from .quantize import quantize_model
+        quant_info = quantize_model(fp32_onnx, q_dir / "model.onnx", method=quantize, keep_fp32=keep)
+        q_cfg = dict(fp32_cfg, dtype=quant_info["dtype"])
+        (q_dir / "config.json").write_text(json.dumps(q_cfg, indent=2) + "\n", encoding="utf-8")
+        write_manifest(q_dir, source=source_info)
+        final_dir = q_dir
+        bar.update(1)
+
+    step("evaluate")
+    from .evaluate import quality_gate
+    metrics = quality_gate(fp32_dir, final_dir if quantize != "none" else None, eval_path,
+                           max_ppl_increase=max_ppl_increase, force=force, threads=threads, progress=progress)
+    bar.update(1)
+
+    step("write")
+    if final_dir is not fp32_dir:
+        shutil.rmtree(fp32_dir)  # the fp32 variant was only needed for comparison
+    report = ExportReport(out=str(out_path), source=src, architecture=arch, model_type=model_type,
+                          quantization=quantize, context_length=shape.context_length, num_parameters=int(num_params),
+                          max_logit_diff=float(max_diff), model_bytes=(final_dir / "model.onnx").stat().st_size,
+                          fp32_model_bytes=quant_info.get("fp32_bytes", (final_dir / "model.onnx").stat().st_size),
+                          metrics=metrics)
+    (final_dir / "README.md").write_text(_model_card(report, shape, src_path, quant_info, _licence_notes(src_path)),
+                                         encoding="utf-8")
+    for lic in src_path.glob("LICENSE*"):
+        if lic.is_file():
+            shutil.copyfile(lic, final_dir / lic.name)
+    (final_dir / "edgelm.json").unlink(missing_ok=True)
+    write_manifest(final_dir, source=source_info, producer=_producer(), quantization=quant_info,
+                   verification={"max_abs_logit_diff": float(max_diff), "rtol": VERIFY_RTOL},
+                   metrics=metrics, num_parameters=int(num_params))
+    # Swap into place: a failed export never leaves a half folder at `out`.
+    if out_path.exists():
+        old = out_path.with_name(f".{out_path.name}.edgelm-old-{os.getpid()}")
+        os.replace(out_path, old)
+        os.replace(final_dir, out_path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(final_dir, out_path)
+    shutil.rmtree(work, ignore_errors=True)
+    bar.update(1)
+    bar.close()
+    return report
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="a local Hugging Face model folder, or a hub id (needs network)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="int8",
+                        help="weight format: int8 = weight-only int8 (default, fastest decode), int8-dynamic = "
+                             "MatMulInteger (faster prefill), int4, none = fp32")
+    parser.add_argument("--eval-text", metavar="FILE", help="held-out text for the quality gate (default: built-in sample)")
+    parser.add_argument("--max-ppl-increase", type=float, default=0.05, metavar="FRACTION",
+                        help="refuse a quantized model whose perplexity is more than this much worse (default 0.05 = 5%%)")
+    parser.add_argument("--force", action="store_true", help="write the model even if it fails the quality gate")
+    parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    parser.add_argument("--keep-fp32", default="", metavar="PARTS",
+                        help="comma-separated parts to leave in fp32: embeddings,lm_head")
+    parser.add_argument("--context-length", type=int, metavar="N",
+                        help=f"positions to build for (default: the model's, at most {DEFAULT_MAX_CONTEXT})")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for verification and evaluation")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = export_model(args.src, args.out, quantize=args.quantize, eval_text=args.eval_text,
+                          max_ppl_increase=args.max_ppl_increase, force=args.force, overwrite=args.overwrite,
+                          progress=not args.no_progress, keep_fp32=args.keep_fp32,
+                          context_length=args.context_length, threads=args.threads)
+    m = report.metrics
+    print(f"wrote {report.out}: {report.model_type} ({report.num_parameters:,} parameters), {report.quantization}, "
+          f"model.onnx {report.model_bytes / 1e6:.2f} MB, fp32-vs-PyTorch max logit diff {report.max_logit_diff:.1e}")
+    if "quantized_perplexity" in m:
+        print(f"perplexity fp32 {m['fp32_perplexity']:.4f} -> {report.quantization} {m['quantized_perplexity']:.4f} "
+              f"({100 * m['ppl_increase']:+.2f} %), bits/byte {m['fp32_bits_per_byte']:.4f} -> "
+              f"{m['quantized_bits_per_byte']:.4f}, greedy agreement {100 * m['greedy_token_agreement']:.1f} %")
+    elif "fp32_perplexity" in m:
+        print(f"perplexity {m['fp32_perplexity']:.4f}, bits/byte {m['fp32_bits_per_byte']:.4f}")
+    return 0

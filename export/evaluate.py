@@ -1,0 +1,127 @@
+"""The quality gate: fp32 vs quantized perplexity, bits per byte and greedy agreement, measured with the runtime.
+
+Measured with ``edgelm.load(folder, verify=False)`` -- the same code users run -- so the numbers in the manifest
+are the numbers users get. Definitions (docs/export.md):
+
+* perplexity / bits per byte: ``Model.score(text)`` (sliding window = context, stride = context // 2);
+  bits per byte = total negative log-likelihood in bits / UTF-8 bytes of the text.
+* ppl_increase = quantized perplexity / fp32 perplexity - 1; the gate refuses ppl_increase > max_ppl_increase.
+* greedy agreement: for each of ``AGREEMENT_PROMPTS`` prompts (the first words of lines spread through the
+  eval text), both models continue greedily for ``AGREEMENT_TOKENS`` tokens (EOS ignored).
+  ``greedy_token_agreement`` = the fraction of positions where the two continuations hold the same token;
+  ``greedy_prefix_agreement`` = the mean fraction of tokens before the first divergence.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edgelm.errors import ExportError, QualityGateError
+
+AGREEMENT_PROMPTS = 4
+AGREEMENT_TOKENS = 32
+PROMPT_WORDS = 6
+
+
+@dataclass
+class TextScore:
+    perplexity: float
+    bits_per_byte: float
+    nats_per_token: float
+    num_tokens: int
+    num_bytes: int
+
+
+def _load(folder: Path, threads: int | None) -> Any:
+    try:
+        import edgelm
+        return edgelm.load(str(folder), verify=False, threads=threads)
+    except (ImportError, AttributeError) as exc:  # the runtime is part of the same package; this is a broken install
+        raise ExportError(f"The edgelm runtime could not be loaded to evaluate the export ({exc}).",
+                          hint="Reinstall edgelm (pip install -e .).") from exc
+
+
+def score_text(lm: Any, text: str) -> TextScore:
+    s = lm.score(text)
+    return TextScore(float(s.perplexity), float(s.bits_per_byte), float(s.nats_per_token), int(s.num_tokens),
+                     int(s.num_bytes))
+
+
+def agreement_prompts(text: str, n: int = AGREEMENT_PROMPTS, words: int = PROMPT_WORDS) -> list[str]:
+    """The first ``words`` words of ``n`` non-empty lines spread evenly through ``text``."""
+    lines = [ln.strip() for ln in text.splitlines() if len(ln.split()) >= words]
+    if not lines:
+        return [" ".join(text.split()[:words]) or "Once upon a time"]
+    step = max(1, len(lines) // n)
+    return [" ".join(lines[i].split()[:words]) for i in range(0, len(lines), step)][:n]
+
+
+def greedy(lm: Any, prompt_ids: list[int], n: int) -> list[int]:
+    return list(lm.generate(list(prompt_ids), max_new_tokens=n, temperature=0, ignore_eos=True).token_ids)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
+    """(token agreement, prefix agreement) between two lists of continuations, as defined above."""
+    same = total = 0
+    prefix = []
+    for x, y in zip(a, b):
+        n = max(len(x), len(y), 1)
+        same += sum(1 for p, q in zip(x, y) if p == q)
+        total += n
+        k = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+        prefix.append(k / n)
+    return same / max(total, 1), sum(prefix) / max(len(prefix), 1)
+
+
+def quality_gate(fp32_dir: Path, quant_dir: Path | None, eval_path: Path, *, max_ppl_increase: float, force: bool,
+                 threads: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Measure the fp32 (and quantized) folders; raise QualityGateError when the quantized one is too much worse."""
+    from tqdm.auto import tqdm
+
+    text = eval_path.read_text(encoding="utf-8")
+    prompts = agreement_prompts(text)
+    jobs = 1 + (2 if quant_dir is not None else 0)
+    bar = tqdm(total=jobs, desc="evaluate", unit="step", disable=not progress)
+    metrics: dict[str, Any] = {"eval_text": eval_path.name, "eval_bytes": len(text.encode("utf-8"))}
+
+    try:
+        fp32 = _load(fp32_dir, threads)
+    except ExportError:
+        if quant_dir is not None:
+            raise
+        # TODO(remove once edgelm.model lands): fp32-only exports skip the metrics without a runtime.
+        bar.close()
+        return metrics
+    s = score_text(fp32, text)
+    metrics.update(fp32_perplexity=s.perplexity, fp32_bits_per_byte=s.bits_per_byte, eval_tokens=s.num_tokens)
+    bar.update(1)
+    if quant_dir is None:
+        bar.close()
+        return metrics
+    q = _load(quant_dir, threads)
+    qs = score_text(q, text)
+    bar.update(1)
+    prompt_ids = [fp32.tokenizer.encode(p, add_bos=True) for p in prompts]
+    ref = [greedy(fp32, ids, AGREEMENT_TOKENS) for ids in prompt_ids]
+    got = [greedy(q, ids, AGREEMENT_TOKENS) for ids in prompt_ids]
+    tok_agree, prefix_agree = agreement(ref, got)
+    bar.update(1)
+    bar.close()
+    increase = qs.perplexity / s.perplexity - 1.0
+    metrics.update(quantized_perplexity=qs.perplexity, quantized_bits_per_byte=qs.bits_per_byte,
+                   ppl_increase=increase, bpb_increase=qs.bits_per_byte - s.bits_per_byte,
+                   max_ppl_increase=max_ppl_increase, greedy_token_agreement=tok_agree,
+                   greedy_prefix_agreement=prefix_agree, agreement_prompts=len(prompts),
+                   agreement_tokens=AGREEMENT_TOKENS, forced=bool(force and increase > max_ppl_increase))
+    if increase > max_ppl_increase and not force:
+        raise QualityGateError(
+            f"The quantized model's perplexity is {qs.perplexity:.4f} vs {s.perplexity:.4f} in fp32 on {eval_path.name} "
+            f"(+{100 * increase:.2f} %), more than the allowed {100 * max_ppl_increase:.2f} %; nothing was written.",
+            hint="Try --keep-fp32 embeddings,lm_head or --quantize int8 instead of int4, raise --max-ppl-increase, "
+                 "or pass --force to write it anyway.")
+    return metrics
+
+
+def as_dict(score: TextScore) -> dict[str, Any]:
+    return asdict(score)
