@@ -180,17 +180,33 @@ class CloudClient:
         """Send a chat and return the finished answer. Raises a :class:`~edgelm.errors.CloudError`
         subclass once retries are used up or the deadline has passed."""
         body = self._body(messages, max_tokens, temperature, top_p, stop, seed, stream=False)
+        return self._call("/chat/completions", body, timeout)
+
+    def complete(self, prompt: str, *, max_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, stop: str | Sequence[str] | None = None, seed: int | None = None,
+                 timeout: float | None = None) -> CloudReply:
+        """Plain text continuation through the legacy ``/completions`` endpoint (vLLM, llama.cpp,
+        ``edgelm serve``; many hosted chat models no longer offer it). Same retries and errors as chat."""
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidArgumentError("prompt must be a non-empty string.")
+        body = self._body([{"role": "user", "content": prompt}], max_tokens, temperature, top_p, stop, seed,
+                          stream=False)
+        del body["messages"]
+        body["prompt"] = prompt
+        return self._call("/completions", body, timeout)
+
+    def _call(self, path: str, body: dict[str, Any], timeout: float | None) -> CloudReply:
         deadline = time.monotonic() + (self.timeout if timeout is None else float(timeout))
         started = time.monotonic()
         attempt = 0
         while True:
             attempt += 1
             try:
-                data = self._attempt_json(body, deadline)
+                data = self._attempt_json(path, body, deadline)
                 break
             except _Retryable as r:
                 self._wait_or_raise(r, attempt, deadline)
-        return self._parse_reply(data, attempt, time.monotonic() - started)
+        return self._parse_reply(data, attempt, time.monotonic() - started, text_field=path == "/completions")
 
     def stream(self, messages: Sequence[dict[str, str]], *, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None,
@@ -200,9 +216,24 @@ class CloudClient:
         piece; a stream that breaks later raises :class:`~edgelm.errors.CloudResponseError` (or
         :class:`~edgelm.errors.CloudTimeoutError`) from the iterator, after the pieces already given."""
         body = self._body(messages, max_tokens, temperature, top_p, stop, seed, stream=True)
+        return self._start_stream("/chat/completions", body, timeout)
+
+    def stream_complete(self, prompt: str, *, max_tokens: int | None = None, temperature: float | None = None,
+                        top_p: float | None = None, stop: str | Sequence[str] | None = None,
+                        seed: int | None = None, timeout: float | None = None) -> CloudStream:
+        """Stream a plain text continuation from ``/completions`` (see :meth:`complete`)."""
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidArgumentError("prompt must be a non-empty string.")
+        body = self._body([{"role": "user", "content": prompt}], max_tokens, temperature, top_p, stop, seed,
+                          stream=True)
+        del body["messages"]
+        body["prompt"] = prompt
+        return self._start_stream("/completions", body, timeout)
+
+    def _start_stream(self, path: str, body: dict[str, Any], timeout: float | None) -> CloudStream:
         deadline = time.monotonic() + (self.timeout if timeout is None else float(timeout))
         holder: list[CloudStream] = []
-        stream = CloudStream(self._stream_gen(body, deadline, holder))
+        stream = CloudStream(self._stream_gen(path, body, deadline, holder))
         holder.append(stream)
         return stream
 
@@ -269,11 +300,11 @@ class CloudClient:
             text = text.replace(self._api_key, "***")
         return text
 
-    def _open(self, body: dict[str, Any], deadline: float):
+    def _open(self, path: str, body: dict[str, Any], deadline: float):
         """Start one attempt; return an open httpx response with a 2xx status (the caller closes it)."""
         import httpx
         client = self._http()
-        url = self.base_url + "/chat/completions"
+        url = self.base_url + path
         try:
             request = client.build_request("POST", url, json=body, timeout=self._timeout(deadline))
             response = client.send(request, stream=True)
@@ -334,8 +365,8 @@ class CloudClient:
                              hint="Check the server; the request may be retried.") from None
         return b"".join(chunks)
 
-    def _attempt_json(self, body: dict[str, Any], deadline: float) -> Any:
-        response = self._open(body, deadline)
+    def _attempt_json(self, path: str, body: dict[str, Any], deadline: float) -> Any:
+        response = self._open(path, body, deadline)
         try:
             raw = self._read_capped(response, deadline)
         except CloudTimeoutError as exc:
@@ -378,7 +409,7 @@ class CloudClient:
         return CloudResponseError(f"{self._where()} sent a malformed chat completion: {what}.",
                                   hint="Check that base_url points at an OpenAI-compatible chat-completions API.")
 
-    def _parse_reply(self, data: Any, attempts: int, elapsed: float) -> CloudReply:
+    def _parse_reply(self, data: Any, attempts: int, elapsed: float, *, text_field: bool = False) -> CloudReply:
         if not isinstance(data, dict):
             raise self._bad("the body is not a JSON object")
         if "error" in data and "choices" not in data:
@@ -386,24 +417,30 @@ class CloudClient:
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise self._bad("no 'choices'")
-        message = choices[0].get("message")
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, str):
-            raise self._bad("choices[0].message.content is not a string")
+        if text_field:  # /completions
+            content = choices[0].get("text")
+            if not isinstance(content, str):
+                raise self._bad("choices[0].text is not a string")
+        else:
+            message = choices[0].get("message")
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, str):
+                raise self._bad("choices[0].message.content is not a string")
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         return CloudReply(text=content, finish_reason=_str_or_none(choices[0].get("finish_reason")),
                           model=_str_or_none(data.get("model")), prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
                           completion_tokens=_int_or_none(usage.get("completion_tokens")), attempts=attempts,
                           total_time_s=elapsed)
 
-    def _stream_gen(self, body: dict[str, Any], deadline: float, holder: list[CloudStream]) -> Iterator[str]:
+    def _stream_gen(self, path: str, body: dict[str, Any], deadline: float,
+                    holder: list[CloudStream]) -> Iterator[str]:
         import httpx
         started = time.monotonic()
         attempt = 0
         while True:  # retry loop: only until the response is open with a 2xx status
             attempt += 1
             try:
-                response = self._open(body, deadline)
+                response = self._open(path, body, deadline)
                 break
             except _Retryable as r:
                 self._wait_or_raise(r, attempt, deadline)
@@ -439,12 +476,15 @@ class CloudClient:
                 if not choices:
                     continue  # the usage-only event some servers send last
                 choice = choices[0] if isinstance(choices[0], dict) else {}
-                delta = choice.get("delta")
-                if not isinstance(delta, dict):
-                    raise self._bad("a stream event has no 'delta'")
-                piece = delta.get("content")
+                if path == "/completions":
+                    piece = choice.get("text")
+                else:
+                    delta = choice.get("delta")
+                    if not isinstance(delta, dict):
+                        raise self._bad("a stream event has no 'delta'")
+                    piece = delta.get("content")
                 if piece is not None and not isinstance(piece, str):
-                    raise self._bad("delta.content is not a string")
+                    raise self._bad("a stream event's text is not a string")
                 if choice.get("finish_reason"):
                     finish_reason = choice["finish_reason"]
                 if piece:

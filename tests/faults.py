@@ -62,19 +62,23 @@ class _Conn:
 
 
 # --- answers -------------------------------------------------------------------------------------
-def completion_json(text: str, *, finish_reason: str = "stop", prompt_tokens: int = 5) -> bytes:
+def completion_json(text: str, *, finish_reason: str = "stop", prompt_tokens: int = 5, chat: bool = True) -> bytes:
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+              if chat else {"index": 0, "text": text, "finish_reason": finish_reason})
     return json.dumps({
-        "id": "chatcmpl-test", "object": "chat.completion", "model": "fault-server",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+        "id": "chatcmpl-test", "object": "chat.completion" if chat else "text_completion", "model": "fault-server",
+        "choices": [choice],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()),
                   "total_tokens": prompt_tokens + len(text.split())},
     }).encode()
 
 
-def sse_event(piece: str | None, finish_reason: str | None = None) -> bytes:
-    delta = {"content": piece} if piece is not None else {}
-    event = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": "fault-server",
-             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+def sse_event(piece: str | None, finish_reason: str | None = None, chat: bool = True) -> bytes:
+    if chat:
+        choice = {"index": 0, "delta": {"content": piece} if piece is not None else {}, "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "text": piece or "", "finish_reason": finish_reason}
+    event = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": "fault-server", "choices": [choice]}
     return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
@@ -91,20 +95,22 @@ def _pieces(text: str) -> list[str]:
 def ok(text: str = "The cloud says hello.") -> Behaviour:
     """A good answer: JSON, or an SSE stream when the request asks for one."""
     def behave(conn: _Conn, req: Request) -> None:
+        chat = req.path.endswith("/chat/completions")
         if req.streaming:
             _sse_head(conn)
             for p in _pieces(text):
-                conn.send(sse_event(p))
-            conn.send(sse_event(None, "stop") + b"data: [DONE]\n\n")
+                conn.send(sse_event(p, chat=chat))
+            conn.send(sse_event(None, "stop", chat=chat) + b"data: [DONE]\n\n")
         else:
-            conn.respond(200, completion_json(text))
+            conn.respond(200, completion_json(text, chat=chat))
     return behave
 
 
 def echo(prefix: str = "echo: ") -> Behaviour:
     """Answer with every message's content the server received, so a test can see what left the client."""
     def behave(conn: _Conn, req: Request) -> None:
-        ok(prefix + " | ".join(m.get("content", "") for m in req.messages))(conn, req)
+        said = [m.get("content", "") for m in req.messages] if req.messages else [req.body.get("prompt", "")]
+        ok(prefix + " | ".join(said))(conn, req)
     return behave
 
 

@@ -239,3 +239,14 @@ def test_redacted_messages_are_what_the_server_sees():
         reply = c.chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
     assert reply.text == "echo: be brief | hi"
     assert [m["role"] for m in srv.requests[0].messages] == ["system", "user"]
+
+
+def test_text_completions_endpoint():
+    with FaultServer(ok("and they lived happily."), echo()) as srv, client(srv.url) as c:
+        reply = c.complete("Once upon a time", max_tokens=5)
+        s = c.stream_complete("The end")
+        streamed = "".join(s)
+    assert reply.text == "and they lived happily."
+    assert streamed == "echo: The end" and s.reply.finish_reason == "stop"
+    assert srv.requests[0].path == "/v1/completions"
+    assert srv.requests[0].body["prompt"] == "Once upon a time" and "messages" not in srv.requests[0].body
