@@ -1,0 +1,521 @@
+"""The runtime: load a model folder and generate, stream, chat and score with it (contract: docs/architecture.md).
+
+One onnxruntime session runs the whole graph: the prompt in one call (prefill), then one token per call with
+the key/value cache fed back (decode). The decode loop is the product, so it stays short: each step's
+``present.*`` outputs go straight back in as ``past_key_values.*`` as onnxruntime values (never copied through
+numpy), the ``input_ids`` / ``position_ids`` buffers are allocated once and written in place, and sampling works
+on a top-k slice of the logits (see edgelm.sampling).
+
+numpy, onnxruntime and tokenizers are imported inside the functions that use them so ``import edgelm`` stays
+cheap (the CLI's ``--help``, the server's import); they are imported once, by ``load``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from edgelm.errors import (ContextLengthError, InvalidArgumentError, ModelFormatError, ModelNotFoundError)
+from edgelm.folder import ModelFolder, open_folder
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from edgelm.sampling import SamplingSettings
+    from edgelm.tokenizer import ChatTemplate, Tokenizer
+
+ENV_MODEL = "EDGELM_MODEL"
+FINISH_REASONS = ("stop", "length", "eos")
+
+
+# --- results -------------------------------------------------------------------------------------------
+@dataclass
+class Generation:
+    """The result of ``generate`` / ``chat``.
+
+    ``token_ids`` are every token the model produced, including a final EOS (``finish_reason == "eos"``), which
+    is not part of ``text``; with a stop string, ``text`` ends just before it while ``token_ids`` include the
+    tokens that spelled it. ``logprobs[i]`` is the log-probability (nats) of ``token_ids[i]`` under the model's
+    unmodified distribution (before temperature, penalties or truncation).
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    total_time_s: float
+    logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def mean_logprob(self) -> float:
+        """Mean log-probability per generated token (nats); ``nan`` when nothing was generated."""
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else float("nan")
+
+
+@dataclass
+class Score:
+    """Log-likelihood of a text under the model (see ``Model.score``)."""
+
+    total_logprob: float    # nats, summed over the scored tokens (<= 0)
+    num_tokens: int         # tokens scored (every token after the first)
+    num_bytes: int          # UTF-8 bytes of the text
+    perplexity: float       # exp(-total_logprob / num_tokens)
+    bits_per_byte: float    # -total_logprob / ln 2 / num_bytes: comparable across tokenizers
+    nats_per_token: float   # -total_logprob / num_tokens
+
+
+class TextStream:
+    """What ``stream`` / ``chat_stream`` return: an iterator of text pieces.
+
+    After it is exhausted, ``.generation`` holds the full :class:`Generation` (finish reason, token counts,
+    timings, logprobs), which lets a server send usage and finish_reason at the end of a stream.
+    ``close()`` stops generation early (``.generation`` then stays None).
+    """
+
+    __slots__ = ("_it", "generation")
+
+    def __init__(self, it: Iterator[str]) -> None:
+        self._it = it
+        self.generation: Generation | None = None
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._it)
+        except StopIteration as stop:
+            if stop.value is not None:
+                self.generation = stop.value
+            raise StopIteration from None
+
+    def close(self) -> None:
+        self._it.close()  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class _Request:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    settings: "SamplingSettings"
+    stops: tuple[str, ...]
+    ignore_eos: bool
+
+
+# --- loading -------------------------------------------------------------------------------------------
+def physical_cores() -> int:
+    """Physical CPU cores available to this process (hyper-threads counted once), without psutil."""
+    try:
+        cpus: Sequence[int] = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:  # Linux: one entry per physical core, shared by its hyper-threads
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores = set()
+            break
+    if cores:
+        return len(cores)
+    if sys.platform == "darwin":
+        try:
+            import subprocess
+
+            out = subprocess.run(["sysctl", "-n", "hw.physicalcpu"], capture_output=True, text=True, timeout=2)
+            return max(1, int(out.stdout.strip()))
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    return max(1, len(cpus))
+
+
+def _default_model_path() -> Path:
+    env = os.environ.get(ENV_MODEL)
+    if env:
+        return Path(env).expanduser()
+    try:
+        import edgelm_models
+    except ImportError:
+        raise ModelNotFoundError("No model path was given and the default model package (edgelm_models) is not "
+                                 "installed.", hint="Pass a model folder, e.g. edgelm.load('models/my-model'), or "
+                                                    f"set {ENV_MODEL}=/path/to/folder.") from None
+    return edgelm_models.default_path()
+
+
+def load(path: str | os.PathLike | None = None, *, threads: int | None = None, verify: bool = True) -> "Model":
+    """Open a model folder and return a ready :class:`Model`.
+
+    ``path`` None means ``$EDGELM_MODEL`` if set, else the shipped default model. ``threads`` defaults to the
+    number of physical cores. ``verify`` checks every file's sha256 against the manifest first (raises
+    :class:`~edgelm.errors.ChecksumError` naming the file). Nothing is ever fetched from the network.
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}.",
+                                   hint="Omit it to use one thread per physical core.")
+    if path is None:
+        path = _default_model_path()
+        if not Path(path).is_dir():
+            raise ModelNotFoundError(
+                f"The default model is not there ({path}).",
+                hint="Pass a model folder to load(), set EDGELM_MODEL, or build one with "
+                     "`edgelm export SRC --out DIR`.")
+    folder = open_folder(path, verify=verify)
+    return Model(folder, threads=threads)
+
+
+def _config_int(config: dict[str, Any], key: str, path: Path) -> int:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelFormatError(f"{path / 'config.json'} has no valid {key!r} (got {value!r}).",
+                               hint="Re-export the model folder with `edgelm export`.")
+    return value
+
+
+class Model:
+    """A loaded model. Create with :func:`edgelm.load`. Safe to share between threads (no per-call state)."""
+
+    def __init__(self, folder: ModelFolder, *, threads: int | None = None) -> None:
+        import numpy as np
+        import onnxruntime as ort
+
+        from edgelm.tokenizer import ChatTemplate, Tokenizer, chat_template_source
+
+        self.folder = folder
+        self.path: Path = folder.path
+        self.config: dict[str, Any] = folder.config
+        self.generation_config: dict[str, Any] = folder.generation_config
+        cfg = self.config
+        self.num_layers = _config_int(cfg, "num_layers", self.path)
+        self.context_length: int = _config_int(cfg, "context_length", self.path)
+        self.vocab_size: int = _config_int(cfg, "vocab_size", self.path)
+        eos = cfg.get("eos_token_ids", [])
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.tokenizer: Tokenizer = Tokenizer(folder.tokenizer_path, bos_token_id=cfg.get("bos_token_id"),
+                                              eos_token_ids=eos, add_bos_token=cfg.get("add_bos_token"),
+                                              tokenizer_config=folder.tokenizer_config)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        self.chat_template: ChatTemplate = ChatTemplate(chat_template_source(folder.tokenizer_config),
+                                                        bos_token=self.tokenizer.bos_token,
+                                                        eos_token=self.tokenizer.eos_token)
+        self.threads = threads or physical_cores()
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+        try:
+            self._session = ort.InferenceSession(str(folder.onnx_path), sess_options=so,
+                                                 providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt/unsupported graphs
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelFormatError(f"onnxruntime cannot load {folder.onnx_path}: {first}",
+                                   hint="The graph is corrupt or from an incompatible exporter; re-export the model "
+                                        "(or load with verify=True to check its checksums).") from None
+
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        missing = [n for n in ["input_ids", *self._past_names] if n not in inputs]
+        if missing:
+            raise ModelFormatError(f"{folder.onnx_path} lacks the inputs {missing[:4]} that config.json promises "
+                                   f"({self.num_layers} layers).", hint="Re-export the model folder.")
+        self._has_mask = "attention_mask" in inputs
+        self._has_pos = "position_ids" in inputs
+        self._output_names = ["logits"] + [n.replace("past_key_values.", "present.") for n in self._past_names]
+        outputs = {o.name for o in self._session.get_outputs()}
+        if not set(self._output_names) <= outputs:
+            raise ModelFormatError(f"{folder.onnx_path} lacks the outputs logits/present.* of docs/model-format.md.",
+                                   hint="Re-export the model folder.")
+        # Zero-length caches for a prefill, in the graph's own dtype and head layout; made once and shared.
+        self._empty_past = {}
+        for name in self._past_names:
+            shape = inputs[name].shape
+            kv_heads = _config_int(cfg, "num_kv_heads", self.path) if not isinstance(shape[1], int) else shape[1]
+            head_dim = _config_int(cfg, "head_dim", self.path) if not isinstance(shape[3], int) else shape[3]
+            dtype = np.float16 if "float16" in inputs[name].type else np.float32
+            self._empty_past[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, 0, head_dim), dtype))
+        # A preallocated all-ones mask; each step feeds a view of its first `past + 1` columns.
+        self._ones = np.ones((1, self.context_length), dtype=np.int64)
+        # Calling the C session directly skips per-call Python checks in the wrapper; fall back to the public API
+        # if a future onnxruntime renames the internals.
+        self._c_session = getattr(self._session, "_sess", None)
+        self._OrtValue = ort.OrtValue
+
+    def __repr__(self) -> str:
+        return (f"Model({str(self.path)!r}, {self.config.get('model_type')}, {self.num_layers} layers, "
+                f"context {self.context_length}, {self.config.get('dtype')}, threads={self.threads})")
+
+    # --- argument handling (everything is checked before any work) ---------------------------------------
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def _prompt_ids(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidArgumentError("prompt is empty.", hint="Pass some text (or token ids) to continue.")
+            return self.tokenizer.encode(prompt, add_bos=True)
+        if isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise InvalidArgumentError("prompt is an empty list of token ids.", hint="Pass at least one token id.")
+            ids = []
+            for t in prompt:
+                if isinstance(t, bool) or not isinstance(t, int) and not hasattr(t, "__index__"):
+                    raise InvalidArgumentError(f"prompt token ids must be ints, got {type(t).__name__} {t!r}.",
+                                               hint="Pass a str or a list of int token ids.")
+                t = int(t)
+                if not 0 <= t < self.vocab_size:
+                    raise InvalidArgumentError(f"prompt token id {t} is outside the vocabulary (0..{self.vocab_size - 1}).",
+                                               hint="Use ids produced by this model's tokenizer.")
+                ids.append(t)
+            return ids
+        raise InvalidArgumentError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}.",
+                                   hint="Pass a str or a list of int token ids.")
+
+    def _prepare(self, prompt: Any, *, max_new_tokens: Any = None, temperature: Any = None, top_k: Any = None,
+                 top_p: Any = None, min_p: Any = None, repetition_penalty: Any = None, stop: Any = None,
+                 seed: Any = None, truncate: Any = None, ignore_eos: bool = False) -> _Request:
+        from edgelm.sampling import resolve_settings, validate_max_new_tokens
+        from edgelm.tokenizer import validate_stop
+
+        gen = self.generation_config
+        if max_new_tokens is None:
+            max_new_tokens = gen.get("max_new_tokens") or 128
+        max_new = validate_max_new_tokens(max_new_tokens)
+        settings = resolve_settings(gen, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                    repetition_penalty=repetition_penalty, seed=seed)
+        stops = validate_stop(stop)
+        if truncate not in (None, "left"):
+            raise InvalidArgumentError(f"truncate must be None or 'left', got {truncate!r}.",
+                                       hint="Use truncate='left' to drop the start of a prompt that is too long.")
+        if not isinstance(ignore_eos, bool):
+            raise InvalidArgumentError(f"ignore_eos must be a bool, got {ignore_eos!r}.", hint="Pass True or False.")
+        ids = self._prompt_ids(prompt)
+        ctx = self.context_length
+        if len(ids) + max_new > ctx:
+            if truncate != "left" or max_new >= ctx:
+                raise ContextLengthError(
+                    f"The prompt has {len(ids)} tokens and max_new_tokens is {max_new}: {len(ids) + max_new} > the "
+                    f"model's context of {ctx} tokens.",
+                    hint="Shorten the prompt, lower max_new_tokens" +
+                         (", or pass truncate='left' to drop the start of the prompt." if max_new < ctx else "."),
+                    prompt_tokens=len(ids), max_new_tokens=max_new, context_length=ctx)
+            keep = ctx - max_new
+            # Drop from the left but keep a leading BOS: the model was trained with it in slot 0.
+            bos = self.tokenizer.bos_token_id
+            if bos is not None and ids[0] == bos and keep > 1:
+                ids = [bos] + ids[len(ids) - keep + 1:]
+            else:
+                ids = ids[len(ids) - keep:]
+        return _Request(ids, max_new, settings, stops, ignore_eos)
+
+    # --- public API ---------------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[int], *, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None, stop: str | list[str] | None = None,
+                 seed: int | None = None, truncate: str | None = None, ignore_eos: bool = False) -> Generation:
+        """Continue ``prompt`` (text, or token ids used as-is) and return a :class:`Generation`.
+
+        ``None`` sampling values take generation_config.json's defaults; ``temperature=0`` is greedy. Stops at
+        an EOS token (unless ``ignore_eos``), at the first ``stop`` string (not included in the text), or after
+        ``max_new_tokens``. Raises InvalidArgumentError / ContextLengthError before doing any work.
+        """
+        req = self._prepare(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+                            truncate=truncate, ignore_eos=ignore_eos)
+        it = self._run(req)
+        try:
+            while True:
+                next(it)
+        except StopIteration as done:
+            return done.value
+
+    def stream(self, prompt: str | list[int], **kwargs: Any) -> TextStream:
+        """Like :meth:`generate` but yields text pieces as they are decoded (joined, they equal generate's text
+        for the same seed). Arguments are checked now, before the first piece is asked for."""
+        return TextStream(self._run(self._prepare(prompt, **kwargs)))
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` (the model's chat template, or the plain fallback in docs/runtime.md)."""
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Generation:
+        """Reply to ``messages`` (``[{"role": "user", "content": "..."}]``); same options as :meth:`generate`."""
+        return self.generate(self.apply_chat_template(messages), **kwargs)
+
+    def chat_stream(self, messages: list[dict[str, str]], **kwargs: Any) -> TextStream:
+        """Streaming :meth:`chat`."""
+        return self.stream(self.apply_chat_template(messages), **kwargs)
+
+    # --- the decode loop ----------------------------------------------------------------------------------
+    def _forward_fn(self):
+        """A function ``run(feed: dict[str, OrtValue]) -> list[OrtValue]`` (logits first, then present.*)."""
+        names = self._output_names
+        c_sess = self._c_session
+        if c_sess is not None and hasattr(c_sess, "run_with_ort_values") and \
+                all(hasattr(v, "_ortvalue") for v in self._empty_past.values()):
+            # C-level values in and out: no wrapper objects per output per step.
+            def run(feed):
+                return c_sess.run_with_ort_values(feed, names, None)
+            return run, True
+        session = self._session
+
+        def run_public(feed):
+            return session.run_with_ort_values(names, feed)
+        return run_public, False
+
+    def _run(self, req: _Request) -> Iterator[str]:
+        """Generator of text pieces; returns (StopIteration.value) the Generation."""
+        import numpy as np
+
+        from edgelm.sampling import Sampler, log_softmax_at
+        from edgelm.tokenizer import StopMatcher, StreamingDetokenizer
+
+        t_start = time.perf_counter()
+        run, raw = self._forward_fn()
+        wrap = (lambda v: v._ortvalue) if raw else (lambda v: v)
+        from_numpy = self._OrtValue.ortvalue_from_numpy
+        prompt = req.prompt_ids
+        n_prompt = len(prompt)
+        sampler = Sampler(req.settings, self.vocab_size, seen=prompt)
+        detok = StreamingDetokenizer(self.tokenizer, prompt)
+        matcher = StopMatcher(req.stops)
+        eos = frozenset() if req.ignore_eos else self.eos_token_ids
+
+        # Prefill: the whole prompt in one call, with empty caches.
+        feed = {name: wrap(v) for name, v in self._empty_past.items()}
+        feed["input_ids"] = wrap(from_numpy(np.asarray([prompt], dtype=np.int64)))
+        if self._has_pos:
+            feed["position_ids"] = wrap(from_numpy(np.arange(n_prompt, dtype=np.int64)[None, :]))
+        ones = self._ones
+        if self._has_mask:
+            feed["attention_mask"] = wrap(from_numpy(ones[:, :n_prompt]))
+        outs = run(feed)
+        logits = outs[0].numpy()[0, -1]
+
+        # Decode buffers: written in place each step; onnxruntime reads them through the same OrtValues.
+        tok_buf = np.zeros((1, 1), dtype=np.int64)
+        pos_buf = np.zeros((1, 1), dtype=np.int64)
+        feed["input_ids"] = wrap(from_numpy(tok_buf))
+        if self._has_pos:
+            feed["position_ids"] = wrap(from_numpy(pos_buf))
+        past_names = self._past_names
+        n_past = len(past_names)
+        has_mask = self._has_mask
+
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        text_parts: list[str] = []
+        finish = "length"
+        t_first = 0.0
+        max_new = req.max_new_tokens
+        while True:
+            tok = sampler(logits)
+            logprobs.append(log_softmax_at(logits, tok))
+            tokens.append(tok)
+            if not t_first:
+                t_first = time.perf_counter()
+            if tok in eos:
+                finish = "eos"
+                break
+            sampler.observe(tok)
+            piece = detok.push(tok)
+            if piece:
+                safe, stopped = matcher.feed(piece)
+                if safe:
+                    text_parts.append(safe)
+                    yield safe
+                if stopped:
+                    finish = "stop"
+                    break
+            if len(tokens) >= max_new:
+                break
+            # One decode step: the new token at slot n_prompt + len(tokens) - 1, the cache fed straight back.
+            pos = n_prompt + len(tokens) - 1
+            tok_buf[0, 0] = tok
+            pos_buf[0, 0] = pos
+            if has_mask:
+                feed["attention_mask"] = wrap(from_numpy(ones[:, :pos + 1]))
+            for i in range(n_past):
+                feed[past_names[i]] = outs[i + 1]
+            outs = run(feed)
+            logits = outs[0].numpy()[0, -1]
+
+        if finish != "stop":
+            safe, stopped = matcher.feed(detok.flush())
+            tail = safe if stopped else safe + matcher.flush()
+            if stopped:
+                finish = "stop"
+            if tail:
+                text_parts.append(tail)
+                yield tail
+        t_end = time.perf_counter()
+        n = len(tokens)
+        decode_s = t_end - t_first
+        return Generation(
+            text="".join(text_parts), token_ids=tokens, finish_reason=finish, prompt_tokens=n_prompt,
+            completion_tokens=n, time_to_first_token_s=t_first - t_start,
+            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            total_time_s=t_end - t_start, logprobs=logprobs)
+
+    # --- scoring ------------------------------------------------------------------------------------------
+    def _logits(self, ids: Sequence[int]) -> "np.ndarray":
+        """Logits ``[len(ids), vocab]`` of one prefill call over ``ids`` (no cache)."""
+        import numpy as np
+
+        run, raw = self._forward_fn()
+        wrap = (lambda v: v._ortvalue) if raw else (lambda v: v)
+        from_numpy = self._OrtValue.ortvalue_from_numpy
+        n = len(ids)
+        feed = {name: wrap(v) for name, v in self._empty_past.items()}
+        feed["input_ids"] = wrap(from_numpy(np.asarray([ids], dtype=np.int64)))
+        if self._has_pos:
+            feed["position_ids"] = wrap(from_numpy(np.arange(n, dtype=np.int64)[None, :]))
+        if self._has_mask:
+            feed["attention_mask"] = wrap(from_numpy(self._ones[:, :n]))
+        outs = run(feed)
+        # Copy while `outs` is alive: the numpy view shares onnxruntime's output buffer.
+        return np.array(outs[0].numpy()[0], copy=True)
+
+    def score(self, text: str) -> Score:
+        """Log-likelihood of ``text``: tokenized once (BOS at the start only), scored in windows of the context
+        length with a stride of half of it, so every token after the first is scored once, each with at least
+        half a window of context after the first window. ``bits_per_byte`` matches the exporter's quality gate."""
+        import numpy as np
+
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"text must be a str, got {type(text).__name__}.", hint="Pass a str.")
+        if not text:
+            raise InvalidArgumentError("text is empty.", hint="Pass some text to score.")
+        ids = self.tokenizer.encode(text, add_bos=True)
+        if len(ids) < 2:
+            raise InvalidArgumentError("text is too short to score: it encodes to a single token.",
+                                       hint="Pass a longer text.")
+        win = self.context_length
+        stride = max(1, win // 2)
+        total, count = 0.0, 0
+        for start in range(0, len(ids) - 1, stride):
+            chunk = ids[start:start + win]
+            logits = self._logits(chunk)[:-1].astype(np.float64)
+            targets = np.asarray(chunk[1:], dtype=np.int64)
+            m = logits.max(axis=1)
+            lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
+            lp = logits[np.arange(len(targets)), targets] - lse
+            # After the first window only the last `stride` targets are new; the others were scored already.
+            skip = 0 if start == 0 else win - stride - 1
+            total += float(lp[skip:].sum())
+            count += len(lp) - skip
+            if start + win >= len(ids):
+                break
+        nbytes = len(text.encode("utf-8"))
+        return Score(total_logprob=total, num_tokens=count, num_bytes=nbytes,
+                     perplexity=math.exp(-total / count), bits_per_byte=-total / math.log(2) / nbytes,
+                     nats_per_token=-total / count)
