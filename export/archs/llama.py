@@ -7,7 +7,7 @@ context the graph is built for (otherwise it changes nothing and is left out).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 
@@ -31,16 +31,33 @@ def sliding_windows(model: Any, family: str, num_layers: int) -> list[int | None
     """The sliding window of each layer (None = full attention), following the Hugging Face modules' rules."""
     cfg = model.config
     window = getattr(cfg, "sliding_window", None)
-    if family == "llama" or window is None:
+    if family == "llama" or window is None:  # (phi3 and mistral: every layer slides when the window is set)
         return [None] * num_layers
     if family == "qwen2":
         types = getattr(cfg, "layer_types", None) or ["full_attention"] * num_layers
         return [window if t == "sliding_attention" else None for t in types]
-    return [window] * num_layers  # mistral: every layer slides when sliding_window is set
+    return [window] * num_layers
 
 
 def build(model: Any, family: str, context_length: int) -> tuple[onnx.ModelProto, c.DecoderShape]:
     """Build the decoder graph from a loaded (fp32, eval) Hugging Face causal LM."""
+    def qkv(a: Any) -> tuple[Any, Any]:  # separate q/k/v projections, fused into one MatMul
+        return c.cat_linear([a.q_proj, a.k_proj, a.v_proj])
+
+    def gate_up(m: Any) -> tuple[Any, Any, int]:  # separate gate/up projections, fused into one MatMul
+        w, b = c.cat_linear([m.gate_proj, m.up_proj])
+        return w, b, m.gate_proj.weight.shape[0]
+
+    return build_rope_decoder(model, family, context_length, qkv=qkv, gate_up=gate_up)
+
+
+def build_rope_decoder(model: Any, family: str, context_length: int, *, qkv: Callable, gate_up: Callable
+                       ) -> tuple[onnx.ModelProto, c.DecoderShape]:
+    """The pre-norm RMSNorm / rotary / gated-SiLU decoder shared by Llama, Mistral, Qwen2 and Phi-3.
+
+    ``qkv(attn) -> (W [in, (Hq+2Hkv)D], bias|None)`` and ``gate_up(mlp) -> (W [in, 2I], bias|None, I)`` adapt
+    each family's projection layout (separate Linears here, already fused ones in Phi-3).
+    """
     import torch
 
     cfg, base = model.config, model.model
@@ -58,7 +75,7 @@ def build(model: Any, family: str, context_length: int) -> tuple[onnx.ModelProto
     with torch.no_grad():
         pos = torch.arange(context_length, dtype=torch.long)[None]
         cos, sin = base.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
-    rot = c.rotary_tables(gb, io, cos[0].numpy(), sin[0].numpy())
+    rot = c.rotary_tables(gb, io, cos[0].float().numpy(), sin[0].float().numpy())
 
     windows = sliding_windows(model, family, shape.num_layers)
     x = gb.op("Gather", [gb.weight("embed_tokens.weight", base.embed_tokens.weight), io.input_ids], axis=0,
@@ -69,17 +86,17 @@ def build(model: Any, family: str, context_length: int) -> tuple[onnx.ModelProto
         bias = c.attention_bias(gb, io, w)
         h = c.rms_norm(gb, x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
                        f"layers.{i}.input_layernorm")
-        qkv_w, qkv_b = c.cat_linear([a.q_proj, a.k_proj, a.v_proj])
-        qkv = c.linear(gb, h, qkv_w, qkv_b, f"layers.{i}.attn.qkv_proj")
-        ctx = c.attention(gb, io, shape, i, qkv, rotary=rot, bias=bias,
+        qkv_w, qkv_b = qkv(a)
+        fused = c.linear(gb, h, qkv_w, qkv_b, f"layers.{i}.attn.qkv_proj")
+        ctx = c.attention(gb, io, shape, i, fused, rotary=rot, bias=bias,
                           scale=float(getattr(a, "scaling", head_dim ** -0.5)))
         x = gb.op("Add", [x, c.linear(gb, ctx, c.t(a.o_proj.weight), a.o_proj.bias, f"layers.{i}.attn.o_proj")],
                   name=f"layers.{i}/attn_residual")
         h = c.rms_norm(gb, x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
                        f"layers.{i}.post_attention_layernorm")
-        gu_w, gu_b = c.cat_linear([m.gate_proj, m.up_proj])
+        gu_w, gu_b, inter = gate_up(m)
         gate, up = gb.op("Split", [c.linear(gb, h, gu_w, gu_b, f"layers.{i}.mlp.gate_up_proj"),
-                                   gb.const([m.gate_proj.weight.shape[0], m.up_proj.weight.shape[0]])],
+                                   gb.const([inter, gu_w.shape[1] - inter])],
                          outputs=2, axis=-1, name=f"layers.{i}.mlp/split")
         act = gb.op("Mul", [c.silu(gb, gate, f"layers.{i}.mlp/silu"), up], name=f"layers.{i}.mlp/gate")
         x = gb.op("Add", [x, c.linear(gb, act, c.t(m.down_proj.weight), m.down_proj.bias, f"layers.{i}.mlp.down_proj")],
