@@ -183,6 +183,8 @@ def _parse_sampling(body: Mapping[str, Any], kind: str) -> dict[str, Any]:
         value = _field(body, name, float)
         if value is not None:
             kw[name] = float(value)
+    if _field(body, "ignore_eos", bool):  # fixed-length outputs, for benchmarks
+        kw["ignore_eos"] = True
 
     stop = body.get("stop")
     if stop is not None:
@@ -423,21 +425,16 @@ class _Engine:
                                        code="shutting_down", headers={"Retry-After": "5"}))
 
 
-def _generate_work(model: Any, req: _Request) -> Callable[[_Job], None]:
-    """Non-streamed generation: one call, exact usage from the Generation result."""
-    def work(job: _Job) -> None:
-        if req.kind == "chat":
-            gen = model.chat(req.prompt, **req.gen_kwargs)
-        else:
-            gen = model.generate(req.prompt, **req.gen_kwargs)
-        job.emit("done", _outcome(gen))
-    return work
+def _generation_work(model: Any, req: _Request) -> Callable[[_Job], bool]:
+    """The worker side of one request: run the model's stream, stopping between tokens once cancelled.
 
-
-def _stream_work(model: Any, req: _Request) -> Callable[[_Job], None]:
-    """Streamed generation: push each text piece, stop between tokens once the job is cancelled."""
+    Non-streamed requests run through the stream too (without sending pieces), so a client that hangs up
+    stops its generation either way. The runtime's stream exposes the final Generation (``.generation``)
+    once exhausted, which gives exact usage and finish_reason.
+    """
     def work(job: _Job) -> bool:
         pieces: list[str] = []
+        # Arguments are validated here, before any decoding; errors go back to the request as an "error".
         it: Iterator[str] = (model.chat_stream(req.prompt, **req.gen_kwargs) if req.kind == "chat"
                              else model.stream(req.prompt, **req.gen_kwargs))
         result: Any = None
@@ -452,11 +449,13 @@ def _stream_work(model: Any, req: _Request) -> Callable[[_Job], None]:
                     result = stop.value
                     break
                 pieces.append(piece)
-                job.emit("piece", piece)
+                if req.stream:
+                    job.emit("piece", piece)
         finally:
             close = getattr(it, "close", None)
             if close is not None:
                 close()
+        result = getattr(it, "generation", None) or result
         text = "".join(pieces)
         if result is not None and hasattr(result, "completion_tokens"):
             outcome = _outcome(result)  # the runtime reported exact counts
@@ -533,7 +532,7 @@ class EdgeLMServer:
 
     def __init__(self, model_or_models: Any, *, api_key: str | None, max_queue: int, workers: int,
                  max_body_bytes: int):
-        for name, value, low in (("workers", workers, 1), ("max_queue", max_queue, 0),
+        for name, value, low in (("workers", workers, 1), ("max_queue", max_queue, 1),
                                  ("max_body_bytes", max_body_bytes, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidArgumentError(f"{name} must be an integer >= {low}, got {value!r}.")
@@ -628,7 +627,7 @@ class EdgeLMServer:
         req = _parse_request(await self.read_json(request), kind)
         model_id, model = self.lookup(req.model)
         loop = asyncio.get_running_loop()
-        job = _Job(loop, _stream_work(model, req) if req.stream else _generate_work(model, req))
+        job = _Job(loop, _generation_work(model, req))
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         t0 = time.perf_counter()
         self.engine.submit(job)
@@ -883,3 +882,59 @@ def serve(model_or_models: Any, *, host: str = DEFAULT_HOST, port: int = DEFAULT
         for sig, handler in restore.items():
             signal.signal(sig, handler)
         sock.close()
+
+
+class BackgroundServer:
+    """A server running in a daemon thread of this process (for tests, notebooks and embedding).
+
+        >>> with BackgroundServer(edgelm.load("my-model")) as srv:
+        ...     openai.OpenAI(base_url=srv.url + "/v1", api_key="-").completions.create(...)
+
+    ``target`` is a Model (or models, as for :func:`create_app`) or an app made by :func:`create_app`;
+    other keyword arguments go to :func:`create_app`. ``port=0`` (the default) picks a free port; the real
+    one is in ``url`` once the ``with`` block (or :meth:`start`) is entered.
+    """
+
+    def __init__(self, target: Any, *, host: str = DEFAULT_HOST, port: int = 0, log_level: str = "warning",
+                 start_timeout: float = 30.0, **app_kwargs: Any):
+        self.app = target if isinstance(target, Starlette) else create_app(target, **app_kwargs)
+        self.host, self.port, self.log_level, self.start_timeout = host, port, log_level, start_timeout
+        self.url = ""
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def state(self) -> EdgeLMServer:
+        return self.app.state.edgelm
+
+    def start(self) -> "BackgroundServer":
+        import uvicorn
+
+        sock = _bind(self.host, self.port)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"http://{host}:{sock.getsockname()[1]}"
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level=self.log_level, lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
+                                        name="edgelm-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start within {self.start_timeout} s; see the log above.")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting connections, let in-flight requests finish, and join the thread."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -50,9 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     for name in ("workers", "max_queue", "max_body_bytes"):
         value = getattr(args, name)
-        if value < (0 if name == "max_queue" else 1):
-            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least "
-                                       f"{0 if name == 'max_queue' else 1}, got {value}.")
+        if value < 1:
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
     if not 0 <= args.port <= 65535:
         raise InvalidArgumentError(f"--port must be in 0..65535, got {args.port}.")
     api_key = args.api_key or os.environ.get(server.API_KEY_ENV) or None
