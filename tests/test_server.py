@@ -1,0 +1,326 @@
+"""`edgelm serve` over real sockets: the official openai client, malformed requests, auth, disconnects.
+
+Every test talks to a uvicorn server on a free 127.0.0.1 port started in this process, serving the real
+stories260K export. Expected texts are always computed by calling the same Model directly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import needs_shared
+
+pytestmark = [needs_shared()]
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+PROMPT = "Once upon a time, there was a little girl named Lily."
+MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
+MAX_BODY = 64 * 1024
+
+
+def test_import_edgelm_does_not_import_the_server_stack():
+    code = ("import sys, edgelm; bad = [m for m in ('starlette', 'uvicorn', 'httpx', 'edgelm.server') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def lm(stories_int8):
+    import edgelm
+    return edgelm.load(stories_int8, threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    from edgelm.server import BackgroundServer
+    with BackgroundServer(lm, workers=2, max_queue=16, max_body_bytes=MAX_BODY) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def model_id(server):
+    return next(iter(server.state.models))
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+# --- the openai client gets what model.generate gives --------------------------------------------------
+@pytest.mark.slow
+def test_models_list(client, lm, model_id):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [model_id]
+    assert models.data[0].owned_by == "edgelm"
+    assert client.models.retrieve(model_id).id == model_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=0.9, top_p=0.9, seed=1234)],
+                         ids=["greedy", "seeded"])
+def test_completion_matches_generate(client, lm, model_id, settings):
+    ref = lm.generate(PROMPT, max_new_tokens=40, **settings)
+    got = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=40, **settings)
+    assert got.choices[0].text == ref.text
+    assert got.choices[0].finish_reason == {"eos": "stop"}.get(ref.finish_reason, ref.finish_reason)
+    assert got.usage.prompt_tokens == ref.prompt_tokens
+    assert got.usage.completion_tokens == ref.completion_tokens
+    assert got.usage.total_tokens == ref.prompt_tokens + ref.completion_tokens
+    assert got.model == model_id and got.object == "text_completion"
+
+
+@pytest.mark.slow
+def test_completion_with_token_ids(client, lm, model_id):
+    ids = lm.encode(PROMPT)
+    ref = lm.generate(ids, max_new_tokens=20, temperature=0)
+    got = client.completions.create(model=model_id, prompt=ids, max_tokens=20, temperature=0)
+    assert got.choices[0].text == ref.text
+    assert got.usage.prompt_tokens == len(ids)
+
+
+@pytest.mark.slow
+def test_chat_matches_chat(client, lm, model_id):
+    ref = lm.chat(MESSAGES, max_new_tokens=48, temperature=0)
+    got = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=48, temperature=0)
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == ref.text
+    assert got.usage.completion_tokens == ref.completion_tokens
+    assert got.usage.prompt_tokens == ref.prompt_tokens
+
+
+@pytest.mark.slow
+def test_chat_stream_matches_chat(client, lm, model_id):
+    ref = lm.chat(MESSAGES, max_new_tokens=60, temperature=0.8, seed=7)
+    chunks = list(client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=60, temperature=0.8,
+                                                 seed=7, stream=True, stream_options={"include_usage": True}))
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content) > 1, "tokens should arrive as separate chunks"
+    assert "".join(c.choices[0].delta.content for c in content) == ref.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1
+    assert finals[0].choices[0].finish_reason == {"eos": "stop"}.get(ref.finish_reason, ref.finish_reason)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ref.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == ref.prompt_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+@pytest.mark.slow
+def test_completion_stream_matches_generate_and_ends_with_done(server, lm, model_id, client):
+    ref = lm.generate(PROMPT, max_new_tokens=30, temperature=0)
+    pieces = [c.choices[0].text for c in client.completions.create(model=model_id, prompt=PROMPT, max_tokens=30,
+                                                                    temperature=0, stream=True)]
+    assert "".join(pieces) == ref.text
+    # The raw wire format: SSE `data:` lines, the last one `data: [DONE]`.
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][len("data: "):])
+    assert last["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_stop_sequence(client, lm, model_id):
+    full = lm.generate(PROMPT, max_new_tokens=60, temperature=0, ignore_eos=True).text
+    words = full.split()
+    assert len(words) > 4, full
+    stop = " " + words[len(words) // 2]  # a word from the middle of the greedy continuation
+    ref = lm.generate(PROMPT, max_new_tokens=60, temperature=0, stop=[stop])
+    got = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=60, temperature=0, stop=stop)
+    assert got.choices[0].text == ref.text
+    assert stop not in got.choices[0].text and len(got.choices[0].text) < len(full)
+    assert got.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_length_finish_reason(client, model_id):
+    got = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=3, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert got.choices[0].finish_reason == "length" and got.usage.completion_tokens == 3
+
+
+# --- malformed requests: documented status and OpenAI error body, and the server keeps serving ----------
+def _bad_requests(lm, model_id):
+    ctx = lm.context_length
+    long_prompt = "Once upon a time there was a big dog. " * 60
+    n_long = len(lm.encode(long_prompt))
+    assert n_long > ctx, "the overflow case needs a prompt longer than the context"
+    return [
+        # (name, path, raw body, status, code, param, words the message must contain)
+        ("not json", "/v1/completions", b"{not json", 400, "invalid_json", None, ["JSON"]),
+        ("not an object", "/v1/chat/completions", b"[1, 2]", 400, "invalid_json", None, ["object"]),
+        ("prompt wrong type", "/v1/completions", json.dumps({"prompt": 5}).encode(), 400, "invalid_type", "prompt", []),
+        ("missing prompt", "/v1/completions", b"{}", 400, "missing_required_parameter", "prompt", []),
+        ("max_tokens string", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": "9"}).encode(), 400,
+         "invalid_type", "max_tokens", ["integer"]),
+        ("max_tokens zero", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 0}).encode(), 400,
+         "invalid_value", "max_tokens", []),
+        ("temperature bool", "/v1/completions", json.dumps({"prompt": "x", "temperature": True}).encode(), 400,
+         "invalid_type", "temperature", []),
+        ("top_p out of range", "/v1/completions", json.dumps({"prompt": "x", "top_p": 1.5}).encode(), 400,
+         "invalid_value", "top_p", []),
+        ("stop wrong type", "/v1/completions", json.dumps({"prompt": "x", "stop": [1]}).encode(), 400,
+         "invalid_type", "stop", []),
+        ("n > 1", "/v1/completions", json.dumps({"prompt": "x", "n": 3}).encode(), 400, "unsupported_parameter", "n",
+         ["n"]),
+        ("messages missing", "/v1/chat/completions", b"{}", 400, "missing_required_parameter", "messages", []),
+        ("messages wrong type", "/v1/chat/completions", json.dumps({"messages": "hi"}).encode(), 400, "invalid_type",
+         "messages", []),
+        ("bad role", "/v1/chat/completions", json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(),
+         400, "invalid_value", "messages[0].role", []),
+        ("stream not bool", "/v1/chat/completions",
+         json.dumps({"messages": MESSAGES, "stream": "yes"}).encode(), 400, "invalid_type", "stream", []),
+        ("empty prompt (runtime InvalidArgumentError)", "/v1/completions", json.dumps({"prompt": ""}).encode(), 400,
+         "invalid_value", None, ["prompt"]),
+        ("unknown model", "/v1/completions", json.dumps({"model": "no-such-model", "prompt": "x"}).encode(), 404,
+         "model_not_found", "model", ["no-such-model", model_id]),
+        ("context overflow", "/v1/completions",
+         json.dumps({"model": model_id, "prompt": long_prompt, "max_tokens": 10}).encode(), 400,
+         "context_length_exceeded", "prompt", [str(ctx), str(n_long), str(n_long + 10)]),
+        ("context overflow, streamed chat", "/v1/chat/completions",
+         json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": ctx + 1,
+                     "stream": True}).encode(), 400, "context_length_exceeded", "max_tokens", [str(ctx)]),
+        ("body too large", "/v1/completions",
+         json.dumps({"prompt": "x" * (MAX_BODY + 10)}).encode(), 413, "request_too_large", None, [str(MAX_BODY)]),
+    ]
+
+
+@pytest.mark.slow
+def test_malformed_requests_get_documented_errors_and_server_keeps_serving(server, lm, model_id):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for name, path, body, status, code, param, words in _bad_requests(lm, model_id):
+            r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == status, (name, r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"}, name
+            assert err["code"] == code and err["param"] == param, (name, err)
+            assert err["type"] == "invalid_request_error", name
+            for word in words:
+                assert word in err["message"], (name, word, err["message"])
+            # ...and a good request right after still works.
+            ok = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+            assert ok.status_code == 200, (name, ok.text)
+        for method, path, status in (("GET", "/v1/nowhere", 404), ("GET", "/v1/completions", 405)):
+            r = http.request(method, path)
+            assert r.status_code == status and r.json()["error"]["code"] in ("not_found", "method_not_allowed")
+        assert http.get("/health").json()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_openai_client_raises_typed_errors(client, model_id):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=100_000)
+
+
+# --- queue limits and disconnects ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_full_queue_answers_503_with_retry_after_and_nothing_is_lost(lm):
+    from edgelm.server import BackgroundServer
+    n = 12
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+    with BackgroundServer(lm, workers=1, max_queue=1) as srv:
+        barrier = threading.Barrier(n)
+
+        def one():
+            with httpx.Client(base_url=srv.url, timeout=120) as http:
+                barrier.wait(timeout=30)
+                r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 300, "temperature": 0,
+                                                       "ignore_eos": True})
+            with lock:
+                results.append(r)
+
+        threads = [threading.Thread(target=one) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(results) == n  # every request got an answer
+        busy = [r for r in results if r.status_code == 503]
+        ok = [r for r in results if r.status_code == 200]
+        assert len(busy) + len(ok) == n, [r.status_code for r in results]
+        assert busy, "12 simultaneous requests against 1 worker + 1 queue slot must overflow"
+        assert len(ok) >= 2
+        for r in busy:
+            assert int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["code"] == "server_busy"
+        # The overflow is temporary: the server serves again.
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200
+
+
+@pytest.mark.slow
+def test_client_disconnect_stops_generation(lm):
+    from edgelm.server import BackgroundServer
+    budget = lm.context_length - len(lm.encode(PROMPT)) - 1
+    with BackgroundServer(lm, workers=1) as srv:
+        engine = srv.state.engine
+        t0 = time.monotonic()
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
+                          json={"prompt": PROMPT, "max_tokens": budget, "stream": True, "ignore_eos": True}) as r:
+            got = 0
+            for line in r.iter_lines():
+                got += line.startswith("data: ")
+                if got >= 3:
+                    break  # hang up after a few tokens
+        deadline = time.monotonic() + 30
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.stats()["running"] == 0
+        assert engine.cancelled == 1, "the hung-up stream should have been stopped between tokens"
+        # The worker is free again: a full-length generation still completes afterwards.
+        ref = lm.generate(PROMPT, max_new_tokens=8, temperature=0)
+        r2 = httpx.post(srv.url + "/v1/completions", timeout=60,
+                        json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+        assert r2.json()["choices"][0]["text"] == ref.text
+        assert time.monotonic() - t0 < 60
+
+
+# --- API key -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_api_key_required_and_never_logged(lm, caplog, capfd):
+    from edgelm.server import BackgroundServer
+    key = "sk-edgelm-" + secrets.token_hex(16)
+    wrong = "sk-wrong-" + secrets.token_hex(16)
+    caplog.set_level(logging.DEBUG)
+    with BackgroundServer(lm, api_key=key, log_level="debug") as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            for headers in ({}, {"Authorization": f"Bearer {wrong}"}, {"Authorization": key},
+                            {"Authorization": f"Basic {key}"}):
+                for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+                    r = http.request(method, path, headers=headers, json={"messages": MESSAGES, "max_tokens": 4})
+                    assert r.status_code == 401, (headers, path, r.text)
+                    err = r.json()["error"]
+                    assert err["code"] == "invalid_api_key" and set(err) == {"message", "type", "param", "code"}
+                    assert key not in r.text and wrong not in r.text
+                    assert r.headers["WWW-Authenticate"] == "Bearer"
+            assert http.get("/health").status_code == 200  # health checks need no key
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=60)
+        assert good.chat.completions.create(model=next(iter(srv.state.models)), messages=MESSAGES,
+                                            max_tokens=4).choices[0].message.content is not None
+        bad = openai.OpenAI(base_url=srv.url + "/v1", api_key=wrong, max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    out, err = capfd.readouterr()
+    logs = caplog.text + out + err
+    assert "POST /v1/chat/completions" in logs or "chatcmpl-" in logs, "the test should have captured request logs"
+    assert key not in logs and wrong not in logs
