@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ENV_MODEL = "EDGELM_MODEL"
 FINISH_REASONS = ("stop", "length", "eos")
+# Where a reply ends under the plain fallback chat template (see docs/runtime.md).
+FALLBACK_STOP = "\nUser:"
 
 
 # --- results -------------------------------------------------------------------------------------------
@@ -348,12 +350,23 @@ class Model:
         return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
 
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Generation:
-        """Reply to ``messages`` (``[{"role": "user", "content": "..."}]``); same options as :meth:`generate`."""
-        return self.generate(self.apply_chat_template(messages), **kwargs)
+        """Reply to ``messages`` (``[{"role": "user", "content": "..."}]``); same options as :meth:`generate`.
+
+        With the plain fallback template (no chat template in the model), generation also stops at a new
+        ``"\nUser:"`` line, so the model does not write the user's next turn.
+        """
+        return self.generate(self.apply_chat_template(messages), **self._chat_kwargs(kwargs))
 
     def chat_stream(self, messages: list[dict[str, str]], **kwargs: Any) -> TextStream:
         """Streaming :meth:`chat`."""
-        return self.stream(self.apply_chat_template(messages), **kwargs)
+        return self.stream(self.apply_chat_template(messages), **self._chat_kwargs(kwargs))
+
+    def _chat_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if not self.chat_template.is_fallback:
+            return kwargs
+        from edgelm.tokenizer import validate_stop
+
+        return {**kwargs, "stop": list(validate_stop(kwargs.get("stop"))) + [FALLBACK_STOP]}
 
     # --- the decode loop ----------------------------------------------------------------------------------
     def _forward_fn(self):

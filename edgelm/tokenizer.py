@@ -169,7 +169,8 @@ class StopMatcher:
     """Finds stop strings in streamed text and holds back any tail that could still become one.
 
     ``feed(text) -> (safe_text, stopped)``: ``safe_text`` can be shown now; when ``stopped`` is true the
-    text has been cut just before the first stop string and nothing more must be shown. ``flush()`` returns the
+    text has been cut just before the stop string and nothing more must be shown. Generation stops where a stop
+    string is first complete; the text is cut at the earliest start among the stop strings complete there. ``flush()`` returns the
     held-back tail at the end of generation (it never completed a stop string).
     """
 
@@ -185,8 +186,11 @@ class StopMatcher:
             return text, False
         self._pending += text
         pending = self._pending
-        cut = min((i for i in (pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        # The stop that completes first (smallest end) ends generation; the text is cut at the earliest start
+        # among the stops complete by then. This depends only on the text, not on how it was split into pieces.
+        end = min((i + len(s) for s in self.stops for i in (pending.find(s),) if i >= 0), default=-1)
+        if end >= 0:
+            cut = min(i for s in self.stops for i in (pending.find(s, 0, end),) if i >= 0)
             self._pending = ""
             return pending[:cut], True
         # Hold back the longest suffix that is a prefix of some stop string.

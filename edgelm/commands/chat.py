@@ -1,0 +1,91 @@
+"""`edgelm chat`: an interactive chat with history. `/reset` forgets the conversation, `/exit` (or EOF) quits.
+
+Reads from stdin, so it also works piped (`printf 'Hi\n' | edgelm chat`). Ctrl-C while the model answers stops
+that answer and returns to the prompt; Ctrl-C at the prompt quits.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgelm.commands.generate import add_sampling_arguments, load_model, sampling_kwargs, stats_line
+
+HELP = "commands: /reset (forget the conversation), /exit (quit), /help"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_sampling_arguments(parser)
+    parser.add_argument("--system", default=None, metavar="TEXT", help="a system message to start the conversation")
+    parser.add_argument("--stats", action="store_true", help="print token counts and speed after each answer")
+    parser.epilog = HELP
+
+
+def _read(prompt: str, interactive: bool) -> str | None:
+    """One line of input, or None at end of input."""
+    if interactive:
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return None if not line else line.rstrip("\n")
+
+
+def fit_history(lm, messages: list[dict], max_new_tokens: int | None) -> list[dict]:
+    """Drop the oldest turns (never the system message or the newest one) until the prompt fits the context."""
+    budget = lm.context_length - (max_new_tokens or lm.generation_config.get("max_new_tokens") or 128)
+    msgs = list(messages)
+    system = [m for m in msgs[:1] if m["role"] == "system"]
+    turns = msgs[len(system):]
+    while len(turns) > 1 and len(lm.encode(lm.apply_chat_template(system + turns))) > budget:
+        turns = turns[1:]
+    return system + turns
+
+
+def run(args: argparse.Namespace) -> int:
+    lm = load_model(args)
+    kwargs = sampling_kwargs(args)
+    interactive = sys.stdin.isatty()
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    if interactive:
+        print(f"edgelm chat with {lm.path.name}. {HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = _read("> ", interactive)
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 0
+        if line is None:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = history[:1] if history and history[0]["role"] == "system" else []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text == "/help":
+            print(HELP, file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        history = fit_history(lm, history, kwargs["max_new_tokens"])
+        # A single message longer than the context is cut from the left rather than refused.
+        stream = lm.chat_stream(history, truncate="left", **kwargs)
+        parts: list[str] = []
+        try:
+            for piece in stream:
+                parts.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            sys.stdout.write(" [interrupted]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(parts).strip()})
+        if args.stats and stream.generation is not None:
+            print(stats_line(stream.generation), file=sys.stderr)

@@ -1,0 +1,75 @@
+"""`edgelm generate PROMPT`: stream a continuation to stdout, a one-line summary to stderr."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `generate` and `chat` (None = the model's generation_config.json default)."""
+    parser.add_argument("--model", "-m", metavar="DIR", default=None,
+                        help="model folder (default: $EDGELM_MODEL, else the shipped default model)")
+    parser.add_argument("--max-new-tokens", "-n", type=int, default=None, metavar="N",
+                        help="most tokens to generate (default: the model's generation_config, else 128)")
+    parser.add_argument("--temperature", "-t", type=float, default=None, help="0 = greedy; higher = more random")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the K best tokens (0 = off)")
+    parser.add_argument("--min-p", type=float, default=None, help="drop tokens below this fraction of the best")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
+    parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    parser.add_argument("--stop", action="extend", nargs="+", default=None, metavar="TEXT",
+                        help="stop before this text (repeatable); escapes like \\n are understood")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the checksum check of the model files")
+
+
+def unescape(text: str) -> str:
+    """Turn the two-character sequences \\n, \\t and \\\\ typed on a command line into the characters."""
+    return text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                stop=[unescape(s) for s in args.stop] if args.stop else None)
+
+
+def load_model(args: argparse.Namespace):
+    import edgelm
+
+    return edgelm.load(args.model, threads=args.threads, verify=not args.no_verify)
+
+
+def stats_line(gen) -> str:
+    return (f"[{gen.prompt_tokens} prompt + {gen.completion_tokens} generated tokens, "
+            f"first token {gen.time_to_first_token_s * 1000:.0f} ms, {gen.decode_tokens_per_s:.1f} tokens/s, "
+            f"finish: {gen.finish_reason}]")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", metavar="PROMPT", help="text to continue ('-' reads it from stdin)")
+    add_sampling_arguments(parser)
+    parser.add_argument("--truncate-left", action="store_true",
+                        help="drop the start of a prompt that does not fit instead of failing")
+    parser.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no statistics line on stderr")
+    parser.epilog = 'example: edgelm generate "Once upon a time" --model models/stories260k-int8 -n 60'
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    lm = load_model(args)
+    # stream() checks every argument before generating, so a bad option fails before any output.
+    stream = lm.stream(prompt, truncate="left" if args.truncate_left else None, **sampling_kwargs(args))
+    out = sys.stdout
+    if not args.no_echo:
+        out.write(prompt)
+        out.flush()
+    for piece in stream:
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    if not args.quiet and stream.generation is not None:
+        print(stats_line(stream.generation), file=sys.stderr)
+    return 0
