@@ -1,0 +1,802 @@
+"""Router + Hybrid: answer on the device when the small model can, hand the rest to a large model, and never
+lose an answer.
+
+    >>> import edgelm
+    >>> cloud = edgelm.CloudClient("https://api.example.com/v1", model="big-model")   # key from the environment
+    >>> router = edgelm.Router(min_mean_logprob=-2.0, rules=[edgelm.hybrid.Rule("cloud", keywords=["translate"])])
+    >>> hy = edgelm.Hybrid(edgelm.load(), cloud, router)
+    >>> r = hy.generate("Once upon a time")
+    >>> r.text, r.source, r.reason             # where the answer came from, and why
+
+The router combines cheap signals, checked in a fixed order (the first that decides wins):
+
+1. no cloud configured, or ``allow_cloud=False`` (privacy mode)        -> local, and no connection is opened
+2. the per-call override ``prefer="local" | "cloud"``
+3. the prompt plus ``max_new_tokens`` does not fit the local context   -> cloud
+4. the app's rules (regex / keywords / task tags), in order
+5. the length rule: prompt longer than ``max_prompt_tokens``           -> cloud
+6. the prompt's score under the local model (``max_prompt_nats``)      -> cloud when the prompt looks unfamiliar
+7. the cascade (``min_mean_logprob``): generate locally, escalate when the answer's mean token log-probability
+   is below the threshold; if the cloud then fails, the local answer already made is returned (never regenerated)
+8. otherwise the default side (local)
+
+A cloud decision is then checked against the budget (calls / tokens per period); past it, everything stays
+local. Every outgoing message goes through the ``redact`` hook first; the local model sees the original text.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
+
+from edgelm.errors import CloudError, EdgeLMError, InvalidArgumentError, RoutingError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgelm.cloud import CloudClient, CloudReply
+    from edgelm.model import Generation, Model
+
+log = logging.getLogger("edgelm.hybrid")
+
+Side = Literal["local", "cloud"]
+_SIDES = ("local", "cloud")
+# Sampling options the OpenAI API understands; the others (top_k, min_p, ...) only steer the local model.
+_CLOUD_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed",
+                  "max_new_tokens": "max_tokens"}
+
+
+# --- building blocks ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """Send matching queries to one side. A rule matches when any of its conditions holds:
+    ``pattern`` (a regex searched case-insensitively in the prompt / last user message), any of ``keywords``
+    (case-insensitive substrings), or any of ``tags`` among the call's ``tags=[...]``."""
+
+    route: Side
+    pattern: str | None = None
+    keywords: Sequence[str] = ()
+    tags: Sequence[str] = ()
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.route not in _SIDES:
+            raise InvalidArgumentError(f"Rule route must be 'local' or 'cloud', got {self.route!r}.")
+        if self.pattern is None and not self.keywords and not self.tags:
+            raise InvalidArgumentError("A Rule needs a pattern, keywords or tags.",
+                                       hint="e.g. Rule('cloud', keywords=['translate']).")
+        if isinstance(self.keywords, str) or isinstance(self.tags, str):
+            raise InvalidArgumentError("Rule keywords and tags must be lists of strings, not one string.")
+        if self.pattern is not None:
+            try:
+                object.__setattr__(self, "_regex", re.compile(self.pattern, re.IGNORECASE))
+            except re.error as exc:
+                raise InvalidArgumentError(f"Rule pattern {self.pattern!r} is not a valid regex ({exc}).") from None
+        object.__setattr__(self, "keywords", tuple(k.lower() for k in self.keywords))
+        object.__setattr__(self, "tags", tuple(self.tags))
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.pattern is not None:
+            return f"pattern {self.pattern!r}"
+        if self.keywords:
+            return f"keywords {list(self.keywords)}"
+        return f"tags {list(self.tags)}"
+
+    def matches(self, text: str, tags: Sequence[str]) -> bool:
+        if self.pattern is not None and self._regex.search(text):  # type: ignore[attr-defined]
+            return True
+        low = text.lower()
+        if any(k in low for k in self.keywords):
+            return True
+        return any(t in self.tags for t in tags)
+
+
+class Budget:
+    """At most ``max_calls`` cloud calls and/or ``max_tokens`` cloud tokens (prompt + completion) in any
+    sliding window of ``period_s`` seconds. A call is counted when it is attempted (it may cost money even if
+    it fails); its tokens are counted when the answer arrives. Thread-safe."""
+
+    def __init__(self, max_calls: int | None = None, max_tokens: int | None = None, period_s: float = 3600.0):
+        for name, v in (("max_calls", max_calls), ("max_tokens", max_tokens)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise InvalidArgumentError(f"Budget {name} must be an integer >= 0 or None, got {v!r}.")
+        if not isinstance(period_s, (int, float)) or not period_s > 0:
+            raise InvalidArgumentError(f"Budget period_s must be > 0 seconds, got {period_s!r}.")
+        self.max_calls, self.max_tokens, self.period_s = max_calls, max_tokens, float(period_s)
+        self._calls: deque[float] = deque()
+        self._tokens: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+        self._clock = time.monotonic
+
+    def _prune(self, now: float) -> None:
+        while self._calls and now - self._calls[0] >= self.period_s:
+            self._calls.popleft()
+        while self._tokens and now - self._tokens[0][0] >= self.period_s:
+            self._tokens.popleft()
+
+    def used(self) -> tuple[int, int]:
+        """(calls, tokens) in the current window."""
+        with self._lock:
+            self._prune(self._clock())
+            return len(self._calls), sum(t for _, t in self._tokens)
+
+    def try_reserve(self) -> str | None:
+        """Count one call if the budget allows it; otherwise return why not (and count nothing)."""
+        with self._lock:
+            now = self._clock()
+            self._prune(now)
+            if self.max_calls is not None and len(self._calls) >= self.max_calls:
+                return f"cloud budget used up ({self.max_calls} calls per {self.period_s:g} s)"
+            if self.max_tokens is not None and sum(t for _, t in self._tokens) >= self.max_tokens:
+                return f"cloud budget used up ({self.max_tokens} tokens per {self.period_s:g} s)"
+            self._calls.append(now)
+            return None
+
+    def record_tokens(self, tokens: int) -> None:
+        with self._lock:
+            self._tokens.append((self._clock(), max(0, int(tokens))))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which side should answer and why. ``signal`` names the deciding check (``privacy``, ``no-cloud``,
+    ``prefer``, ``context``, ``rule``, ``length``, ``prompt-score``, ``uncertainty``, ``default``,
+    ``budget``); ``value`` / ``threshold`` are the numbers behind a score-based decision."""
+
+    target: Side
+    signal: str
+    reason: str
+    value: float | None = None
+    threshold: float | None = None
+
+
+@dataclass
+class HybridResult:
+    """An answer from :class:`Hybrid`. ``source`` is where the text came from (``"mixed"`` only for a cloud
+    stream that broke part-way and was finished by the local model); ``reason`` says why that side was chosen,
+    ``fallback`` why the planned cloud answer was not used (None when nothing went wrong)."""
+
+    text: str
+    source: Literal["local", "cloud", "mixed"]
+    reason: str
+    signal: str
+    value: float | None = None
+    threshold: float | None = None
+    fallback: str | None = None
+    finish_reason: str | None = None
+    generation: "Generation | None" = None   # the local Generation, whenever the local model ran
+    cloud_reply: "CloudReply | None" = None  # the cloud's answer, when it gave one
+    total_time_s: float = 0.0
+
+    def __str__(self) -> str:
+        return self.text
+
+    @property
+    def mean_logprob(self) -> float | None:
+        """The local answer's mean token log-probability (nats), when the local model answered."""
+        return self.generation.mean_logprob if self.generation is not None else None
+
+    def describe(self) -> str:
+        """One line for a terminal: ``[cloud] uncertainty: mean logprob -3.10 < -2.50``."""
+        line = f"[{self.source}] {self.reason}"
+        if self.fallback:
+            line += f" | fallback: {self.fallback}"
+        return line
+
+
+@dataclass
+class CalibrationReport:
+    """What :meth:`Router.calibrate` chose and the split it produces on the calibration prompts."""
+
+    signal: str
+    threshold: float
+    target_cloud_share: float
+    cloud_share: float             # share of the calibration prompts that go to the cloud with this threshold
+    counts: dict[str, int]         # prompts per deciding signal, e.g. {"uncertainty": 30, "default": 70}
+    values: list[float] = field(repr=False, default_factory=list)   # the signal's value for each prompt
+
+    def __str__(self) -> str:
+        split = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+        return (f"{self.signal} threshold {self.threshold:.4g}: {self.cloud_share:.1%} to the cloud "
+                f"(target {self.target_cloud_share:.1%}); decided by: {split}")
+
+
+# --- the router ----------------------------------------------------------------------------------------
+class Router:
+    """Decides per query whether the local model or the cloud answers (see the module docstring for the
+    order of checks). All thresholds are optional; with none set, only the context check and rules send
+    anything to the cloud.
+
+    Args:
+        rules: :class:`Rule` list, first match wins.
+        max_prompt_tokens: the length rule: prompts with more tokens go to the cloud.
+        max_prompt_nats: pre-generation score: a prompt whose mean negative log-likelihood per token under the
+            local model (``Model.score(prompt).nats_per_token``) is above this goes to the cloud.
+        min_mean_logprob: the cascade: a local answer whose ``uncertainty`` metric is below this is escalated.
+        uncertainty: the cascade metric: ``"mean_logprob"`` (mean token log-probability of the local answer),
+            ``"min_logprob"`` (its least likely token) or a function ``Generation -> float`` (higher = surer).
+        allow_cloud: False is privacy mode: nothing is ever sent (no connection is even opened).
+        redact: ``str -> str`` applied to every outgoing message's content (and prompt).
+        budget: a :class:`Budget`; past it everything stays local.
+        default: the side for queries no check decides (normally "local").
+    """
+
+    def __init__(self, *, rules: Sequence[Rule] = (), max_prompt_tokens: int | None = None,
+                 max_prompt_nats: float | None = None, min_mean_logprob: float | None = None,
+                 uncertainty: str | Callable[["Generation"], float] = "mean_logprob", allow_cloud: bool = True,
+                 redact: Callable[[str], str] | None = None, budget: Budget | None = None, default: Side = "local"):
+        if not all(isinstance(r, Rule) for r in rules):
+            raise InvalidArgumentError("rules must be a list of edgelm.hybrid.Rule.")
+        if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 0):
+            raise InvalidArgumentError(f"max_prompt_tokens must be an integer >= 0, got {max_prompt_tokens!r}.")
+        for name, v in (("max_prompt_nats", max_prompt_nats), ("min_mean_logprob", min_mean_logprob)):
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v)):
+                raise InvalidArgumentError(f"{name} must be a number or None, got {v!r}.")
+        if not callable(uncertainty) and uncertainty not in _METRICS:
+            raise InvalidArgumentError(f"uncertainty must be one of {sorted(_METRICS)} or a function, "
+                                       f"got {uncertainty!r}.")
+        if not isinstance(allow_cloud, bool):
+            raise InvalidArgumentError(f"allow_cloud must be True or False, got {allow_cloud!r}.")
+        if redact is not None and not callable(redact):
+            raise InvalidArgumentError("redact must be a function str -> str.")
+        if budget is not None and not isinstance(budget, Budget):
+            raise InvalidArgumentError("budget must be an edgelm.hybrid.Budget.")
+        if default not in _SIDES:
+            raise InvalidArgumentError(f"default must be 'local' or 'cloud', got {default!r}.")
+        self.rules = list(rules)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_prompt_nats = max_prompt_nats
+        self.min_mean_logprob = min_mean_logprob
+        self.uncertainty = uncertainty
+        self.allow_cloud = allow_cloud
+        self.redact = redact
+        self.budget = budget
+        self.default: Side = default
+        self._model: Model | None = None  # set by Hybrid, so calibrate() can be called without model=
+
+    def __repr__(self) -> str:
+        parts = [f"rules={len(self.rules)}"]
+        for name in ("max_prompt_tokens", "max_prompt_nats", "min_mean_logprob"):
+            if getattr(self, name) is not None:
+                parts.append(f"{name}={getattr(self, name):.4g}")
+        if not self.allow_cloud:
+            parts.append("allow_cloud=False")
+        return f"Router({', '.join(parts)})"
+
+    # --- decisions ---------------------------------------------------------------------------------
+    def before(self, model: "Model", text: str, *, max_new_tokens: int, prefer: Side | None = None,
+               tags: Sequence[str] = (), rule_text: str | None = None,
+               cloud_available: bool = True) -> Decision | None:
+        """Decide from the prompt alone. None means "generate locally, then ask :meth:`after`" (the cascade).
+        ``text`` is what the local model would see; rules look at ``rule_text`` when given (for a chat, what
+        the user wrote rather than the template around it)."""
+        if not cloud_available:
+            return Decision("local", "no-cloud", "no cloud endpoint configured")
+        if not self.allow_cloud:
+            return Decision("local", "privacy", "privacy mode (allow_cloud=False): nothing leaves the device")
+        if prefer is not None:
+            return Decision(prefer, "prefer", f"prefer={prefer!r} for this call")
+        n = len(model.encode(text))
+        ctx = int(model.context_length)
+        if n + max_new_tokens > ctx:
+            return Decision("cloud", "context", f"prompt {n} + max_new_tokens {max_new_tokens} tokens > local context "
+                            f"{ctx}", float(n + max_new_tokens), float(ctx))
+        return self._checks(model, text, text if rule_text is None else rule_text, n, tags)
+
+    def _checks(self, model: "Model", text: str, rule_text: str, n: int, tags: Sequence[str]) -> Decision | None:
+        for rule in self.rules:
+            if rule.matches(rule_text, tags):
+                return Decision(rule.route, "rule", f"rule {rule.label}")
+        if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
+            return Decision("cloud", "length", f"length: prompt {n} tokens > {self.max_prompt_tokens}",
+                            float(n), float(self.max_prompt_tokens))
+        if self.max_prompt_nats is not None:
+            nats = model.score(text).nats_per_token
+            if nats > self.max_prompt_nats:
+                return Decision("cloud", "prompt-score", f"prompt score: {nats:.3f} nats/token > "
+                                f"{self.max_prompt_nats:.3f}", nats, self.max_prompt_nats)
+        if self.min_mean_logprob is not None:
+            return None
+        return Decision(self.default, "default", f"default route ({self.default})")
+
+    def metric(self, generation: "Generation") -> float:
+        """The cascade's confidence in a local answer (higher = surer)."""
+        fn = self.uncertainty if callable(self.uncertainty) else _METRICS[self.uncertainty]
+        return float(fn(generation))
+
+    def after(self, generation: "Generation") -> Decision:
+        """The cascade's decision once the local answer exists."""
+        assert self.min_mean_logprob is not None
+        name = self.uncertainty if isinstance(self.uncertainty, str) else "confidence"
+        value = self.metric(generation)
+        if math.isnan(value):  # nothing generated: nothing to be unsure about, keep it
+            return Decision("local", "uncertainty", f"uncertainty: empty local answer kept")
+        if value < self.min_mean_logprob:
+            return Decision("cloud", "uncertainty", f"uncertainty: {name} {value:.3f} < {self.min_mean_logprob:.3f}",
+                            value, self.min_mean_logprob)
+        return Decision("local", "uncertainty", f"uncertainty: {name} {value:.3f} >= {self.min_mean_logprob:.3f}",
+                        value, self.min_mean_logprob)
+
+    # --- calibration -------------------------------------------------------------------------------
+    def calibrate(self, prompts: Sequence[str], target_cloud_share: float, *, signal: str = "uncertainty",
+                  model: "Model | None" = None, **generate_kwargs: Any) -> CalibrationReport:
+        """Set one threshold so that ``target_cloud_share`` of ``prompts`` (a sample of real traffic) goes to
+        the cloud, and report the split that results, rules and context checks included.
+
+        ``signal`` is ``"uncertainty"`` (generates each prompt locally with ``generate_kwargs``; sets
+        ``min_mean_logprob``), ``"prompt-score"`` (sets ``max_prompt_nats``) or ``"length"`` (sets
+        ``max_prompt_tokens``). Prompts that other checks already send to the cloud count toward the share.
+        Runs only on the local model: nothing is sent.
+        """
+        model = model or self._model
+        if model is None:
+            raise InvalidArgumentError("calibrate needs the local model.",
+                                       hint="Pass model=edgelm.load(...), or call it on hybrid.router.")
+        if signal not in ("uncertainty", "prompt-score", "length"):
+            raise InvalidArgumentError(f"signal must be 'uncertainty', 'prompt-score' or 'length', got {signal!r}.")
+        if not isinstance(target_cloud_share, (int, float)) or not 0.0 <= target_cloud_share <= 1.0:
+            raise InvalidArgumentError(f"target_cloud_share must be in [0, 1], got {target_cloud_share!r}.")
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise InvalidArgumentError("prompts must be a non-empty list of non-empty strings.")
+        max_new = int(generate_kwargs.get("max_new_tokens") or model.generation_config.get("max_new_tokens") or 128)
+
+        # Which prompts do the fixed checks (context, rules, other thresholds) already decide?
+        attr = {"uncertainty": "min_mean_logprob", "prompt-score": "max_prompt_nats",
+                "length": "max_prompt_tokens"}[signal]
+        saved = {a: getattr(self, a) for a in ("min_mean_logprob", "max_prompt_nats", "max_prompt_tokens")}
+        fixed: list[Decision | None] = []
+        values: list[float] = []
+        try:
+            # Score each prompt under the candidate signal only (the other thresholds stay as configured,
+            # except that the cascade is disabled while measuring pre-generation signals).
+            setattr(self, attr, None)
+            if signal != "uncertainty":
+                self.min_mean_logprob = None
+            for p in prompts:
+                fixed.append(self.before(model, p, max_new_tokens=max_new))
+                if signal == "uncertainty":
+                    values.append(self.metric(model.generate(p, **generate_kwargs)))
+                elif signal == "prompt-score":
+                    values.append(model.score(p).nats_per_token)
+                else:
+                    values.append(float(len(model.encode(p))))
+        finally:
+            for a, v in saved.items():
+                setattr(self, a, v)
+
+        # Signal direction: low confidence -> cloud for "uncertainty"; high value -> cloud for the others.
+        sign = -1.0 if signal == "uncertainty" else 1.0
+        already = sum(1 for d in fixed if d is not None and d.target == "cloud" and d.signal != "default")
+        open_idx = [i for i, d in enumerate(fixed) if d is None or d.signal == "default"]
+        want = max(0, round(target_cloud_share * len(prompts)) - already)
+        keyed = sorted((sign * values[i] for i in open_idx if not math.isnan(values[i])), reverse=True)
+        if want <= 0 or not keyed:
+            threshold_key = (keyed[0] if keyed else 0.0) + 1.0   # nothing (more) to the cloud
+        elif want >= len(keyed):
+            threshold_key = keyed[-1] - 1e-9 if keyed[-1] != 0 else -1e-9
+        else:
+            # Midway between the last value sent and the first kept; ties can make the share differ slightly.
+            threshold_key = (keyed[want - 1] + keyed[want]) / 2
+        threshold = sign * threshold_key
+        if signal == "length":
+            threshold = math.floor(threshold)
+        setattr(self, attr, int(threshold) if signal == "length" else threshold)
+
+        counts: dict[str, int] = {}
+        n_cloud = 0
+        for d, v in zip(fixed, values):
+            if d is None or d.signal == "default":
+                hit = (not math.isnan(v)) and (v < threshold if signal == "uncertainty" else v > threshold)
+                name = signal if (hit or signal == "uncertainty") else (d.signal if d else "default")
+                target = "cloud" if hit else "local"
+            else:
+                name, target = d.signal, d.target
+            counts[name] = counts.get(name, 0) + 1
+            n_cloud += target == "cloud"
+        report = CalibrationReport(signal, float(threshold), float(target_cloud_share), n_cloud / len(prompts),
+                                   counts, values)
+        log.info("calibrated %s", report)
+        return report
+
+
+_METRICS: dict[str, Callable[[Any], float]] = {
+    "mean_logprob": lambda g: g.mean_logprob,
+    "min_logprob": lambda g: min(g.logprobs) if g.logprobs else float("nan"),
+}
+
+
+# --- the hybrid model ------------------------------------------------------------------------------------
+class HybridStream:
+    """Iterator of text pieces from :meth:`Hybrid.stream` / :meth:`Hybrid.chat_stream`; once exhausted,
+    ``result`` holds the :class:`HybridResult` (source, reason, fallback)."""
+
+    def __init__(self, gen: Iterator[str]):
+        self._gen = gen
+        self.result: HybridResult | None = None
+
+    def __iter__(self) -> "HybridStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()  # type: ignore[attr-defined]
+
+
+class Hybrid:
+    """A local :class:`~edgelm.Model` plus an optional :class:`~edgelm.CloudClient`, behind a :class:`Router`,
+    with the model's ``generate`` / ``stream`` / ``chat`` / ``chat_stream`` surface. Results are
+    :class:`HybridResult` (``text``, ``source``, ``reason``, ``fallback``).
+
+    With ``cloud_endpoint="chat"`` (the default) a plain prompt is sent to the cloud as one user message;
+    ``"completions"`` uses the text-completions endpoint instead (for base models served by vLLM, llama.cpp
+    or ``edgelm serve``).
+    """
+
+    def __init__(self, local: "Model", cloud: "CloudClient | None" = None, router: Router | None = None, *,
+                 cloud_endpoint: Literal["chat", "completions"] = "chat"):
+        if local is None or not hasattr(local, "generate"):
+            raise InvalidArgumentError("Hybrid needs a local model (edgelm.load(...)).")
+        if cloud_endpoint not in ("chat", "completions"):
+            raise InvalidArgumentError(f"cloud_endpoint must be 'chat' or 'completions', got {cloud_endpoint!r}.")
+        self.local = local
+        self.cloud = cloud
+        self.router = router if router is not None else Router()
+        if not isinstance(self.router, Router):
+            raise InvalidArgumentError("router must be an edgelm.Router.")
+        self.router._model = local
+        self.cloud_endpoint = cloud_endpoint
+        self.last_result: HybridResult | None = None
+        self.stats = {"local": 0, "cloud": 0, "mixed": 0, "fallbacks": 0}
+        self._stats_lock = threading.Lock()
+
+    # --- the Model surface -------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        return self.local.context_length
+
+    @property
+    def tokenizer(self):
+        return self.local.tokenizer
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.local.encode(text, add_bos=add_bos)
+
+    def score(self, text: str):
+        """Scores with the local model (scoring never leaves the device)."""
+        return self.local.score(text)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.local.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def __repr__(self) -> str:
+        return f"Hybrid(local={self.local!r}, cloud={self.cloud!r}, router={self.router!r})"
+
+    def generate(self, prompt: str, *, prefer: Side | None = None, tags: Sequence[str] = (),
+                 **kwargs: Any) -> HybridResult:
+        """Answer ``prompt`` (text) locally or in the cloud; ``kwargs`` are :meth:`Model.generate`'s options."""
+        _check_prompt(prompt)
+        return self._answer(_Query(prompt, None, prompt, prefer, tuple(tags), kwargs))
+
+    def chat(self, messages: list[dict[str, str]], *, prefer: Side | None = None, tags: Sequence[str] = (),
+             **kwargs: Any) -> HybridResult:
+        """Reply to ``messages``; the cloud receives the (redacted) messages, the local model its chat template."""
+        _check_messages(messages)
+        text = self.local.apply_chat_template(messages)
+        return self._answer(_Query(text, list(messages), _last_user(messages), prefer, tuple(tags), kwargs))
+
+    def stream(self, prompt: str, *, prefer: Side | None = None, tags: Sequence[str] = (),
+               **kwargs: Any) -> HybridStream:
+        """Streaming :meth:`generate`. A cascade has to finish the local answer before deciding, so that answer
+        arrives in one piece; a cloud stream that breaks part-way is finished by the local model."""
+        _check_prompt(prompt)
+        return self._stream(_Query(prompt, None, prompt, prefer, tuple(tags), kwargs))
+
+    def chat_stream(self, messages: list[dict[str, str]], *, prefer: Side | None = None, tags: Sequence[str] = (),
+                    **kwargs: Any) -> HybridStream:
+        """Streaming :meth:`chat`."""
+        _check_messages(messages)
+        text = self.local.apply_chat_template(messages)
+        return self._stream(_Query(text, list(messages), _last_user(messages), prefer, tuple(tags), kwargs))
+
+    # --- internals ---------------------------------------------------------------------------------
+    def _decide(self, q: "_Query") -> Decision | None:
+        if q.prefer is not None and q.prefer not in _SIDES:
+            raise InvalidArgumentError(f"prefer must be 'local', 'cloud' or None, got {q.prefer!r}.")
+        max_new = int(q.kwargs.get("max_new_tokens") or self.local.generation_config.get("max_new_tokens") or 128)
+        return self.router.before(self.local, q.text, max_new_tokens=max_new, prefer=q.prefer, tags=q.tags,
+                                  rule_text=q.rule_text, cloud_available=self.cloud is not None)
+
+    def _budget_ok(self, d: Decision) -> tuple[Decision, str | None]:
+        """Reserve a cloud call, or turn the decision local with the budget as reason."""
+        budget = self.router.budget
+        if budget is None:
+            return d, None
+        why = budget.try_reserve()
+        if why is None:
+            return d, None
+        return Decision("local", "budget", f"{d.reason}; but {why}", d.value, d.threshold), why
+
+    def _local(self, q: "_Query") -> "Generation":
+        return self.local.generate(q.text, **q.kwargs)
+
+    def _cloud_kwargs(self, q: "_Query") -> dict[str, Any]:
+        out = {}
+        for key, cloud_key in _CLOUD_OPTIONS.items():
+            if q.kwargs.get(key) is not None:
+                out[cloud_key] = q.kwargs[key]
+        if "max_tokens" not in out:
+            out["max_tokens"] = int(self.local.generation_config.get("max_new_tokens") or 128)
+        return out
+
+    def _outgoing(self, q: "_Query") -> tuple[list[dict[str, str]] | None, str]:
+        """The redacted messages (chat) or prompt (generate) that may leave the device."""
+        redact = self.router.redact or (lambda s: s)
+        if q.messages is not None:
+            out = []
+            for m in q.messages:
+                content = redact(m["content"])
+                if not isinstance(content, str):
+                    raise InvalidArgumentError("the redact hook must return a string.")
+                out.append({"role": m["role"], "content": content})
+            return out, ""
+        prompt = redact(q.prompt)
+        if not isinstance(prompt, str):
+            raise InvalidArgumentError("the redact hook must return a string.")
+        return None, prompt
+
+    def _call_cloud(self, q: "_Query") -> "CloudReply":
+        assert self.cloud is not None and self.router.allow_cloud  # privacy mode never reaches here
+        messages, prompt = self._outgoing(q)
+        kw = self._cloud_kwargs(q)
+        if messages is not None:
+            reply = self.cloud.chat(messages, **kw)
+        elif self.cloud_endpoint == "completions":
+            reply = self.cloud.complete(prompt, **kw)
+        else:
+            reply = self.cloud.chat([{"role": "user", "content": prompt}], **kw)
+        self._record_tokens(q, reply)
+        return reply
+
+    def _record_tokens(self, q: "_Query", reply: "CloudReply") -> None:
+        if self.router.budget is not None:
+            tokens = reply.total_tokens
+            if tokens is None:  # the server sent no usage: estimate with the local tokenizer
+                tokens = len(self.local.encode(q.text)) + len(self.local.encode(reply.text, add_bos=False))
+            self.router.budget.record_tokens(tokens)
+
+    def _finish(self, r: HybridResult, started: float) -> HybridResult:
+        r.total_time_s = time.perf_counter() - started
+        with self._stats_lock:
+            self.stats[r.source] += 1
+            self.stats["fallbacks"] += r.fallback is not None
+        self.last_result = r
+        log.debug("hybrid answer from %s (%s)%s", r.source, r.signal, " with fallback" if r.fallback else "")
+        return r
+
+    def _answer(self, q: "_Query") -> HybridResult:
+        started = time.perf_counter()
+        d = self._decide(q)
+        gen: Generation | None = None
+        if d is None:  # cascade: answer locally first, then judge the answer
+            gen = self._local(q)
+            d = self.router.after(gen)
+        budget_note = None
+        if d.target == "cloud":
+            d, budget_note = self._budget_ok(d)
+        if d.target == "local":
+            if gen is None:
+                try:
+                    gen = self._local(q)
+                except EdgeLMError as local_exc:
+                    return self._finish(self._rescue(q, d, local_exc, budget_note), started)
+            return self._finish(_local_result(gen, d, None), started)
+        # The cloud should answer.
+        try:
+            reply = self._call_cloud(q)
+        except CloudError as exc:
+            fallback = _cloud_failure(exc)
+            log.info("cloud failed (%s); answering locally", type(exc).__name__)
+            if gen is None:  # no local answer yet (pre-generation decision): make one now
+                try:
+                    gen = self._local(q)
+                except EdgeLMError as local_exc:
+                    raise RoutingError(
+                        f"Neither side could answer: the cloud failed ({fallback}) and the local model refused "
+                        f"({local_exc}).", hint="Shorten the prompt or lower max_new_tokens so it fits the local "
+                        "model, or check the cloud endpoint.") from None
+            return self._finish(_local_result(gen, d, fallback), started)
+        return self._finish(HybridResult(text=reply.text, source="cloud", reason=d.reason, signal=d.signal,
+                                         value=d.value, threshold=d.threshold, finish_reason=reply.finish_reason,
+                                         generation=gen, cloud_reply=reply), started)
+
+    def _rescue(self, q: "_Query", d: Decision, local_exc: EdgeLMError, budget_note: str | None) -> HybridResult:
+        """The local model refused (e.g. the prompt does not fit): try the cloud if policy allows."""
+        if self.cloud is None or not self.router.allow_cloud or budget_note is not None:
+            why = ("no cloud endpoint" if self.cloud is None else "privacy mode" if not self.router.allow_cloud
+                   else budget_note)
+            raise RoutingError(f"Neither side could answer: the local model refused ({local_exc}) and the cloud "
+                               f"is not available ({why}).", hint=local_exc.hint or "") from None
+        d2, note = self._budget_ok(Decision("cloud", "local-failed", f"the local model refused: {local_exc.message}"))
+        if note is not None:
+            raise RoutingError(f"Neither side could answer: the local model refused ({local_exc}) and {note}.",
+                               hint=local_exc.hint or "") from None
+        try:
+            reply = self._call_cloud(q)
+        except CloudError as exc:
+            raise RoutingError(f"Neither side could answer: the local model refused ({local_exc}) and the cloud "
+                               f"failed ({_cloud_failure(exc)}).", hint=local_exc.hint or "") from None
+        return HybridResult(text=reply.text, source="cloud", reason=d2.reason, signal=d2.signal,
+                            finish_reason=reply.finish_reason, cloud_reply=reply)
+
+    def _stream(self, q: "_Query") -> HybridStream:
+        d = self._decide(q)  # checked now, so bad arguments raise before the first piece is asked for
+        holder: list[HybridStream] = []
+        s = HybridStream(self._stream_gen(q, d, holder))
+        holder.append(s)
+        return s
+
+    def _stream_gen(self, q: "_Query", d: Decision | None, holder: list[HybridStream]) -> Iterator[str]:
+        started = time.perf_counter()
+        gen: Generation | None = None
+        if d is None:
+            gen = self._local(q)
+            d = self.router.after(gen)
+        budget_note = None
+        if d.target == "cloud":
+            d, budget_note = self._budget_ok(d)
+        if d.target == "local":
+            if gen is not None:  # the cascade kept its answer: hand it over
+                if gen.text:
+                    yield gen.text
+            else:
+                ts = self.local.stream(q.text, **q.kwargs)
+                yield from ts
+                gen = ts.generation
+            holder[0].result = self._finish(_local_result(gen, d, None), started) if gen is not None else None
+            return
+        messages, prompt = self._outgoing(q)
+        kw = self._cloud_kwargs(q)
+        given: list[str] = []
+        try:
+            if messages is not None:
+                cs = self.cloud.stream(messages, **kw)
+            elif self.cloud_endpoint == "completions":
+                cs = self.cloud.stream_complete(prompt, **kw)
+            else:
+                cs = self.cloud.stream([{"role": "user", "content": prompt}], **kw)
+            for piece in cs:
+                given.append(piece)
+                yield piece
+            reply = cs.reply
+            self._record_tokens(q, reply)
+            holder[0].result = self._finish(HybridResult(
+                text=reply.text, source="cloud", reason=d.reason, signal=d.signal, value=d.value,
+                threshold=d.threshold, finish_reason=reply.finish_reason, generation=gen, cloud_reply=reply), started)
+            return
+        except CloudError as exc:
+            fallback = _cloud_failure(exc)
+        if not given:  # nothing shown yet: the local answer stands in whole
+            if gen is not None:
+                if gen.text:
+                    yield gen.text
+            else:
+                ts = self.local.stream(q.text, **q.kwargs)
+                yield from ts
+                gen = ts.generation
+            if gen is not None:
+                holder[0].result = self._finish(_local_result(gen, d, fallback), started)
+            return
+        # Part of the cloud answer is already on the user's screen: the local model continues it.
+        partial = "".join(given)
+        kwargs = dict(q.kwargs)
+        kwargs["truncate"] = "left"
+        ts = self.local.stream(q.text + partial, **kwargs)
+        rest = []
+        for piece in ts:
+            rest.append(piece)
+            yield piece
+        g2 = ts.generation
+        holder[0].result = self._finish(HybridResult(
+            text=partial + "".join(rest), source="mixed", reason=d.reason, signal=d.signal, value=d.value,
+            threshold=d.threshold, fallback=f"{fallback}; the local model finished the answer after "
+                                            f"{len(partial)} characters from the cloud",
+            finish_reason=g2.finish_reason if g2 else None, generation=g2), started)
+
+
+@dataclass(frozen=True)
+class _Query:
+    text: str                              # what the local model sees (prompt, or the rendered chat template)
+    messages: list[dict[str, str]] | None  # chat messages (None for a plain prompt)
+    rule_text: str                         # what rules look at: the prompt, or the last user message
+    prefer: Side | None
+    tags: tuple[str, ...]
+    kwargs: dict[str, Any]
+
+    @property
+    def prompt(self) -> str:
+        return self.text
+
+
+def _local_result(gen: "Generation", d: Decision, fallback: str | None) -> HybridResult:
+    return HybridResult(text=gen.text, source="local", reason=d.reason, signal=d.signal, value=d.value,
+                        threshold=d.threshold, fallback=fallback, finish_reason=gen.finish_reason, generation=gen)
+
+
+def _cloud_failure(exc: CloudError) -> str:
+    """A short, key-free reason for a cloud failure (the CloudClient already keeps the key out)."""
+    from edgelm.errors import CloudHTTPError, CloudResponseError, CloudTimeoutError
+    if isinstance(exc, CloudTimeoutError):
+        kind = "cloud timed out"
+    elif isinstance(exc, CloudHTTPError):
+        kind = "cloud rate-limited" if exc.status_code == 429 else f"cloud HTTP {exc.status_code}"
+    elif isinstance(exc, CloudResponseError):
+        kind = "cloud answer malformed"
+    else:
+        kind = "cloud unreachable"
+    return f"{kind}: {exc.message}"
+
+
+def _check_prompt(prompt: Any) -> None:
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidArgumentError("Hybrid prompts must be non-empty strings.",
+                                   hint="Token-id prompts cannot be sent to a cloud model; pass text.")
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise InvalidArgumentError("messages must be a non-empty list of {'role': str, 'content': str}.")
+
+
+def _last_user(messages: list[dict[str, str]]) -> str:
+    for m in reversed(messages):
+        if m["role"] == "user":
+            return m["content"]
+    return messages[-1]["content"]
+
+
+# --- command line -------------------------------------------------------------------------------------------
+def add_cli_arguments(parser) -> None:
+    """Add ``--cloud-url``, ``--cloud-model``, ``--route`` and ``--cloud-threshold`` to a subcommand."""
+    g = parser.add_argument_group("hybrid (optional hand-off to a larger model)")
+    g.add_argument("--cloud-url", metavar="URL", default=None,
+                   help="an OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (key from "
+                        "EDGELM_CLOUD_API_KEY or OPENAI_API_KEY)")
+    g.add_argument("--cloud-model", metavar="NAME", default=None, help="model name to request from the cloud")
+    g.add_argument("--route", choices=("auto", "local", "cloud"), default="auto",
+                   help="auto: the router decides; local: never send; cloud: always send (local on failure)")
+    g.add_argument("--cloud-threshold", metavar="NATS", type=float, default=None,
+                   help="with --route auto: escalate when the local answer's mean token log-probability is "
+                        "below this (e.g. -2.0); without it only prompts too long for the local model go out")
+    g.add_argument("--cloud-timeout", metavar="S", type=float, default=60.0, help="cloud timeout in seconds")
+
+
+def from_cli_args(model: "Model", args) -> "Model | Hybrid":
+    """Wrap ``model`` in a :class:`Hybrid` as the CLI options ask; returns ``model`` unchanged without
+    ``--cloud-url`` (and ``--route`` auto/local). Raises InvalidArgumentError for ``--route cloud`` alone."""
+    url = getattr(args, "cloud_url", None)
+    route = getattr(args, "route", "auto") or "auto"
+    if url is None:
+        if route == "cloud":
+            raise InvalidArgumentError("--route cloud needs --cloud-url.",
+                                       hint="e.g. --cloud-url http://127.0.0.1:8000/v1")
+        return model
+    from edgelm.cloud import CloudClient
+    cloud = CloudClient(url, model=getattr(args, "cloud_model", None), timeout=getattr(args, "cloud_timeout", 60.0))
+    router = Router(allow_cloud=route != "local", default="cloud" if route == "cloud" else "local",
+                    min_mean_logprob=getattr(args, "cloud_threshold", None) if route == "auto" else None)
+    return Hybrid(model, cloud, router)
+
+
+__all__ = ["Hybrid", "HybridResult", "HybridStream", "Router", "Rule", "Budget", "Decision", "CalibrationReport",
+           "add_cli_arguments", "from_cli_args"]
