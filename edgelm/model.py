@@ -394,7 +394,11 @@ class Model:
 
         t_start = time.perf_counter()
         run, raw = self._forward_fn()
-        wrap = (lambda v: v._ortvalue) if raw else (lambda v: v)
+        # A C-level OrtValue does not own the numpy buffer it reads: only its Python wrapper holds a reference.
+        # Keep every wrapper alive until this method returns, or temporaries such as np.asarray([ids]) are freed
+        # before run() and onnxruntime reads garbage (seen as "indices element out of data bounds" in Gather).
+        keep: list = []
+        wrap = (lambda v: (keep.append(v), v._ortvalue)[1]) if raw else (lambda v: v)
         from_numpy = self._OrtValue.ortvalue_from_numpy
         prompt = req.prompt_ids
         n_prompt = len(prompt)
@@ -404,10 +408,14 @@ class Model:
         eos = frozenset() if req.ignore_eos else self.eos_token_ids
 
         # Prefill: the whole prompt in one call, with empty caches.
+        # A C-level OrtValue does not keep its numpy array alive: every array fed below must stay referenced by
+        # a local variable (or by the model) until the call has run.
+        prefill_ids = np.asarray([prompt], dtype=np.int64)
+        prefill_pos = np.arange(n_prompt, dtype=np.int64)[None, :]
         feed = {name: wrap(v) for name, v in self._empty_past.items()}
-        feed["input_ids"] = wrap(from_numpy(np.asarray([prompt], dtype=np.int64)))
+        feed["input_ids"] = wrap(from_numpy(prefill_ids))
         if self._has_pos:
-            feed["position_ids"] = wrap(from_numpy(np.arange(n_prompt, dtype=np.int64)[None, :]))
+            feed["position_ids"] = wrap(from_numpy(prefill_pos))
         ones = self._ones
         if self._has_mask:
             feed["attention_mask"] = wrap(from_numpy(ones[:, :n_prompt]))
@@ -485,13 +493,19 @@ class Model:
         import numpy as np
 
         run, raw = self._forward_fn()
-        wrap = (lambda v: v._ortvalue) if raw else (lambda v: v)
+        # A C-level OrtValue does not own the numpy buffer it reads: only its Python wrapper holds a reference.
+        # Keep every wrapper alive until this method returns, or temporaries such as np.asarray([ids]) are freed
+        # before run() and onnxruntime reads garbage (seen as "indices element out of data bounds" in Gather).
+        keep: list = []
+        wrap = (lambda v: (keep.append(v), v._ortvalue)[1]) if raw else (lambda v: v)
         from_numpy = self._OrtValue.ortvalue_from_numpy
         n = len(ids)
+        ids_arr = np.asarray([ids], dtype=np.int64)        # referenced until run() returns (see _run)
+        pos_arr = np.arange(n, dtype=np.int64)[None, :]
         feed = {name: wrap(v) for name, v in self._empty_past.items()}
-        feed["input_ids"] = wrap(from_numpy(np.asarray([ids], dtype=np.int64)))
+        feed["input_ids"] = wrap(from_numpy(ids_arr))
         if self._has_pos:
-            feed["position_ids"] = wrap(from_numpy(np.arange(n, dtype=np.int64)[None, :]))
+            feed["position_ids"] = wrap(from_numpy(pos_arr))
         if self._has_mask:
             feed["attention_mask"] = wrap(from_numpy(self._ones[:, :n]))
         outs = run(feed)
