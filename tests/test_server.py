@@ -287,12 +287,39 @@ def test_client_disconnect_stops_generation(lm):
             time.sleep(0.02)
         assert engine.stats()["running"] == 0
         assert engine.cancelled == 1, "the hung-up stream should have been stopped between tokens"
+        # The same for a non-streamed request whose client gives up (times out) while it is generating.
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/completions", timeout=0.05,
+                       json={"prompt": PROMPT, "max_tokens": budget, "ignore_eos": True})
+        deadline = time.monotonic() + 30
+        while (engine.stats()["running"] or engine.cancelled < 2) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.cancelled == 2 and engine.stats()["running"] == 0
         # The worker is free again: a full-length generation still completes afterwards.
         ref = lm.generate(PROMPT, max_new_tokens=8, temperature=0)
         r2 = httpx.post(srv.url + "/v1/completions", timeout=60,
                         json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
         assert r2.json()["choices"][0]["text"] == ref.text
         assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.slow
+def test_stream_cut_by_shutdown_ends_with_error_event_and_done(lm):
+    from edgelm.server import BackgroundServer
+    budget = lm.context_length - len(lm.encode(PROMPT)) - 1
+    with BackgroundServer(lm, workers=1) as srv:
+        lines = []
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
+                          json={"prompt": PROMPT, "max_tokens": budget, "stream": True, "ignore_eos": True}) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 2:
+                    srv.state.engine.cancel_all("server shutting down")  # what a shutdown grace timeout does
+        assert lines[-1] == "data: [DONE]"
+        err = json.loads(lines[-2][len("data: "):])["error"]
+        assert err["code"] == "cancelled" and "shutting down" in err["message"]
+        assert len(lines) < budget // 2
 
 
 # --- API key -------------------------------------------------------------------------------------------
