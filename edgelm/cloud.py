@@ -116,7 +116,8 @@ class CloudClient:
 
     Args:
         base_url: the API root, e.g. ``https://api.example.com/v1`` or ``http://127.0.0.1:8000/v1``.
-        model: the model name to request (some servers, like ``edgelm serve``, ignore it).
+        model: the model name to request; None leaves it out, which single-model servers (``edgelm serve``,
+            llama.cpp) answer with their one model. Hosted APIs need it.
         api_key: sent as ``Authorization: Bearer ...``. None reads ``EDGELM_CLOUD_API_KEY``, then
             ``OPENAI_API_KEY``; no key at all sends no Authorization header (fine for local servers).
         timeout: seconds for the whole call, retries and backoff included.
@@ -258,9 +259,10 @@ class CloudClient:
                 raise InvalidArgumentError("each message must be a dict with string 'role' and 'content'.")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise InvalidArgumentError(f"max_tokens must be a positive integer, got {max_tokens!r}.")
-        body: dict[str, Any] = {"model": self.model or "default",
-                                "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        body: dict[str, Any] = {"messages": [{"role": m["role"], "content": m["content"]} for m in messages],
                                 "stream": stream}
+        if self.model:  # no model name: the server's default (single-model servers such as `edgelm serve`)
+            body = {"model": self.model, **body}
         for key, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
                            ("seed", seed)):
             if value is not None:

@@ -427,6 +427,12 @@ class HybridStream:
     def __next__(self) -> str:
         return next(self._gen)
 
+    @property
+    def generation(self) -> "Generation | None":
+        """The local Generation when the local model gave the answer (as ``TextStream.generation``)."""
+        r = self.result
+        return r.generation if r is not None and r.source == "local" else None
+
     def close(self) -> None:
         self._gen.close()  # type: ignore[attr-defined]
 
@@ -466,6 +472,19 @@ class Hybrid:
     @property
     def tokenizer(self):
         return self.local.tokenizer
+
+    # Pass-throughs so a Hybrid can stand wherever a Model is used (the CLI's generate/chat, a server).
+    @property
+    def generation_config(self) -> dict[str, Any]:
+        return self.local.generation_config
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.local.config
+
+    @property
+    def path(self):
+        return self.local.path
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return self.local.encode(text, add_bos=add_bos)
