@@ -1,0 +1,207 @@
+"""Where does each decoded token's time go in edgelm? Three views of one model folder.
+
+    python benchmarks/profile_decode.py MODEL_DIR [--threads 2] [--new-tokens 128] [--json FILE]
+
+1. **split**: the real ``Model.generate`` loop with its ``run`` function wrapped by a timer (the runtime is
+   not edited: ``Model._forward_fn`` is wrapped for this process only). Per decode token: time inside
+   ``session.run`` versus the Python around it (sampling, log-probability, detokenizing, feeding).
+2. **ops**: onnxruntime's own profiler over the same graph's decode steps, kernel time summed by operator
+   type, so the share of the weight MatMuls versus everything else (attention glue, norms, KV concat) shows.
+3. **options**: decode tokens/s through ``generate`` with the session rebuilt under other session options
+   (thread count, spin-waiting), to test tuning ideas on the real loop.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _prompt(lm, n: int) -> list[int]:
+    from edgelm.bench import prompt_ids
+
+    return prompt_ids(lm.tokenizer, n, lm.config.get("bos_token_id"))
+
+
+def split(lm, prompt: list[int], new_tokens: int, repeat: int = 3) -> dict[str, Any]:
+    """Per-token time inside run() and outside it, measured on the runtime's own decode loop."""
+    calls: list[float] = []
+    original = type(lm)._forward_fn
+
+    def timed_forward_fn(self):
+        run, raw = original(self)
+
+        def timed(feed):
+            t = time.perf_counter()
+            out = run(feed)
+            calls.append(time.perf_counter() - t)
+            return out
+        return timed, raw
+
+    lm._forward_fn = timed_forward_fn.__get__(lm)  # this instance only
+    try:
+        lm.generate(prompt, max_new_tokens=new_tokens, temperature=0, ignore_eos=True)  # warm-up
+        rows = []
+        for _ in range(repeat):
+            calls.clear()
+            g = lm.generate(prompt, max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+            decode_calls = calls[1:]  # calls[0] is the prefill
+            per_token = 1.0 / g.decode_tokens_per_s
+            in_run = statistics.median(decode_calls)
+            rows.append({"per_token_ms": per_token * 1e3, "in_run_ms": in_run * 1e3,
+                         "mean_in_run_ms": sum(decode_calls) / len(decode_calls) * 1e3,
+                         "outside_run_ms": (per_token - sum(decode_calls) / len(decode_calls)) * 1e3,
+                         "prefill_run_ms": calls[0] * 1e3, "ttft_ms": g.time_to_first_token_s * 1e3})
+    finally:
+        del lm._forward_fn
+    best = min(rows, key=lambda r: r["per_token_ms"])  # least disturbed by neighbours
+    return {"runs": rows, "best": best}
+
+
+def op_profile(onnx_path: str, cfg: dict[str, Any], threads: int, prompt_len: int, steps: int) -> dict[str, Any]:
+    """Kernel time per operator type over ``steps`` decode calls (onnxruntime's profiler), past = prompt_len."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_profiling = True
+    tmp = tempfile.mkdtemp(prefix="edgelm-prof-")
+    so.profile_file_prefix = os.path.join(tmp, "prof")
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in sess.get_inputs()}
+    kv, hd = cfg["num_kv_heads"], cfg["head_dim"]
+    feed: dict[str, np.ndarray] = {"input_ids": np.array([[5]], dtype=np.int64)}
+    if "attention_mask" in inputs:
+        feed["attention_mask"] = np.ones((1, prompt_len + 1), dtype=np.int64)
+    if "position_ids" in inputs:
+        feed["position_ids"] = np.array([[prompt_len]], dtype=np.int64)
+    for name in inputs:
+        if name.startswith("past_key_values"):
+            feed[name] = np.random.default_rng(0).standard_normal((1, kv, prompt_len, hd)).astype(np.float32)
+    nodes_after_optimisation = None
+    for _ in range(3):
+        sess.run(None, feed)
+    t = time.perf_counter()
+    for _ in range(steps):
+        sess.run(None, feed)
+    wall = (time.perf_counter() - t) / steps
+    trace = sess.end_profiling()
+    with open(trace) as f:
+        events = json.load(f)
+    by_op: dict[str, float] = collections.defaultdict(float)
+    node_names = set()
+    model_run_us = []
+    for ev in events:
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+            by_op[ev["args"].get("op_name", "?")] += ev["dur"]
+            node_names.add(ev["name"])
+        elif ev.get("cat") == "Session" and ev.get("name") == "model_run":
+            model_run_us.append(ev["dur"])
+    nodes_after_optimisation = len(node_names)
+    runs = len(model_run_us)
+    total = sum(by_op.values())
+    for p in glob.glob(os.path.join(tmp, "*")):
+        os.remove(p)
+    os.rmdir(tmp)
+    return {
+        "steps": steps, "past": prompt_len, "wall_ms_per_step_profiled": wall * 1e3,
+        "model_run_ms": statistics.median(model_run_us) / 1e3 if model_run_us else None,
+        "kernel_ms_per_step": total / max(runs, 1) / 1e3,
+        "nodes_executed": nodes_after_optimisation,
+        "by_op_ms_per_step": {k: v / max(runs, 1) / 1e3 for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
+        "share": {k: v / total for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
+    }
+
+
+def options(lm, prompt: list[int], new_tokens: int, variants: dict[str, dict[str, Any]], repeat: int = 5
+            ) -> dict[str, dict[str, float]]:
+    """Decode tokens/s through generate() with the session rebuilt per variant (median and best of ``repeat``).
+
+    The variants are interleaved (variant A, B, C, then A, B, C again...) so that a change in the machine's
+    load during the measurement hits all of them alike.
+    """
+    import onnxruntime as ort
+
+    saved = (lm._session, lm._c_session)
+    sessions = {}
+    for name, v in variants.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = v.get("threads", lm.threads)
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        for key, value in v.get("config", {}).items():
+            so.add_session_config_entry(key, value)
+        sessions[name] = ort.InferenceSession(str(lm.folder.onnx_path), so, providers=["CPUExecutionProvider"])
+    speeds: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for r in range(repeat + 1):
+            for name, sess in sessions.items():
+                lm._session, lm._c_session = sess, getattr(sess, "_sess", None)
+                g = lm.generate(prompt, max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+                if r:  # the first round is the warm-up
+                    speeds[name].append(g.decode_tokens_per_s)
+    finally:
+        lm._session, lm._c_session = saved
+    return {name: {"median": statistics.median(v), "best": max(v)} for name, v in speeds.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=50, help="decode steps under onnxruntime's profiler")
+    ap.add_argument("--skip-options", action="store_true")
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args(argv)
+
+    import edgelm
+
+    lm = edgelm.load(args.model, threads=args.threads)
+    prompt = _prompt(lm, args.prompt_tokens)
+    res: dict[str, Any] = {"model": str(Path(args.model).resolve()), "threads": args.threads,
+                           "dtype": lm.config.get("dtype"), "loadavg_1min": os.getloadavg()[0]}
+    res["split"] = split(lm, prompt, args.new_tokens)
+    b = res["split"]["best"]
+    print(f"per decode token {b['per_token_ms']:.3f} ms: inside session.run {b['mean_in_run_ms']:.3f} ms, "
+          f"outside (Python) {b['outside_run_ms']:.3f} ms  [{lm.config.get('dtype')}, {args.threads} threads]")
+    res["ops"] = op_profile(str(lm.folder.onnx_path), lm.config, args.threads, args.prompt_tokens, args.steps)
+    o = res["ops"]
+    print(f"onnxruntime profiler: {o['nodes_executed']} nodes per step, kernels {o['kernel_ms_per_step']:.3f} ms of "
+          f"model_run {o['model_run_ms']:.3f} ms per step")
+    for op, share in list(o["share"].items())[:12]:
+        print(f"  {op:28} {share * 100:5.1f} %  {o['by_op_ms_per_step'][op]:.4f} ms")
+    if not args.skip_options:
+        variants = {
+            "default (runtime as shipped)": {},
+            "1 thread": {"threads": 1},
+            "no spin-wait": {"config": {"session.intra_op.allow_spinning": "0"}},
+            "1 thread, no spin-wait": {"threads": 1, "config": {"session.intra_op.allow_spinning": "0"}},
+        }
+        res["options"] = options(lm, prompt, args.new_tokens, variants)
+        for name, tps in res["options"].items():
+            print(f"  {name:32} {tps['median']:8.1f} decode tok/s median, {tps['best']:8.1f} best")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
