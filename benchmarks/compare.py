@@ -236,6 +236,9 @@ def prepare(models: list[str], engines: list[str], timeout: float = 1800) -> dic
 def _prepare_one(model: str, engine: str, hf: Path, venv: str | None, art: str, timeout: float) -> str:
     out = MODELS_DIR / model / art
     err = out.with_name(art + ".error")
+    if _is_stale(engine, out):  # edgelm's exporter changed since: rebuild
+        shutil.rmtree(out, ignore_errors=True)
+        err.unlink(missing_ok=True)
     if art == "hf" or out.is_dir():
         return "ok"
     if err.is_file():
@@ -258,11 +261,30 @@ def _prepare_one(model: str, engine: str, hf: Path, venv: str | None, art: str, 
     if ok:
         shutil.rmtree(out.with_name(art + ".tmp.cache"), ignore_errors=True)
         tmp.rename(out)
+        if engine.startswith("edgelm-"):
+            out.with_name(art + ".fingerprint").write_text(exporter_fingerprint())
         return f"ok ({time.perf_counter() - t0:.0f} s)"
     shutil.rmtree(tmp, ignore_errors=True)
     reason = "conversion failed: " + _last_error(log)
     err.write_text(reason, encoding="utf-8")
     return reason
+
+
+def exporter_fingerprint() -> str:
+    """Hash of edgelm's exporter sources: an edgelm artifact made by another exporter version is stale."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted((ROOT / "export").rglob("*.py")) + [ROOT / "edgelm" / "folder.py"]:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _is_stale(engine: str, out: Path) -> bool:
+    if not engine.startswith("edgelm-"):
+        return False
+    stamp = out.with_name(out.name + ".fingerprint")
+    return not stamp.is_file() or stamp.read_text().strip() != exporter_fingerprint()
 
 
 def artifact_status(model: str, engine: str) -> str:
@@ -272,7 +294,7 @@ def artifact_status(model: str, engine: str) -> str:
         return f"not installed: no virtual environment {VENVS_DIR / str(venv)} (run: compare.py setup)"
     out = MODELS_DIR / model / art
     if out.is_dir():
-        return "ok"
+        return "stale: made by an older exporter (run: compare.py prepare)" if _is_stale(engine, out) else "ok"
     err = out.with_name(art + ".error")
     if err.is_file():
         return err.read_text(encoding="utf-8")
@@ -459,6 +481,11 @@ def _agg(values: list[float]) -> dict[str, float] | None:
 def compare(models: list[str], engines: list[str], repeat: int, prompt_tokens: int, new_tokens: int,
             threads: int, timeout: float, ceiling: dict[str, Any] | None) -> dict[str, Any]:
     prompt = prompt_ids(prompt_tokens)
+    for m in models:  # edgelm's own files follow the exporter in this checkout: (re)build them when stale
+        if (MODELS_DIR / m / "hf").is_dir():
+            for e in engines:
+                if e.startswith("edgelm-"):
+                    _prepare_one(m, e, MODELS_DIR / m / "hf", *ENGINES[e], timeout=1800)
     status = {m: {e: artifact_status(m, e) for e in engines} for m in models}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {e: [] for e in engines} for m in models}
     for r in range(repeat):
