@@ -156,6 +156,20 @@ def test_length_finish_reason(client, model_id):
     assert got.choices[0].finish_reason == "length" and got.usage.completion_tokens == 3
 
 
+@pytest.mark.slow
+def test_edgelm_cloud_client_can_use_the_server_as_its_cloud(server, lm):
+    """The hybrid router's CloudClient, pointed at `edgelm serve`, gets the model's own answer."""
+    from edgelm.cloud import CloudClient
+    ref = lm.chat(MESSAGES, max_new_tokens=24, temperature=0)
+    cloud = CloudClient(server.url + "/v1", model=None, api_key="unused")
+    try:
+        assert cloud.chat(MESSAGES, max_tokens=24, temperature=0).text == ref.text
+        stream = cloud.stream(MESSAGES, max_tokens=24, temperature=0)
+        assert "".join(stream) == ref.text
+    finally:
+        cloud.close()
+
+
 # --- malformed requests: documented status and OpenAI error body, and the server keeps serving ----------
 def _bad_requests(lm, model_id):
     ctx = lm.context_length
