@@ -188,7 +188,8 @@ class Sampler:
         """
         s = self.settings
         v = logits.shape[-1]
-        inv_t = 1.0 / s.temperature
+        # Below 1e-6 a temperature is greedy in all but name; clamping keeps exp() finite in float32.
+        inv_t = 1.0 / max(s.temperature, 1e-6)
         k = s.top_k if 0 < s.top_k < v else v
         if k == v and s.top_p >= 1.0:
             # No truncation by rank: weight the whole vocabulary, no sort needed.

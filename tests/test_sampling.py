@@ -133,3 +133,15 @@ def test_log_softmax_at_matches_direct_formula():
     direct = np.log(np.exp(logits.astype(np.float64)) / np.exp(logits.astype(np.float64)).sum())
     for i in (0, 7, 49):
         assert log_softmax_at(logits, i) == pytest.approx(direct[i], abs=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-8, 1e-3])
+def test_tiny_temperature_is_finite_and_picks_the_best(temperature):
+    import warnings
+
+    logits = np.random.default_rng(2).normal(size=512).astype(np.float32) * 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow / invalid-value warnings
+        for kw in (dict(), dict(top_p=0.9), dict(top_k=5)):
+            s = Sampler(resolve_settings({}, temperature=temperature, seed=0, **kw), 512)
+            assert s(logits) == int(np.argmax(logits))
