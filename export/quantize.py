@@ -1,2 +1,180 @@
-"""Weight quantization of the exported graph (filled in below)."""
+"""Weight quantization of an exported graph.
+
+Methods (``edgelm export --quantize``):
+
+* ``int8`` (default) -- weight-only int8: every weight MatMul becomes onnxruntime's ``MatMulNBits`` (bits=8,
+  symmetric, one fp32 scale per block of ``BLOCK_SIZE`` input features). Activations stay fp32. This is the
+  fastest decode on the CPUs we measured (docs/export.md has the numbers) because a decode step is bound by
+  reading the weights, and MatMulNBits reads a quarter of the bytes without quantizing activations.
+* ``int8-dynamic`` -- onnxruntime's ``quantize_dynamic`` (MatMulInteger, per-tensor int8 weights, activations
+  quantized on the fly): faster prefill, slower decode.
+* ``int4`` -- MatMulNBits with bits=4 and blocks of 32 (smallest file, largest quality loss).
+
+The token embedding table (a Gather, not a MatMul) is stored int8 with one scale per row and de-quantized
+for the gathered rows only, unless ``keep_fp32`` names "embeddings". ``keep_fp32`` "lm_head" leaves the output
+projection fp32. Our graphs always carry the LM head as its own [hidden, vocab] initializer (never
+Transpose(embedding)), so tied models do not fall into the de-quantize-the-whole-table-per-token trap.
+"""
 from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+BLOCK_SIZE = {8: 32, 4: 32}
+# MatMulNBits accuracy_level: 0 = fp32 compute on de-quantized weights; 4 = activations quantized to int8 per
+# block inside the kernel (VNNI dot products). For bits=8, level 0 took a slow de-quantize-everything path in
+# onnxruntime 1.32 (~60x slower decode); level 4 is the fast kernel. Measured: docs/export.md.
+ACCURACY_LEVEL = 4
+LM_HEAD_WEIGHT = "lm_head.weight"
+EMBEDDING_WEIGHTS = ("embed_tokens.weight", "wte.weight")
+
+
+def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric block-wise quantization of a MatMul weight ``w`` [K, N] into MatMulNBits' layout.
+
+    Returns (B uint8 [N, n_blocks, block * bits / 8], scales float32 [N * n_blocks]). No zero points are
+    stored: MatMulNBits then uses 2**(bits-1) (128 for int8, 8 for int4), i.e. w ~= (q - 2**(bits-1)) * scale.
+    K is zero-padded up to a multiple of ``block``.
+    """
+    k, n = w.shape
+    n_blocks = -(-k // block)
+    pad = n_blocks * block - k
+    wt = np.ascontiguousarray(w.T.astype(np.float32))  # [N, K]
+    if pad:
+        wt = np.concatenate([wt, np.zeros((n, pad), np.float32)], axis=1)
+    wb = wt.reshape(n, n_blocks, block)
+    qmax = 2 ** (bits - 1) - 1  # 127 / 7: symmetric, so -qmax..qmax
+    amax = np.abs(wb).max(axis=-1, keepdims=True)
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    q = np.clip(np.rint(wb / scale), -qmax, qmax).astype(np.int32) + 2 ** (bits - 1)
+    q = q.astype(np.uint8)
+    if bits == 4:  # two values per byte, the first in the low nibble
+        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(q), scale.reshape(-1)
+
+
+def dequantize_blocks(b: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """Inverse of :func:`quantize_blocks` (used by tests and the error report): returns w [K, N]."""
+    n, n_blocks, _ = b.shape
+    if bits == 4:
+        q = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, n_blocks, -1)
+    else:
+        q = b
+    w = (q.astype(np.float32) - 2 ** (bits - 1)) * scales.reshape(n, n_blocks, 1)
+    return w.reshape(n, -1)[:, :k].T
+
+
+def _initializers(model: Any) -> dict[str, Any]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _consumers(model: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _weight_only(model: Any, bits: int, keep: Iterable[str]) -> dict[str, Any]:
+    """Replace weight MatMuls by MatMulNBits in place; returns what was done."""
+    from onnx import helper, numpy_helper
+
+    keep = set(keep)
+    inits = _initializers(model)
+    uses = _consumers(model)
+    block = BLOCK_SIZE[bits]
+    new_nodes, drop, done = [], set(), 0
+    for node in model.graph.node:
+        w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+        w = inits.get(w_name) if w_name else None
+        if (w is None or len(w.dims) != 2 or uses.get(w_name, 0) != 1
+                or ("lm_head" in keep and w_name == LM_HEAD_WEIGHT)):
+            new_nodes.append(node)
+            continue
+        arr = numpy_helper.to_array(w)
+        k, n = arr.shape
+        b, scales = quantize_blocks(arr, bits, block)
+        b_name, s_name = f"{w_name}.q{bits}", f"{w_name}.scales"
+        model.graph.initializer.extend([numpy_helper.from_array(b, b_name), numpy_helper.from_array(scales, s_name)])
+        drop.add(w_name)
+        new_nodes.append(helper.make_node("MatMulNBits", [node.input[0], b_name, s_name], list(node.output),
+                                          name=node.name, domain="com.microsoft", K=k, N=n, bits=bits,
+                                          block_size=block, accuracy_level=ACCURACY_LEVEL))
+        done += 1
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    _drop_initializers(model, drop)
+    return {"matmuls": done, "block_size": block, "accuracy_level": ACCURACY_LEVEL}
+
+
+def _quantize_embeddings(model: Any) -> list[str]:
+    """int8 embedding rows with a per-row scale: Gather(q) -> Cast -> Mul(Gather(scale)). Returns tables done."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = _initializers(model)
+    new_nodes, drop, done = [], set(), []
+    for node in model.graph.node:
+        table = node.input[0] if node.op_type == "Gather" else None
+        if table not in EMBEDDING_WEIGHTS or table not in inits:
+            new_nodes.append(node)
+            continue
+        arr = numpy_helper.to_array(inits[table])
+        amax = np.abs(arr).max(axis=1, keepdims=True)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        q = np.clip(np.rint(arr / scale), -127, 127).astype(np.int8)
+        q_name, s_name = f"{table}.q8", f"{table}.row_scales"
+        model.graph.initializer.extend([numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)])
+        ids, out = node.input[1], node.output[0]
+        rows = helper.make_node("Gather", [q_name, ids], [f"{out}/q_rows"], name=f"{node.name}/q_rows", axis=0)
+        cast = helper.make_node("Cast", [f"{out}/q_rows"], [f"{out}/rows"], name=f"{node.name}/cast", to=TensorProto.FLOAT)
+        sc = helper.make_node("Gather", [s_name, ids], [f"{out}/scales"], name=f"{node.name}/scales", axis=0)
+        mul = helper.make_node("Mul", [f"{out}/rows", f"{out}/scales"], [out], name=f"{node.name}/dequant")
+        new_nodes += [rows, cast, sc, mul]
+        drop.add(table)
+        done.append(table)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    _drop_initializers(model, drop)
+    return done
+
+
+def _drop_initializers(model: Any, names: set[str]) -> None:
+    keep = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: str = "int8",
+                   keep_fp32: Iterable[str] = ()) -> dict[str, Any]:
+    """Quantize the fp32 graph at ``src`` into ``dst``; returns the settings for the manifest."""
+    import onnx
+    from onnx import helper
+
+    keep = tuple(keep_fp32)
+    src, dst = Path(src), Path(dst)
+    info: dict[str, Any] = {"method": method, "keep_fp32": list(keep), "fp32_bytes": src.stat().st_size}
+    if method == "int8-dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        model = onnx.load(str(src))
+        exclude = [n.name for n in model.graph.node if "lm_head" in keep and LM_HEAD_WEIGHT in n.input]
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude)
+        info.update(dtype="int8", weights="int8 per-tensor, activations int8 at run time (MatMulInteger)")
+    elif method in ("int8", "int4"):
+        bits = 8 if method == "int8" else 4
+        model = onnx.load(str(src))
+        info.update(_weight_only(model, bits, keep))
+        info["embeddings"] = [] if "embeddings" in keep else _quantize_embeddings(model)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        onnx.save_model(model, str(dst))
+        info.update(dtype=method, weights=f"int{bits} symmetric, blocks of {info['block_size']} (MatMulNBits), "
+                                          "activations fp32")
+    else:
+        raise ValueError(f"unknown quantization method {method!r}")
+    info["bytes"] = dst.stat().st_size
+    return info
