@@ -237,20 +237,32 @@ class Model:
         if not set(self._output_names) <= outputs:
             raise ModelFormatError(f"{folder.onnx_path} lacks the outputs logits/present.* of docs/model-format.md.",
                                    hint="Re-export the model folder.")
+        # Calling the C session with C-level values skips the wrapper's per-call checks and one Python object per
+        # output per step. Fall back to the public API if a future onnxruntime renames these internals.
+        c_sess = getattr(self._session, "_sess", None)
+        probe = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int64))
+        self._raw = c_sess is not None and hasattr(c_sess, "run_with_ort_values") and hasattr(probe, "_ortvalue")
+        self._OrtValue = ort.OrtValue
+        names = self._output_names
+        if self._raw:
+            self._run_fn = lambda feed: c_sess.run_with_ort_values(feed, names, None)
+        else:
+            session = self._session
+            self._run_fn = lambda feed: session.run_with_ort_values(names, feed)
         # Zero-length caches for a prefill, in the graph's own dtype and head layout; made once and shared.
-        self._empty_past = {}
+        self._empty_arrays = []
+        self._empty_feed: dict[str, Any] = {}
         for name in self._past_names:
             shape = inputs[name].shape
             kv_heads = _config_int(cfg, "num_kv_heads", self.path) if not isinstance(shape[1], int) else shape[1]
             head_dim = _config_int(cfg, "head_dim", self.path) if not isinstance(shape[3], int) else shape[3]
             dtype = np.float16 if "float16" in inputs[name].type else np.float32
-            self._empty_past[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, 0, head_dim), dtype))
-        # A preallocated all-ones mask; each step feeds a view of its first `past + 1` columns.
+            arr = np.zeros((1, kv_heads, 0, head_dim), dtype)
+            self._empty_arrays.append(arr)  # owned here: the values below read it
+            self._empty_feed[name] = self._value(arr)
+        # A preallocated all-ones mask; each step feeds a view of its first `past + 1` columns (see _mask).
         self._ones = np.ones((1, self.context_length), dtype=np.int64)
-        # Calling the C session directly skips per-call Python checks in the wrapper; fall back to the public API
-        # if a future onnxruntime renames the internals.
-        self._c_session = getattr(self._session, "_sess", None)
-        self._OrtValue = ort.OrtValue
+        self._mask_cache: list[Any] = [None] * (self.context_length + 1)
 
     def __repr__(self) -> str:
         return (f"Model({str(self.path)!r}, {self.config.get('model_type')}, {self.num_layers} layers, "
@@ -369,37 +381,42 @@ class Model:
         return {**kwargs, "stop": list(validate_stop(kwargs.get("stop"))) + [FALLBACK_STOP]}
 
     # --- the decode loop ----------------------------------------------------------------------------------
-    def _forward_fn(self):
-        """A function ``run(feed: dict[str, OrtValue]) -> list[OrtValue]`` (logits first, then present.*)."""
-        names = self._output_names
-        c_sess = self._c_session
-        if c_sess is not None and hasattr(c_sess, "run_with_ort_values") and \
-                all(hasattr(v, "_ortvalue") for v in self._empty_past.values()):
-            # C-level values in and out: no wrapper objects per output per step.
-            def run(feed):
-                return c_sess.run_with_ort_values(feed, names, None)
-            return run, True
-        session = self._session
+    def _value(self, array: "np.ndarray") -> Any:
+        """An onnxruntime value reading ``array``'s memory (no copy).
 
-        def run_public(feed):
-            return session.run_with_ort_values(names, feed)
-        return run_public, False
+        On the fast path this is the C-level value, which does NOT keep ``array`` alive (only the Python
+        ``OrtValue`` wrapper does): the caller must hold a reference to ``array`` until ``run`` has returned.
+        """
+        v = self._OrtValue.ortvalue_from_numpy(array)
+        return v._ortvalue if self._raw else v
+
+    def _mask(self, n: int) -> Any:
+        """The all-ones attention mask of length ``n`` as an onnxruntime value, made once per length and kept:
+        it views ``self._ones``, which lives as long as the model, so the decode loop allocates nothing here."""
+        v = self._mask_cache[n]
+        if v is None:
+            v = self._mask_cache[n] = self._value(self._ones[:, :n])
+        return v
+
+    def _prefill_feed(self, ids_arr: "np.ndarray", pos_arr: "np.ndarray") -> dict[str, Any]:
+        """Inputs for a call over ``ids_arr`` with empty caches. Keep both arrays referenced until it has run."""
+        feed = dict(self._empty_feed)
+        feed["input_ids"] = self._value(ids_arr)
+        if self._has_pos:
+            feed["position_ids"] = self._value(pos_arr)
+        if self._has_mask:
+            feed["attention_mask"] = self._mask(ids_arr.shape[1])
+        return feed
 
     def _run(self, req: _Request) -> Iterator[str]:
         """Generator of text pieces; returns (StopIteration.value) the Generation."""
         import numpy as np
 
-        from edgelm.sampling import Sampler, log_softmax_at
+        from edgelm.sampling import Sampler
         from edgelm.tokenizer import StopMatcher, StreamingDetokenizer
 
         t_start = time.perf_counter()
-        run, raw = self._forward_fn()
-        # A C-level OrtValue does not own the numpy buffer it reads: only its Python wrapper holds a reference.
-        # Keep every wrapper alive until this method returns, or temporaries such as np.asarray([ids]) are freed
-        # before run() and onnxruntime reads garbage (seen as "indices element out of data bounds" in Gather).
-        keep: list = []
-        wrap = (lambda v: (keep.append(v), v._ortvalue)[1]) if raw else (lambda v: v)
-        from_numpy = self._OrtValue.ortvalue_from_numpy
+        run = self._run_fn
         prompt = req.prompt_ids
         n_prompt = len(prompt)
         sampler = Sampler(req.settings, self.vocab_size, seen=prompt)
@@ -407,30 +424,25 @@ class Model:
         matcher = StopMatcher(req.stops)
         eos = frozenset() if req.ignore_eos else self.eos_token_ids
 
-        # Prefill: the whole prompt in one call, with empty caches.
-        # A C-level OrtValue does not keep its numpy array alive: every array fed below must stay referenced by
-        # a local variable (or by the model) until the call has run.
+        # Prefill: the whole prompt in one call, with empty caches. The arrays are locals of this generator, so
+        # they outlive every call that reads them.
         prefill_ids = np.asarray([prompt], dtype=np.int64)
         prefill_pos = np.arange(n_prompt, dtype=np.int64)[None, :]
-        feed = {name: wrap(v) for name, v in self._empty_past.items()}
-        feed["input_ids"] = wrap(from_numpy(prefill_ids))
-        if self._has_pos:
-            feed["position_ids"] = wrap(from_numpy(prefill_pos))
-        ones = self._ones
-        if self._has_mask:
-            feed["attention_mask"] = wrap(from_numpy(ones[:, :n_prompt]))
+        feed = self._prefill_feed(prefill_ids, prefill_pos)
         outs = run(feed)
         logits = outs[0].numpy()[0, -1]
 
-        # Decode buffers: written in place each step; onnxruntime reads them through the same OrtValues.
+        # Decode inputs: buffers written in place each step; onnxruntime reads them through the same values.
         tok_buf = np.zeros((1, 1), dtype=np.int64)
         pos_buf = np.zeros((1, 1), dtype=np.int64)
-        feed["input_ids"] = wrap(from_numpy(tok_buf))
+        feed["input_ids"] = self._value(tok_buf)
         if self._has_pos:
-            feed["position_ids"] = wrap(from_numpy(pos_buf))
+            feed["position_ids"] = self._value(pos_buf)
         past_names = self._past_names
         n_past = len(past_names)
         has_mask = self._has_mask
+        mask = self._mask
+        step = sampler.step
 
         tokens: list[int] = []
         logprobs: list[float] = []
@@ -439,8 +451,8 @@ class Model:
         t_first = 0.0
         max_new = req.max_new_tokens
         while True:
-            tok = sampler(logits)
-            logprobs.append(log_softmax_at(logits, tok))
+            tok, lp = step(logits)
+            logprobs.append(lp)
             tokens.append(tok)
             if not t_first:
                 t_first = time.perf_counter()
@@ -464,7 +476,7 @@ class Model:
             tok_buf[0, 0] = tok
             pos_buf[0, 0] = pos
             if has_mask:
-                feed["attention_mask"] = wrap(from_numpy(ones[:, :pos + 1]))
+                feed["attention_mask"] = mask(pos + 1)
             for i in range(n_past):
                 feed[past_names[i]] = outs[i + 1]
             outs = run(feed)
@@ -492,23 +504,9 @@ class Model:
         """Logits ``[len(ids), vocab]`` of one prefill call over ``ids`` (no cache)."""
         import numpy as np
 
-        run, raw = self._forward_fn()
-        # A C-level OrtValue does not own the numpy buffer it reads: only its Python wrapper holds a reference.
-        # Keep every wrapper alive until this method returns, or temporaries such as np.asarray([ids]) are freed
-        # before run() and onnxruntime reads garbage (seen as "indices element out of data bounds" in Gather).
-        keep: list = []
-        wrap = (lambda v: (keep.append(v), v._ortvalue)[1]) if raw else (lambda v: v)
-        from_numpy = self._OrtValue.ortvalue_from_numpy
-        n = len(ids)
-        ids_arr = np.asarray([ids], dtype=np.int64)        # referenced until run() returns (see _run)
-        pos_arr = np.arange(n, dtype=np.int64)[None, :]
-        feed = {name: wrap(v) for name, v in self._empty_past.items()}
-        feed["input_ids"] = wrap(from_numpy(ids_arr))
-        if self._has_pos:
-            feed["position_ids"] = wrap(from_numpy(pos_arr))
-        if self._has_mask:
-            feed["attention_mask"] = wrap(from_numpy(self._ones[:, :n]))
-        outs = run(feed)
+        ids_arr = np.asarray([ids], dtype=np.int64)  # both referenced until run() returns (see _value)
+        pos_arr = np.arange(len(ids), dtype=np.int64)[None, :]
+        outs = self._run_fn(self._prefill_feed(ids_arr, pos_arr))
         # Copy while `outs` is alive: the numpy view shares onnxruntime's output buffer.
         return np.array(outs[0].numpy()[0], copy=True)
 

@@ -161,10 +161,21 @@ class Sampler:
         out[self._seen_ids] = np.where(vals > 0, vals / rp, vals * rp)
         return out
 
+    def step(self, logits: np.ndarray) -> tuple[int, float]:
+        """The next token and its log-probability under the unmodified ``logits`` (what the decode loop calls).
+
+        Greedy without a penalty reuses the arg-max as the max of the log-softmax: one reduction less per token.
+        """
+        if self.settings.greedy and not self._penalise:
+            tok = int(logits.argmax())
+            return tok, -math.log(float(np.exp(logits - logits[tok]).sum()))
+        tok = self(logits)
+        return tok, log_softmax_at(logits, tok)
+
     def __call__(self, logits: np.ndarray) -> int:
         logits = self.penalised(logits)
         if self.settings.greedy:
-            return int(np.argmax(logits))
+            return int(logits.argmax())
         ids, cum, n = self._prefix(logits)
         # Inverse-CDF draw over the first n candidates (cum is their running, unnormalised weight).
         j = int(np.searchsorted(cum, self.rng.random() * cum[n - 1], side="right"))

@@ -145,3 +145,14 @@ def test_tiny_temperature_is_finite_and_picks_the_best(temperature):
         for kw in (dict(), dict(top_p=0.9), dict(top_k=5)):
             s = Sampler(resolve_settings({}, temperature=temperature, seed=0, **kw), 512)
             assert s(logits) == int(np.argmax(logits))
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=0, repetition_penalty=1.5),
+                                dict(temperature=0.7, top_k=5, seed=1)])
+def test_step_returns_the_token_and_its_unmodified_logprob(kw):
+    logits = np.random.default_rng(9).normal(size=128).astype(np.float32) * 4
+    a = Sampler(resolve_settings({}, **kw), 128, seen=[int(np.argmax(logits))])
+    b = Sampler(resolve_settings({}, **kw), 128, seen=[int(np.argmax(logits))])
+    tok, lp = a.step(logits)
+    assert tok == b(logits)
+    assert lp == pytest.approx(log_softmax_at(logits, tok), abs=1e-5)
