@@ -913,7 +913,9 @@ class BackgroundServer:
         sock = _bind(self.host, self.port)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{host}:{sock.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level=self.log_level, lifespan="on"))
+        # log_config=None: leave the host program's logging alone (uvicorn's records propagate to the root logger).
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level=self.log_level, lifespan="on",
+                                                     log_config=None))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
                                         name="edgelm-server", daemon=True)
         self._thread.start()

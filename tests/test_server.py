@@ -363,5 +363,5 @@ def test_api_key_required_and_never_logged(lm, caplog, capfd):
             bad.models.list()
     out, err = capfd.readouterr()
     logs = caplog.text + out + err
-    assert "POST /v1/chat/completions" in logs or "chatcmpl-" in logs, "the test should have captured request logs"
+    assert "POST /v1/chat/completions" in logs and "chatcmpl-" in logs, "the test should have captured request logs"
     assert key not in logs and wrong not in logs
