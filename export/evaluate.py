@@ -74,6 +74,19 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
     return same / max(total, 1), sum(prefix) / max(len(prefix), 1)
 
 
+def teacher_forced_agreement(ref: Any, cand: Any, prompts: list[list[int]], continuations: list[list[int]]) -> float:
+    """Fraction of positions where ``cand``'s greedy next token equals the reference continuation's token, with
+    ``cand`` always fed the reference prefix (so one early near-tie does not decide the rest, unlike greedy
+    agreement). Costs one prefill per token: meant for small models and tests."""
+    same = total = 0
+    for ids, cont in zip(prompts, continuations):
+        for i, tok in enumerate(cont):
+            nxt = greedy(cand, list(ids) + list(cont[:i]), 1)
+            same += int(nxt[:1] == [tok])
+            total += 1
+    return same / max(total, 1)
+
+
 def quality_gate(fp32_dir: Path, quant_dir: Path | None, eval_path: Path, *, max_ppl_increase: float, force: bool,
                  threads: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Measure the fp32 (and quantized) folders; raise QualityGateError when the quantized one is too much worse."""
