@@ -510,6 +510,29 @@ class Model:
         # Copy while `outs` is alive: the numpy view shares onnxruntime's output buffer.
         return np.array(outs[0].numpy()[0], copy=True)
 
+    def _target_logprobs(self, ids: Sequence[int], skip: int) -> "np.ndarray":
+        """log p(ids[j+1] | ids[:j+1]) for j >= skip, from one call over ``ids`` (float64).
+
+        Works through the logits in blocks of rows, reading onnxruntime's output buffer in place, so a long
+        window with a large vocabulary never needs a second full-size (or float64) copy of the logits.
+        """
+        import numpy as np
+
+        ids_arr = np.asarray([ids], dtype=np.int64)  # both referenced until run() returns (see _value)
+        pos_arr = np.arange(len(ids), dtype=np.int64)[None, :]
+        outs = self._run_fn(self._prefill_feed(ids_arr, pos_arr))
+        logits = outs[0].numpy()[0]  # a view: `outs` stays alive until this function returns
+        targets = ids_arr[0, 1:]
+        out = np.empty(len(ids) - 1 - skip, dtype=np.float64)
+        block = 256
+        for a in range(skip, len(ids) - 1, block):
+            b = min(a + block, len(ids) - 1)
+            rows = logits[a:b].astype(np.float64)
+            m = rows.max(axis=1)
+            lse = m + np.log(np.exp(rows - m[:, None]).sum(axis=1))
+            out[a - skip:b - skip] = rows[np.arange(b - a), targets[a:b]] - lse
+        return out
+
     def score(self, text: str) -> Score:
         """Log-likelihood of ``text``: tokenized once (BOS at the start only), scored in windows of the context
         length with a stride of half of it, so every token after the first is scored once, each with at least
@@ -529,15 +552,11 @@ class Model:
         total, count = 0.0, 0
         for start in range(0, len(ids) - 1, stride):
             chunk = ids[start:start + win]
-            logits = self._logits(chunk)[:-1].astype(np.float64)
-            targets = np.asarray(chunk[1:], dtype=np.int64)
-            m = logits.max(axis=1)
-            lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
-            lp = logits[np.arange(len(targets)), targets] - lse
             # After the first window only the last `stride` targets are new; the others were scored already.
             skip = 0 if start == 0 else win - stride - 1
-            total += float(lp[skip:].sum())
-            count += len(lp) - skip
+            lp = self._target_logprobs(chunk, skip)
+            total += float(lp.sum())
+            count += len(lp)
             if start + win >= len(ids):
                 break
         nbytes = len(text.encode("utf-8"))
