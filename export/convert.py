@@ -320,6 +320,11 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
     from .archs import resolve
     arch, builder, model_type = resolve(src_cfg)  # unsupported -> raised here, before any weights are read
     _check_tokenizer(src_path)
+    max_pos = int(src_cfg.get("max_position_embeddings") or src_cfg.get("n_positions") or 2048)
+    if context_length is not None and context_length > max_pos:
+        raise InvalidArgumentError(f"context_length={context_length} is longer than the model's {max_pos} positions.",
+                                   hint=f"Pass context_length <= {max_pos}.")
+    ctx = context_length or min(max_pos, DEFAULT_MAX_CONTEXT)
     eval_path = Path(eval_text).expanduser() if eval_text else DEFAULT_EVAL_TEXT
     if quantize != "none" and not eval_path.is_file():
         raise InvalidArgumentError(f"Evaluation text {eval_path} does not exist.", hint="Pass an existing --eval-text FILE.")
@@ -332,7 +337,7 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
     try:
         report = _export(src, src_path, src_cfg, arch, builder, model_type, out_path, work, quantize=quantize,
                          eval_path=eval_path, max_ppl_increase=float(max_ppl_increase), force=force,
-                         progress=progress, keep=keep, context_length=context_length, threads=threads)
+                         progress=progress, keep=keep, context_length=ctx, threads=threads)
     except OSError as exc:
         shutil.rmtree(work, ignore_errors=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc, EdgeLMError):
@@ -348,7 +353,7 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
 
 def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builder: Any, model_type: str,
             out_path: Path, work: Path, *, quantize: str, eval_path: Path, max_ppl_increase: float, force: bool,
-            progress: bool, keep: tuple[str, ...], context_length: int | None, threads: int | None) -> ExportReport:
+            progress: bool, keep: tuple[str, ...], context_length: int, threads: int | None) -> ExportReport:
     import onnx
     import torch
     from tqdm.auto import tqdm
@@ -378,11 +383,7 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
         raise ExportError(f"transformers could not load {src_path} ({type(exc).__name__}: {exc}).",
                           hint="Check that the weights are complete and match config.json.") from exc
     model.eval()
-    max_pos = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048))
-    ctx = context_length or min(max_pos, DEFAULT_MAX_CONTEXT)
-    if ctx > max_pos:
-        raise InvalidArgumentError(f"context_length={ctx} is longer than the model's {max_pos} positions.",
-                                   hint=f"Pass context_length <= {max_pos}.")
+    ctx = context_length
     bar.update(1)
 
     step("build")

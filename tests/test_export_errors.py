@@ -1,0 +1,189 @@
+"""Every refusal of `edgelm export`: typed, before work where possible, and never a half-written folder."""
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import STORIES260K, needs_shared
+from edgelm.errors import (ExportError, InvalidArgumentError, ModelNotFoundError, OutOfDiskError, QualityGateError,
+                           TokenizerError, UnsupportedArchitectureError)
+
+pytest.importorskip("torch")
+from edgelm_export.convert import export_model  # noqa: E402
+
+
+def _export(src, out, **kw):
+    kw.setdefault("progress", False)
+    return export_model(str(src), str(out), **kw)
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if "edgelm-export" in p.name or "edgelm-old" in p.name)
+
+
+@pytest.fixture
+def stories_copy(tmp_path):
+    if not STORIES260K.is_dir():
+        pytest.skip("stories260K fixture not available")
+    dst = tmp_path / "src"
+    shutil.copytree(STORIES260K, dst)
+    for p in dst.iterdir():
+        p.chmod(0o644)
+    dst.chmod(0o755)
+    return dst
+
+
+def test_missing_source(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        _export(tmp_path / "nope", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_source_is_a_file(tmp_path):
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ModelNotFoundError, match="is a file"):
+        _export(f, tmp_path / "out")
+
+
+def test_source_without_config(tmp_path):
+    (tmp_path / "src").mkdir()
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        _export(tmp_path / "src", tmp_path / "out")
+
+
+def test_unreadable_config(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{not json")
+    with pytest.raises(ExportError, match="cannot be read"):
+        _export(src, tmp_path / "out")
+
+
+def test_unsupported_architecture_fails_before_loading_weights(tmp_path):
+    # No weights at all: the refusal must come from config.json alone.
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"], "model_type": "falcon"}))
+    (src / "tokenizer.json").write_text("{}")
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        _export(src, tmp_path / "out")
+    msg = str(info.value)
+    assert "FalconForCausalLM" in msg
+    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM", "GPT2LMHeadModel"):
+        assert arch in msg
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_unsupported_feature_of_a_supported_family(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_act": "relu"}))
+    with pytest.raises(UnsupportedArchitectureError, match="relu"):
+        _export(src, tmp_path / "out")
+
+
+@needs_shared()
+def test_no_tokenizer(stories_copy, tmp_path):
+    (stories_copy / "tokenizer.json").unlink()
+    with pytest.raises(TokenizerError, match="no tokenizer"):
+        _export(stories_copy, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@needs_shared()
+def test_output_exists_without_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="--overwrite"):
+        _export(STORIES260K, out)
+    assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"quantize": "int3"}, "quantize"),
+    ({"max_ppl_increase": -0.1}, "max_ppl_increase"),
+    ({"keep_fp32": ["attention"]}, "keep_fp32"),
+    ({"context_length": 0}, "context_length"),
+])
+@needs_shared()
+def test_invalid_arguments(tmp_path, kwargs, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        _export(STORIES260K, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+@needs_shared()
+def test_context_longer_than_the_model(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="longer than"):
+        _export(STORIES260K, tmp_path / "out", quantize="none", context_length=4096)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+@needs_shared()
+def test_not_enough_disk_is_refused_before_work(tmp_path, monkeypatch):
+    import edgelm_export.convert as convert
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(convert.shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
+    with pytest.raises(OutOfDiskError, match="free"):
+        _export(STORIES260K, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+@needs_shared()
+def test_disk_full_while_writing_cleans_up(tmp_path, monkeypatch):
+    # The disk "fills" when the graph is written: the typed error comes out and no temp or half folder stays.
+    import onnx
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", full)
+    with pytest.raises(OutOfDiskError, match="disk filled up"):
+        _export(STORIES260K, tmp_path / "out", quantize="none")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+@needs_shared()
+def test_quality_gate_refuses_then_force_writes(tmp_path):
+    # int4 on the 260K model loses ~15 % perplexity on the built-in sample: far past a 1 % gate.
+    out = tmp_path / "out"
+    with pytest.raises(QualityGateError) as info:
+        _export(STORIES260K, out, quantize="int4", max_ppl_increase=0.01)
+    assert "perplexity" in str(info.value) and "1.00 %" in str(info.value) and "--force" in str(info.value)
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+    report = _export(STORIES260K, out, quantize="int4", max_ppl_increase=0.01, force=True)
+    assert report.metrics["forced"] is True and report.metrics["ppl_increase"] > 0.01
+    manifest = json.loads((out / "edgelm.json").read_text())
+    assert manifest["metrics"]["forced"] is True and manifest["quantization"]["method"] == "int4"
+    assert "forced" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+@needs_shared()
+def test_overwrite_replaces_the_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    _export(STORIES260K, out, quantize="none", overwrite=True)
+    names = {p.name for p in out.iterdir()}
+    assert "old.txt" not in names and {"model.onnx", "edgelm.json", "tokenizer.json", "config.json"} <= names
+    assert _leftovers(tmp_path) == []
+
+
+@needs_shared()
+def test_cli_reports_a_one_line_error(tmp_path, capsys):
+    from edgelm.cli import main
+
+    rc = main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
