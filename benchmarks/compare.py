@@ -507,8 +507,9 @@ def compare(models: list[str], engines: list[str], repeat: int, prompt_tokens: i
             entry: dict[str, Any] = {"status": status[m][e] if not status[m][e].startswith("ok") else
                                      ("ok" if ok else "failed: " + "; ".join(errors))}
             if ok:
-                for key in ("decode_tok_s", "ttft_s", "prefill_tok_s", "load_s", "import_s", "peak_rss_bytes"):
-                    entry[key] = _agg([x[key] for x in ok])
+                for key in ("decode_tok_s", "ttft_s", "prefill_tok_s", "load_s", "import_s", "peak_rss_bytes",
+                            "loadavg_1min"):
+                    entry[key] = _agg([x[key] for x in ok if key in x])
                 entry["runs"] = len(ok)
                 entry["first_tokens"] = ok[0]["first_tokens"]
                 if errors:
@@ -613,11 +614,11 @@ def markdown(data: dict[str, Any]) -> str:
     for m, row in res.items():
         lines += ["", f"### {m}", "",
                   "| engine | decode tok/s | % of ceiling | TTFT ms | prefill tok/s | load ms | peak RSS MiB | "
-                  "files MiB | status |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "files MiB | load avg | status |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for e, d in row.items():
             if not d.get("decode_tok_s"):
-                lines.append(f"| {e} | — | — | — | — | — | — | {_mib(d.get('size_bytes'))} | {_md(d['status'])} |")
+                lines.append(f"| {e} | — | — | — | — | — | — | {_mib(d.get('size_bytes'))} | — | {_md(d['status'])} |")
                 continue
             dec, ttft = d["decode_tok_s"], d["ttft_s"]
             ceil = _ceiling_for(data, m, e)
@@ -626,7 +627,8 @@ def markdown(data: dict[str, Any]) -> str:
                 f"| {e} | {dec['median']:,.1f} ({dec['min']:,.0f}–{dec['max']:,.0f}) | {pct} | "
                 f"{ttft['median'] * 1e3:,.1f} ({ttft['min'] * 1e3:,.1f}–{ttft['max'] * 1e3:,.1f}) | "
                 f"{d['prefill_tok_s']['median']:,.0f} | {d['load_s']['median'] * 1e3:,.0f} | "
-                f"{d['peak_rss_bytes']['median'] / 2**20:,.0f} | {_mib(d.get('size_bytes'))} | {_md(d['status'])} |")
+                f"{d['peak_rss_bytes']['median'] / 2**20:,.0f} | {_mib(d.get('size_bytes'))} | "
+                f"{(d.get('loadavg_1min') or {}).get('median', float('nan')):.1f} | {_md(d['status'])} |")
     failed = [(m, e, d["status"]) for m, row in res.items() for e, d in row.items() if not d.get("decode_tok_s")]
     if failed:
         lines += ["", "### Engines that did not run, and why", ""]
