@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -845,6 +845,8 @@ def serve(model_or_models: Any, *, host: str = DEFAULT_HOST, port: int = DEFAULT
     shown_host = f"[{host}]" if ":" in host else host
     url = f"http://{shown_host}:{bound_port}"
 
+    timers: list[threading.Timer] = []
+
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None):
             await super().startup(sockets=sockets)
@@ -864,6 +866,7 @@ def serve(model_or_models: Any, *, host: str = DEFAULT_HOST, port: int = DEFAULT
                                         args=("server shutting down",))
                 timer.daemon = True
                 timer.start()
+                timers.append(timer)
             else:  # a second Ctrl-C: stop now
                 state.engine.cancel_all("server shutting down")
 
@@ -879,6 +882,8 @@ def serve(model_or_models: Any, *, host: str = DEFAULT_HOST, port: int = DEFAULT
     try:
         server.run(sockets=[sock])
     finally:
+        for timer in timers:
+            timer.cancel()
         for sig, handler in restore.items():
             signal.signal(sig, handler)
         sock.close()
