@@ -321,3 +321,15 @@ def test_int8_model_generates(stories_int8, lm):
     assert g.completion_tokens == 30
     agree = sum(a == b for a, b in zip(g.token_ids, ref.token_ids))
     assert agree >= 10  # int8 tracks fp32 closely at first; the exporter's tests own the exact agreement numbers
+
+
+def test_exported_tokenizer_matches_the_source(lm, shared_dir):
+    # The exporter must carry the tokenizer over unchanged in behaviour (the AutoTokenizer comparison itself
+    # is in test_tokenizer.py, on the source folder).
+    from edgelm.tokenizer import Tokenizer
+
+    src = shared_dir / "fixtures" / "stories260K"
+    source = Tokenizer(src / "tokenizer.json", tokenizer_config=json.loads((src / "tokenizer_config.json").read_text()))
+    text = EVAL_TEXT.read_text(encoding="utf-8")[:20000] if EVAL_TEXT.is_file() else "Once upon a time"
+    for s in [text, "Hello 😀 wörld", " leading space", "<s>twice"]:
+        assert lm.encode(s) == source.encode(s)
