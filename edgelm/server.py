@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -624,7 +624,11 @@ class EdgeLMServer:
 
     async def _generate(self, request: Request, kind: str) -> Response:
         self.check_auth(request)
-        req = _parse_request(await self.read_json(request), kind)
+        try:
+            body = await self.read_json(request)
+        except ClientDisconnect:  # gone before the body arrived: nothing to answer, nothing to log as an error
+            return Response(status_code=499)
+        req = _parse_request(body, kind)
         model_id, model = self.lookup(req.model)
         loop = asyncio.get_running_loop()
         job = _Job(loop, _generation_work(model, req))
