@@ -96,7 +96,7 @@ class TextStream:
         except StopIteration as stop:
             if stop.value is not None:
                 self.generation = stop.value
-            raise StopIteration from None
+            raise StopIteration(self.generation) from None
 
     def close(self) -> None:
         self._it.close()  # type: ignore[attr-defined]
