@@ -434,9 +434,10 @@ def _generation_work(model: Any, req: _Request) -> Callable[[_Job], bool]:
     """
     def work(job: _Job) -> bool:
         pieces: list[str] = []
+        kwargs = _fit_default_max_tokens(model, req)
         # Arguments are validated here, before any decoding; errors go back to the request as an "error".
-        it: Iterator[str] = (model.chat_stream(req.prompt, **req.gen_kwargs) if req.kind == "chat"
-                             else model.stream(req.prompt, **req.gen_kwargs))
+        it: Iterator[str] = (model.chat_stream(req.prompt, **kwargs) if req.kind == "chat"
+                             else model.stream(req.prompt, **kwargs))
         result: Any = None
         try:
             while True:
@@ -464,6 +465,28 @@ def _generation_work(model: Any, req: _Request) -> Callable[[_Job], bool]:
         job.emit("done", outcome)
         return True
     return work
+
+
+def _fit_default_max_tokens(model: Any, req: _Request) -> dict[str, Any]:
+    """Without ``max_tokens``, OpenAI servers generate up to the end of the context. Here the model's default
+    ``max_new_tokens`` applies, cut down to the room the prompt leaves, so a long chat without ``max_tokens``
+    gets an answer instead of a context-length error. An explicit ``max_tokens`` is never changed."""
+    kwargs = dict(req.gen_kwargs)
+    if "max_new_tokens" in kwargs:
+        return kwargs
+    try:
+        default = int((getattr(model, "generation_config", None) or {}).get("max_new_tokens") or 128)
+        ctx = int(model.context_length)
+        if isinstance(req.prompt, list) and req.kind == "completion":
+            n_prompt = len(req.prompt)
+        else:
+            text = model.apply_chat_template(req.prompt) if req.kind == "chat" else req.prompt
+            n_prompt = len(model.tokenizer.encode(text))
+    except Exception:  # noqa: BLE001 - leave it to the model, which raises the proper typed error
+        return kwargs
+    if n_prompt < ctx and n_prompt + default > ctx:
+        kwargs["max_new_tokens"] = ctx - n_prompt
+    return kwargs
 
 
 def _estimate_outcome(model: Any, req: _Request, text: str) -> _Outcome:

@@ -170,6 +170,27 @@ def test_edgelm_cloud_client_can_use_the_server_as_its_cloud(server, lm):
         cloud.close()
 
 
+@pytest.mark.slow
+def test_chat_without_max_tokens_fits_the_remaining_context(client, lm, model_id):
+    ctx = lm.context_length
+    words = []
+    while True:  # a user message that leaves about 20 tokens of room
+        msgs = [{"role": "user", "content": " ".join(words)}]
+        n_prompt = len(lm.encode(lm.apply_chat_template(msgs)))
+        if n_prompt >= ctx - 20:
+            break
+        words.append("cat")
+    room = ctx - n_prompt
+    assert 0 < room < int(lm.generation_config.get("max_new_tokens") or 128)
+    ref = lm.chat(msgs, max_new_tokens=room, temperature=0)
+    got = client.chat.completions.create(model=model_id, messages=msgs, temperature=0)
+    assert got.choices[0].message.content == ref.text
+    assert got.usage.prompt_tokens == n_prompt and got.usage.completion_tokens <= room
+    # An explicit max_tokens is never shrunk: too many is an error with the numbers.
+    with pytest.raises(openai.BadRequestError, match=str(n_prompt)):
+        client.chat.completions.create(model=model_id, messages=msgs, max_tokens=room + 1)
+
+
 # --- malformed requests: documented status and OpenAI error body, and the server keeps serving ----------
 def _bad_requests(lm, model_id):
     ctx = lm.context_length
