@@ -59,13 +59,12 @@ class Tokenizer:
         self._post_adds_bos = self.bos_token_id is not None and bool(probe) and probe[0] == self.bos_token_id
         self.add_bos_token = bool(add_bos_token) or self._post_adds_bos
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self._special_ids = frozenset(
-            t.content and self._tok.token_to_id(t.content) for t in self._added_tokens() if t.special) - {None}
+        self._special_ids = frozenset(i for i, t in self._added_tokens() if t.special)
 
-    def _added_tokens(self) -> list[Any]:
+    def _added_tokens(self) -> list[tuple[int, Any]]:
         try:
-            return list(self._tok.get_added_tokens_decoder().values())
-        except AttributeError:  # older tokenizers
+            return list(self._tok.get_added_tokens_decoder().items())
+        except AttributeError:  # tokenizers older than 0.15
             return []
 
     def _special_id(self, key: str) -> int | None:
