@@ -461,7 +461,7 @@ def _generation_work(model: Any, req: _Request) -> Callable[[_Job], bool]:
         if result is not None and hasattr(result, "completion_tokens"):
             outcome = _outcome(result)  # the runtime reported exact counts
         else:
-            outcome = _estimate_outcome(model, req, text)
+            outcome = _estimate_outcome(model, req, text, kwargs.get("max_new_tokens"))
         job.emit("done", outcome)
         return True
     return work
@@ -489,7 +489,7 @@ def _fit_default_max_tokens(model: Any, req: _Request) -> dict[str, Any]:
     return kwargs
 
 
-def _estimate_outcome(model: Any, req: _Request, text: str) -> _Outcome:
+def _estimate_outcome(model: Any, req: _Request, text: str, limit: int | None) -> _Outcome:
     """Usage for a stream whose iterator does not return a Generation: count by re-tokenizing."""
     tok = model.tokenizer
     if req.kind == "chat":
@@ -499,7 +499,6 @@ def _estimate_outcome(model: Any, req: _Request, text: str) -> _Outcome:
     else:
         prompt_tokens = len(tok.encode(req.prompt))
     completion_tokens = len(tok.encode(text, add_bos=False)) if text else 0
-    limit = req.gen_kwargs.get("max_new_tokens")
     if limit is None:
         limit = int(getattr(model, "generation_config", {}).get("max_new_tokens", 128) or 128)
     finish = "length" if completion_tokens >= limit else "stop"
