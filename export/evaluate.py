@@ -74,7 +74,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
     return same / max(total, 1), sum(prefix) / max(len(prefix), 1)
 
 
-def teacher_forced_agreement(ref: Any, cand: Any, prompts: list[list[int]], continuations: list[list[int]]) -> float:
+def teacher_forced_agreement(cand: Any, prompts: list[list[int]], continuations: list[list[int]]) -> float:
     """Fraction of positions where ``cand``'s greedy next token equals the reference continuation's token, with
     ``cand`` always fed the reference prefix (so one early near-tie does not decide the rest, unlike greedy
     agreement). Costs one prefill per token: meant for small models and tests."""

@@ -126,7 +126,7 @@ def test_int8_greedy_agreement(arch):
     prompts = _prompts(fp32)
     ref = [list(fp32.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True).token_ids)
            for ids in prompts]
-    agree = teacher_forced_agreement(fp32, q, prompts, ref)
+    agree = teacher_forced_agreement(q, prompts, ref)
     print(f"{arch}: int8 teacher-forced greedy agreement {agree:.3f}")
     assert agree >= INT8_TEACHER_FORCED_FLOOR, (arch, agree)
     metrics = json.loads((folder / "edgelm.json").read_text())["metrics"]
