@@ -188,6 +188,9 @@ class Model:
         import numpy as np
         import onnxruntime as ort
 
+        import numpy.random  # noqa: F401  (numpy 2 imports it lazily: ~20 ms that would land on the first request)
+
+        import edgelm.sampling  # noqa: F401  (same reason: the decode loop imports it)
         from edgelm.tokenizer import ChatTemplate, Tokenizer, chat_template_source
 
         self.folder = folder
@@ -263,6 +266,16 @@ class Model:
         # A preallocated all-ones mask; each step feeds a view of its first `past + 1` columns (see _mask).
         self._ones = np.ones((1, self.context_length), dtype=np.int64)
         self._mask_cache: list[Any] = [None] * (self.context_length + 1)
+        # onnxruntime does one-time work (kernel setup, the memory arena) on the first run: ~10 ms even for a tiny
+        # model. Pay it here, so the first request's time to first token is like every later one's.
+        warm_ids = np.zeros((1, 1), dtype=np.int64)
+        warm_pos = np.zeros((1, 1), dtype=np.int64)
+        try:
+            self._run_fn(self._prefill_feed(warm_ids, warm_pos))
+        except Exception as exc:  # a graph that loads but cannot run one token is unusable
+            raise ModelFormatError(f"{folder.onnx_path} loads but fails on a one-token input: "
+                                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
+                                   hint="Re-export the model folder.") from None
 
     def __repr__(self) -> str:
         return (f"Model({str(self.path)!r}, {self.config.get('model_type')}, {self.num_layers} layers, "
