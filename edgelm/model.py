@@ -152,6 +152,19 @@ def _default_model_path() -> Path:
     return edgelm_models.default_path()
 
 
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    """``path`` itself, or for None ``$EDGELM_MODEL`` / the shipped default model, which must exist."""
+    if path is not None:
+        return Path(path).expanduser()
+    default = _default_model_path()
+    if not default.is_dir():
+        via = f"${ENV_MODEL}" if os.environ.get(ENV_MODEL) else "The default model"
+        raise ModelNotFoundError(f"{via} folder is not there ({default}).",
+                                 hint=f"Pass a model folder (--model DIR / load(path)), set {ENV_MODEL}, or build one "
+                                      "with `edgelm export SRC --out DIR`.")
+    return default
+
+
 def load(path: str | os.PathLike | None = None, *, threads: int | None = None, verify: bool = True) -> "Model":
     """Open a model folder and return a ready :class:`Model`.
 
@@ -162,14 +175,7 @@ def load(path: str | os.PathLike | None = None, *, threads: int | None = None, v
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}.",
                                    hint="Omit it to use one thread per physical core.")
-    if path is None:
-        path = _default_model_path()
-        if not Path(path).is_dir():
-            raise ModelNotFoundError(
-                f"The default model is not there ({path}).",
-                hint="Pass a model folder to load(), set EDGELM_MODEL, or build one with "
-                     "`edgelm export SRC --out DIR`.")
-    folder = open_folder(path, verify=verify)
+    folder = open_folder(resolve_model_path(path), verify=verify)
     return Model(folder, threads=threads)
 
 

@@ -59,7 +59,9 @@ def test_generate_missing_model(tmp_path):
     r = cli("generate", PROMPT, "--model", str(tmp_path / "nope"))
     assert r.returncode == 1 and "No model folder" in r.stderr and "Traceback" not in r.stderr
     r = cli("generate", PROMPT, env={"EDGELM_MODEL": str(tmp_path / "nope")})
-    assert r.returncode == 1 and "error" in r.stderr
+    assert r.returncode == 1 and "EDGELM_MODEL" in r.stderr and "Traceback" not in r.stderr
+    r = cli("info", env={"EDGELM_MODEL": str(tmp_path / "nope")})
+    assert r.returncode == 1 and "EDGELM_MODEL" in r.stderr
 
 
 def test_generate_help():

@@ -71,10 +71,9 @@ def summary(path: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgelm.model import _default_model_path
+    from edgelm.model import resolve_model_path
 
-    path = Path(args.model).expanduser() if args.model else _default_model_path()
-    info = summary(path)
+    info = summary(resolve_model_path(args.model))
     if args.json:
         print(json.dumps(info, indent=2))
     else:
