@@ -320,7 +320,8 @@ class Model:
         from edgelm.tokenizer import validate_stop
 
         gen = self.generation_config
-        if max_new_tokens is None:
+        implicit = max_new_tokens is None
+        if implicit:
             max_new_tokens = gen.get("max_new_tokens") or 128
         max_new = validate_max_new_tokens(max_new_tokens)
         settings = resolve_settings(gen, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -333,6 +334,9 @@ class Model:
             raise InvalidArgumentError(f"ignore_eos must be a bool, got {ignore_eos!r}.", hint="Pass True or False.")
         ids = self._prompt_ids(prompt)
         ctx = self.context_length
+        if implicit and len(ids) < ctx:
+            # A default the caller never asked for is capped to the room left; an explicit value is not.
+            max_new = min(max_new, ctx - len(ids))
         if len(ids) + max_new > ctx:
             if truncate != "left" or max_new >= ctx:
                 raise ContextLengthError(

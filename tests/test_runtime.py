@@ -225,6 +225,16 @@ def test_prompt_too_long(lm):
         lm.generate(PROMPT, max_new_tokens=512, truncate="left")
 
 
+def test_default_max_new_tokens_is_capped_to_the_context(lm):
+    ids = [1] + [261] * 450
+    g = lm.generate(ids, temperature=0)  # generation_config's 128 would not fit; the default is capped
+    assert g.completion_tokens == 512 - 451 and g.finish_reason == "length"
+    with pytest.raises(ContextLengthError):
+        lm.generate([1] + [261] * 511, temperature=0)  # no room at all
+    with pytest.raises(ContextLengthError):
+        lm.generate(ids, max_new_tokens=128)  # explicit values are never changed
+
+
 def test_truncate_left_keeps_bos(lm):
     ids = [1] + list(range(300, 340)) * 12  # 481 tokens
     g = lm.generate(ids, max_new_tokens=40, truncate="left", temperature=0)
