@@ -163,6 +163,11 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
         exclude = [n.name for n in model.graph.node if "lm_head" in keep and LM_HEAD_WEIGHT in n.input]
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude)
+        info["embeddings"] = []
+        if "embeddings" not in keep:  # quantize_dynamic leaves Gather tables fp32; use the same int8 rows as int8
+            model = onnx.load(str(dst))
+            info["embeddings"] = _quantize_embeddings(model)
+            onnx.save_model(model, str(dst))
         info.update(dtype="int8", weights="int8 per-tensor, activations int8 at run time (MatMulInteger)")
     elif method in ("int8", "int4"):
         bits = 8 if method == "int8" else 4
