@@ -59,6 +59,7 @@ ENGINES: dict[str, tuple[str | None, str]] = {
     "optimum-int8": ("optimum", "optimum-int8"),
     "edgelm-fp32": (None, "edgelm-fp32"),
     "edgelm-int8": (None, "edgelm-int8"),
+    "edgelm-int4": (None, "edgelm-int4"),
     "ogenai-int8": ("ogenai", "ogenai-int8"),
     "ogenai-int4": ("ogenai", "ogenai-int4"),
     "llamacpp-q8_0": ("llamacpp", "gguf-q8_0"),
@@ -168,6 +169,10 @@ export_model({hf!r}, {out!r}, quantize="none", overwrite=True, progress=False)
     "edgelm-int8": """
 from edgelm_export.convert import export_model
 export_model({hf!r}, {out!r}, quantize="int8", overwrite=True, progress=False, force=True)
+""",
+    "edgelm-int4": """
+from edgelm_export.convert import export_model
+export_model({hf!r}, {out!r}, quantize="int4", overwrite=True, progress=False, force=True)
 """,
     "optimum-fp32": """
 from optimum.exporters.onnx import main_export
