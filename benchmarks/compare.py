@@ -11,7 +11,7 @@ Rules that make the numbers comparable:
   order rotates each repeat) so a noisy neighbour slows all engines, not one;
 * the **same prompt** (a fixed list of token ids, so tokenizers play no part), the same number of new
   tokens forced by ignoring EOS, greedy, batch 1, the same thread count for every engine;
-* every worker does one untimed warm-up generation of the same shape, then one timed generation.
+* every worker does one untimed warm-up generation (the same prompt, 16 new tokens), then one timed generation.
 
 Third-party engines live in their own virtual environments under ``.cache/bench-venvs/`` (``setup_venvs``),
 so they never change the main environment's transformers / onnxruntime that edgelm's tests use. An engine
@@ -378,7 +378,7 @@ def worker(engine: str, path: str, prompt: list[int], n: int, threads: int) -> d
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         load = time.perf_counter() - t0
-        gen = lambda: _hf_generate(model, prompt, n, torch)  # noqa: E731
+        gen = lambda k: _hf_generate(model, prompt, k, torch)  # noqa: E731
     elif engine.startswith("optimum-"):
         import onnxruntime as ort
         import torch
@@ -392,7 +392,7 @@ def worker(engine: str, path: str, prompt: list[int], n: int, threads: int) -> d
         model = ORTModelForCausalLM.from_pretrained(path, file_name=onnx_file, session_options=so,
                                                     provider="CPUExecutionProvider")
         load = time.perf_counter() - t0
-        gen = lambda: _hf_generate(model, prompt, n, torch)  # noqa: E731
+        gen = lambda k: _hf_generate(model, prompt, k, torch)  # noqa: E731
     elif engine.startswith("edgelm-"):
         import edgelm
 
@@ -400,9 +400,9 @@ def worker(engine: str, path: str, prompt: list[int], n: int, threads: int) -> d
         lm = edgelm.load(path, threads=threads)
         load = time.perf_counter() - t0
 
-        def gen():
-            g = lm.generate(prompt, max_new_tokens=n, temperature=0, ignore_eos=True)
-            return g.time_to_first_token_s, g.decode_tokens_per_s, list(g.token_ids)[-n:]
+        def gen(k):
+            g = lm.generate(prompt, max_new_tokens=k, temperature=0, ignore_eos=True)
+            return g.time_to_first_token_s, g.decode_tokens_per_s, list(g.token_ids)[-k:]
     elif engine.startswith("ogenai-"):
         import onnxruntime_genai as og
 
@@ -415,16 +415,16 @@ def worker(engine: str, path: str, prompt: list[int], n: int, threads: int) -> d
         model = og.Model(path)
         load = time.perf_counter() - t0
 
-        def steps():
+        def steps(k):
             params = og.GeneratorParams(model)
-            params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+            params.set_search_options(max_length=len(prompt) + k, min_length=len(prompt) + k, do_sample=False)
             g = og.Generator(model, params)
             g.append_tokens(prompt)
             while True:
                 g.generate_next_token()
                 yield g.get_next_tokens()[0]
 
-        gen = lambda: _timed_steps(steps(), n)  # noqa: E731
+        gen = lambda k: _timed_steps(steps(k), k)  # noqa: E731
     elif engine == "llamacpp-q8_0":
         from llama_cpp import Llama
 
@@ -433,12 +433,12 @@ def worker(engine: str, path: str, prompt: list[int], n: int, threads: int) -> d
                     n_threads=threads, n_threads_batch=threads, verbose=False)
         load = time.perf_counter() - t0
         # generate() evaluates the prompt, then yields one token per step; it never stops at EOS by itself.
-        gen = lambda: _timed_steps(llm.generate(prompt, temp=0.0, top_k=1, reset=True), n)  # noqa: E731
+        gen = lambda k: _timed_steps(llm.generate(prompt, temp=0.0, top_k=1, reset=True), k)  # noqa: E731
     else:
         raise ValueError(f"unknown engine {engine}")
     import_s = t0 - t_import
-    gen()  # warm-up
-    ttft, decode, toks = gen()
+    gen(min(n, 16))  # warm-up: the full prompt (so buffers reach their size), a few new tokens
+    ttft, decode, toks = gen(n)
     if len(toks) != n:
         raise RuntimeError(f"{engine} produced {len(toks)} tokens instead of {n}")
     return {"load_s": load, "import_s": import_s, "ttft_s": ttft, "prefill_tok_s": len(prompt) / ttft,
