@@ -255,6 +255,7 @@ def _prepare_one(model: str, engine: str, hf: Path, venv: str | None, art: str, 
     shutil.rmtree(tmp, ignore_errors=True)
     code = _CONVERT[engine].format(hf=str(hf), out=str(tmp), venvs=str(VENVS_DIR))
     env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+    fingerprint = exporter_fingerprint()  # of the exporter that is about to run, not of one edited meanwhile
     t0 = time.perf_counter()
     try:
         p = subprocess.run(["nice", "-n", "10", str(py), "-c", code], capture_output=True, text=True,
@@ -267,7 +268,7 @@ def _prepare_one(model: str, engine: str, hf: Path, venv: str | None, art: str, 
         shutil.rmtree(out.with_name(art + ".tmp.cache"), ignore_errors=True)
         tmp.rename(out)
         if engine.startswith("edgelm-"):
-            out.with_name(art + ".fingerprint").write_text(exporter_fingerprint())
+            out.with_name(art + ".fingerprint").write_text(fingerprint)
         return f"ok ({time.perf_counter() - t0:.0f} s)"
     shutil.rmtree(tmp, ignore_errors=True)
     reason = "conversion failed: " + _last_error(log)
