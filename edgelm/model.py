@@ -306,7 +306,8 @@ class Model:
                                                hint="Pass a str or a list of int token ids.")
                 t = int(t)
                 if not 0 <= t < self.vocab_size:
-                    raise InvalidArgumentError(f"prompt token id {t} is outside the vocabulary (0..{self.vocab_size - 1}).",
+                    raise InvalidArgumentError(f"prompt token id {t} is outside the vocabulary "
+                                               f"(0..{self.vocab_size - 1}).",
                                                hint="Use ids produced by this model's tokenizer.")
                 ids.append(t)
             return ids
@@ -560,8 +561,6 @@ class Model:
         """Log-likelihood of ``text``: tokenized once (BOS at the start only), scored in windows of the context
         length with a stride of half of it, so every token after the first is scored once, each with at least
         half a window of context after the first window. ``bits_per_byte`` matches the exporter's quality gate."""
-        import numpy as np
-
         if not isinstance(text, str):
             raise InvalidArgumentError(f"text must be a str, got {type(text).__name__}.", hint="Pass a str.")
         if not text:

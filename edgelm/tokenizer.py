@@ -169,8 +169,8 @@ class StopMatcher:
 
     ``feed(text) -> (safe_text, stopped)``: ``safe_text`` can be shown now; when ``stopped`` is true the
     text has been cut just before the stop string and nothing more must be shown. Generation stops where a stop
-    string is first complete; the text is cut at the earliest start among the stop strings complete there. ``flush()`` returns the
-    held-back tail at the end of generation (it never completed a stop string).
+    string is first complete; the text is cut at the earliest start among the stop strings complete there.
+    ``flush()`` returns the held-back tail at the end of generation (it never completed a stop string).
     """
 
     __slots__ = ("stops", "_pending", "_longest")

@@ -3,7 +3,6 @@ tokenizer (SentencePiece-style BPE with byte fallback: the hard case for streami
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
@@ -16,7 +15,8 @@ from edgelm.tokenizer import (ChatTemplate, StopMatcher, StreamingDetokenizer, T
 pytestmark = needs_shared()
 
 # Text that exercises multi-byte UTF-8 (2-, 3- and 4-byte characters become byte-fallback tokens here).
-ALPHABET = st.sampled_from(list("abc xyz,.!\n") + ["é", "ö", "ß", "€", "中", "日", "😀", "🦊", "\u200d", "  "])
+ALPHABET = st.sampled_from(list("abc xyz,.!\n") +
+                           ["é", "ö", "ß", "€", "中", "日", "😀", "🦊", "\u200d", "  "])
 TEXT = st.lists(ALPHABET, min_size=1, max_size=40).map("".join)
 
 
