@@ -115,3 +115,11 @@ def test_chat_keeps_history_and_ends_on_eof(stories_fp32, lm):
     msgs += [{"role": "assistant", "content": a1.strip()}, {"role": "user", "content": "And then?"}]
     a2 = lm.chat(msgs, max_new_tokens=15, temperature=0).text
     assert r.stdout == a1 + "\n" + a2 + "\n"
+
+
+def test_chat_drops_old_turns_when_the_context_is_full(stories_fp32):
+    line = "Tell me a long story about a cat and a dog who play in the park all day. " * 3
+    r = cli("chat", "--model", str(stories_fp32), "-n", "40", "--temperature", "0", "--threads", "1",
+            stdin=(line + "\n") * 12)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) >= 12  # every turn was answered, none refused for length
