@@ -93,8 +93,9 @@ def _resolve_source(src: str) -> Path:
             return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model",
                                                                "*.txt", "*.md", "*.jinja", "LICENSE*"]))
         except Exception as exc:  # offline, unknown id, gated model...
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise ModelNotFoundError(f"{src} is not a local folder and could not be downloaded from the Hugging Face "
-                                     f"hub ({type(exc).__name__}: {exc}).",
+                                     f"hub ({type(exc).__name__}: {first_line}).",
                                      hint="Check the id and your network, or download the model and pass its folder.")
     raise ModelNotFoundError(f"Source model {src} does not exist.",
                              hint="Pass a local Hugging Face model folder (with config.json) or a hub id like org/name.")
@@ -420,7 +421,8 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
         for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             shutil.copyfile(fp32_dir / name, q_dir / name)
         from .quantize import quantize_model
-        quant_info = quantize_model(fp32_onnx, q_dir / "model.onnx", method=quantize, keep_fp32=keep)
+        quant_info = quantize_model(fp32_onnx, q_dir / "model.onnx", method=quantize, keep_fp32=keep,
+                                    progress=progress)
         q_cfg = dict(fp32_cfg, dtype=quant_info["dtype"])
         (q_dir / "config.json").write_text(json.dumps(q_cfg, indent=2) + "\n", encoding="utf-8")
         write_manifest(q_dir, source=source_info)

@@ -79,16 +79,18 @@ def _consumers(model: Any) -> dict[str, int]:
     return counts
 
 
-def _weight_only(model: Any, bits: int, keep: Iterable[str]) -> dict[str, Any]:
+def _weight_only(model: Any, bits: int, keep: Iterable[str], progress: bool = False) -> dict[str, Any]:
     """Replace weight MatMuls by MatMulNBits in place; returns what was done."""
     from onnx import helper, numpy_helper
+    from tqdm.auto import tqdm
 
     keep = set(keep)
     inits = _initializers(model)
     uses = _consumers(model)
     block = BLOCK_SIZE[bits]
     new_nodes, drop, done = [], set(), 0
-    for node in model.graph.node:
+    for node in tqdm(list(model.graph.node), desc=f"quantize int{bits}", unit="node", disable=not progress,
+                     leave=False):
         w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
         w = inits.get(w_name) if w_name else None
         if (w is None or len(w.dims) != 2 or uses.get(w_name, 0) != 1
@@ -149,7 +151,7 @@ def _drop_initializers(model: Any, names: set[str]) -> None:
 
 
 def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: str = "int8",
-                   keep_fp32: Iterable[str] = ()) -> dict[str, Any]:
+                   keep_fp32: Iterable[str] = (), progress: bool = False) -> dict[str, Any]:
     """Quantize the fp32 graph at ``src`` into ``dst``; returns the settings for the manifest."""
     import onnx
     from onnx import helper
@@ -172,7 +174,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     elif method in ("int8", "int4"):
         bits = 8 if method == "int8" else 4
         model = onnx.load(str(src))
-        info.update(_weight_only(model, bits, keep))
+        info.update(_weight_only(model, bits, keep, progress))
         info["embeddings"] = [] if "embeddings" in keep else _quantize_embeddings(model)
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
