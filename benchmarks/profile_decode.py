@@ -152,16 +152,56 @@ def options(model_path: str, threads: int, prompt: list[int], new_tokens: int,
 
         ort.InferenceSession.__init__ = patched
         try:
-            models[name] = edgelm.load(model_path, threads=v.get("threads", threads))
+            models[name] = edgelm.load(v.get("path", model_path), threads=v.get("threads", threads),
+                                       verify="path" not in v)
         finally:
             ort.InferenceSession.__init__ = orig_init
     speeds: dict[str, list[float]] = {name: [] for name in variants}
+    tokens: dict[str, list[int]] = {}
     for r in range(repeat + 1):
         for name, lm in models.items():
             g = lm.generate(prompt, max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+            tokens[name] = list(g.token_ids)
             if r:
                 speeds[name].append(g.decode_tokens_per_s)
-    return {name: {"median": statistics.median(v), "best": max(v)} for name, v in speeds.items()}
+    first = next(iter(tokens.values()))
+    return {name: {"median": statistics.median(v), "best": max(v), "same_tokens": tokens[name] == first}
+            for name, v in speeds.items()}
+
+
+def without_output_identities(src: str, dst: str) -> int:
+    """Copy a model folder, removing the ``Identity`` nodes that copy each layer's cache to ``present.*``.
+
+    The tensor the Identity read is renamed to the graph output itself, so the Concat writes the output
+    directly and the cache is not copied once more per layer per step. Returns the number of nodes removed.
+    (An experiment for the exporter: the folder's manifest no longer matches, so it is loaded unverified.)
+    """
+    import shutil
+
+    import onnx
+
+    shutil.copytree(src, dst)
+    path = Path(dst) / "model.onnx"
+    model = onnx.load(str(path))
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    drop = [n for n in g.node if n.op_type == "Identity" and n.output[0] in outputs
+            and n.input[0] not in outputs and not any(i.name == n.input[0] for i in g.input)]
+    rename = {n.input[0]: n.output[0] for n in drop}
+    for n in drop:
+        g.node.remove(n)
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+        for i, name in enumerate(n.output):
+            if name in rename:
+                n.output[i] = rename[name]
+    for vi in g.value_info:
+        if vi.name in rename:
+            vi.name = rename[vi.name]
+    onnx.save(model, str(path))
+    return len(drop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=50, help="decode steps under onnxruntime's profiler")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved rounds of the option variants")
     ap.add_argument("--skip-options", action="store_true")
+    ap.add_argument("--graph-experiments", action="store_true",
+                    help="also time graph edits (no Identity copies of the cache) against the folder as exported")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
 
@@ -198,9 +241,20 @@ def main(argv: list[str] | None = None) -> int:
             "no spin-wait": {"config": {"session.intra_op.allow_spinning": "0"}},
             "1 thread, no spin-wait": {"threads": 1, "config": {"session.intra_op.allow_spinning": "0"}},
         }
-        res["options"] = options(args.model, args.threads, prompt, args.new_tokens, variants)
+        tmp = tempfile.mkdtemp(prefix="edgelm-exp-")
+        if args.graph_experiments:
+            removed = without_output_identities(args.model, os.path.join(tmp, "no-identity"))
+            variants[f"graph without {removed} output Identity copies"] = {"path": os.path.join(tmp, "no-identity")}
+            variants["no spin-wait + no Identity copies"] = {
+                "path": os.path.join(tmp, "no-identity"), "config": {"session.intra_op.allow_spinning": "0"}}
+            variants["1 thread + no Identity copies"] = {"path": os.path.join(tmp, "no-identity"), "threads": 1}
+        res["options"] = options(args.model, args.threads, prompt, args.new_tokens, variants, args.repeat)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
         for name, tps in res["options"].items():
-            print(f"  {name:32} {tps['median']:8.1f} decode tok/s median, {tps['best']:8.1f} best")
+            print(f"  {name:40} {tps['median']:8.1f} decode tok/s median, {tps['best']:8.1f} best"
+                  f"{'' if tps['same_tokens'] else '  (DIFFERENT greedy tokens!)'}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     return 0
