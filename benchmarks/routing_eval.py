@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check-share", type=float, default=0.3, help="share for the end-to-end Router check")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", action="store_true", help="include every prompt and both answers in the JSON")
     ap.add_argument("--plot", type=Path, default=None, help="write a PNG (needs matplotlib)")
     ap.add_argument("--json", type=Path, default=None, help="write the numbers as JSON")
     args = ap.parse_args(argv)
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     gap = hi - lo
 
     def recovered(name: str) -> float:
-        vals = [(curves[name][j] - lo) / gap for j in range(1, len(SHARES) - 1)] if gap else []
+        # Undefined when both sides are about equally good (e.g. the same network twice).
+        vals = [(curves[name][j] - lo) / gap for j in range(1, len(SHARES) - 1)] if abs(gap) > 0.02 else []
         return sum(vals) / len(vals) if vals else float("nan")
 
     by_text = {r["prompt"]: r for r in rows}
@@ -191,19 +193,24 @@ def main(argv: list[str] | None = None) -> int:
         "local": str(local_dir.name), "cloud": str(cloud_dir.name), "n": n, "generate": gen_kw,
         "identical_answers": identical, "shares": SHARES, "curves": curves,
         "mean_gap_recovered": {k: recovered(k) for k in curves},
+        # Mean quality difference to random routing over the shares 10..90 % (nats/token; > 0 = better).
+        "mean_advantage_over_random": {k: sum(curves[k][j] - curves["random"][j] for j in range(1, len(SHARES) - 1))
+                                       / (len(SHARES) - 2) for k in curves},
         "end_to_end": {"target_share": args.check_share, "calibrated_threshold": report.threshold,
                        "calibration_share": report.cloud_share, "test_share": e2e_share,
                        "test_quality": e2e_quality,
                        "simulated_quality_at_that_share": curve(sorted(idx, key=lambda i: rows[i]["local_conf"]),
                                                                 ql, qc)[round(args.check_share * 10)]},
         "seconds": elapsed,
-        "rows": [{k: r[k] for k in ("prompt", "prompt_tokens", "local_conf", "prompt_nats", "q_local", "q_cloud",
+        "rows": None if not args.rows else [{k: r[k] for k in ("prompt", "prompt_tokens", "local_conf", "prompt_nats", "q_local", "q_cloud",
                                     "local", "cloud")} for r in rows],
     }
     print(f"\n{n} prompts; local answers identical to cloud answers: {identical}; {elapsed:.0f} s")
     print("share  " + "  ".join(f"{k:>12}" for k in curves))
     for j, s in enumerate(SHARES):
         print(f"{s:5.0%}  " + "  ".join(f"{curves[k][j]:12.4f}" for k in curves))
+    print("mean advantage over random at 10-90 % (nats/token): " +
+          ", ".join(f"{k} {v:+.4f}" for k, v in result["mean_advantage_over_random"].items()))
     print("mean share of the local->cloud gap recovered at 10-90 %: " +
           ", ".join(f"{k} {v:.2f}" for k, v in result["mean_gap_recovered"].items()))
     e = result["end_to_end"]

@@ -332,6 +332,7 @@ class Router:
         ``signal`` is ``"uncertainty"`` (generates each prompt locally with ``generate_kwargs``; sets
         ``min_mean_logprob``), ``"prompt-score"`` (sets ``max_prompt_nats``) or ``"length"`` (sets
         ``max_prompt_tokens``). Prompts that other checks already send to the cloud count toward the share.
+        With sampling, pass ``seed`` for a reproducible calibration: prompt *i* is generated with ``seed + i``.
         Runs only on the local model: nothing is sent.
         """
         model = model or self._model
@@ -359,10 +360,14 @@ class Router:
             setattr(self, attr, None)
             if signal != "uncertainty":
                 self.min_mean_logprob = None
-            for p in prompts:
+            seed = generate_kwargs.pop("seed", None)
+            for i, p in enumerate(prompts):
                 fixed.append(self.before(model, p, max_new_tokens=max_new))
                 if signal == "uncertainty":
-                    values.append(self.metric(model.generate(p, **generate_kwargs)))
+                    # One seed for every prompt would give every sample the same random stream, which shifts
+                    # all the confidences together and biases the threshold: prompt i gets seed + i.
+                    kw = dict(generate_kwargs, seed=None if seed is None else seed + i)
+                    values.append(self.metric(model.generate(p, **kw)))
                 elif signal == "prompt-score":
                     values.append(model.score(p).nats_per_token)
                 else:
