@@ -75,10 +75,15 @@ class GraphBuilder:
         return self._consts[key]
 
     def op(self, op_type: str, inputs: Sequence[str], *, name: str | None = None, outputs: int = 1,
-           domain: str = "", **attrs) -> Any:
-        """Append one node and return its output name (or a list when ``outputs > 1``)."""
+           domain: str = "", output_name: str | None = None, **attrs) -> Any:
+        """Append one node and return its output name (or a list when ``outputs > 1``).
+
+        ``output_name`` gives the (single) output a fixed name, e.g. a graph output of the I/O contract."""
         base = self._unique(name or op_type.lower())
         outs = [base] if outputs == 1 else [self._unique(f"{base}_out{i}") for i in range(outputs)]
+        if output_name is not None:
+            self._names.add(output_name)
+            outs = [output_name]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, domain=domain or None, **attrs))
         return outs[0] if outputs == 1 else outs
 
@@ -87,10 +92,8 @@ class GraphBuilder:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name
 
-    def add_output(self, src: str, name: str, elem_type: int, shape: Sequence) -> None:
-        # Outputs carry fixed contract names; an Identity renames the internal value.
-        self._names.add(name)
-        self.nodes.append(helper.make_node("Identity", [src], [name], name=f"{name}_identity"))
+    def add_output(self, name: str, elem_type: int, shape: Sequence) -> None:
+        """Declare a graph output; the node producing it was created with ``output_name=name``."""
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
 
     def model(self, graph_name: str, doc: str = "") -> onnx.ModelProto:
@@ -111,7 +114,7 @@ class DecoderIO:
     attention_mask: str
     position_ids: str
     past: list[tuple[str, str]]
-    bias: dict[int | None, str] = field(default_factory=dict)  # sliding window (None = full) -> additive mask
+    bias: dict[Any, str] = field(default_factory=dict)  # (sliding window or None, n_rep) -> additive mask
 
 
 def declare_io(gb: GraphBuilder, shape: DecoderShape) -> DecoderIO:
@@ -127,14 +130,21 @@ def declare_io(gb: GraphBuilder, shape: DecoderShape) -> DecoderIO:
     return DecoderIO(ids, mask, pos, past)
 
 
-def attention_bias(gb: GraphBuilder, io: DecoderIO, sliding_window: int | None = None) -> str:
-    """Additive mask [B, 1, S, T] (0 = may attend, MASK_VALUE = may not), built once per graph.
+def attention_bias(gb: GraphBuilder, io: DecoderIO, sliding_window: int | None = None, n_rep: int = 1) -> str:
+    """Additive mask [B, 1, n_rep*S, T] (0 = may attend, MASK_VALUE = may not), built once per graph.
 
     New token j sits at slot P + j (P = T - S past slots). It may see slot t when t <= P + j (causal),
     attention_mask[b, t] == 1 (not padding) and, with a sliding window W, t > P + j - W (Hugging Face's rule).
+    With grouped-query attention the [S, T] mask is tiled n_rep times along the rows, matching the grouped
+    score layout of :func:`attention` (row r*S + j = query j of the r-th head sharing a KV head).
     """
-    if sliding_window in io.bias:
-        return io.bias[sliding_window]
+    key = (sliding_window, n_rep)
+    if key in io.bias:
+        return io.bias[key]
+    if n_rep > 1:
+        base = attention_bias(gb, io, sliding_window, 1)
+        io.bias[key] = gb.op("Tile", [base, gb.const([1, 1, n_rep, 1])], name=f"attn_bias_x{n_rep}")
+        return io.bias[key]
     total = gb.op("Gather", [gb.op("Shape", [io.attention_mask]), gb.const(1)], name="total_len")
     seq = gb.op("Gather", [gb.op("Shape", [io.input_ids]), gb.const(1)], name="seq_len")
     past = gb.op("Sub", [total, seq], name="past_len")
@@ -149,7 +159,7 @@ def attention_bias(gb: GraphBuilder, io: DecoderIO, sliding_window: int | None =
     allowed = gb.op("And", [pad, allowed])  # [B, 1, S, T]
     bias = gb.op("Where", [allowed, gb.const(0.0, np.float32), gb.const(MASK_VALUE, np.float32)],
                  name="attn_bias" if sliding_window is None else f"attn_bias_sw{sliding_window}")
-    io.bias[sliding_window] = bias
+    io.bias[key] = bias
     return bias
 
 
@@ -191,73 +201,82 @@ def gelu_tanh(gb: GraphBuilder, x: str, name: str) -> str:
 
 @dataclass
 class Rotary:
-    """cos/sin tables [ctx, rot_dim] gathered once per graph by position_ids -> [B, 1, S, rot_dim]."""
+    """Rotary tables gathered once per graph by position_ids -> [B, S, 1, D], and rotate_half as a matrix."""
 
     cos: str
     sin: str
-    rot_dim: int
+    rotate_half: str
 
 
-def rotary_tables(gb: GraphBuilder, io: DecoderIO, cos: np.ndarray, sin: np.ndarray) -> Rotary:
-    cos_t, sin_t = gb.weight("rotary.cos", cos), gb.weight("rotary.sin", sin)
-    c = gb.op("Unsqueeze", [gb.op("Gather", [cos_t, io.position_ids], axis=0), gb.const([1])], name="rotary/cos")
-    s = gb.op("Unsqueeze", [gb.op("Gather", [sin_t, io.position_ids], axis=0), gb.const([1])], name="rotary/sin")
-    return Rotary(c, s, int(cos.shape[-1]))
+def rotary_tables(gb: GraphBuilder, io: DecoderIO, cos: np.ndarray, sin: np.ndarray, head_dim: int) -> Rotary:
+    """``cos``/``sin`` [ctx, rot_dim] from the model's rotary module; rot_dim < head_dim is partial rotary.
+
+    The tables are widened to head_dim (cos 1, sin 0 on the pass-through features) and rotate_half becomes a
+    constant [D, D] signed permutation R (x @ R = cat(-x2, x1) on the rotary features, 0 elsewhere), so
+    rotary is 4 nodes for q and k together: x * cos + (x @ R) * sin.
+    """
+    ctx, rot_dim = cos.shape
+    half = rot_dim // 2
+    cos_full = np.ones((ctx, head_dim), np.float32)
+    sin_full = np.zeros((ctx, head_dim), np.float32)
+    cos_full[:, :rot_dim], sin_full[:, :rot_dim] = cos, sin
+    r = np.zeros((head_dim, head_dim), np.float32)
+    for i in range(half):
+        r[i + half, i] = -1.0  # out[i] = -x[i + half]
+        r[i, i + half] = 1.0   # out[i + half] = x[i]
+    cos_t, sin_t = gb.weight("rotary.cos", cos_full), gb.weight("rotary.sin", sin_full)
+    c = gb.op("Unsqueeze", [gb.op("Gather", [cos_t, io.position_ids], axis=0), gb.const([2])], name="rotary/cos")
+    s = gb.op("Unsqueeze", [gb.op("Gather", [sin_t, io.position_ids], axis=0), gb.const([2])], name="rotary/sin")
+    return Rotary(c, s, gb.weight("rotary.rotate_half", r))
 
 
-def apply_rotary(gb: GraphBuilder, x: str, rot: Rotary, head_dim: int, name: str) -> str:
-    """x * cos + rotate_half(x) * sin on the first rot_dim features of each head ([B, H, S, D])."""
-    half = rot.rot_dim // 2
-    if rot.rot_dim < head_dim:
-        x_rot, x_pass = gb.op("Split", [x, gb.const([rot.rot_dim, head_dim - rot.rot_dim])], outputs=2,
-                              axis=-1, name=f"{name}/split_pass")
-    else:
-        x_rot, x_pass = x, None
-    x1, x2 = gb.op("Split", [x_rot, gb.const([half, half])], outputs=2, axis=-1, name=f"{name}/split_half")
-    rotated = gb.op("Concat", [gb.op("Neg", [x2]), x1], axis=-1, name=f"{name}/rotate_half")
-    out = gb.op("Add", [gb.op("Mul", [x_rot, rot.cos]), gb.op("Mul", [rotated, rot.sin])], name=f"{name}/rope")
-    if x_pass is not None:
-        out = gb.op("Concat", [out, x_pass], axis=-1, name=f"{name}/concat_pass")
-    return out
+def fold_query_scale(w: np.ndarray, b: np.ndarray | None, q_width: int, scale: float
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Multiply the query columns of a fused [in, q|k|v] projection by the attention scale at build time.
+
+    Rotary is linear, so scaling q before it equals scaling the scores after q.k: one Mul per layer saved."""
+    w = np.array(w, dtype=np.float32, copy=True)
+    w[:, :q_width] *= scale
+    if b is not None:
+        b = np.array(b, dtype=np.float32, copy=True)
+        b[:q_width] *= scale
+    return w, b
 
 
 def attention(gb: GraphBuilder, io: DecoderIO, shape: DecoderShape, layer: int, qkv: str, *, rotary: Rotary | None,
-              bias: str, scale: float) -> str:
-    """Multi-head attention with a concat KV cache, from the fused projection qkv = [B, S, (Hq + 2 Hkv) D].
+              bias: str) -> str:
+    """Multi-head attention with a concat KV cache, from the fused projection qkv = [B, S, (Hq + 2 Hkv) D]
+    whose query part is already scaled (:func:`fold_query_scale`).
 
     Grouped-query attention without copying the cache: the Hq query heads are regrouped as [B, Hkv, n_rep*S, D]
-    (query head h uses KV head h // n_rep, as in Hugging Face's repeat_kv), so each KV head is read once.
-    Returns the attention output [B, S, Hq*D] (before the output projection) and adds the present outputs.
+    (query head h uses KV head h // n_rep, as in Hugging Face's repeat_kv), so each KV head is read once and
+    ``bias`` comes pre-tiled to that layout. Returns the attention output [B, S, Hq*D] (before the output
+    projection) and produces the present.{layer}.key/value outputs.
     """
     hq, hkv, d = shape.num_attention_heads, shape.num_kv_heads, shape.head_dim
     n_rep = hq // hkv
     p = f"layers.{layer}.attn"
-    q, k, v = gb.op("Split", [qkv, gb.const([hq * d, hkv * d, hkv * d])], outputs=3, axis=-1, name=f"{p}/split_qkv")
-
-    def heads(x: str, n: int, tag: str) -> str:  # [B, S, n*D] -> [B, n, S, D]
-        x = gb.op("Reshape", [x, gb.const([0, 0, n, d])], name=f"{p}/{tag}_reshape")
-        return gb.op("Transpose", [x], perm=[0, 2, 1, 3], name=f"{p}/{tag}_transpose")
-
-    q, k, v = heads(q, hq, "q"), heads(k, hkv, "k"), heads(v, hkv, "v")
-    if rotary is not None:
-        q = apply_rotary(gb, q, rotary, d, f"{p}/q")
-        k = apply_rotary(gb, k, rotary, d, f"{p}/k")
+    heads = gb.op("Reshape", [qkv, gb.const([0, 0, hq + 2 * hkv, d])], name=f"{p}/heads")  # [B, S, Ht, D]
+    qk, v = gb.op("Split", [heads, gb.const([hq + hkv, hkv])], outputs=2, axis=2, name=f"{p}/split_v")
+    if rotary is not None:  # q and k together; keys are cached after rotary
+        rot = gb.op("MatMul", [qk, rotary.rotate_half], name=f"{p}/rotate_half")
+        qk = gb.op("Add", [gb.op("Mul", [qk, rotary.cos], name=f"{p}/rope_cos"),
+                           gb.op("Mul", [rot, rotary.sin], name=f"{p}/rope_sin")], name=f"{p}/rope")
+    q, k = gb.op("Split", [qk, gb.const([hq, hkv])], outputs=2, axis=2, name=f"{p}/split_qk")
+    q = gb.op("Transpose", [q], perm=[0, 2, 1, 3], name=f"{p}/q_transpose")  # [B, Hq, S, D]
+    k = gb.op("Transpose", [k], perm=[0, 2, 1, 3], name=f"{p}/k_transpose")
+    v = gb.op("Transpose", [v], perm=[0, 2, 1, 3], name=f"{p}/v_transpose")
     past_k, past_v = io.past[layer]
-    k = gb.op("Concat", [past_k, k], axis=2, name=f"{p}/k_cache")  # keys are cached after rotary
-    v = gb.op("Concat", [past_v, v], axis=2, name=f"{p}/v_cache")
-    gb.add_output(k, f"present.{layer}.key", TensorProto.FLOAT, ["batch", hkv, "total", d])
-    gb.add_output(v, f"present.{layer}.value", TensorProto.FLOAT, ["batch", hkv, "total", d])
+    k = gb.op("Concat", [past_k, k], axis=2, name=f"{p}/k_cache", output_name=f"present.{layer}.key")
+    v = gb.op("Concat", [past_v, v], axis=2, name=f"{p}/v_cache", output_name=f"present.{layer}.value")
+    gb.add_output(k, TensorProto.FLOAT, ["batch", hkv, "total", d])
+    gb.add_output(v, TensorProto.FLOAT, ["batch", hkv, "total", d])
 
-    q = gb.op("Mul", [q, gb.const(scale, np.float32)], name=f"{p}/q_scale")
     if n_rep > 1:
         q = gb.op("Reshape", [q, gb.const([0, hkv, -1, d])], name=f"{p}/q_group")  # [B, Hkv, n_rep*S, D]
-    kt = gb.op("Transpose", [k], perm=[0, 1, 3, 2], name=f"{p}/k_t")
+    kt = gb.op("Transpose", [k], perm=[0, 1, 3, 2], name=f"{p}/k_t")  # fused into the MatMul by onnxruntime
     scores = gb.op("MatMul", [q, kt], name=f"{p}/qk")  # [B, Hkv, n_rep*S, T]
-    if n_rep > 1:
-        scores = gb.op("Reshape", [scores, gb.const([0, hq, -1, 0])], name=f"{p}/scores_ungroup")  # [B,Hq,S,T]
     probs = gb.op("Softmax", [gb.op("Add", [scores, bias], name=f"{p}/mask")], axis=-1, name=f"{p}/softmax")
-    if n_rep > 1:
-        probs = gb.op("Reshape", [probs, gb.const([0, hkv, -1, 0])], name=f"{p}/probs_group")
     ctx = gb.op("MatMul", [probs, v], name=f"{p}/pv")  # [B, Hkv, n_rep*S, D]
     if n_rep > 1:
         ctx = gb.op("Reshape", [ctx, gb.const([0, hq, -1, d])], name=f"{p}/ctx_ungroup")
@@ -272,8 +291,12 @@ def lm_head_and_logits(gb: GraphBuilder, x: str, weight_out_in: Any, bias: Any |
     on every token (shared/notes/performance.md measured ~3x slower decode on a 135M model).
     """
     w = weight_out_in.detach().cpu().numpy().T if hasattr(weight_out_in, "detach") else np.asarray(weight_out_in).T
-    logits = linear(gb, x, w, bias, "lm_head")
-    gb.add_output(logits, "logits", TensorProto.FLOAT, ["batch", "seq", shape.vocab_size])
+    if bias is None:
+        gb.op("MatMul", [x, gb.weight("lm_head.weight", w)], name="lm_head/MatMul", output_name="logits")
+    else:
+        y = gb.op("MatMul", [x, gb.weight("lm_head.weight", w)], name="lm_head/MatMul")
+        gb.op("Add", [y, gb.weight("lm_head.bias", bias)], name="lm_head/Add", output_name="logits")
+    gb.add_output("logits", TensorProto.FLOAT, ["batch", "seq", shape.vocab_size])
 
 
 def t(weight: Any) -> np.ndarray:

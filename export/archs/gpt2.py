@@ -53,9 +53,10 @@ def build(model: Any, family: str, context_length: int) -> tuple[onnx.ModelProto
     for i, block in enumerate(base.h):
         a, m = block.attn, block.mlp
         h = c.layer_norm(gb, x, block.ln_1.weight, block.ln_1.bias, block.ln_1.eps, f"h.{i}.ln_1")
-        qkv = c.linear(gb, h, a.c_attn.weight, a.c_attn.bias, f"h.{i}.attn.c_attn")  # Conv1D: already [in, out]
-        ctx = c.attention(gb, io, shape, i, qkv, rotary=None, bias=bias,
-                          scale=float(getattr(a, "scaling", shape.head_dim ** -0.5)))
+        w, b = c.fold_query_scale(a.c_attn.weight.detach().numpy(), a.c_attn.bias.detach().numpy(), cfg.n_embd,
+                                  float(getattr(a, "scaling", shape.head_dim ** -0.5)))
+        qkv = c.linear(gb, h, w, b, f"h.{i}.attn.c_attn")  # Conv1D weights are already [in, out]
+        ctx = c.attention(gb, io, shape, i, qkv, rotary=None, bias=bias)
         x = gb.op("Add", [x, c.linear(gb, ctx, a.c_proj.weight, a.c_proj.bias, f"h.{i}.attn.c_proj")],
                   name=f"h.{i}/attn_residual")
         h = c.layer_norm(gb, x, block.ln_2.weight, block.ln_2.bias, block.ln_2.eps, f"h.{i}.ln_2")

@@ -75,7 +75,8 @@ def build_rope_decoder(model: Any, family: str, context_length: int, *, qkv: Cal
     with torch.no_grad():
         pos = torch.arange(context_length, dtype=torch.long)[None]
         cos, sin = base.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
-    rot = c.rotary_tables(gb, io, cos[0].float().numpy(), sin[0].float().numpy())
+    rot = c.rotary_tables(gb, io, cos[0].float().numpy(), sin[0].float().numpy(), head_dim)
+    n_rep = shape.num_attention_heads // shape.num_kv_heads
 
     windows = sliding_windows(model, family, shape.num_layers)
     x = gb.op("Gather", [gb.weight("embed_tokens.weight", base.embed_tokens.weight), io.input_ids], axis=0,
@@ -83,13 +84,13 @@ def build_rope_decoder(model: Any, family: str, context_length: int, *, qkv: Cal
     for i, layer in enumerate(base.layers):
         a, m = layer.self_attn, layer.mlp
         w = windows[i] if windows[i] is not None and windows[i] < context_length else None
-        bias = c.attention_bias(gb, io, w)
+        bias = c.attention_bias(gb, io, w, n_rep)
         h = c.rms_norm(gb, x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
                        f"layers.{i}.input_layernorm")
-        qkv_w, qkv_b = qkv(a)
+        qkv_w, qkv_b = c.fold_query_scale(*qkv(a), shape.num_attention_heads * head_dim,
+                                          float(getattr(a, "scaling", head_dim ** -0.5)))
         fused = c.linear(gb, h, qkv_w, qkv_b, f"layers.{i}.attn.qkv_proj")
-        ctx = c.attention(gb, io, shape, i, fused, rotary=rot, bias=bias,
-                          scale=float(getattr(a, "scaling", head_dim ** -0.5)))
+        ctx = c.attention(gb, io, shape, i, fused, rotary=rot, bias=bias)
         x = gb.op("Add", [x, c.linear(gb, ctx, c.t(a.o_proj.weight), a.o_proj.bias, f"layers.{i}.attn.o_proj")],
                   name=f"layers.{i}/attn_residual")
         h = c.rms_norm(gb, x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
