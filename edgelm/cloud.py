@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -164,6 +165,7 @@ class CloudClient:
         self._api_key = api_key  # private on purpose: not in repr, never logged
         self._extra_headers = dict(headers or {})
         self._client = None      # httpx.Client, created on first use
+        self._client_lock = threading.Lock()
         self._rng = random.Random()
 
     # --- public -----------------------------------------------------------------------------------
@@ -272,6 +274,10 @@ class CloudClient:
         return body
 
     def _http(self):
+        with self._client_lock:  # one pooled client even when the first calls come from several threads
+            return self._http_locked()
+
+    def _http_locked(self):
         if self._client is None:
             try:
                 import httpx

@@ -367,3 +367,12 @@ def test_cli_helpers_wrap_the_model_as_asked():
                                                                           "--cloud-threshold", "-2"]))
         assert auto.generate("hi").source == "cloud"
     assert len(srv.requests) == 2
+
+
+def test_importing_the_hybrid_side_stays_light():
+    import subprocess
+    import sys
+    code = ("import sys, edgelm, edgelm.hybrid, edgelm.cloud; edgelm.CloudClient('http://127.0.0.1:9/v1'); "
+            "edgelm.Router(); print(sorted(m for m in ('httpx', 'torch', 'starlette') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
