@@ -803,6 +803,9 @@ def add_cli_arguments(parser) -> None:
                    help="with --route auto: escalate when the local answer's mean token log-probability is "
                         "below this (e.g. -2.0); without it only prompts too long for the local model go out")
     g.add_argument("--cloud-timeout", metavar="S", type=float, default=60.0, help="cloud timeout in seconds")
+    g.add_argument("--cloud-endpoint", choices=("chat", "completions"), default="chat",
+                   help="how plain prompts are sent: chat (one user message; hosted chat models) or "
+                        "completions (text continuation; base models on vLLM, llama.cpp, edgelm serve)")
 
 
 def from_cli_args(model: "Model", args) -> "Model | Hybrid":
@@ -819,8 +822,15 @@ def from_cli_args(model: "Model", args) -> "Model | Hybrid":
     cloud = CloudClient(url, model=getattr(args, "cloud_model", None), timeout=getattr(args, "cloud_timeout", 60.0))
     router = Router(allow_cloud=route != "local", default="cloud" if route == "cloud" else "local",
                     min_mean_logprob=getattr(args, "cloud_threshold", None) if route == "auto" else None)
-    return Hybrid(model, cloud, router)
+    return Hybrid(model, cloud, router, cloud_endpoint=getattr(args, "cloud_endpoint", "chat") or "chat")
+
+
+def describe(result_or_stream: Any) -> str | None:
+    """The ``[source] reason`` line for a HybridResult or an exhausted HybridStream; None for anything else
+    (a plain Generation or TextStream), so callers can print it unconditionally when not None."""
+    r = getattr(result_or_stream, "result", result_or_stream)
+    return r.describe() if isinstance(r, HybridResult) else None
 
 
 __all__ = ["Hybrid", "HybridResult", "HybridStream", "Router", "Rule", "Budget", "Decision", "CalibrationReport",
-           "add_cli_arguments", "from_cli_args"]
+           "add_cli_arguments", "from_cli_args", "describe"]

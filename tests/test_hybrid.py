@@ -18,7 +18,7 @@ pytest.importorskip("httpx")
 
 from edgelm.cloud import CloudClient  # noqa: E402
 from edgelm.errors import ContextLengthError, InvalidArgumentError, RoutingError  # noqa: E402
-from edgelm.hybrid import Budget, Hybrid, Router, Rule, add_cli_arguments, from_cli_args  # noqa: E402
+from edgelm.hybrid import Budget, Hybrid, Router, Rule, add_cli_arguments, describe, from_cli_args  # noqa: E402
 from edgelm.model import Generation, Score, TextStream  # noqa: E402
 
 from faults import (ConnectionSpy, FaultServer, broken_stream, echo, free_port_refusing, garbage_stream,  # noqa: E402
@@ -366,7 +366,12 @@ def test_cli_helpers_wrap_the_model_as_asked():
         auto = from_cli_args(LocalDouble({"hi": -5.0}), parser.parse_args(["--cloud-url", srv.url,
                                                                           "--cloud-threshold", "-2"]))
         assert auto.generate("hi").source == "cloud"
-    assert len(srv.requests) == 2
+        text = from_cli_args(local, parser.parse_args(["--cloud-url", srv.url, "--route", "cloud",
+                                                       "--cloud-endpoint", "completions"]))
+        s = text.stream("Once")
+        assert "".join(s) == "from cloud" and describe(s) == "[cloud] default route (cloud)"
+        assert describe(local.stream("x")) is None
+    assert len(srv.requests) == 3 and srv.requests[2].path == "/v1/completions"
 
 
 def test_importing_the_hybrid_side_stays_light():
