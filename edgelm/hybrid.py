@@ -644,6 +644,18 @@ class Hybrid:
 
     def _rescue(self, q: "_Query", d: Decision, local_exc: EdgeLMError, budget_note: str | None) -> HybridResult:
         """The local model refused (e.g. the prompt does not fit): try the cloud if policy allows."""
+        d2 = self._rescue_decision(d, local_exc, budget_note)
+        try:
+            reply = self._call_cloud(q)
+        except CloudError as exc:
+            raise RoutingError(f"Neither side could answer: the local model refused ({local_exc}) and the cloud "
+                               f"failed ({_cloud_failure(exc)}).", hint=local_exc.hint or "") from None
+        return HybridResult(text=reply.text, source="cloud", reason=d2.reason, signal=d2.signal,
+                            finish_reason=reply.finish_reason, cloud_reply=reply)
+
+    def _rescue_decision(self, d: Decision, local_exc: EdgeLMError, budget_note: str | None) -> Decision:
+        """After the local model refused: the decision to ask the cloud instead, or RoutingError if policy,
+        configuration or budget rule that out."""
         if self.cloud is None or not self.router.allow_cloud or budget_note is not None:
             why = ("no cloud endpoint" if self.cloud is None else "privacy mode" if not self.router.allow_cloud
                    else budget_note)
@@ -653,13 +665,7 @@ class Hybrid:
         if note is not None:
             raise RoutingError(f"Neither side could answer: the local model refused ({local_exc}) and {note}.",
                                hint=local_exc.hint or "") from None
-        try:
-            reply = self._call_cloud(q)
-        except CloudError as exc:
-            raise RoutingError(f"Neither side could answer: the local model refused ({local_exc}) and the cloud "
-                               f"failed ({_cloud_failure(exc)}).", hint=local_exc.hint or "") from None
-        return HybridResult(text=reply.text, source="cloud", reason=d2.reason, signal=d2.signal,
-                            finish_reason=reply.finish_reason, cloud_reply=reply)
+        return d2
 
     def _stream(self, q: "_Query") -> HybridStream:
         d = self._decide(q)  # checked now, so bad arguments raise before the first piece is asked for
@@ -681,12 +687,17 @@ class Hybrid:
             if gen is not None:  # the cascade kept its answer: hand it over
                 if gen.text:
                     yield gen.text
+                holder[0].result = self._finish(_local_result(gen, d, None), started)
+                return
+            try:
+                ts = self.local.stream(q.text, **q.kwargs)  # checks its arguments (and the fit) right away
+            except EdgeLMError as local_exc:
+                d = self._rescue_decision(d, local_exc, budget_note)  # raises RoutingError when it cannot
             else:
-                ts = self.local.stream(q.text, **q.kwargs)
                 yield from ts
-                gen = ts.generation
-            holder[0].result = self._finish(_local_result(gen, d, None), started) if gen is not None else None
-            return
+                if ts.generation is not None:
+                    holder[0].result = self._finish(_local_result(ts.generation, d, None), started)
+                return
         messages, prompt = self._outgoing(q)
         kw = self._cloud_kwargs(q)
         given: list[str] = []
@@ -708,12 +719,18 @@ class Hybrid:
             return
         except CloudError as exc:
             fallback = _cloud_failure(exc)
+        if d.signal == "local-failed":
+            raise RoutingError(f"Neither side could answer: {d.reason}, and the cloud failed ({fallback}).")
         if not given:  # nothing shown yet: the local answer stands in whole
             if gen is not None:
                 if gen.text:
                     yield gen.text
             else:
-                ts = self.local.stream(q.text, **q.kwargs)
+                try:
+                    ts = self.local.stream(q.text, **q.kwargs)
+                except EdgeLMError as local_exc:
+                    raise RoutingError(f"Neither side could answer: the cloud failed ({fallback}) and the local "
+                                       f"model refused ({local_exc}).") from None
                 yield from ts
                 gen = ts.generation
             if gen is not None:

@@ -42,11 +42,15 @@ class LocalDouble:
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
         return "".join(f"<{m['role']}> {m['content']}\n" for m in messages) + "<assistant>"
 
-    def generate(self, prompt: str, *, max_new_tokens: int | None = None, **kw) -> Generation:
+    def _check(self, prompt: str, max_new_tokens: int | None, truncate: str | None) -> int:
         n = len(self.encode(prompt)) + (max_new_tokens or 8)
-        if n > self.context_length and kw.get("truncate") != "left":
+        if n > self.context_length and truncate != "left":
             raise ContextLengthError(f"{n} tokens do not fit {self.context_length}.", prompt_tokens=n,
                                      max_new_tokens=max_new_tokens or 8, context_length=self.context_length)
+        return n
+
+    def generate(self, prompt: str, *, max_new_tokens: int | None = None, **kw) -> Generation:
+        n = self._check(prompt, max_new_tokens, kw.get("truncate"))
         self.calls.append(prompt)
         lp = self.confidence.get(prompt, -1.0)
         return Generation(text=f" local answer {len(self.calls)}", token_ids=[5, 6, 7], finish_reason="length",
@@ -54,6 +58,8 @@ class LocalDouble:
                           total_time_s=0.0, logprobs=[lp, lp, lp])
 
     def stream(self, prompt: str, **kw) -> TextStream:
+        self._check(prompt, kw.get("max_new_tokens"), kw.get("truncate"))  # like Model.stream: before any piece
+
         def gen():
             g = self.generate(prompt, **kw)
             for word in g.text.split(" ")[1:]:
@@ -381,3 +387,19 @@ def test_importing_the_hybrid_side_stays_light():
             "edgelm.Router(); print(sorted(m for m in ('httpx', 'torch', 'starlette') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_local_refusal_is_rescued_by_the_cloud_in_generate_and_stream():
+    long_prompt = "w " * 20
+    with FaultServer(ok("the cloud took it")) as srv:
+        hy = Hybrid(LocalDouble(context_length=16), cloud_for(srv))
+        r = hy.generate(long_prompt, prefer="local", max_new_tokens=4)
+        s = hy.stream(long_prompt, prefer="local", max_new_tokens=4)
+        assert "".join(s) == "the cloud took it"
+    assert (r.source, r.signal) == ("cloud", "local-failed") and "do not fit" in r.reason
+    assert (s.result.source, s.result.signal) == ("cloud", "local-failed")
+    hy = Hybrid(LocalDouble(context_length=16), cloud_for(free_port_refusing(), max_retries=0))
+    with pytest.raises(RoutingError, match="cloud unreachable"):
+        list(hy.stream(long_prompt, prefer="local", max_new_tokens=4))
+    with pytest.raises(RoutingError, match="cloud unreachable"):
+        list(hy.stream(long_prompt, max_new_tokens=4))  # the context check chose the cloud, which failed
