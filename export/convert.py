@@ -121,6 +121,20 @@ def _check_tokenizer(path: Path) -> None:
                              hint="Copy the model's tokenizer files into the folder (tokenizer.save_pretrained).")
 
 
+def _check_eval_text(path: Path) -> Path:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"Evaluation text {path} does not exist.", hint="Pass an existing --eval-text FILE.")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgumentError(f"Evaluation text {path} cannot be read as UTF-8 ({exc}).",
+                                   hint="Pass a UTF-8 text file to --eval-text.")
+    if len(text.split()) < 20:
+        raise InvalidArgumentError(f"Evaluation text {path} is too short to measure anything (under 20 words).",
+                                   hint="Pass a few kilobytes of held-out text in the model's language.")
+    return path
+
+
 def _weights_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir()
                if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
@@ -326,9 +340,7 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
         raise InvalidArgumentError(f"context_length={context_length} is longer than the model's {max_pos} positions.",
                                    hint=f"Pass context_length <= {max_pos}.")
     ctx = context_length or min(max_pos, DEFAULT_MAX_CONTEXT)
-    eval_path = Path(eval_text).expanduser() if eval_text else DEFAULT_EVAL_TEXT
-    if quantize != "none" and not eval_path.is_file():
-        raise InvalidArgumentError(f"Evaluation text {eval_path} does not exist.", hint="Pass an existing --eval-text FILE.")
+    eval_path = _check_eval_text(Path(eval_text).expanduser() if eval_text else DEFAULT_EVAL_TEXT)
     out_path = Path(out).expanduser()
     _check_output(out_path, overwrite, src_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -355,12 +367,12 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
 def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builder: Any, model_type: str,
             out_path: Path, work: Path, *, quantize: str, eval_path: Path, max_ppl_increase: float, force: bool,
             progress: bool, keep: tuple[str, ...], context_length: int, threads: int | None) -> ExportReport:
-    import onnx
     import torch
     from tqdm.auto import tqdm
 
     from edgelm.folder import write_manifest
 
+    from .quantize import onnx_bytes, save_onnx
     from .verify import verify_against_torch
 
     steps = ["load", "build", "verify"] + ([] if quantize == "none" else ["quantize"]) + ["evaluate", "write"]
@@ -393,7 +405,7 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
     fp32_dir = work / "fp32"
     fp32_dir.mkdir()
     fp32_onnx = fp32_dir / "model.onnx"
-    onnx.save_model(graph, str(fp32_onnx))
+    save_onnx(graph, fp32_onnx)
     del graph
     bar.update(1)
 
@@ -440,8 +452,8 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
         shutil.rmtree(fp32_dir)  # the fp32 variant was only needed for comparison
     report = ExportReport(out=str(out_path), source=src, architecture=arch, model_type=model_type,
                           quantization=quantize, context_length=shape.context_length, num_parameters=int(num_params),
-                          max_logit_diff=float(max_diff), model_bytes=(final_dir / "model.onnx").stat().st_size,
-                          fp32_model_bytes=quant_info.get("fp32_bytes", (final_dir / "model.onnx").stat().st_size),
+                          max_logit_diff=float(max_diff), model_bytes=onnx_bytes(final_dir / "model.onnx"),
+                          fp32_model_bytes=quant_info.get("fp32_bytes", onnx_bytes(final_dir / "model.onnx")),
                           metrics=metrics)
     (final_dir / "README.md").write_text(_model_card(report, shape, src_path, quant_info, _licence_notes(src_path)),
                                          encoding="utf-8")

@@ -67,6 +67,34 @@ def dequantize_blocks(b: np.ndarray, scales: np.ndarray, bits: int, k: int) -> n
     return w.reshape(n, -1)[:, :k].T
 
 
+# Protobuf cannot serialize a message above 2 GB; graphs with more weight bytes than this keep their weights in
+# a side file (model.onnx.data, next to model.onnx) -- in practice only fp32 graphs of 450M+ parameters.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def save_onnx(model: Any, path: str | os.PathLike) -> int:
+    """Save ``model`` at ``path`` (weights inside unless too big, see EXTERNAL_DATA_BYTES); returns bytes written."""
+    import onnx
+
+    path = Path(path)
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    data = path.with_name(path.name + ".data")
+    if weight_bytes > EXTERNAL_DATA_BYTES:
+        data.unlink(missing_ok=True)
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    return onnx_bytes(path)
+
+
+def onnx_bytes(path: str | os.PathLike) -> int:
+    """Size of a graph file plus its external weight file, if it has one."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def _initializers(model: Any) -> dict[str, Any]:
     return {t.name: t for t in model.graph.initializer}
 
@@ -158,7 +186,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
 
     keep = tuple(keep_fp32)
     src, dst = Path(src), Path(dst)
-    info: dict[str, Any] = {"method": method, "keep_fp32": list(keep), "fp32_bytes": src.stat().st_size}
+    info: dict[str, Any] = {"method": method, "keep_fp32": list(keep), "fp32_bytes": onnx_bytes(src)}
     if method == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
         model = onnx.load(str(src))
@@ -169,7 +197,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
         if "embeddings" not in keep:  # quantize_dynamic leaves Gather tables fp32; use the same int8 rows as int8
             model = onnx.load(str(dst))
             info["embeddings"] = _quantize_embeddings(model)
-            onnx.save_model(model, str(dst))
+            save_onnx(model, dst)
         info.update(dtype="int8", weights="int8 per-tensor, activations int8 at run time (MatMulInteger)")
     elif method in ("int8", "int4"):
         bits = 8 if method == "int8" else 4
@@ -178,10 +206,10 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
         info["embeddings"] = [] if "embeddings" in keep else _quantize_embeddings(model)
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        onnx.save_model(model, str(dst))
+        save_onnx(model, dst)
         info.update(dtype=method, weights=f"int{bits} symmetric, blocks of {info['block_size']} (MatMulNBits), "
                                           "activations fp32")
     else:
         raise ValueError(f"unknown quantization method {method!r}")
-    info["bytes"] = dst.stat().st_size
+    info["bytes"] = onnx_bytes(dst)
     return info

@@ -119,6 +119,19 @@ def test_invalid_arguments(tmp_path, kwargs, match):
 
 
 @needs_shared()
+def test_bad_eval_text(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="does not exist"):
+        _export(STORIES260K, tmp_path / "out", eval_text=str(tmp_path / "missing.txt"))
+    (tmp_path / "short.txt").write_text("Too short.")
+    with pytest.raises(InvalidArgumentError, match="too short"):
+        _export(STORIES260K, tmp_path / "out", eval_text=str(tmp_path / "short.txt"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    with pytest.raises(InvalidArgumentError, match="UTF-8"):
+        _export(STORIES260K, tmp_path / "out", eval_text=str(tmp_path / "latin1.txt"))
+    assert not (tmp_path / "out").exists()
+
+
+@needs_shared()
 def test_context_longer_than_the_model(tmp_path):
     with pytest.raises(InvalidArgumentError, match="longer than"):
         _export(STORIES260K, tmp_path / "out", quantize="none", context_length=4096)

@@ -82,3 +82,22 @@ def test_chat_template_generation_defaults_and_licence_travel(tmp_path):
 
     lm = edgelm.load(out)
     assert lm.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("<|user|>hi")
+
+
+def test_graphs_too_big_for_one_file_keep_weights_beside_it(tmp_path, monkeypatch):
+    # Protobuf cannot hold more than 2 GB; such graphs get model.onnx.data. Forced here with a zero threshold.
+    if not STORIES260K.is_dir():
+        pytest.skip("stories260K fixture not available")
+    import edgelm
+    import edgelm_export.quantize as quantize
+    from edgelm_export.convert import export_model
+
+    monkeypatch.setattr(quantize, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "out"
+    report = export_model(str(STORIES260K), str(out), quantize="int8", progress=False)
+    assert (out / "model.onnx.data").is_file() and (out / "model.onnx").stat().st_size < 100_000
+    assert report.model_bytes == (out / "model.onnx").stat().st_size + (out / "model.onnx.data").stat().st_size
+    manifest = json.loads((out / "edgelm.json").read_text())
+    assert "model.onnx.data" in manifest["files"] and manifest["metrics"]["ppl_increase"] < 0.05
+    lm = edgelm.load(out)
+    assert lm.generate("Once upon a time", max_new_tokens=8, temperature=0).completion_tokens == 8

@@ -74,7 +74,9 @@ def build_rope_decoder(model: Any, family: str, context_length: int, *, qkv: Cal
     # (linear, dynamic, llama3, yarn, longrope...) is reproduced exactly for positions 0..context_length-1.
     with torch.no_grad():
         pos = torch.arange(context_length, dtype=torch.long)[None]
-        cos, sin = base.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+        # (transformers < 4.48 kept a rotary module per attention layer for some families)
+        rotary_emb = getattr(base, "rotary_emb", None) or attn0.rotary_emb
+        cos, sin = rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
     rot = c.rotary_tables(gb, io, cos[0].float().numpy(), sin[0].float().numpy(), head_dim)
     n_rep = shape.num_attention_heads // shape.num_kv_heads
 
