@@ -434,7 +434,9 @@ def worker(engine: str, path: str, prompt: list[int], n: int, threads: int) -> d
                     n_threads=threads, n_threads_batch=threads, verbose=False)
         load = time.perf_counter() - t0
         # generate() evaluates the prompt, then yields one token per step; it never stops at EOS by itself.
-        gen = lambda k: _timed_steps(llm.generate(prompt, temp=0.0, top_k=1, reset=True), k)  # noqa: E731
+        def gen(k):
+            llm.reset()  # otherwise generate() reuses the cached prefix of the previous call: no real prefill
+            return _timed_steps(llm.generate(prompt, temp=0.0, top_k=1, reset=True), k)
     else:
         raise ValueError(f"unknown engine {engine}")
     import_s = t0 - t_import
