@@ -320,6 +320,15 @@ def _last_error(log: str) -> str:
 # workers: one engine, one process. Each prints one line "RESULT {json}".
 # =====================================================================================================
 def _rss() -> int:
+    """This process's peak RSS. VmHWM belongs to the process's own address space; ``ru_maxrss`` does not
+    reset at exec on Linux, so a worker started by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -86,24 +86,25 @@ class BenchResult:
 def peak_rss_bytes() -> int | None:
     """This process's peak resident set size so far, in bytes (None where the OS does not say).
 
-    Linux reports ``ru_maxrss`` in KiB and macOS in bytes; ``/proc/self/status`` (VmHWM) is the fallback
-    where ``resource`` is missing. psutil is deliberately not needed.
+    Linux: ``VmHWM`` from ``/proc/self/status``, which belongs to this process's own address space.
+    (``ru_maxrss`` is the fallback elsewhere; on Linux it survives ``exec``, so a process started by a
+    larger parent would report the parent's peak.) macOS reports ``ru_maxrss`` in bytes, Linux in KiB.
+    psutil is deliberately not needed.
     """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(peak if sys.platform == "darwin" else peak * 1024)
     except (ImportError, OSError, ValueError):
-        pass
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        return None
 
 
 def folder_size_bytes(path: str | os.PathLike) -> int:
