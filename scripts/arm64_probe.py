@@ -121,11 +121,7 @@ def probe(model: str, prompt: str, max_new_tokens: int, threads: int) -> dict[st
     gen = lm.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True)
     # The same generation again: greedy decoding must be repeatable on one machine.
     again = lm.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True)
-    if model == "default":
-        from edgelm_models import default_path  # where edgelm.load() finds the shipped default model
-        folder = default_path()
-    else:
-        folder = Path(model)
+    folder = Path(lm.path)  # the folder load() resolved ($EDGELM_MODEL or the shipped one for "default")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     onnx_path = folder / config.get("onnx", {}).get("file", "model.onnx")
     t0 = time.perf_counter()
