@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="stories15m")
     ap.add_argument("--steps", type=int, default=100, help="decode steps per round (median)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--only", help="comma-separated variant names to time (default: all)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     cfg = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=512, tie_word_embeddings=True)
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                 variants[f"int8 acc{level} block{block}"] = tmp / f"int8-acc{level}-b{block}.onnx"
                 q.quantize_model(fp32, variants[f"int8 acc{level} block{block}"], method="int8")
         q.ACCURACY_LEVEL, q.BLOCK_SIZE = saved[0], saved[1]
+        if args.only:
+            variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
         decode = _feeds(cfg, np.array([[5]], np.int64), 64)
         prefill = _feeds(cfg, np.random.randint(0, 32000, (1, 128)).astype(np.int64), 0)
         sessions, rows = {}, {}
