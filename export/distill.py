@@ -163,7 +163,11 @@ def distill(cfg, teacher: str | os.PathLike, *, student_layers: int | None = Non
                             seed=cfg.seed)
     if student.config.vocab_size != t_model.config.vocab_size:
         raise TrainingError("Student and teacher vocabulary sizes differ.", hint="Use the teacher's vocabulary.")
-    cfg.extra = {**cfg.extra, "teacher": str(tdir), "student_init": getattr(student.config, "edgelm_init_layers", "random")}
+    init_layers = getattr(student.config, "edgelm_init_layers", None)
+    cfg.extra = {**cfg.extra, "teacher": str(tdir), "student_init": init_layers or "random"}
+    # Record what the student actually is (cfg.model_config is unused when the student is passed in).
+    cfg.model_config = student_config if student_config is not None and init_layers is None else \
+        f"teacher layers {init_layers}"
     return train(cfg, model=student, teacher=t_model, callback=callback)
 
 
