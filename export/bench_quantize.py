@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-
 SHAPES = {
     # llama2.c stories15M: 15M parameters (24M with the tied 32000-token embedding counted once)
-    "stories15m": dict(hidden_size=288, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6,
-                       num_key_value_heads=6, vocab_size=32000),
+    "stories15m": {"hidden_size": 288, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 6,
+                       "num_key_value_heads": 6, "vocab_size": 32000},
     # SmolLM-135M: the shape shared/notes/performance.md measured
-    "smollm135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                       num_key_value_heads=3, vocab_size=49152),
+    "smollm135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                       "num_key_value_heads": 3, "vocab_size": 49152},
 }
 
 

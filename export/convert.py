@@ -23,8 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgelm.errors import (EdgeLMError, ExportError, InvalidArgumentError, ModelNotFoundError, OutOfDiskError,
-                           QualityGateError, TokenizerError)
+from edgelm.errors import (
+    EdgeLMError,
+    ExportError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    OutOfDiskError,
+    TokenizerError,
+)
 
 QUANTIZE_CHOICES = ("int8", "int8-dynamic", "int4", "none")
 KEEP_FP32_CHOICES = ("embeddings", "lm_head")
@@ -92,7 +98,7 @@ def _resolve_source(src: str) -> Path:
             from huggingface_hub import snapshot_download
             return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model",
                                                                "*.txt", "*.md", "*.jinja", "LICENSE*"]))
-        except Exception as exc:  # offline, unknown id, gated model...
+        except Exception as exc:  # noqa: BLE001 -- offline, unknown id, gated model: all mean "not available"
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise ModelNotFoundError(f"{src} is not a local folder and could not be downloaded from the Hugging Face "
                                      f"hub ({type(exc).__name__}: {first_line}).",
@@ -260,7 +266,7 @@ def _licence_notes(src: Path) -> str:
         return ""
     text = readme.read_text(encoding="utf-8", errors="replace")
     notes = []
-    m = re.search(r"^license:\s*(\S+)", text, re.M)
+    m = re.search(r"^license:\s*(\S+)", text, re.MULTILINE)
     if m:
         notes.append(f"Source licence (from its model card): `{m.group(1)}`.")
     idx = max(text.find("MIT License"), text.lower().find("## licen"), text.find("Apache License"))
@@ -287,18 +293,19 @@ def _model_card(report: ExportReport, shape: Any, src: Path, quant: dict[str, An
         f"| fp32 ONNX vs PyTorch, max abs logit diff | {report.max_logit_diff:.2e} |", "",
     ]
     if m:
-        lines += ["## Quality at export", "",
-                  f"Measured on `{m.get('eval_text', '?')}` ({m.get('eval_bytes', '?')} bytes) with the edgelm runtime.", "",
+        measured = f"Measured on `{m.get('eval_text', '?')}` ({m.get('eval_bytes', '?')} bytes) with the edgelm runtime."
+        lines += ["## Quality at export", "", measured, "",
                   "| model | perplexity | bits per byte |", "| --- | --- | --- |"]
         for tag in ("fp32", "quantized"):
             if f"{tag}_perplexity" in m:
                 lines.append(f"| {tag} | {m[f'{tag}_perplexity']:.4f} | {m[f'{tag}_bits_per_byte']:.4f} |")
         if "ppl_increase" in m:
-            lines += ["", f"Perplexity increase: {100 * m['ppl_increase']:.2f} % (gate: {100 * m['max_ppl_increase']:.1f} %"
-                      f"{', forced' if m.get('forced') else ''}). Greedy agreement with fp32 over "
-                      f"{m.get('agreement_prompts')} prompts x {m.get('agreement_tokens')} tokens: "
-                      f"{100 * m.get('greedy_token_agreement', 0):.1f} % of tokens, "
-                      f"{100 * m.get('greedy_prefix_agreement', 0):.1f} % before the first divergence."]
+            summary = (f"Perplexity increase: {100 * m['ppl_increase']:.2f} % (gate: {100 * m['max_ppl_increase']:.1f} %"
+                       f"{', forced' if m.get('forced') else ''}). Greedy agreement with fp32 over "
+                       f"{m.get('agreement_prompts')} prompts x {m.get('agreement_tokens')} tokens: "
+                       f"{100 * m.get('greedy_token_agreement', 0):.1f} % of tokens, "
+                       f"{100 * m.get('greedy_prefix_agreement', 0):.1f} % before the first divergence.")
+            lines += ["", summary]
         lines.append("")
     lines += ["## Licence", "", licence or "The source folder carries no licence notes; check the source model's terms.", ""]
     return "\n".join(lines)

@@ -18,8 +18,9 @@ Transpose(embedding)), so tied models do not fall into the de-quantize-the-whole
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 

@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import CACHE, STORIES260K, cached_export
 
 pytestmark = pytest.mark.slow
@@ -35,9 +34,9 @@ INT8_TEACHER_FORCED_FLOOR = 0.7
 
 
 def _config(arch: str):
-    common = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-                  initializer_range=0.2)
+    common = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "max_position_embeddings": 128, "bos_token_id": 1, "eos_token_id": 2,
+                  "initializer_range": 0.2}
     if arch == "llama":
         return transformers.LlamaConfig(**common, tie_word_embeddings=True)
     if arch == "qwen2":
@@ -112,8 +111,9 @@ def test_fp32_greedy_matches_transformers(arch):
 
 
 def test_int8_greedy_agreement(arch):
-    import edgelm
     from edgelm_export.evaluate import teacher_forced_agreement
+
+    import edgelm
 
     src = _hf_folder(arch)
     fp32_folder = cached_export(f"arch-{src.name}-fp32", src, quantize="none", context_length=64)

@@ -7,13 +7,20 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import STORIES260K, needs_shared
-from edgelm.errors import (ExportError, InvalidArgumentError, ModelNotFoundError, OutOfDiskError, QualityGateError,
-                           TokenizerError, UnsupportedArchitectureError)
+
+from edgelm.errors import (
+    ExportError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    OutOfDiskError,
+    QualityGateError,
+    TokenizerError,
+    UnsupportedArchitectureError,
+)
 
 pytest.importorskip("torch")
-from edgelm_export.convert import export_model  # noqa: E402
+from edgelm_export.convert import export_model
 
 
 def _export(src, out, **kw):
@@ -140,7 +147,7 @@ def test_context_longer_than_the_model(tmp_path):
 
 @needs_shared()
 def test_not_enough_disk_is_refused_before_work(tmp_path, monkeypatch):
-    import edgelm_export.convert as convert
+    from edgelm_export import convert
 
     real = shutil.disk_usage
     monkeypatch.setattr(convert.shutil, "disk_usage", lambda p: real(p)._replace(free=1024))

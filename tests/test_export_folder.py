@@ -5,7 +5,6 @@ import io
 import json
 
 import pytest
-
 from conftest import SHARED, STORIES260K
 
 pytestmark = pytest.mark.slow
@@ -24,8 +23,9 @@ def _tiny_llama(dst):
 
 def test_sentencepiece_only_source_gets_a_tokenizer_json(tmp_path):
     spm = pytest.importorskip("sentencepiece")
-    import edgelm
     from edgelm_export.convert import export_model
+
+    import edgelm
 
     corpus = SHARED / "corpus" / "tinystories" / "tinystories-v1-train-sample.txt"
     if not corpus.is_file():
@@ -53,8 +53,9 @@ def test_sentencepiece_only_source_gets_a_tokenizer_json(tmp_path):
 def test_chat_template_generation_defaults_and_licence_travel(tmp_path):
     if not STORIES260K.is_dir():
         pytest.skip("stories260K tokenizer fixture not available")
-    import edgelm
     from edgelm_export.convert import export_model
+
+    import edgelm
 
     src = tmp_path / "src"
     _tiny_llama(src)
@@ -88,9 +89,10 @@ def test_graphs_too_big_for_one_file_keep_weights_beside_it(tmp_path, monkeypatc
     # Protobuf cannot hold more than 2 GB; such graphs get model.onnx.data. Forced here with a zero threshold.
     if not STORIES260K.is_dir():
         pytest.skip("stories260K fixture not available")
-    import edgelm
-    import edgelm_export.quantize as quantize
+    from edgelm_export import quantize
     from edgelm_export.convert import export_model
+
+    import edgelm
 
     monkeypatch.setattr(quantize, "EXTERNAL_DATA_BYTES", 0)
     out = tmp_path / "out"

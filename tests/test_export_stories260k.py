@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import EVAL_TEXT, STORIES260K
 
 pytestmark = pytest.mark.slow
@@ -53,8 +52,9 @@ def test_fp32_greedy_equals_pytorch(stories_fp32, torch_greedy):
 
 
 def test_int8_greedy_agrees_with_pytorch(stories_fp32, stories_int8, torch_greedy):
-    import edgelm
     from edgelm_export.evaluate import agreement, teacher_forced_agreement
+
+    import edgelm
     q = edgelm.load(stories_int8)
     prompts = [ids for ids, _ in torch_greedy.values()]
     refs = [ref for _, ref in torch_greedy.values()]

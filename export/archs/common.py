@@ -12,8 +12,9 @@ build; onnxruntime's own optimiser fuses the RMSNorm / GELU / MatMul+Add pattern
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -66,7 +67,7 @@ class GraphBuilder:
         self.initializers.append(numpy_helper.from_array(arr, name))
         return name
 
-    def const(self, values: Sequence | np.ndarray | float | int, dtype=np.int64) -> str:
+    def const(self, values: Sequence | np.ndarray | float, dtype=np.int64) -> str:
         """A small constant, shared between all nodes that use the same value."""
         arr = np.asarray(values, dtype=dtype)
         key = (arr.dtype.str, arr.shape, arr.tobytes())

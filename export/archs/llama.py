@@ -7,7 +7,8 @@ context the graph is built for (otherwise it changes nothing and is left out).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import onnx
 
