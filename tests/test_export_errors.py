@@ -207,3 +207,15 @@ def test_cli_reports_a_one_line_error(tmp_path, capsys):
     rc = main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1 and "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@needs_shared()
+def test_a_graph_that_disagrees_with_pytorch_is_refused(tmp_path, monkeypatch):
+    # Break the builder the way a real bug would (the attention scale is dropped): verification must catch it.
+    from edgelm_export.archs import common
+
+    monkeypatch.setattr(common, "fold_query_scale", lambda w, b, q_width, scale: (w, b))
+    with pytest.raises(ExportError, match="disagrees with PyTorch"):
+        _export(STORIES260K, tmp_path / "out", quantize="none")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
