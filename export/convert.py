@@ -288,7 +288,7 @@ def _model_card(report: ExportReport, shape: Any, src: Path, quant: dict[str, An
         f"| attention heads / KV heads | {shape.num_attention_heads} / {shape.num_kv_heads} |",
         f"| head size | {shape.head_dim} |", f"| vocabulary | {shape.vocab_size} |",
         f"| context length | {shape.context_length} |",
-        f"| weights | {report.quantization} ({quant.get('method', 'fp32')}) |",
+        f"| weights | {quant.get('weights', 'fp32')} |",
         f"| model.onnx | {report.model_bytes / 1e6:.2f} MB (fp32 graph {report.fp32_model_bytes / 1e6:.2f} MB) |",
         f"| fp32 ONNX vs PyTorch, max abs logit diff | {report.max_logit_diff:.2e} |", "",
     ]
@@ -432,7 +432,7 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
     source_info = {"model": src, "path": str(src_path.resolve()), "architecture": arch}
     write_manifest(fp32_dir, source=source_info)  # provisional, so the runtime can open the folder to evaluate it
 
-    final_dir, quant_info = fp32_dir, {"method": "none", "dtype": "float32"}
+    final_dir, quant_info = fp32_dir, {"method": "none", "dtype": "float32", "weights": "fp32 (not quantized)"}
     if quantize != "none":
         step("quantize")
         q_dir = work / quantize
