@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
                         help="model folder (default: $EDGELM_MODEL, else the shipped default model)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--card", action="store_true", help="also print the model card (README.md)")
+    parser.add_argument("--card", action="store_true", help="also print the model card (README.md); the default model's card is always shown")
 
 
 def _size(n: float) -> str:
@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         if not c["ok"]:
             lines.append(f"  {c['error']}")
         print("\n".join(lines))
-    if args.card:
+    # With no MODEL, `edgelm info` is "tell me about the model I get by default": show its card too.
+    if args.card or (args.model is None and not args.json):
         card = Path(info["path"]) / "README.md"
         if card.is_file():
             print()
