@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgelm.commands.generate import add_sampling_arguments, load_model, sampling_kwargs, stats_line
+from edgelm.commands.generate import add_sampling_arguments, load_model, print_source, sampling_kwargs, stats_line
 
 HELP = "commands: /reset (forget the conversation), /exit (quit), /help"
 
@@ -89,3 +89,4 @@ def run(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": "".join(parts).strip()})
         if args.stats and stream.generation is not None:
             print(stats_line(stream.generation), file=sys.stderr)
+        print_source(stream)

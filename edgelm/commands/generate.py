@@ -21,6 +21,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop before this text (repeatable); escapes like \\n are understood")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     parser.add_argument("--no-verify", action="store_true", help="skip the checksum check of the model files")
+    from edgelm.hybrid import add_cli_arguments   # --cloud-url / --cloud-model / --route (no httpx until used)
+    add_cli_arguments(parser)
 
 
 def unescape(text: str) -> str:
@@ -37,7 +39,8 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 def load_model(args: argparse.Namespace):
     import edgelm
 
-    return edgelm.load(args.model, threads=args.threads, verify=not args.no_verify)
+    from edgelm.hybrid import from_cli_args
+    return from_cli_args(edgelm.load(args.model, threads=args.threads, verify=not args.no_verify), args)
 
 
 def stats_line(gen) -> str:
@@ -72,4 +75,13 @@ def run(args: argparse.Namespace) -> int:
     out.flush()
     if not args.quiet and stream.generation is not None:
         print(stats_line(stream.generation), file=sys.stderr)
+    print_source(stream)
     return 0
+
+
+def print_source(stream) -> None:
+    """With --cloud-url, say where the answer came from and why (nothing for a plain local model)."""
+    from edgelm.hybrid import describe
+    line = describe(stream)
+    if line:
+        print(line, file=sys.stderr)
