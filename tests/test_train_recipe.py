@@ -1,0 +1,134 @@
+"""build-recipe: stages run in order, hand over to each other, skip when done, resume an interrupted stage."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgelm.errors import TrainingError
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from conftest import SHARED, needs_shared  # noqa: E402
+from edgelm_export.recipe import build_recipe, load_recipe, parse_set  # noqa: E402
+
+pytestmark = [pytest.mark.slow, needs_shared()]
+
+RECIPE = """
+[build]
+out = "{out}"
+stages = ["tokenizer", "teacher", "samples", "student", "scratch"]
+
+[tokenizer]
+corpus = ["{corpus}"]
+vocab_size = 300
+layout = "blank-line-paragraphs"
+
+[teacher]
+config = {{ hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 2, num_key_value_heads = 1, max_position_embeddings = 64 }}
+corpus = ["{corpus}"]
+layout = "blank-line-paragraphs"
+block_size = 32
+batch_size = 4
+max_steps = 12
+warmup_steps = 2
+eval_every = 6
+save_every = 6
+num_threads = 1
+
+[samples]
+teacher = "{{teacher}}"
+num_tokens = 200
+batch_size = 4
+max_new_tokens = 48
+device = "cpu"
+
+[student]
+student_layers = 1
+corpus = ["{corpus}", "{{samples}}"]
+layout = "blank-line-paragraphs"
+block_size = 32
+batch_size = 4
+max_steps = 8
+warmup_steps = 2
+eval_every = 4
+save_every = 4
+num_threads = 1
+
+[scratch]
+config = {{ hidden_size = 32, intermediate_size = 64, num_hidden_layers = 1, num_attention_heads = 2, num_key_value_heads = 1, max_position_embeddings = 64 }}
+corpus = ["{corpus}", "{{samples}}"]
+layout = "blank-line-paragraphs"
+block_size = 32
+batch_size = 4
+max_steps = 8
+warmup_steps = 2
+eval_every = 4
+save_every = 4
+num_threads = 1
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    text = (SHARED / "corpus" / "tinystories" / "tinystories-v1-train-sample.txt").read_text(encoding="utf-8")[:60_000]
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text(text[: text.rfind("<|endoftext|>")], encoding="utf-8")
+    path = tmp_path / "r.toml"
+    path.write_text(RECIPE.format(out=tmp_path / "build", corpus=corpus), encoding="utf-8")
+    return path
+
+
+def test_build_runs_stages_then_skips_and_resumes(recipe, tmp_path):
+    logs: list[str] = []
+    res = build_recipe(recipe, progress=False, log=logs.append)
+    b = tmp_path / "build"
+    assert set(res) == {"tokenizer", "teacher", "samples", "student", "scratch"}
+    assert res["teacher"].steps == 12 and res["student"].steps == 8 and res["scratch"].steps == 8
+    # Hand-over: the student distils the teacher just trained and shares its tokenizer; samples joined the corpus.
+    summary = json.loads((b / "student" / "training.json").read_text())
+    assert summary["extra"]["teacher"] == str(b / "teacher")
+    assert str(b / "samples.txt") in summary["config"]["corpus"]
+    assert (b / "student" / "tokenizer.json").read_bytes() == (b / "tokenizer" / "tokenizer.json").read_bytes()
+    assert json.loads((b / "student" / "config.json").read_text())["num_hidden_layers"] == 1
+
+    # Everything done: a re-run trains nothing.
+    logs.clear()
+    assert build_recipe(recipe, progress=False, log=logs.append) == {}
+    assert sum("skipped" in line for line in logs) == 5
+
+    # A stage killed after its last checkpoint (no training.json yet) resumes instead of starting over.
+    (b / "student" / "training.json").unlink()
+    res = build_recipe(recipe, progress=False, log=logs.append)
+    assert set(res) == {"student"} and res["student"].stopped == "already-done" and res["student"].steps == 8
+
+
+def test_overrides_and_bad_recipes(recipe, tmp_path):
+    assert parse_set(["teacher.max_time_s=60", "samples.top_p=0.9", "build.out=x/y", "a.b=[1, 2]"]) == {
+        "teacher": {"max_time_s": 60}, "samples": {"top_p": 0.9}, "build": {"out": "x/y"}, "a": {"b": [1, 2]}}
+    with pytest.raises(TrainingError, match="SECTION.KEY=VALUE"):
+        parse_set(["nodot=1"])
+    res = build_recipe(recipe, stages=["tokenizer"], progress=False, log=lambda m: None,
+                       overrides={"tokenizer": {"vocab_size": 290}})
+    assert res["tokenizer"].vocab_size == 290
+    with pytest.raises(TrainingError, match="Unknown build stage"):
+        build_recipe(recipe, stages=["bake"], log=lambda m: None)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[teacher\n")
+    with pytest.raises(TrainingError, match="not valid TOML"):
+        load_recipe(bad)
+    with pytest.raises(TrainingError, match="does not exist"):
+        load_recipe(tmp_path / "missing.toml")
+    with pytest.raises(TrainingError, match="unknown keys: epochs"):
+        build_recipe(recipe, stages=["teacher"], overrides={"teacher": {"epochs": 3}}, log=lambda m: None)
+
+
+def test_cli_distill_sampling_mode(tmp_path):
+    from edgelm.cli import main
+
+    out = tmp_path / "s.txt"
+    rc = main(["distill", "--teacher", str(SHARED / "fixtures" / "stories260K"), "--sample-tokens", "64",
+               "--samples-out", str(out), "--sample-batch-size", "2", "--device", "cpu", "--no-progress"])
+    assert rc == 0 and out.read_text().count("<|endoftext|>") >= 1
+    assert main(["distill", "--teacher", str(SHARED / "fixtures" / "stories260K"), "--sample-tokens", "5"]) == 1
