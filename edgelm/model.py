@@ -239,6 +239,17 @@ class Model:
         if missing:
             raise ModelFormatError(f"{folder.onnx_path} lacks the inputs {missing[:4]} that config.json promises "
                                    f"({self.num_layers} layers).", hint="Re-export the model folder.")
+        # The cache layout (docs/model-format.md): "concat" feeds each step's present.* back as the next past.*;
+        # "shared" binds one preallocated buffer per layer as both past and present (see _SharedCache).
+        self.kv_cache = (cfg.get("onnx") or {}).get("kv_cache", "concat")
+        if self.kv_cache not in ("concat", "shared"):
+            raise ModelFormatError(f"{self.path / 'config.json'} names an unknown onnx.kv_cache {self.kv_cache!r} "
+                                   "(this edgelm knows 'concat' and 'shared').",
+                                   hint="Upgrade edgelm, or re-export the model folder with this version.")
+        if self.kv_cache == "shared" and "attention_mask" not in inputs:
+            raise ModelFormatError(f"{folder.onnx_path} has a 'shared' cache but no attention_mask input.",
+                                   hint="Re-export the model folder.")
+        self._kv_pool: list[Any] = []  # idle _SharedCache buffers, reused by the next generation
         self._has_mask = "attention_mask" in inputs
         self._has_pos = "position_ids" in inputs
         self._output_names = ["logits"] + [n.replace("past_key_values.", "present.") for n in self._past_names]
@@ -255,17 +266,23 @@ class Model:
         names = self._output_names
         if self._raw:
             self._run_fn = lambda feed: c_sess.run_with_ort_values(feed, names, None)
+            self._run_bound = lambda binding: c_sess.run_with_iobinding(binding, None)
         else:
             session = self._session
             self._run_fn = lambda feed: session.run_with_ort_values(names, feed)
+            self._run_bound = session.run_with_iobinding
         # Zero-length caches for a prefill, in the graph's own dtype and head layout; made once and shared.
+        # (A "shared" graph accepts them too: with separate past and present it behaves like "concat", which is
+        # what score() and the warm-up use.)
         self._empty_arrays = []
         self._empty_feed: dict[str, Any] = {}
+        self._kv_shapes: list[tuple[tuple[int, ...], Any]] = []
         for name in self._past_names:
             shape = inputs[name].shape
             kv_heads = _config_int(cfg, "num_kv_heads", self.path) if not isinstance(shape[1], int) else shape[1]
             head_dim = _config_int(cfg, "head_dim", self.path) if not isinstance(shape[3], int) else shape[3]
             dtype = np.float16 if "float16" in inputs[name].type else np.float32
+            self._kv_shapes.append(((1, kv_heads, self.context_length, head_dim), dtype))
             arr = np.zeros((1, kv_heads, 0, head_dim), dtype)
             self._empty_arrays.append(arr)  # owned here: the values below read it
             self._empty_feed[name] = self._value(arr)
@@ -432,6 +449,13 @@ class Model:
             feed["attention_mask"] = self._mask(ids_arr.shape[1])
         return feed
 
+    def _shared_cache(self) -> "_SharedCache":
+        """Buffers for one generation on a "shared" graph: an idle set from the pool, or a new one."""
+        try:
+            return self._kv_pool.pop()
+        except IndexError:
+            return _SharedCache(self)
+
     def _run(self, req: _Request) -> Iterator[str]:
         """Generator of text pieces; returns (StopIteration.value) the Generation."""
         import numpy as np
@@ -440,7 +464,6 @@ class Model:
         from edgelm.tokenizer import StopMatcher, StreamingDetokenizer
 
         t_start = time.perf_counter()
-        run = self._run_fn
         prompt = req.prompt_ids
         n_prompt = len(prompt)
         sampler = Sampler(req.settings, self.vocab_size, seen=prompt)
@@ -448,14 +471,33 @@ class Model:
         matcher = StopMatcher(req.stops)
         eos = frozenset() if req.ignore_eos else self.eos_token_ids
 
-        # Prefill: the whole prompt in one call, with empty caches. The arrays are locals of this generator, so
-        # they outlive every call that reads them.
+        # Prefill: the whole prompt in one call. The arrays are locals of this generator, so they outlive every
+        # call that reads them. Then `advance(tok, pos)` runs one decode step and returns the next logits.
         prefill_ids = np.asarray([prompt], dtype=np.int64)
+        cache: _SharedCache | None = None
+        if self.kv_cache == "shared":
+            cache = self._shared_cache()
+            logits = cache.prefill(prefill_ids)
+            advance = cache.advance
+        else:
+            logits, advance = self._concat_loop(prefill_ids)
+        try:
+            gen = yield from self._decode(req, n_prompt, sampler, detok, matcher, eos, t_start, logits, advance)
+        finally:
+            if cache is not None:  # back to the pool (also when the caller closes the stream early)
+                self._kv_pool.append(cache)
+        return gen
+
+    def _concat_loop(self, prefill_ids: "np.ndarray") -> tuple["np.ndarray", Any]:
+        """Prefill with empty caches; return (last logits, advance) for the "concat" layout, where each step's
+        ``present.*`` values go straight back in as ``past_key_values.*`` (never through numpy)."""
+        import numpy as np
+
+        run = self._run_fn
+        n_prompt = prefill_ids.shape[1]
         prefill_pos = np.arange(n_prompt, dtype=np.int64)[None, :]
         feed = self._prefill_feed(prefill_ids, prefill_pos)
         outs = run(feed)
-        logits = outs[0].numpy()[0, -1]
-
         # Decode inputs: buffers written in place each step; onnxruntime reads them through the same values.
         tok_buf = np.zeros((1, 1), dtype=np.int64)
         pos_buf = np.zeros((1, 1), dtype=np.int64)
@@ -466,8 +508,26 @@ class Model:
         n_past = len(past_names)
         has_mask = self._has_mask
         mask = self._mask
-        step = sampler.step
+        keep = (prefill_ids, prefill_pos)  # referenced by the closure: alive as long as `feed` may read them
 
+        def advance(tok: int, pos: int) -> "np.ndarray":
+            nonlocal outs
+            tok_buf[0, 0] = tok
+            pos_buf[0, 0] = pos
+            if has_mask:
+                feed["attention_mask"] = mask(pos + 1)
+            for i in range(n_past):
+                feed[past_names[i]] = outs[i + 1]
+            outs = run(feed)
+            return outs[0].numpy()[0, -1]
+
+        advance.keep = keep  # type: ignore[attr-defined]
+        return outs[0].numpy()[0, -1], advance
+
+    def _decode(self, req: _Request, n_prompt: int, sampler: Any, detok: Any, matcher: Any, eos: frozenset,
+                t_start: float, logits: "np.ndarray", advance: Any) -> Iterator[str]:
+        """The token loop shared by both cache layouts; returns the Generation."""
+        step = sampler.step
         tokens: list[int] = []
         logprobs: list[float] = []
         text_parts: list[str] = []
@@ -495,16 +555,8 @@ class Model:
                     break
             if len(tokens) >= max_new:
                 break
-            # One decode step: the new token at slot n_prompt + len(tokens) - 1, the cache fed straight back.
-            pos = n_prompt + len(tokens) - 1
-            tok_buf[0, 0] = tok
-            pos_buf[0, 0] = pos
-            if has_mask:
-                feed["attention_mask"] = mask(pos + 1)
-            for i in range(n_past):
-                feed[past_names[i]] = outs[i + 1]
-            outs = run(feed)
-            logits = outs[0].numpy()[0, -1]
+            # One decode step: the new token at slot n_prompt + len(tokens) - 1.
+            logits = advance(tok, n_prompt + len(tokens) - 1)
 
         if finish != "stop":
             safe, stopped = matcher.feed(detok.flush())
@@ -585,3 +637,55 @@ class Model:
         return Score(total_logprob=total, num_tokens=count, num_bytes=nbytes,
                      perplexity=math.exp(-total / count), bits_per_byte=-total / math.log(2) / nbytes,
                      nats_per_token=-total / count)
+
+
+class _SharedCache:
+    """The key/value buffers of one generation on a "shared" graph, bound once with onnxruntime IO binding.
+
+    Each layer has one [1, Hkv, context, D] buffer bound as both ``past_key_values.{i}.*`` and ``present.{i}.*``;
+    the fused attention node writes the new slots in place, so a decode step allocates and copies nothing: only
+    the token (written into a bound buffer) and the attention mask (a cached view of the right length, whose
+    length tells the graph how many slots are valid) change. Logits land in a preallocated buffer. Buffers are
+    zero-filled (lazily, by the OS) once and reused by later generations through the model's pool: slots past
+    the mask's length are never read, so stale values from an earlier generation do no harm.
+    """
+
+    def __init__(self, model: Model) -> None:
+        import numpy as np
+
+        self.model = model
+        self.arrays = [np.zeros(shape, dtype) for shape, dtype in model._kv_shapes]  # owned: values view them
+        self.values = [model._value(a) for a in self.arrays]
+        self.tok = np.zeros((1, 1), dtype=np.int64)
+        self.tok_value = model._value(self.tok)
+        self.logits = np.empty((1, 1, model.vocab_size), dtype=np.float32)
+        self.logits_value = model._value(self.logits)
+        io = model._session.io_binding()
+        self.binding = io._iobinding if model._raw else io
+        for name, value in zip(model._past_names, self.values):
+            self.binding.bind_ortvalue_input(name, value)
+            self.binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        self._prefill_arrays: tuple = ()
+
+    def prefill(self, ids: "np.ndarray") -> "np.ndarray":
+        """Run the prompt ``ids`` [1, S] into slots 0..S-1; return the last position's logits. Then switch the
+        bindings to single-token decode steps."""
+        import numpy as np
+
+        m, b = self.model, self.binding
+        out = np.empty((1, ids.shape[1], m.vocab_size), dtype=np.float32)
+        self._prefill_arrays = (ids, out)  # alive until the next prefill: the bound values read them
+        b.bind_ortvalue_input("input_ids", m._value(ids))
+        b.bind_ortvalue_input("attention_mask", m._mask(ids.shape[1]))
+        b.bind_ortvalue_output("logits", m._value(out))
+        m._run_bound(b)
+        b.bind_ortvalue_input("input_ids", self.tok_value)
+        b.bind_ortvalue_output("logits", self.logits_value)
+        return out[0, -1]
+
+    def advance(self, tok: int, pos: int) -> "np.ndarray":
+        """One decode step: token ``tok`` at slot ``pos``; returns its logits (a view, valid until the next call)."""
+        self.tok[0, 0] = tok
+        self.binding.bind_ortvalue_input("attention_mask", self.model._mask(pos + 1))
+        self.model._run_bound(self.binding)
+        return self.logits[0, -1]

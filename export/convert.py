@@ -234,7 +234,10 @@ def _edgelm_config(arch: str, model_type: str, shape: Any, src_cfg: dict[str, An
     bos = gen_src.get("bos_token_id", src_cfg.get("bos_token_id"))
     eos = _token_ids(gen_src.get("eos_token_id", src_cfg.get("eos_token_id")))
     pad = gen_src.get("pad_token_id", src_cfg.get("pad_token_id"))
-    inputs = {"input_ids": "int64", "attention_mask": "int64", "position_ids": "int64"}
+    kv_cache = getattr(shape, "kv_cache", "concat")
+    inputs = {"input_ids": "int64", "attention_mask": "int64"}
+    if kv_cache == "concat":  # the fused "shared" graph derives positions from the mask
+        inputs["position_ids"] = "int64"
     outputs = {"logits": "float32"}
     for i in range(shape.num_layers):
         inputs[f"past_key_values.{i}.key"] = inputs[f"past_key_values.{i}.value"] = "float32"
@@ -247,7 +250,7 @@ def _edgelm_config(arch: str, model_type: str, shape: Any, src_cfg: dict[str, An
         "bos_token_id": None if bos is None else int(bos), "eos_token_ids": eos,
         "pad_token_id": None if pad is None else int(pad),
         "add_bos_token": bool(tok_cfg.get("add_bos_token", False)), "dtype": dtype,
-        "onnx": {"file": "model.onnx", "kv_cache": "concat", "inputs": inputs, "outputs": outputs},
+        "onnx": {"file": "model.onnx", "kv_cache": kv_cache, "inputs": inputs, "outputs": outputs},
     }
 
 

@@ -37,6 +37,9 @@ class DecoderShape:
     hidden_size: int
     vocab_size: int
     context_length: int
+    # The cache layout of the built graph (docs/model-format.md): "concat" (standard ops, any head size) or
+    # "shared" (onnxruntime's fused GroupQueryAttention over one preallocated buffer per layer).
+    kv_cache: str = "concat"
 
 
 class GraphBuilder:
@@ -100,8 +103,10 @@ class GraphBuilder:
     def model(self, graph_name: str, doc: str = "") -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers,
                                   doc_string=doc)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="edgelm-export")
+        opsets = [helper.make_opsetid("", OPSET)]
+        if any(n.domain == "com.microsoft" for n in self.nodes):  # onnxruntime's contrib ops (fused attention)
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="edgelm-export")
         model.ir_version = 8  # readable by every onnxruntime >= 1.14
         return model
 
@@ -314,3 +319,85 @@ def cat_linear(mods: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
     b = np.concatenate([np.zeros(m.weight.shape[0], np.float32) if m.bias is None else m.bias.detach().cpu().numpy()
                         for m in mods])
     return w, b
+
+
+# --- the "shared" layout: onnxruntime's fused GroupQueryAttention ----------------------------------------------
+# onnxruntime's CPU GroupQueryAttention kernel (com.microsoft domain) does rotary, the causal mask, grouped
+# heads and the cache update in one node, and when a layer's past and present are the same buffer (the runtime
+# binds one preallocated [B, Hkv, context, D] OrtValue to both) it writes the new keys/values in place: no
+# per-step Concat copy of the cache and no allocation. Measured numbers: docs/export.md.
+GQA_HEAD_MULTIPLE = 16  # the CPU kernel refuses other head sizes ("head_size shall be a multiple of 16")
+
+
+def shared_kv_supported(shape: DecoderShape, cos: np.ndarray, sin: np.ndarray, windows: Sequence[int | None]
+                        ) -> bool:
+    """Whether the fused graph reproduces this model exactly; otherwise the plain "concat" graph is built.
+
+    Needs a head size the kernel accepts, full (not partial) non-interleaved rotary whose table halves repeat
+    (Hugging Face's cat(freqs, freqs) layout, which GroupQueryAttention's half-size caches assume) and no sliding
+    window shorter than the context (the kernel's local window is not Hugging Face's rule at every edge).
+    """
+    if shape.head_dim % GQA_HEAD_MULTIPLE or shape.num_attention_heads % shape.num_kv_heads:
+        return False
+    if cos.shape[1] != shape.head_dim or any(w is not None for w in windows):
+        return False
+    half = shape.head_dim // 2
+    return bool(np.array_equal(cos[:, :half], cos[:, half:]) and np.array_equal(sin[:, :half], sin[:, half:]))
+
+
+@dataclass
+class SharedKV:
+    """Per-graph values every fused attention node reads."""
+
+    seqlens_k: str      # [B] int32: valid cache slots after this call, minus one
+    total_len: str      # scalar int32: past + new slots
+    cos_cache: str      # [ctx, D/2]
+    sin_cache: str
+
+
+def declare_io_shared(gb: GraphBuilder, shape: DecoderShape) -> DecoderIO:
+    """Inputs of the "shared" layout: no position_ids (positions follow from the mask), caches of buffer length.
+
+    ``past_key_values.{i}.*`` are [B, Hkv, buffer, D]: the runtime binds the same buffer (buffer = context
+    length) as the ``present.{i}.*`` output, and the graph reads the first past slots and writes the new ones.
+    """
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    ids = gb.add_input("input_ids", i64, ["batch", "seq"])
+    mask = gb.add_input("attention_mask", i64, ["batch", "total"])
+    past = []
+    for i in range(shape.num_layers):
+        k = gb.add_input(f"past_key_values.{i}.key", f32, ["batch", shape.num_kv_heads, "buffer", shape.head_dim])
+        v = gb.add_input(f"past_key_values.{i}.value", f32, ["batch", shape.num_kv_heads, "buffer", shape.head_dim])
+        past.append((k, v))
+    return DecoderIO(ids, mask, "", past)
+
+
+def shared_kv_inputs(gb: GraphBuilder, io: DecoderIO, cos: np.ndarray, sin: np.ndarray) -> SharedKV:
+    """seqlens_k / total_sequence_length from the attention mask, and the half-width rotary caches."""
+    ones = gb.op("ReduceSum", [io.attention_mask, gb.const([1])], keepdims=0, name="kv_valid")
+    seqlens = gb.op("Cast", [gb.op("Sub", [ones, gb.const(1)])], to=TensorProto.INT32, name="seqlens_k")
+    total = gb.op("Gather", [gb.op("Shape", [io.attention_mask]), gb.const(1)], name="total_len")
+    total = gb.op("Cast", [total], to=TensorProto.INT32, name="total_sequence_length")
+    half = cos.shape[1] // 2
+    return SharedKV(seqlens, total, gb.weight("rotary.cos_cache", cos[:, :half]),
+                    gb.weight("rotary.sin_cache", sin[:, :half]))
+
+
+def attention_shared(gb: GraphBuilder, io: DecoderIO, shape: DecoderShape, layer: int, qkv: str, kv: SharedKV
+                     ) -> str:
+    """One GroupQueryAttention node over the packed projection qkv = [B, S, (Hq + 2 Hkv) D] (query part already
+    scaled, so scale=1); rotary is applied inside, keys are cached after rotary as in the concat layout."""
+    hkv, d = shape.num_kv_heads, shape.head_dim
+    past_k, past_v = io.past[layer]
+    out, k, v = gb.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, kv.seqlens_k, kv.total_len,
+                                              kv.cos_cache, kv.sin_cache],
+                      outputs=3, domain="com.microsoft", name=f"layers.{layer}.attn/GroupQueryAttention",
+                      num_heads=shape.num_attention_heads, kv_num_heads=hkv, scale=1.0, do_rotary=1,
+                      rotary_interleaved=0)
+    # Rename the cache outputs to the contract's names.
+    node = gb.nodes[-1]
+    node.output[1], node.output[2] = f"present.{layer}.key", f"present.{layer}.value"
+    gb._names.update(node.output[1:])
+    gb.add_output(f"present.{layer}.key", TensorProto.FLOAT, ["batch", hkv, "buffer", d])
+    gb.add_output(f"present.{layer}.value", TensorProto.FLOAT, ["batch", hkv, "buffer", d])
+    return out

@@ -40,8 +40,12 @@ def sliding_windows(model: Any, family: str, num_layers: int) -> list[int | None
     return [window] * num_layers
 
 
-def build(model: Any, family: str, context_length: int) -> tuple[onnx.ModelProto, c.DecoderShape]:
-    """Build the decoder graph from a loaded (fp32, eval) Hugging Face causal LM."""
+def build(model: Any, family: str, context_length: int, *, kv_cache: str = "auto"
+          ) -> tuple[onnx.ModelProto, c.DecoderShape]:
+    """Build the decoder graph from a loaded (fp32, eval) Hugging Face causal LM.
+
+    ``kv_cache``: "auto" builds the fused "shared" layout where :func:`common.shared_kv_supported` allows it and
+    the plain "concat" graph otherwise; "concat" forces the plain graph."""
     def qkv(a: Any) -> tuple[Any, Any]:  # separate q/k/v projections, fused into one MatMul
         return c.cat_linear([a.q_proj, a.k_proj, a.v_proj])
 
@@ -49,11 +53,11 @@ def build(model: Any, family: str, context_length: int) -> tuple[onnx.ModelProto
         w, b = c.cat_linear([m.gate_proj, m.up_proj])
         return w, b, m.gate_proj.weight.shape[0]
 
-    return build_rope_decoder(model, family, context_length, qkv=qkv, gate_up=gate_up)
+    return build_rope_decoder(model, family, context_length, qkv=qkv, gate_up=gate_up, kv_cache=kv_cache)
 
 
-def build_rope_decoder(model: Any, family: str, context_length: int, *, qkv: Callable, gate_up: Callable
-                       ) -> tuple[onnx.ModelProto, c.DecoderShape]:
+def build_rope_decoder(model: Any, family: str, context_length: int, *, qkv: Callable, gate_up: Callable,
+                       kv_cache: str = "auto") -> tuple[onnx.ModelProto, c.DecoderShape]:
     """The pre-norm RMSNorm / rotary / gated-SiLU decoder shared by Llama, Mistral, Qwen2 and Phi-3.
 
     ``qkv(attn) -> (W [in, (Hq+2Hkv)D], bias|None)`` and ``gate_up(mlp) -> (W [in, 2I], bias|None, I)`` adapt
@@ -68,8 +72,9 @@ def build_rope_decoder(model: Any, family: str, context_length: int, *, qkv: Cal
         num_layers=len(base.layers), num_attention_heads=cfg.num_attention_heads,
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim=head_dim,
         hidden_size=cfg.hidden_size, vocab_size=base.embed_tokens.weight.shape[0], context_length=context_length)
+    if kv_cache not in ("auto", "concat"):
+        raise ValueError(f"kv_cache must be 'auto' or 'concat', got {kv_cache!r}")
     gb = c.GraphBuilder()
-    io = c.declare_io(gb, shape)
 
     # Rotary tables straight from the model's own rotary module, so every rope_scaling variant it implements
     # (linear, dynamic, llama3, yarn, longrope...) is reproduced exactly for positions 0..context_length-1.
@@ -78,22 +83,32 @@ def build_rope_decoder(model: Any, family: str, context_length: int, *, qkv: Cal
         # (transformers < 4.48 kept a rotary module per attention layer for some families)
         rotary_emb = getattr(base, "rotary_emb", None) or attn0.rotary_emb
         cos, sin = rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
-    rot = c.rotary_tables(gb, io, cos[0].float().numpy(), sin[0].float().numpy(), head_dim)
+    cos_np, sin_np = cos[0].float().numpy(), sin[0].float().numpy()
     n_rep = shape.num_attention_heads // shape.num_kv_heads
+    windows = [w if w is not None and w < context_length else None
+               for w in sliding_windows(model, family, shape.num_layers)]
+    shared = kv_cache == "auto" and c.shared_kv_supported(shape, cos_np, sin_np, windows)
+    if shared:
+        shape.kv_cache = "shared"
+        io = c.declare_io_shared(gb, shape)
+        kv = c.shared_kv_inputs(gb, io, cos_np, sin_np)
+    else:
+        io = c.declare_io(gb, shape)
+        rot = c.rotary_tables(gb, io, cos_np, sin_np, head_dim)
 
-    windows = sliding_windows(model, family, shape.num_layers)
     x = gb.op("Gather", [gb.weight("embed_tokens.weight", base.embed_tokens.weight), io.input_ids], axis=0,
               name="embed_tokens")
     for i, layer in enumerate(base.layers):
         a, m = layer.self_attn, layer.mlp
-        w = windows[i] if windows[i] is not None and windows[i] < context_length else None
-        bias = c.attention_bias(gb, io, w, n_rep)
         h = c.rms_norm(gb, x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
                        f"layers.{i}.input_layernorm")
         qkv_w, qkv_b = c.fold_query_scale(*qkv(a), shape.num_attention_heads * head_dim,
                                           float(getattr(a, "scaling", head_dim ** -0.5)))
         fused = c.linear(gb, h, qkv_w, qkv_b, f"layers.{i}.attn.qkv_proj")
-        ctx = c.attention(gb, io, shape, i, fused, rotary=rot, bias=bias)
+        if shared:
+            ctx = c.attention_shared(gb, io, shape, i, fused, kv)
+        else:
+            ctx = c.attention(gb, io, shape, i, fused, rotary=rot, bias=c.attention_bias(gb, io, windows[i], n_rep))
         x = gb.op("Add", [x, c.linear(gb, ctx, c.t(a.o_proj.weight), a.o_proj.bias, f"layers.{i}.attn.o_proj")],
                   name=f"layers.{i}/attn_residual")
         h = c.rms_norm(gb, x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,

@@ -23,8 +23,9 @@ def check_config(cfg: dict[str, Any]) -> None:
                                            hint="Open an issue with the model id.")
 
 
-def build(model: Any, family: str, context_length: int) -> tuple[onnx.ModelProto, c.DecoderShape]:
-    """Build the decoder graph from a loaded (fp32, eval) Phi3ForCausalLM."""
+def build(model: Any, family: str, context_length: int, *, kv_cache: str = "auto"
+          ) -> tuple[onnx.ModelProto, c.DecoderShape]:
+    """Build the decoder graph from a loaded (fp32, eval) Phi3ForCausalLM (``kv_cache`` as in llama.build)."""
     def qkv(a: Any) -> tuple[Any, Any]:
         return c.t(a.qkv_proj.weight), (None if a.qkv_proj.bias is None else a.qkv_proj.bias.detach().numpy())
 
@@ -33,4 +34,4 @@ def build(model: Any, family: str, context_length: int) -> tuple[onnx.ModelProto
         b = None if m.gate_up_proj.bias is None else m.gate_up_proj.bias.detach().numpy()
         return w, b, w.shape[1] // 2
 
-    return build_rope_decoder(model, family, context_length, qkv=qkv, gate_up=gate_up)
+    return build_rope_decoder(model, family, context_length, qkv=qkv, gate_up=gate_up, kv_cache=kv_cache)
