@@ -139,6 +139,21 @@ def physical_cores() -> int:
     return max(1, len(cpus))
 
 
+# Below this many bytes of weights (the graph file plus any external data), the default is ONE onnxruntime thread.
+# A decode step of such a model is a few hundred microseconds of small MatMuls, and handing each of them to a
+# second thread costs more than it saves. Measured on a 2-vCPU Xeon/EPYC with other jobs running (decode tokens/s,
+# weight-only int8, fused graph): 5.5M-parameter default model 5,000 at 1 thread vs 2,000 at 2; 15M shape (25 MB)
+# 1,660 vs 960; SmolLM2-135M shape (170 MB) gains from 2 threads (benchmarks/results/compare-t*.md). The
+# threshold sits between the measured small and large sizes; ``threads=N`` always overrides it.
+SINGLE_THREAD_BELOW_BYTES = 64 * 2**20
+
+
+def default_threads(model_bytes: int) -> int:
+    """The default intra-op thread count for a model whose weights take ``model_bytes``: 1 below
+    :data:`SINGLE_THREAD_BELOW_BYTES`, else one per physical core (see the measurements above)."""
+    return 1 if model_bytes < SINGLE_THREAD_BELOW_BYTES else physical_cores()
+
+
 def _default_model_path() -> Path:
     env = os.environ.get(ENV_MODEL)
     if env:
@@ -168,9 +183,9 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
 def load(path: str | os.PathLike | None = None, *, threads: int | None = None, verify: bool = True) -> "Model":
     """Open a model folder and return a ready :class:`Model`.
 
-    ``path`` None means ``$EDGELM_MODEL`` if set, else the shipped default model. ``threads`` defaults to the
-    number of physical cores. ``verify`` checks every file's sha256 against the manifest first (raises
-    :class:`~edgelm.errors.ChecksumError` naming the file). Nothing is ever fetched from the network.
+    ``path`` None means ``$EDGELM_MODEL`` if set, else the shipped default model. ``threads`` defaults to one
+    per physical core, or 1 for a small model (see :func:`default_threads`). ``verify`` checks every file's sha256
+    against the manifest first (raises :class:`~edgelm.errors.ChecksumError` naming the file). Nothing is ever fetched from the network.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}.",
@@ -216,7 +231,11 @@ class Model:
         self.chat_template: ChatTemplate = ChatTemplate(chat_template_source(folder.tokenizer_config),
                                                         bos_token=self.tokenizer.bos_token,
                                                         eos_token=self.tokenizer.eos_token)
-        self.threads = threads or physical_cores()
+        if threads is None:
+            onnx_path = folder.onnx_path
+            size = sum(p.stat().st_size for p in onnx_path.parent.glob(onnx_path.name + "*") if p.is_file())
+            threads = default_threads(size)
+        self.threads = threads
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
@@ -224,6 +243,11 @@ class Model:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+        if self.threads > 1:
+            # Worker threads sleep instead of spin-waiting between kernels. On a busy machine (the other cores
+            # running anything else) spinning workers steal the time the main thread needs: measured decode on a
+            # loaded 2-vCPU box, 2 threads, int8: 15M shape 543 -> 960 tokens/s, 135M shape 60 -> 103 tokens/s.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(folder.onnx_path), sess_options=so,
                                                  providers=["CPUExecutionProvider"])

@@ -306,12 +306,16 @@ def test_bad_threads(stories_fp32, threads):
         edgelm.load(stories_fp32, threads=threads)
 
 
-def test_threads_default_is_physical_cores(stories_fp32):
-    from edgelm.model import physical_cores
+def test_threads_default_is_physical_cores_except_for_small_models(stories_fp32):
+    from edgelm.model import SINGLE_THREAD_BELOW_BYTES, default_threads, physical_cores
 
     n = physical_cores()
     assert 1 <= n <= (os.cpu_count() or 1)
-    assert edgelm.load(stories_fp32).threads == n
+    assert default_threads(SINGLE_THREAD_BELOW_BYTES) == n
+    assert default_threads(SINGLE_THREAD_BELOW_BYTES - 1) == 1
+    assert (stories_fp32 / "model.onnx").stat().st_size < SINGLE_THREAD_BELOW_BYTES
+    assert edgelm.load(stories_fp32).threads == 1  # a 260K-parameter model: one thread is faster
+    assert edgelm.load(stories_fp32, threads=2).threads == 2
 
 
 def test_import_and_load_are_fast(stories_fp32):

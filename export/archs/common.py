@@ -7,8 +7,11 @@ here, so the I/O contract of docs/model-format.md (``kv_cache: "concat"``) lives
     past_key_values.{i}.key/.value [B, Hkv, P, D] float32
     -> logits [B, S, V] float32, present.{i}.key/.value [B, Hkv, P+S, D] float32
 
-Only standard ONNX ops (opset 17) are emitted, so the graph works for any head size and any onnxruntime
-build; onnxruntime's own optimiser fuses the RMSNorm / GELU / MatMul+Add patterns at load time.
+The attention of this "concat" graph uses only standard ONNX ops (opset 17), so it works for any head size;
+onnxruntime's own optimiser fuses the RMSNorm / GELU / MatMul+Add patterns at load time. Two onnxruntime
+contrib ops (com.microsoft, in every CPU build) are used where they pay: SkipSimplifiedLayerNormalization for
+the residual Add + RMSNorm pairs of the RMSNorm families, and, for head sizes its CPU kernel supports,
+GroupQueryAttention with a "shared" cache buffer (the end of this module; docs/model-format.md).
 """
 from __future__ import annotations
 
@@ -185,6 +188,19 @@ def rms_norm(gb: GraphBuilder, x: str, weight: Any, eps: float, name: str) -> st
     std = gb.op("Sqrt", [gb.op("Add", [mean, gb.const(eps, np.float32)], name=f"{name}/AddEps")], name=f"{name}/Sqrt")
     y = gb.op("Div", [x, std], name=f"{name}/Div")
     return gb.op("Mul", [y, gb.weight(f"{name}.weight", weight)], name=f"{name}/Mul")
+
+
+def skip_rms_norm(gb: GraphBuilder, x: str, residual: str, weight: Any, eps: float, name: str) -> tuple[str, str]:
+    """(rms_norm(residual + x), residual + x) as one SkipSimplifiedLayerNormalization (com.microsoft) node.
+
+    onnxruntime fuses the plain RMSNorm pattern by itself but not the residual Add in front of it; spelling the
+    pair as one node saves a kernel launch per norm on every decode step."""
+    normed, total = gb.op("SkipSimplifiedLayerNormalization", [x, residual, gb.weight(f"{name}.weight", weight)],
+                          outputs=4, domain="com.microsoft", name=f"{name}/SkipSimplifiedLayerNorm",
+                          epsilon=float(eps))[::3]
+    node = gb.nodes[-1]
+    node.output[1] = node.output[2] = ""  # mean and inv_std_var are not needed
+    return normed, total
 
 
 def layer_norm(gb: GraphBuilder, x: str, weight: Any, bias: Any, eps: float, name: str) -> str:

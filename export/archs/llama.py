@@ -98,10 +98,14 @@ def build_rope_decoder(model: Any, family: str, context_length: int, *, qkv: Cal
 
     x = gb.op("Gather", [gb.weight("embed_tokens.weight", base.embed_tokens.weight), io.input_ids], axis=0,
               name="embed_tokens")
+    pending = None  # the previous block's output, not yet added to the residual stream `x`
     for i, layer in enumerate(base.layers):
         a, m = layer.self_attn, layer.mlp
-        h = c.rms_norm(gb, x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                       f"layers.{i}.input_layernorm")
+        norm = layer.input_layernorm
+        if pending is None:
+            h = c.rms_norm(gb, x, norm.weight, norm.variance_epsilon, f"layers.{i}.input_layernorm")
+        else:  # the residual add of the previous MLP fused with this norm
+            h, x = c.skip_rms_norm(gb, pending, x, norm.weight, norm.variance_epsilon, f"layers.{i}.input_layernorm")
         qkv_w, qkv_b = c.fold_query_scale(*qkv(a), shape.num_attention_heads * head_dim,
                                           float(getattr(a, "scaling", head_dim ** -0.5)))
         fused = c.linear(gb, h, qkv_w, qkv_b, f"layers.{i}.attn.qkv_proj")
@@ -109,17 +113,15 @@ def build_rope_decoder(model: Any, family: str, context_length: int, *, qkv: Cal
             ctx = c.attention_shared(gb, io, shape, i, fused, kv)
         else:
             ctx = c.attention(gb, io, shape, i, fused, rotary=rot, bias=c.attention_bias(gb, io, windows[i], n_rep))
-        x = gb.op("Add", [x, c.linear(gb, ctx, c.t(a.o_proj.weight), a.o_proj.bias, f"layers.{i}.attn.o_proj")],
-                  name=f"layers.{i}/attn_residual")
-        h = c.rms_norm(gb, x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                       f"layers.{i}.post_attention_layernorm")
+        attn_out = c.linear(gb, ctx, c.t(a.o_proj.weight), a.o_proj.bias, f"layers.{i}.attn.o_proj")
+        norm = layer.post_attention_layernorm
+        h, x = c.skip_rms_norm(gb, attn_out, x, norm.weight, norm.variance_epsilon, f"layers.{i}.post_attention_layernorm")
         gu_w, gu_b, inter = gate_up(m)
         gate, up = gb.op("Split", [c.linear(gb, h, gu_w, gu_b, f"layers.{i}.mlp.gate_up_proj"),
                                    gb.const([inter, gu_w.shape[1] - inter])],
                          outputs=2, axis=-1, name=f"layers.{i}.mlp/split")
         act = gb.op("Mul", [c.silu(gb, gate, f"layers.{i}.mlp/silu"), up], name=f"layers.{i}.mlp/gate")
-        x = gb.op("Add", [x, c.linear(gb, act, c.t(m.down_proj.weight), m.down_proj.bias, f"layers.{i}.mlp.down_proj")],
-                  name=f"layers.{i}/mlp_residual")
-    x = c.rms_norm(gb, x, base.norm.weight, base.norm.variance_epsilon, "norm")
+        pending = c.linear(gb, act, c.t(m.down_proj.weight), m.down_proj.bias, f"layers.{i}.mlp.down_proj")
+    x, _ = c.skip_rms_norm(gb, pending, x, base.norm.weight, base.norm.variance_epsilon, "norm")
     c.lm_head_and_logits(gb, x, model.lm_head.weight, getattr(model.lm_head, "bias", None), shape)
     return gb.model(f"edgelm-{family}"), shape
