@@ -34,7 +34,8 @@ class OnnxDecoder:
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         s = self.shape
-        return [np.zeros((batch, s.num_kv_heads, 0, s.head_dim), np.float32) for _ in range(2 * s.num_layers)]
+        d = getattr(s, "cache_head_dim", 0) or s.head_dim  # a "shared" graph's heads may be padded
+        return [np.zeros((batch, s.num_kv_heads, 0, d), np.float32) for _ in range(2 * s.num_layers)]
 
     def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache: list[np.ndarray]):
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}

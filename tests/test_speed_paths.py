@@ -105,7 +105,7 @@ def test_shared_buffers_are_reused_and_never_shared_between_live_generations(lla
 
 
 def test_builder_falls_back_to_concat(llama_fp32):
-    """Forced, and for shapes the fused kernel or our equivalence conditions exclude."""
+    """Forced, and for models the fused kernel cannot reproduce exactly (a sliding window, interleaved rotary)."""
     import numpy as np
     from edgelm_export.archs import common, llama
 
@@ -117,23 +117,58 @@ def test_builder_falls_back_to_concat(llama_fp32):
     assert "GroupQueryAttention" not in {n.op_type for n in graph.graph.node}
     assert "position_ids" in {i.name for i in graph.graph.input}
 
-    pos = np.arange(32)[:, None] * (10000.0 ** -(np.arange(8) / 8))[None]
-    cos, sin = np.cos(np.concatenate([pos, pos], 1)), np.sin(np.concatenate([pos, pos], 1))
+    def tables(rot: int):  # Hugging Face's layout: cat(freqs, freqs)
+        pos = np.arange(32)[:, None] * (10000.0 ** -(np.arange(rot // 2) / (rot // 2)))[None]
+        return np.cos(np.concatenate([pos, pos], 1)), np.sin(np.concatenate([pos, pos], 1))
+
     ok = common.DecoderShape(2, 4, 2, 16, 64, 512, 32)
-    assert common.shared_kv_supported(ok, cos, sin, [None, None])
-    assert not common.shared_kv_supported(ok, cos, sin, [None, 8])  # a sliding window
-    assert not common.shared_kv_supported(common.DecoderShape(2, 8, 8, 8, 64, 512, 32), cos[:, :8], sin[:, :8],
-                                          [None, None])  # head size 8 (stories260K)
-    assert not common.shared_kv_supported(ok, cos[:, :8], sin[:, :8], [None, None])  # partial rotary
+    assert common.shared_kv_supported(ok, *tables(16), [None, None])
+    assert common.shared_kv_supported(common.DecoderShape(2, 8, 4, 8, 64, 512, 32), *tables(8),
+                                      [None, None])  # head size 8 (stories260K): padded to 16
+    assert common.shared_kv_supported(ok, *tables(8), [None, None])  # partial rotary
+    assert not common.shared_kv_supported(ok, *tables(16), [None, 8])  # a sliding window
+    cos, _ = tables(16)
+    interleaved = np.repeat(cos[:, :8], 2, axis=1)  # halves do not repeat
+    assert not common.shared_kv_supported(ok, interleaved, interleaved, [None, None])
+
+    # With a concat-only model in the tests (Mistral: sliding window 8 < context), the export takes the fallback.
+    mistral = _hf_folder("mistral")
+    folder = cached_export(f"arch-{mistral.name}-fp32", mistral, quantize="none", context_length=CTX)
+    assert json.loads((folder / "config.json").read_text())["onnx"]["kv_cache"] == "concat"
+    assert "GroupQueryAttention" not in _ops(folder)
 
 
-def test_head8_model_keeps_concat_layout(stories_fp32):
+@pytest.mark.parametrize("head_dim,rot_dim", [(32, 32), (48, 48), (8, 8), (16, 8), (24, 12), (40, 40)])
+def test_cache_head_layout_pads_to_the_kernel_width(head_dim, rot_dim):
+    from edgelm_export.archs import common
+
+    width, slot = common.cache_head_layout(head_dim, rot_dim)
+    assert width % 16 == 0 and head_dim <= width < head_dim + 16
+    assert len(set(slot.tolist())) == head_dim and slot.min() >= 0 and slot.max() < width  # distinct slots
+    r = rot_dim // 2
+    # the kernel rotates slot i with slot i + width/2 for i < width/2: the model's pairs (j, j + r) must land there
+    assert (slot[r:rot_dim] == slot[:r] + width // 2).all()
+    # pass-through features sit outside the rotated pairs (whose tables are cos 1 / sin 0 beyond r)
+    assert all(s % (width // 2) >= r for s in slot[rot_dim:])
+    if head_dim == width and rot_dim == head_dim:
+        assert (slot == range(head_dim)).all()  # nothing to re-lay
+
+
+def test_head8_model_runs_padded_shared_layout(stories_fp32):
+    import onnx
+
     import edgelm
 
     cfg = json.loads((stories_fp32 / "config.json").read_text())
-    assert cfg["head_dim"] == 8 and cfg["onnx"]["kv_cache"] == "concat"
-    assert "GroupQueryAttention" not in _ops(stories_fp32)
-    assert edgelm.load(stories_fp32, threads=1).kv_cache == "concat"
+    assert cfg["head_dim"] == 8 and cfg["onnx"]["kv_cache"] == "shared"
+    graph = onnx.load(str(stories_fp32 / "model.onnx")).graph
+    past = next(i for i in graph.input if i.name == "past_key_values.0.key")
+    assert past.type.tensor_type.shape.dim[3].dim_value == 16  # the kernel's minimum head width
+    lm = edgelm.load(stories_fp32, threads=1)
+    assert lm.kv_cache == "shared"
+    # (greedy equality with PyTorch on this model: tests/test_export_stories260k.py)
+    g = lm.generate("Once upon a time", max_new_tokens=lm.context_length - 8, temperature=0, ignore_eos=True)
+    assert g.completion_tokens == lm.context_length - 8
 
 
 def test_unknown_cache_layout_is_refused(llama_fp32, tmp_path):

@@ -43,6 +43,8 @@ class DecoderShape:
     # The cache layout of the built graph (docs/model-format.md): "concat" (standard ops, any head size) or
     # "shared" (onnxruntime's fused GroupQueryAttention over one preallocated buffer per layer).
     kv_cache: str = "concat"
+    # Head width of the cache tensors in a "shared" graph (head_dim padded to a multiple of 16); 0 = head_dim.
+    cache_head_dim: int = 0
 
 
 class GraphBuilder:
@@ -349,16 +351,48 @@ def shared_kv_supported(shape: DecoderShape, cos: np.ndarray, sin: np.ndarray, w
                         ) -> bool:
     """Whether the fused graph reproduces this model exactly; otherwise the plain "concat" graph is built.
 
-    Needs a head size the kernel accepts, full (not partial) non-interleaved rotary whose table halves repeat
-    (Hugging Face's cat(freqs, freqs) layout, which GroupQueryAttention's half-size caches assume) and no sliding
-    window shorter than the context (the kernel's local window is not Hugging Face's rule at every edge).
+    Needs rotary in Hugging Face's non-interleaved layout (the table's halves repeat: cat(freqs, freqs), which
+    GroupQueryAttention's half-width caches assume), full or partial, and no sliding window shorter than the
+    context (the kernel's local window is not Hugging Face's rule at every edge). Any head size works: heads are
+    padded to a multiple of 16 (:func:`cache_head_layout`).
     """
-    if shape.head_dim % GQA_HEAD_MULTIPLE or shape.num_attention_heads % shape.num_kv_heads:
+    rot = cos.shape[1]
+    if shape.num_attention_heads % shape.num_kv_heads or rot % 2 or rot > shape.head_dim:
         return False
-    if cos.shape[1] != shape.head_dim or any(w is not None for w in windows):
+    if any(w is not None for w in windows):
         return False
-    half = shape.head_dim // 2
+    half = rot // 2
     return bool(np.array_equal(cos[:, :half], cos[:, half:]) and np.array_equal(sin[:, :half], sin[:, half:]))
+
+
+def cache_head_layout(head_dim: int, rot_dim: int) -> tuple[int, np.ndarray]:
+    """(width, slot): where each of a head's ``head_dim`` features sits in the fused kernel's head of ``width``.
+
+    The kernel needs a head size that is a multiple of 16 and rotates feature i with feature i + width/2 over the
+    first rotary_dim/2 pairs (rotary_dim a multiple of 16 too). Padding a head with zero features changes no dot
+    product, so a head of 8 (stories260K) or a partial-rotary head is laid out in a width-16k head: the rotated
+    halves x1 / x2 go to slots 0.. and width/2.., the pass-through features fill the remaining slots, whose rotary
+    table entries are cos 1 / sin 0. With a head size that is already a multiple of 16 and full rotary, this is
+    the identity and nothing is padded.
+    """
+    width = -(-head_dim // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
+    half, r = width // 2, rot_dim // 2
+    slot = np.empty(head_dim, np.int64)
+    slot[:r] = np.arange(r)
+    slot[r:rot_dim] = half + np.arange(r)
+    free = [i for i in range(width) if not (i < r or half <= i < half + r)]
+    slot[rot_dim:] = free[:head_dim - rot_dim]
+    return width, slot
+
+
+def spread_heads(w: Any, n_heads: int, head_dim: int, width: int, slot: np.ndarray, axis: int) -> np.ndarray:
+    """Re-lay the per-head features along ``axis`` of ``w`` (n_heads * head_dim long) into heads of ``width``
+    at ``slot`` (:func:`cache_head_layout`), zeros elsewhere: for the q/k/v columns and the o_proj rows."""
+    w = np.moveaxis(np.asarray(w, dtype=np.float32), axis, 0)
+    rest = w.shape[1:]
+    out = np.zeros((n_heads, width, *rest), np.float32)
+    out[:, slot] = w.reshape(n_heads, head_dim, *rest)
+    return np.ascontiguousarray(np.moveaxis(out.reshape(n_heads * width, *rest), 0, axis))
 
 
 @dataclass
@@ -381,29 +415,34 @@ def declare_io_shared(gb: GraphBuilder, shape: DecoderShape) -> DecoderIO:
     ids = gb.add_input("input_ids", i64, ["batch", "seq"])
     mask = gb.add_input("attention_mask", i64, ["batch", "total"])
     past = []
+    d = shape.cache_head_dim or shape.head_dim
     for i in range(shape.num_layers):
-        k = gb.add_input(f"past_key_values.{i}.key", f32, ["batch", shape.num_kv_heads, "buffer", shape.head_dim])
-        v = gb.add_input(f"past_key_values.{i}.value", f32, ["batch", shape.num_kv_heads, "buffer", shape.head_dim])
+        k = gb.add_input(f"past_key_values.{i}.key", f32, ["batch", shape.num_kv_heads, "buffer", d])
+        v = gb.add_input(f"past_key_values.{i}.value", f32, ["batch", shape.num_kv_heads, "buffer", d])
         past.append((k, v))
     return DecoderIO(ids, mask, "", past)
 
 
-def shared_kv_inputs(gb: GraphBuilder, io: DecoderIO, cos: np.ndarray, sin: np.ndarray) -> SharedKV:
-    """seqlens_k / total_sequence_length from the attention mask, and the half-width rotary caches."""
+def shared_kv_inputs(gb: GraphBuilder, io: DecoderIO, cos: np.ndarray, sin: np.ndarray, width: int) -> SharedKV:
+    """seqlens_k / total_sequence_length from the attention mask, and the rotary caches [ctx, width/2] for heads
+    of ``width`` laid out by :func:`cache_head_layout` (cos 1 / sin 0 on pass-through and padding pairs)."""
     ones = gb.op("ReduceSum", [io.attention_mask, gb.const([1])], keepdims=0, name="kv_valid")
     seqlens = gb.op("Cast", [gb.op("Sub", [ones, gb.const(1)])], to=TensorProto.INT32, name="seqlens_k")
     total = gb.op("Gather", [gb.op("Shape", [io.attention_mask]), gb.const(1)], name="total_len")
     total = gb.op("Cast", [total], to=TensorProto.INT32, name="total_sequence_length")
-    half = cos.shape[1] // 2
-    return SharedKV(seqlens, total, gb.weight("rotary.cos_cache", cos[:, :half]),
-                    gb.weight("rotary.sin_cache", sin[:, :half]))
+    r = cos.shape[1] // 2
+    cos_cache = np.ones((cos.shape[0], width // 2), np.float32)
+    sin_cache = np.zeros((cos.shape[0], width // 2), np.float32)
+    cos_cache[:, :r], sin_cache[:, :r] = cos[:, :r], sin[:, :r]
+    return SharedKV(seqlens, total, gb.weight("rotary.cos_cache", cos_cache), gb.weight("rotary.sin_cache", sin_cache))
 
 
 def attention_shared(gb: GraphBuilder, io: DecoderIO, shape: DecoderShape, layer: int, qkv: str, kv: SharedKV
                      ) -> str:
-    """One GroupQueryAttention node over the packed projection qkv = [B, S, (Hq + 2 Hkv) D] (query part already
-    scaled, so scale=1); rotary is applied inside, keys are cached after rotary as in the concat layout."""
-    hkv, d = shape.num_kv_heads, shape.head_dim
+    """One GroupQueryAttention node over the packed projection qkv = [B, S, (Hq + 2 Hkv) W] in the padded head
+    layout of :func:`cache_head_layout` (query part already scaled, so scale=1); rotary is applied inside, keys are
+    cached after rotary as in the concat layout. Returns [B, S, Hq W] for the (row-padded) output projection."""
+    hkv, d = shape.num_kv_heads, shape.cache_head_dim or shape.head_dim
     past_k, past_v = io.past[layer]
     out, k, v = gb.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, kv.seqlens_k, kv.total_len,
                                               kv.cos_cache, kv.sin_cache],

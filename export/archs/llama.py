@@ -90,8 +90,10 @@ def build_rope_decoder(model: Any, family: str, context_length: int, *, qkv: Cal
     shared = kv_cache == "auto" and c.shared_kv_supported(shape, cos_np, sin_np, windows)
     if shared:
         shape.kv_cache = "shared"
+        width, slot = c.cache_head_layout(head_dim, cos_np.shape[1])
+        shape.cache_head_dim = width
         io = c.declare_io_shared(gb, shape)
-        kv = c.shared_kv_inputs(gb, io, cos_np, sin_np)
+        kv = c.shared_kv_inputs(gb, io, cos_np, sin_np, width)
     else:
         io = c.declare_io(gb, shape)
         rot = c.rotary_tables(gb, io, cos_np, sin_np, head_dim)
@@ -108,12 +110,19 @@ def build_rope_decoder(model: Any, family: str, context_length: int, *, qkv: Cal
             h, x = c.skip_rms_norm(gb, pending, x, norm.weight, norm.variance_epsilon, f"layers.{i}.input_layernorm")
         qkv_w, qkv_b = c.fold_query_scale(*qkv(a), shape.num_attention_heads * head_dim,
                                           float(getattr(a, "scaling", head_dim ** -0.5)))
-        fused = c.linear(gb, h, qkv_w, qkv_b, f"layers.{i}.attn.qkv_proj")
+        o_w = c.t(a.o_proj.weight)
         if shared:
+            if width != head_dim or cos_np.shape[1] != head_dim:  # heads padded/re-laid for the fused kernel
+                n_heads = shape.num_attention_heads + 2 * shape.num_kv_heads
+                qkv_w = c.spread_heads(qkv_w, n_heads, head_dim, width, slot, axis=1)
+                qkv_b = None if qkv_b is None else c.spread_heads(qkv_b, n_heads, head_dim, width, slot, axis=0)
+                o_w = c.spread_heads(o_w, shape.num_attention_heads, head_dim, width, slot, axis=0)
+            fused = c.linear(gb, h, qkv_w, qkv_b, f"layers.{i}.attn.qkv_proj")
             ctx = c.attention_shared(gb, io, shape, i, fused, kv)
         else:
+            fused = c.linear(gb, h, qkv_w, qkv_b, f"layers.{i}.attn.qkv_proj")
             ctx = c.attention(gb, io, shape, i, fused, rotary=rot, bias=c.attention_bias(gb, io, windows[i], n_rep))
-        attn_out = c.linear(gb, ctx, c.t(a.o_proj.weight), a.o_proj.bias, f"layers.{i}.attn.o_proj")
+        attn_out = c.linear(gb, ctx, o_w, a.o_proj.bias, f"layers.{i}.attn.o_proj")
         norm = layer.post_attention_layernorm
         h, x = c.skip_rms_norm(gb, attn_out, x, norm.weight, norm.variance_epsilon, f"layers.{i}.post_attention_layernorm")
         gu_w, gu_b, inter = gate_up(m)
