@@ -4,12 +4,13 @@ chosen only where onnxruntime's kernel and our equivalence conditions allow it (
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
 
 import pytest
-from conftest import STORIES260K, cached_export
+from conftest import CACHE, STORIES260K, cached_export
 
 pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
@@ -169,6 +170,50 @@ def test_head8_model_runs_padded_shared_layout(stories_fp32):
     # (greedy equality with PyTorch on this model: tests/test_export_stories260k.py)
     g = lm.generate("Once upon a time", max_new_tokens=lm.context_length - 8, temperature=0, ignore_eos=True)
     assert g.completion_tokens == lm.context_length - 8
+
+
+def _fused_folder(arch: str):
+    """Tiny random models that take the fused path through its re-laid heads: Phi-3 with partial rotary (half of a
+    16-wide head: the rotated halves and the pass-through features move), Qwen2 with q/k/v biases and head size
+    24 (padded to 32). No sliding window, so the shared layout applies."""
+    common = dict(vocab_size=512, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                  initializer_range=0.2)
+    if arch == "phi3":
+        cfg = transformers.Phi3Config(**common, hidden_size=64, partial_rotary_factor=0.5, sliding_window=None,
+                                      pad_token_id=0)
+    else:
+        cfg = transformers.Qwen2Config(**common, hidden_size=96, use_sliding_window=False)
+    key = hashlib.sha256(cfg.to_json_string().encode() + transformers.__version__.encode()).hexdigest()[:10]
+    out = CACHE / f"hf-fused-{arch}-{key}"
+    if not (out / "tokenizer.json").is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(STORIES260K / name, tmp / name)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["phi3", "qwen2"])
+def test_relaid_heads_greedy_matches_transformers(arch):
+    import edgelm
+
+    if not STORIES260K.is_dir():
+        pytest.skip("stories260K tokenizer fixture not available")
+    torch.set_num_threads(1)
+    src = _fused_folder(arch)
+    folder = cached_export(f"fused-{src.name}-fp32", src, quantize="none", context_length=CTX)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["onnx"]["kv_cache"] == "shared"
+    lm = edgelm.load(folder, threads=1)
+    for text in ("Once upon a time", "The little dog ran to the park"):
+        ids = lm.encode(text)
+        ours = lm.generate(ids, max_new_tokens=24, temperature=0, ignore_eos=True).token_ids
+        assert ours == _hf_greedy(src, [ids], 24)[0]
 
 
 def test_unknown_cache_layout_is_refused(llama_fp32, tmp_path):
