@@ -33,6 +33,24 @@ LM_HEAD_WEIGHT = "lm_head.weight"
 EMBEDDING_WEIGHTS = ("embed_tokens.weight", "wte.weight")
 
 
+def _declare_contrib_outputs(model: Any) -> bool:
+    """Give every output of an onnxruntime contrib node (com.microsoft: GroupQueryAttention,
+    SkipSimplifiedLayerNormalization) a float32 value_info. onnx's shape inference does not know these ops, and
+    quantize_dynamic refuses a MatMul whose input type it cannot find. Returns whether anything was added."""
+    from onnx import TensorProto, helper
+
+    known = {v.name for v in model.graph.value_info} | {o.name for o in model.graph.output}
+    added = False
+    for node in model.graph.node:
+        if node.domain == "com.microsoft":
+            for out in node.output:
+                if out and out not in known:
+                    model.graph.value_info.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+                    known.add(out)
+                    added = True
+    return added
+
+
 def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric block-wise quantization of a MatMul weight ``w`` [K, N] into MatMulNBits' layout.
 
@@ -192,8 +210,16 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
         from onnxruntime.quantization import QuantType, quantize_dynamic
         model = onnx.load(str(src))
         exclude = [n.name for n in model.graph.node if "lm_head" in keep and LM_HEAD_WEIGHT in n.input]
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
-                         op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude)
+        typed = dst.with_name(dst.name + ".typed.onnx")
+        if _declare_contrib_outputs(model):  # fused graphs: see _declare_contrib_outputs
+            save_onnx(model, typed)
+        del model
+        try:
+            quantize_dynamic(str(typed if typed.exists() else src), str(dst), weight_type=QuantType.QInt8,
+                             per_channel=False, op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude)
+        finally:
+            for leftover in dst.parent.glob(typed.name + "*"):
+                leftover.unlink()
         info["embeddings"] = []
         if "embeddings" not in keep:  # quantize_dynamic leaves Gather tables fp32; use the same int8 rows as int8
             model = onnx.load(str(dst))

@@ -228,3 +228,20 @@ def test_unknown_cache_layout_is_refused(llama_fp32, tmp_path):
     (copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFormatError, match="kv_cache"):
         edgelm.load(copy, verify=False)
+
+
+def test_dynamic_int8_quantizes_the_fused_graph():
+    """quantize_dynamic runs onnx shape inference, which does not know the contrib ops of the fused graph."""
+    import edgelm
+
+    if not STORIES260K.is_dir():
+        pytest.skip("stories260K fixture not available")
+    folder = cached_export("stories260k-int8-dynamic", STORIES260K, quantize="int8-dynamic")
+    ops = _ops(folder)
+    assert {"GroupQueryAttention", "MatMulInteger"} <= ops
+    assert json.loads((folder / "config.json").read_text())["onnx"]["kv_cache"] == "shared"
+    metrics = json.loads((folder / "edgelm.json").read_text())["metrics"]
+    assert metrics["ppl_increase"] <= metrics["max_ppl_increase"]  # the export's own quality gate passed
+    assert not [p for p in folder.iterdir() if ".typed." in p.name]  # the temporary typed copy is gone
+    g = edgelm.load(folder, threads=1).generate("Once upon a time", max_new_tokens=8, temperature=0, ignore_eos=True)
+    assert g.completion_tokens == 8
