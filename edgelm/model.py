@@ -1,10 +1,17 @@
 """The runtime: load a model folder and generate, stream, chat and score with it (contract: docs/architecture.md).
 
 One onnxruntime session runs the whole graph: the prompt in one call (prefill), then one token per call with
-the key/value cache fed back (decode). The decode loop is the product, so it stays short: each step's
-``present.*`` outputs go straight back in as ``past_key_values.*`` as onnxruntime values (never copied through
-numpy), the ``input_ids`` / ``position_ids`` buffers are allocated once and written in place, and sampling works
-on a top-k slice of the logits (see edgelm.sampling).
+the key/value cache fed back (decode). The decode loop is the product, so it stays short. Two cache layouts
+(config.json ``onnx.kv_cache``, docs/model-format.md):
+
+* "shared" (the exporter's fused GroupQueryAttention graph): one preallocated buffer per layer is bound with IO
+  binding as both past and present, the kernel writes the new slots in place, and the logits land in a
+  preallocated buffer -- a decode step allocates and copies nothing (:class:`_SharedCache`);
+* "concat": each step's ``present.*`` outputs go straight back in as ``past_key_values.*`` as onnxruntime values
+  (never copied through numpy).
+
+Either way the ``input_ids`` / ``position_ids`` buffers are allocated once and written in place, and sampling
+works on a top-k slice of the logits (see edgelm.sampling).
 
 numpy, onnxruntime and tokenizers are imported inside the functions that use them so ``import edgelm`` stays
 cheap (the CLI's ``--help``, the server's import); they are imported once, by ``load``.

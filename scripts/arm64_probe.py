@@ -78,7 +78,10 @@ def replay_top2(onnx_path: Path, config: dict[str, Any], prompt_ids: list[int], 
     for i in range(layers):
         for kind in ("key", "value"):
             name = f"past_key_values.{i}.{kind}"
-            past[name] = np.zeros((1, kv_heads, 0, head_dim), dtype=np.dtype(types.get(name, "float32")))
+            # the graph's own cache width: a "shared" graph pads heads to a multiple of 16 (docs/model-format.md)
+            width = next((i.shape[3] for i in sess.get_inputs() if i.name == name and isinstance(i.shape[3], int)),
+                         head_dim)
+            past[name] = np.zeros((1, kv_heads, 0, width), dtype=np.dtype(types.get(name, "float32")))
     out_names = [o.name for o in sess.get_outputs()]
 
     steps: list[Step] = []
