@@ -97,9 +97,11 @@ def op_profile(onnx_path: str, cfg: dict[str, Any], threads: int, prompt_len: in
     # "concat" graphs take a cache of exactly the past length; "shared" ones a buffer of the whole context,
     # whose first mask-length slots are valid.
     past_len = cfg["context_length"] if cfg.get("onnx", {}).get("kv_cache") == "shared" else prompt_len
-    for name in inputs:
+    for name, meta in inputs.items():
         if name.startswith("past_key_values"):
-            feed[name] = np.random.default_rng(0).standard_normal((1, kv, past_len, hd)).astype(np.float32)
+            # the graph's own static dims win (a padded head size, for instance); config.json fills the rest
+            dims = [d if isinstance(d, int) else default for d, default in zip(meta.shape, (1, kv, past_len, hd))]
+            feed[name] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
     nodes_after_optimisation = None
     # Run it the way the runtime does: with IO binding, and for "shared" graphs each layer's cache buffer bound
     # as both past and present, so the fused attention writes in place instead of into a fresh copy.
