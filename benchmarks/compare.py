@@ -562,6 +562,11 @@ def _environment() -> dict[str, Any]:
         env["loadavg_at_start"] = os.getloadavg()
     except OSError:
         pass
+    try:  # which edgelm was measured (the runtime and exporter change quickly)
+        env["edgelm_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                              cwd=str(ROOT), timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["edgelm_commit"] = None
     versions = {}
     for name, venv, mods in (("main", None, "onnxruntime transformers torch"), ("optimum", "optimum", "optimum"),
                              ("ogenai", "ogenai", "onnxruntime_genai"), ("llamacpp", "llamacpp", "llama_cpp")):
@@ -605,7 +610,8 @@ def markdown(data: dict[str, Any]) -> str:
              f"one warm-up. Medians; min-max in brackets.", ""]
     c = data.get("ceiling")
     if c:
-        lines += [f"Machine: {data['environment'].get('cpu')}, {data['environment'].get('cpu_count')} vCPU. "
+        lines += [f"edgelm commit {data['environment'].get('edgelm_commit', '?')}. "
+                  f"Machine: {data['environment'].get('cpu')}, {data['environment'].get('cpu_count')} vCPU. "
                   f"Measured ceiling: memory read {c['read_GBps']:.1f} GB/s (best weight streaming "
                   f"{c['stream_GBps']:.1f} GB/s), GEMM fp32 {c['gemm_fp32_GFLOPs']:.0f} GFLOP/s, int8 "
                   f"{c['gemm_int8_GFLOPs']:.0f} GOP/s.", ""]
