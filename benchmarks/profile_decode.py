@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             "default (runtime as shipped)": {},
             "1 thread": {"threads": 1},
             "no spin-wait": {"config": {"session.intra_op.allow_spinning": "0"}},
+            "spin-wait": {"config": {"session.intra_op.allow_spinning": "1"}},
             "1 thread, no spin-wait": {"threads": 1, "config": {"session.intra_op.allow_spinning": "0"}},
         }
         tmp = tempfile.mkdtemp(prefix="edgelm-exp-")
