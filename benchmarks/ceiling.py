@@ -84,7 +84,6 @@ def _ort_session(model, threads: int):
 
 def _matmul_model(kind: str, m: int, k: int, n: int, rng: np.random.Generator):
     """A one-node ONNX graph: Y = X @ W with W an initializer (fp32, dynamic int8, or weight-only int8)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     inits, nodes = [], []

@@ -574,8 +574,8 @@ def _environment() -> dict[str, Any]:
         if not py.exists():
             continue
         code = ("import importlib, json; out = {}\nfor m in %r.split():\n    try: out[m] = "
-                "importlib.import_module(m).__version__\n    except Exception as e: out[m] = 'n/a'\nprint(json.dumps(out))"
-                % mods)
+                "importlib.import_module(m).__version__\n    except Exception as e: out[m] = 'n/a'\n"
+                "print(json.dumps(out))" % mods)
         try:
             p = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=120)
             versions[name] = json.loads(p.stdout.strip().splitlines()[-1])
@@ -624,7 +624,7 @@ def markdown(data: dict[str, Any]) -> str:
             d = row[e]
             cells.append(f"{d['decode_tok_s']['median']:,.0f}" if d.get("decode_tok_s") else "—")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", f"### edgelm int8 decode speed as a multiple of each engine's (≥ 1 means edgelm is faster)", "",
+    lines += ["", "### edgelm int8 decode speed as a multiple of each engine's (≥ 1 means edgelm is faster)", "",
               "| model | " + " | ".join(engines) + " |", "|---|" + "---:|" * len(engines)]
     for m, row in res.items():
         ref = (row.get(REFERENCE) or {}).get("decode_tok_s")
