@@ -326,6 +326,10 @@ class Model:
         warm_pos = np.zeros((1, 1), dtype=np.int64)
         try:
             self._run_fn(self._prefill_feed(warm_ids, warm_pos))
+            if self.kv_cache == "shared":  # the same for the bound path; its buffers wait in the pool
+                cache = _SharedCache(self)
+                cache.prefill(warm_ids)
+                self._kv_pool.append(cache)
         except Exception as exc:  # a graph that loads but cannot run one token is unusable
             raise ModelFormatError(f"{folder.onnx_path} loads but fails on a one-token input: "
                                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
