@@ -16,7 +16,10 @@ pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_export_archs import _hf_folder, _hf_greedy  # noqa: E402  (same tiny configs and cached exports)
+from test_export_archs import (  # same tiny configs and cached exports
+    _hf_folder,
+    _hf_greedy,
+)
 
 CTX = 64
 
@@ -176,9 +179,9 @@ def _fused_folder(arch: str):
     """Tiny random models that take the fused path through its re-laid heads: Phi-3 with partial rotary (half of a
     16-wide head: the rotated halves and the pass-through features move), Qwen2 with q/k/v biases and head size
     24 (padded to 32). No sliding window, so the shared layout applies."""
-    common = dict(vocab_size=512, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-                  initializer_range=0.2)
+    common = {"vocab_size": 512, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 128, "bos_token_id": 1, "eos_token_id": 2,
+              "initializer_range": 0.2}
     if arch == "phi3":
         cfg = transformers.Phi3Config(**common, hidden_size=64, partial_rotary_factor=0.5, sliding_window=None,
                                       pad_token_id=0)

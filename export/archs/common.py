@@ -444,11 +444,11 @@ def attention_shared(gb: GraphBuilder, io: DecoderIO, shape: DecoderShape, layer
     cached after rotary as in the concat layout. Returns [B, S, Hq W] for the (row-padded) output projection."""
     hkv, d = shape.num_kv_heads, shape.cache_head_dim or shape.head_dim
     past_k, past_v = io.past[layer]
-    out, k, v = gb.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, kv.seqlens_k, kv.total_len,
-                                              kv.cos_cache, kv.sin_cache],
-                      outputs=3, domain="com.microsoft", name=f"layers.{layer}.attn/GroupQueryAttention",
-                      num_heads=shape.num_attention_heads, kv_num_heads=hkv, scale=1.0, do_rotary=1,
-                      rotary_interleaved=0)
+    out = gb.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, kv.seqlens_k, kv.total_len,
+                                        kv.cos_cache, kv.sin_cache],
+                outputs=3, domain="com.microsoft", name=f"layers.{layer}.attn/GroupQueryAttention",
+                num_heads=shape.num_attention_heads, kv_num_heads=hkv, scale=1.0, do_rotary=1,
+                rotary_interleaved=0)[0]
     # Rename the cache outputs to the contract's names.
     node = gb.nodes[-1]
     node.output[1], node.output[2] = f"present.{layer}.key", f"present.{layer}.value"
