@@ -190,13 +190,17 @@ class CloudClient:
                  timeout: float | None = None) -> CloudReply:
         """Plain text continuation through the legacy ``/completions`` endpoint (vLLM, llama.cpp,
         ``edgelm serve``; many hosted chat models no longer offer it). Same retries and errors as chat."""
+        body = self._completion_body(prompt, max_tokens, temperature, top_p, stop, seed, stream=False)
+        return self._call("/completions", body, timeout)
+
+    def _completion_body(self, prompt: str, *args: Any, stream: bool) -> dict[str, Any]:
+        """A /completions request: the chat body's settings, with ``prompt`` instead of ``messages``."""
         if not isinstance(prompt, str) or not prompt:
             raise InvalidArgumentError("prompt must be a non-empty string.")
-        body = self._body([{"role": "user", "content": prompt}], max_tokens, temperature, top_p, stop, seed,
-                          stream=False)
+        body = self._body([{"role": "user", "content": prompt}], *args, stream=stream)
         del body["messages"]
         body["prompt"] = prompt
-        return self._call("/completions", body, timeout)
+        return body
 
     def _call(self, path: str, body: dict[str, Any], timeout: float | None) -> CloudReply:
         deadline = time.monotonic() + (self.timeout if timeout is None else float(timeout))
@@ -225,12 +229,7 @@ class CloudClient:
                         top_p: float | None = None, stop: str | Sequence[str] | None = None,
                         seed: int | None = None, timeout: float | None = None) -> CloudStream:
         """Stream a plain text continuation from ``/completions`` (see :meth:`complete`)."""
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidArgumentError("prompt must be a non-empty string.")
-        body = self._body([{"role": "user", "content": prompt}], max_tokens, temperature, top_p, stop, seed,
-                          stream=True)
-        del body["messages"]
-        body["prompt"] = prompt
+        body = self._completion_body(prompt, max_tokens, temperature, top_p, stop, seed, stream=True)
         return self._start_stream("/completions", body, timeout)
 
     def _start_stream(self, path: str, body: dict[str, Any], timeout: float | None) -> CloudStream:
