@@ -202,17 +202,21 @@ class CloudClient:
         body["prompt"] = prompt
         return body
 
-    def _call(self, path: str, body: dict[str, Any], timeout: float | None) -> CloudReply:
-        deadline = time.monotonic() + (self.timeout if timeout is None else float(timeout))
-        started = time.monotonic()
+    def _retrying(self, attempt_once: Any, deadline: float) -> tuple[Any, int]:
+        """Run ``attempt_once`` until it succeeds, backing off between retryable failures (the policy lives in
+        :meth:`_wait_or_raise`). Returns its result and the number of attempts."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                data = self._attempt_json(path, body, deadline)
-                break
+                return attempt_once(), attempt
             except _Retryable as r:
                 self._wait_or_raise(r, attempt, deadline)
+
+    def _call(self, path: str, body: dict[str, Any], timeout: float | None) -> CloudReply:
+        deadline = time.monotonic() + (self.timeout if timeout is None else float(timeout))
+        started = time.monotonic()
+        data, attempt = self._retrying(lambda: self._attempt_json(path, body, deadline), deadline)
         return self._parse_reply(data, attempt, time.monotonic() - started, text_field=path == "/completions")
 
     def stream(self, messages: Sequence[dict[str, str]], *, max_tokens: int | None = None,
@@ -443,14 +447,8 @@ class CloudClient:
                     holder: list[CloudStream]) -> Iterator[str]:
         import httpx
         started = time.monotonic()
-        attempt = 0
-        while True:  # retry loop: only until the response is open with a 2xx status
-            attempt += 1
-            try:
-                response = self._open(path, body, deadline)
-                break
-            except _Retryable as r:
-                self._wait_or_raise(r, attempt, deadline)
+        # Retries only until the response is open with a 2xx status; a stream that breaks later is not retried.
+        response, attempt = self._retrying(lambda: self._open(path, body, deadline), deadline)
         pieces: list[str] = []
         finish_reason = model = None
         usage: dict[str, Any] = {}

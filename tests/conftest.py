@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,15 @@ def model_copy(tmp_path):
         shutil.copytree(folder, dst)
         return dst
     return _copy
+
+
+def probe_module():
+    """scripts/arm64_probe.py as a module (scripts/ is not a package); shared by the arm64 tests."""
+    if "arm64_probe" in sys.modules:
+        return sys.modules["arm64_probe"]
+    spec = importlib.util.spec_from_file_location("arm64_probe", ROOT / "scripts" / "arm64_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    # dataclasses looks the defining module up in sys.modules (Python 3.11.2, Bookworm's, fails without it).
+    sys.modules["arm64_probe"] = mod
+    spec.loader.exec_module(mod)
+    return mod

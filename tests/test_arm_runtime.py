@@ -7,7 +7,6 @@ subset cannot even be collected.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import shutil
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import probe_module as _probe_module
 
 import edgelm
 from edgelm.errors import ChecksumError
@@ -42,17 +42,6 @@ def arm_model(request) -> Path:
 def lm(arm_model):
     return edgelm.load(arm_model, threads=1)
 
-
-def _probe_module():
-    """scripts/arm64_probe.py as a module (scripts/ is not a package)."""
-    if "arm64_probe" in sys.modules:
-        return sys.modules["arm64_probe"]
-    spec = importlib.util.spec_from_file_location("arm64_probe", ROOT / "scripts" / "arm64_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    # dataclasses looks the defining module up in sys.modules (Python 3.11.2, Bookworm's, fails without it).
-    sys.modules["arm64_probe"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_import_edgelm_pulls_in_nothing_heavy():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import importlib.util
 import json
 import re
 import subprocess
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import probe_module as _probe_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "arm64-smoke"
@@ -23,17 +23,6 @@ PROBE = ROOT / "scripts" / "arm64_probe.py"
 # What must not be imported at module level by a test file that runs inside the torch-free arm64 root.
 BUILD_SIDE = {"torch", "transformers", "optimum", "onnx", "edgelm_export", "safetensors"}
 
-
-def _probe_module():
-    """scripts/arm64_probe.py as a module (scripts/ is not a package)."""
-    if "arm64_probe" in sys.modules:
-        return sys.modules["arm64_probe"]
-    spec = importlib.util.spec_from_file_location("arm64_probe", ROOT / "scripts" / "arm64_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    # dataclasses looks the defining module up in sys.modules (Python 3.11.2, Bookworm's, fails without it).
-    sys.modules["arm64_probe"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _arm_test_files() -> list[Path]:
