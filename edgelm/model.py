@@ -302,6 +302,13 @@ class Model:
             session = self._session
             self._run_fn = lambda feed: session.run_with_ort_values(names, feed)
             self._run_bound = session.run_with_iobinding
+        # Graphs since the logits_from input (docs/model-format.md) compute a generation's prefill logits for the
+        # last prompt position only; older folders compute them for every position, which is only slower.
+        optional = {i.name for i in self._session.get_overridable_initializers()}
+        self._last_only: Any = None
+        if "logits_from" in optional or "logits_from" in inputs:
+            self._minus_one = np.full(1, -1, dtype=np.int64)  # owned here: the value below reads it
+            self._last_only = self._value(self._minus_one)
         # Zero-length caches for a prefill, in the graph's own dtype and head layout; made once and shared.
         # (A "shared" graph accepts them too: with separate past and present it behaves like "concat", which is
         # what score() and the warm-up use.)
@@ -474,14 +481,18 @@ class Model:
             v = self._mask_cache[n] = self._value(self._ones[:, :n])
         return v
 
-    def _prefill_feed(self, ids_arr: "np.ndarray", pos_arr: "np.ndarray") -> dict[str, Any]:
-        """Inputs for a call over ``ids_arr`` with empty caches. Keep both arrays referenced until it has run."""
+    def _prefill_feed(self, ids_arr: "np.ndarray", pos_arr: "np.ndarray", last_only: bool = False
+                      ) -> dict[str, Any]:
+        """Inputs for a call over ``ids_arr`` with empty caches. Keep both arrays referenced until it has run.
+        ``last_only``: logits for the last position only, where the graph can (else for every position)."""
         feed = dict(self._empty_feed)
         feed["input_ids"] = self._value(ids_arr)
         if self._has_pos:
             feed["position_ids"] = self._value(pos_arr)
         if self._has_mask:
             feed["attention_mask"] = self._mask(ids_arr.shape[1])
+        if last_only and self._last_only is not None:
+            feed["logits_from"] = self._last_only
         return feed
 
     def _shared_cache(self) -> "_SharedCache":
@@ -531,7 +542,7 @@ class Model:
         run = self._run_fn
         n_prompt = prefill_ids.shape[1]
         prefill_pos = np.arange(n_prompt, dtype=np.int64)[None, :]
-        feed = self._prefill_feed(prefill_ids, prefill_pos)
+        feed = self._prefill_feed(prefill_ids, prefill_pos, last_only=True)  # stays for the decode steps
         outs = run(feed)
         # Decode inputs: buffers written in place each step; onnxruntime reads them through the same values.
         tok_buf = np.zeros((1, 1), dtype=np.int64)
@@ -708,8 +719,11 @@ class _SharedCache:
         import numpy as np
 
         m, b = self.model, self.binding
-        out = np.empty((1, ids.shape[1], m.vocab_size), dtype=np.float32)
+        rows = 1 if m._last_only is not None else ids.shape[1]
+        out = np.empty((1, rows, m.vocab_size), dtype=np.float32)
         self._prefill_arrays = (ids, out)  # alive until the next prefill: the bound values read them
+        if m._last_only is not None:  # also right for the one-token decode steps: stays bound
+            b.bind_ortvalue_input("logits_from", m._last_only)
         b.bind_ortvalue_input("input_ids", m._value(ids))
         b.bind_ortvalue_input("attention_mask", m._mask(ids.shape[1]))
         b.bind_ortvalue_output("logits", m._value(out))

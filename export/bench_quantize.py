@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         fp32 = tmp / "fp32.onnx"
         onnx.save_model(graph, str(fp32))
         variants = {"fp32": fp32}
-        for method in ("int8", "int8-dynamic", "int4"):
+        for method in ("int8", "int8-block", "int4"):
             variants[method] = tmp / f"{method}.onnx"
             q.quantize_model(fp32, variants[method], method=method)
         # the alternatives to the defaults in quantize.py: other MatMulNBits accuracy levels and block sizes
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             q.ACCURACY_LEVEL, q.BLOCK_SIZE[8] = level, block
             if (level, block) != (saved[0], saved[1][8]):
                 variants[f"int8 acc{level} block{block}"] = tmp / f"int8-acc{level}-b{block}.onnx"
-                q.quantize_model(fp32, variants[f"int8 acc{level} block{block}"], method="int8")
+                q.quantize_model(fp32, variants[f"int8 acc{level} block{block}"], method="int8-block")
         q.ACCURACY_LEVEL, q.BLOCK_SIZE = saved[0], saved[1]
         if args.only:
             variants = {k: v for k, v in variants.items() if k in args.only.split(",")}

@@ -32,7 +32,7 @@ from edgelm.errors import (
     TokenizerError,
 )
 
-QUANTIZE_CHOICES = ("int8", "int8-dynamic", "int4", "none")
+QUANTIZE_CHOICES = ("int8", "int8-block", "int4", "none")
 KEEP_FP32_CHOICES = ("embeddings", "lm_head")
 DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent / "data" / "eval-sample.txt"
 # fp32 ONNX vs PyTorch: max |logit diff| allowed, relative to the largest reference logit (at least 1).
@@ -238,6 +238,7 @@ def _edgelm_config(arch: str, model_type: str, shape: Any, src_cfg: dict[str, An
     inputs = {"input_ids": "int64", "attention_mask": "int64"}
     if kv_cache == "concat":  # the fused "shared" graph derives positions from the mask
         inputs["position_ids"] = "int64"
+    inputs["logits_from"] = "int64"  # optional: it has a default (docs/model-format.md)
     outputs = {"logits": "float32"}
     for i in range(shape.num_layers):
         inputs[f"past_key_values.{i}.key"] = inputs[f"past_key_values.{i}.value"] = "float32"
@@ -332,7 +333,8 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
                  threads: int | None = None) -> ExportReport:
     """Export a Hugging Face causal LM folder (or hub id) to an edgelm model folder at ``out``.
 
-    ``quantize``: "int8" (weight-only int8, the default), "int8-dynamic", "int4" or "none" (fp32).
+    ``quantize``: "int8" (the default: int8 weights per output channel, int8 GEMMs), "int8-block" (block-wise
+    weight-only int8), "int4" or "none" (fp32); export/quantize.py says what each one is and what it costs.
     ``eval_text``: held-out text for the quality gate (default: a small built-in sample).
     ``max_ppl_increase``: largest allowed relative perplexity increase of the quantized model (0.05 = 5 %);
     a worse model raises QualityGateError unless ``force``. ``keep_fp32``: parts left in fp32
@@ -493,8 +495,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="a local Hugging Face model folder, or a hub id (needs network)")
     parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="int8",
-                        help="weight format: int8 = weight-only int8 (default, fastest decode), int8-dynamic = "
-                             "MatMulInteger (faster prefill), int4, none = fp32")
+                        help="weight format: int8 = per-channel int8 weights and int8 GEMMs (default: fastest decode "
+                             "and prefill), int8-block = block-wise int8 (most accurate int8), int4 (smallest), "
+                             "none = fp32")
     parser.add_argument("--eval-text", metavar="FILE", help="held-out text for the quality gate (default: built-in sample)")
     parser.add_argument("--max-ppl-increase", type=float, default=0.05, metavar="FRACTION",
                         help="refuse a quantized model whose perplexity is more than this much worse (default 0.05 = 5%%)")

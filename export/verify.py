@@ -26,6 +26,7 @@ class OnnxDecoder:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or 1
         opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3  # not the note that logits_from (an input with a default) is not a constant
         self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.shape = shape
         # The fused "shared" layout (docs/model-format.md) takes no position_ids and keeps no padding: batch-1

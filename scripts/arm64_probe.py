@@ -70,6 +70,7 @@ def replay_top2(onnx_path: Path, config: dict[str, Any], prompt_ids: list[int], 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # not the note that logits_from (an input with a default) is not a constant
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
     types = config.get("onnx", {}).get("inputs", {})

@@ -90,6 +90,10 @@ def test_folder_contents(stories_int8):
     manifest = json.loads((stories_int8 / "edgelm.json").read_text())
     assert set(manifest["files"]) == names - {"edgelm.json"}
     assert manifest["quantization"]["method"] == "int8" and manifest["producer"]["onnxruntime"]
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(stories_int8 / "model.onnx"), load_external_data=False).graph.node}
+    assert "DynamicQuantizeMatMul" in ops and "MatMul" not in ops  # every weight MatMul is int8 (the default)
     card = (stories_int8 / "README.md").read_text()
     assert "MIT License" in card  # the source's licence travels with the model
     cfg = json.loads((stories_int8 / "config.json").read_text())

@@ -233,18 +233,60 @@ def test_unknown_cache_layout_is_refused(llama_fp32, tmp_path):
         edgelm.load(copy, verify=False)
 
 
-def test_dynamic_int8_quantizes_the_fused_graph():
-    """quantize_dynamic runs onnx shape inference, which does not know the contrib ops of the fused graph."""
+def test_block_int8_quantizes_the_fused_graph():
+    """--quantize int8-block: MatMulNBits (8 bits, blocks) on the fused graph, within the export's quality gate."""
     import edgelm
 
     if not STORIES260K.is_dir():
         pytest.skip("stories260K fixture not available")
-    folder = cached_export("stories260k-int8-dynamic", STORIES260K, quantize="int8-dynamic")
+    folder = cached_export("stories260k-int8-block", STORIES260K, quantize="int8-block")
     ops = _ops(folder)
-    assert {"GroupQueryAttention", "MatMulInteger"} <= ops
+    assert {"GroupQueryAttention", "MatMulNBits"} <= ops and "DynamicQuantizeMatMul" not in ops
     assert json.loads((folder / "config.json").read_text())["onnx"]["kv_cache"] == "shared"
+    quant = json.loads((folder / "edgelm.json").read_text())["quantization"]
+    assert (quant["method"], quant["dtype"], quant["block_size"]) == ("int8-block", "int8", 32)
     metrics = json.loads((folder / "edgelm.json").read_text())["metrics"]
     assert metrics["ppl_increase"] <= metrics["max_ppl_increase"]  # the export's own quality gate passed
-    assert not [p for p in folder.iterdir() if ".typed." in p.name]  # the temporary typed copy is gone
     g = edgelm.load(folder, threads=1).generate("Once upon a time", max_new_tokens=8, temperature=0, ignore_eos=True)
     assert g.completion_tokens == 8
+
+
+@pytest.mark.parametrize("layout", ["shared", "concat"])
+def test_logits_from_computes_only_the_last_prompt_position(llama_fp32, layout):
+    """logits_from = -1 gives exactly the last row of the full logits; omitted, every position (scoring)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    import edgelm
+
+    if layout == "shared":
+        _, folder = llama_fp32
+    else:
+        src = _hf_folder("gpt2")
+        folder = cached_export(f"arch-{src.name}-fp32", src, quantize="none", context_length=CTX)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["onnx"]["kv_cache"] == layout and cfg["onnx"]["inputs"]["logits_from"] == "int64"
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    assert "logits_from" in {i.name for i in sess.get_overridable_initializers()}  # optional: it has a default
+    n = 9
+    feed = {"input_ids": np.arange(3, 3 + n, dtype=np.int64)[None], "attention_mask": np.ones((1, n), np.int64)}
+    if "position_ids" in {i.name for i in sess.get_inputs()}:
+        feed["position_ids"] = np.arange(n, dtype=np.int64)[None]
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    full = sess.run(["logits"], feed)[0]
+    last = sess.run(["logits"], {**feed, "logits_from": np.array([-1], np.int64)})[0]
+    tail = sess.run(["logits"], {**feed, "logits_from": np.array([n - 3], np.int64)})[0]
+    assert full.shape == (1, n, cfg["vocab_size"]) and last.shape == (1, 1, cfg["vocab_size"])
+    np.testing.assert_allclose(last[0, 0], full[0, -1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tail[0], full[0, -3:], rtol=1e-5, atol=1e-5)
+    # The runtime uses it for a generation's prefill: the first token's log-probability equals the full-logits one.
+    lm = edgelm.load(folder, threads=1)
+    assert lm._last_only is not None
+    g = lm.generate(list(feed["input_ids"][0]), max_new_tokens=1, temperature=0, ignore_eos=True)
+    row = full[0, -1].astype(np.float64)
+    lse = row.max() + np.log(np.exp(row - row.max()).sum())
+    assert g.token_ids[0] == int(row.argmax()) and g.logprobs[0] == pytest.approx(row.max() - lse, abs=1e-4)

@@ -4,8 +4,8 @@ Every family module (llama.py, phi3.py, gpt2.py) walks its Hugging Face module t
 here, so the I/O contract of docs/model-format.md (``kv_cache: "concat"``) lives in exactly one place:
 
     input_ids [B, S] int64, attention_mask [B, P+S] int64, position_ids [B, S] int64,
-    past_key_values.{i}.key/.value [B, Hkv, P, D] float32
-    -> logits [B, S, V] float32, present.{i}.key/.value [B, Hkv, P+S, D] float32
+    past_key_values.{i}.key/.value [B, Hkv, P, D] float32, optional logits_from [1] int64 (default 0)
+    -> logits [B, S - logits_from or -logits_from, V] float32, present.{i}.key/.value [B, Hkv, P+S, D] float32
 
 The attention of this "concat" graph uses only standard ONNX ops (opset 17), so it works for any head size;
 onnxruntime's own optimiser fuses the RMSNorm / GELU / MatMul+Add patterns at load time. Two onnxruntime
@@ -315,6 +315,13 @@ def lm_head_and_logits(gb: GraphBuilder, x: str, weight_out_in: Any, bias: Any |
     on every token (shared/notes/performance.md measured ~3x slower decode on a 135M model).
     """
     w = weight_out_in.detach().cpu().numpy().T if hasattr(weight_out_in, "detach") else np.asarray(weight_out_in).T
+    # `logits_from` [1] int64, an input with a default (an initializer of the same name): the first position
+    # that gets logits, negative counting from the end. Default 0, every position (scoring, verification); the
+    # runtime feeds -1 for a generation's prefill, which then skips the LM head for all but the last prompt
+    # position (SmolLM2-135M shape, 128-token prompt: 128 x 576 x 49,152 multiply-adds and a 25 MB output).
+    start = gb.add_input("logits_from", TensorProto.INT64, [1])
+    gb.initializers.append(numpy_helper.from_array(np.zeros(1, np.int64), start))
+    x = gb.op("Slice", [x, start, gb.const([np.iinfo(np.int64).max]), gb.const([1])], name="lm_head/positions")
     if bias is None:
         gb.op("MatMul", [x, gb.weight("lm_head.weight", w)], name="lm_head/MatMul", output_name="logits")
     else:
