@@ -73,6 +73,7 @@ class BenchResult:
     decode_tokens_per_s: Stat
     peak_rss_bytes: int | None
     import_s: float | None = None
+    spin: bool | None = None  # whether onnxruntime's workers spin-waited (edgelm.model.default_spin)
     environment: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,7 +181,7 @@ def _check_args(prompt_tokens: int, new_tokens: int, repeat: int, warmup: int, t
 
 def run_bench(model: str | os.PathLike | None = None, *, prompt_tokens: int = 128, new_tokens: int = 128,
               threads: int | None = 2, repeat: int = 5, warmup: int = 1, measure_import: bool = True,
-              verify: bool = True) -> BenchResult:
+              verify: bool = True, spin: bool | None = None) -> BenchResult:
     """Load ``model`` (a model folder; None for the shipped default) and measure it.
 
     Raises ``InvalidArgumentError`` for bad counts and ``ContextLengthError`` when the prompt plus the new
@@ -192,7 +193,7 @@ def run_bench(model: str | os.PathLike | None = None, *, prompt_tokens: int = 12
     import edgelm
 
     t0 = time.perf_counter()
-    lm = edgelm.load(model, threads=threads, verify=verify)
+    lm = edgelm.load(model, threads=threads, spin=spin, verify=verify)
     load_s = time.perf_counter() - t0
 
     context = int(lm.context_length)
@@ -227,6 +228,7 @@ def run_bench(model: str | os.PathLike | None = None, *, prompt_tokens: int = 12
         dtype=lm.config.get("dtype"),
         model_size_bytes=folder_size_bytes(path) if path.exists() else 0,
         threads=threads,
+        spin=lm.spin,
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
         repeat=repeat,
@@ -263,7 +265,8 @@ def format_table(r: BenchResult) -> str:
     rows = [
         ("model", f"{r.model_path}"),
         ("weights", f"{r.dtype or '?'}, {_mib(r.model_size_bytes)} on disk"),
-        ("threads", "onnxruntime default" if r.threads is None else str(r.threads)),
+        ("threads", ("onnxruntime default" if r.threads is None else str(r.threads))
+         + ("" if r.spin is None else f" (spin-wait {'on' if r.spin else 'off'})")),
         ("prompt / new tokens", f"{r.prompt_tokens} / {r.new_tokens}  (greedy, EOS ignored, {r.repeat} repeats)"),
     ]
     if r.import_s is not None:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgelm.tokenizer import ChatTemplate, Tokenizer
 
 ENV_MODEL = "EDGELM_MODEL"
+ENV_SPIN = "EDGELM_SPIN"  # "1" / "0": force onnxruntime's spin-waiting on or off (see default_spin)
 FINISH_REASONS = ("stop", "length", "eos")
 # Where a reply ends under the plain fallback chat template (see docs/runtime.md).
 FALLBACK_STOP = "\nUser:"
@@ -161,6 +162,31 @@ def default_threads(model_bytes: int) -> int:
     return 1 if model_bytes < SINGLE_THREAD_BELOW_BYTES else physical_cores()
 
 
+def default_spin(threads: int) -> bool:
+    """Whether onnxruntime's worker threads should spin-wait between kernels (``allow_spinning``).
+
+    Spinning keeps a worker hot between the many short kernels of a decode step: on a quiet 2-vCPU machine it
+    made 2-thread decode 37-38 % faster (15M and 135M shapes). But a spinning worker burns a core that another
+    process may need, and when the cores are already busy it steals time from the thread doing the real work:
+    with a load average of ~9 it made 2-thread decode 5x slower (docs/performance.md). So the default looks at
+    the machine when the model loads: spin only with more than one thread and at least ``threads`` cores idle
+    (``cpu_count - 1-minute load average >= threads - 0.5``). ``$EDGELM_SPIN`` = 1 or 0 overrides it; so does
+    ``spin=`` on :func:`edgelm.load`. With one thread there are no workers and the setting does nothing.
+    """
+    env = os.environ.get(ENV_SPIN, "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
+        return False
+    if threads <= 1:
+        return False
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows: no load average; onnxruntime's own default is to spin
+        return True
+    return (os.cpu_count() or 1) - load >= threads - 0.5
+
+
 def _default_model_path() -> Path:
     env = os.environ.get(ENV_MODEL)
     if env:
@@ -187,18 +213,24 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
     return default
 
 
-def load(path: str | os.PathLike | None = None, *, threads: int | None = None, verify: bool = True) -> "Model":
+def load(path: str | os.PathLike | None = None, *, threads: int | None = None, spin: bool | None = None,
+         verify: bool = True) -> "Model":
     """Open a model folder and return a ready :class:`Model`.
 
     ``path`` None means ``$EDGELM_MODEL`` if set, else the shipped default model. ``threads`` defaults to one
-    per physical core, or 1 for a small model (see :func:`default_threads`). ``verify`` checks every file's sha256
-    against the manifest first (raises :class:`~edgelm.errors.ChecksumError` naming the file). Nothing is ever fetched from the network.
+    per physical core, or 1 for a small model (see :func:`default_threads`). ``spin``: whether onnxruntime's
+    worker threads spin-wait (faster on idle cores, much slower on busy ones); None decides from the machine's
+    load, see :func:`default_spin`. ``verify`` checks every file's sha256 against the manifest first (raises
+    :class:`~edgelm.errors.ChecksumError` naming the file). Nothing is ever fetched from the network.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}.",
                                    hint="Omit it to use one thread per physical core.")
+    if spin is not None and not isinstance(spin, bool):
+        raise InvalidArgumentError(f"spin must be True, False or None, got {spin!r}.",
+                                   hint="Omit it to decide from the machine's load.")
     folder = open_folder(resolve_model_path(path), verify=verify)
-    return Model(folder, threads=threads)
+    return Model(folder, threads=threads, spin=spin)
 
 
 def _config_int(config: dict[str, Any], key: str, path: Path) -> int:
@@ -212,7 +244,7 @@ def _config_int(config: dict[str, Any], key: str, path: Path) -> int:
 class Model:
     """A loaded model. Create with :func:`edgelm.load`. Safe to share between threads (no per-call state)."""
 
-    def __init__(self, folder: ModelFolder, *, threads: int | None = None) -> None:
+    def __init__(self, folder: ModelFolder, *, threads: int | None = None, spin: bool | None = None) -> None:
         import numpy as np
         import onnxruntime as ort
 
@@ -243,6 +275,7 @@ class Model:
             size = sum(p.stat().st_size for p in onnx_path.parent.glob(onnx_path.name + "*") if p.is_file())
             threads = default_threads(size)
         self.threads = threads
+        self.spin: bool = default_spin(threads) if spin is None else spin
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
@@ -250,11 +283,8 @@ class Model:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
-        if self.threads > 1:
-            # Worker threads sleep instead of spin-waiting between kernels. On a busy machine (the other cores
-            # running anything else) spinning workers steal the time the main thread needs: measured decode on a
-            # loaded 2-vCPU box, 2 threads, int8: 15M shape 543 -> 960 tokens/s, 135M shape 60 -> 103 tokens/s.
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Spin-waiting workers: see default_spin for when it pays and when it costs 5x.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         try:
             self._session = ort.InferenceSession(str(folder.onnx_path), sess_options=so,
                                                  providers=["CPUExecutionProvider"])
@@ -344,7 +374,8 @@ class Model:
 
     def __repr__(self) -> str:
         return (f"Model({str(self.path)!r}, {self.config.get('model_type')}, {self.num_layers} layers, "
-                f"context {self.context_length}, {self.config.get('dtype')}, threads={self.threads})")
+                f"context {self.context_length}, {self.config.get('dtype')}, threads={self.threads}, "
+                f"spin={self.spin})")
 
     # --- argument handling (everything is checked before any work) ---------------------------------------
     def encode(self, text: str, add_bos: bool = True) -> list[int]:

@@ -73,24 +73,20 @@ def dequantize_blocks(b: np.ndarray, scales: np.ndarray, bits: int, k: int) -> n
     return w.reshape(n, -1)[:, :k].T
 
 
-# Protobuf cannot serialize a message above 2 GB; graphs with more weight bytes than this keep their weights in
-# a side file (model.onnx.data, next to model.onnx) -- in practice only fp32 graphs of 450M+ parameters.
-EXTERNAL_DATA_BYTES = 1_800_000_000
-
-
 def save_onnx(model: Any, path: str | os.PathLike) -> int:
-    """Save ``model`` at ``path`` (weights inside unless too big, see EXTERNAL_DATA_BYTES); returns bytes written."""
+    """Save ``model`` as ``path`` (the graph) plus ``path``.data (every weight above 1 KiB); returns bytes written.
+
+    Why a side file even for small models: onnxruntime then reads the weights straight into its tensors, without
+    first holding the whole graph as one protobuf message. Measured on the SmolLM2-135M shape (int8, 164 MB):
+    resident memory after creating the session 272 -> 193 MB, its peak 299 -> 220 MB. (It also lifts protobuf's
+    2 GB limit.)"""
     import onnx
 
     path = Path(path)
-    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     data = path.with_name(path.name + ".data")
-    if weight_bytes > EXTERNAL_DATA_BYTES:
-        data.unlink(missing_ok=True)
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+    data.unlink(missing_ok=True)  # onnx appends to an existing file
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
     return onnx_bytes(path)
 
 

@@ -67,13 +67,14 @@ def test_ceiling_counts_the_real_models_parameters(shared_dir):
 def test_bench_cli_writes_sane_json(stories_int8, tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", str(stories_int8), "--prompt-tokens", "16", "--new-tokens", "8", "--threads", "1",
-               "--repeat", "3", "--json", str(out)])
+               "--repeat", "3", "--json", str(out), "--no-spin"])
     assert rc == 0
     table = capsys.readouterr().out
+    assert "spin-wait off" in table
     for label in ("time to first token", "decode", "peak RSS", "load"):
         assert label in table
     d = json.loads(out.read_text())
-    assert (d["prompt_tokens"], d["new_tokens"], d["repeat"], d["threads"]) == (16, 8, 3, 1)
+    assert (d["prompt_tokens"], d["new_tokens"], d["repeat"], d["threads"], d["spin"]) == (16, 8, 3, 1, False)
     assert d["dtype"] == "int8"
     assert d["model_size_bytes"] == folder_size_bytes(stories_int8) > 0
     assert 0 < d["load_s"] < 60

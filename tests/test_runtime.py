@@ -306,6 +306,34 @@ def test_bad_threads(stories_fp32, threads):
         edgelm.load(stories_fp32, threads=threads)
 
 
+def test_spin_default_follows_idle_cores_and_env(monkeypatch):
+    from edgelm import model as m
+
+    monkeypatch.delenv(m.ENV_SPIN, raising=False)
+    monkeypatch.setattr(m.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(m.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert m.default_spin(2) is True and m.default_spin(4) is True
+    assert m.default_spin(1) is False  # no workers to spin
+    monkeypatch.setattr(m.os, "getloadavg", lambda: (3.0, 0.0, 0.0))  # one core idle
+    assert m.default_spin(2) is False
+    monkeypatch.setenv(m.ENV_SPIN, "1")
+    assert m.default_spin(2) is True and m.default_spin(1) is True
+    monkeypatch.setattr(m.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setenv(m.ENV_SPIN, "off")
+    assert m.default_spin(2) is False
+
+
+def test_spin_reaches_onnxruntime(stories_int8, monkeypatch):
+    monkeypatch.delenv("EDGELM_SPIN", raising=False)
+    for spin in (True, False):
+        lm = edgelm.load(stories_int8, threads=2, spin=spin)
+        opts = lm._session.get_session_options()
+        assert lm.spin is spin and opts.get_session_config_entry("session.intra_op.allow_spinning") == str(int(spin))
+        assert f"spin={spin}" in repr(lm)
+    with pytest.raises(InvalidArgumentError, match="spin"):
+        edgelm.load(stories_int8, spin="yes")
+
+
 def test_threads_default_is_physical_cores_except_for_small_models(stories_fp32):
     from edgelm.model import SINGLE_THREAD_BELOW_BYTES, default_threads, physical_cores
 
@@ -313,7 +341,7 @@ def test_threads_default_is_physical_cores_except_for_small_models(stories_fp32)
     assert 1 <= n <= (os.cpu_count() or 1)
     assert default_threads(SINGLE_THREAD_BELOW_BYTES) == n
     assert default_threads(SINGLE_THREAD_BELOW_BYTES - 1) == 1
-    assert (stories_fp32 / "model.onnx").stat().st_size < SINGLE_THREAD_BELOW_BYTES
+    assert sum(p.stat().st_size for p in stories_fp32.glob("model.onnx*")) < SINGLE_THREAD_BELOW_BYTES
     assert edgelm.load(stories_fp32).threads == 1  # a 260K-parameter model: one thread is faster
     assert edgelm.load(stories_fp32, threads=2).threads == 2
 

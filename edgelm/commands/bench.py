@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens to generate per run; EOS is ignored so every run makes exactly this many "
                              "(default 128)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
+                        help="onnxruntime workers spin-wait (faster on idle cores, much slower on busy ones); "
+                             "default: decided from the load average, or $EDGELM_SPIN")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs after one warm-up (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (default 1)")
     parser.add_argument("--json", metavar="FILE", default=None,
@@ -34,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgumentError("--plot needs matplotlib, which is not installed.",
                                        hint='Install it with: pip install "edgelm[bench]", or drop --plot.')
     result = run_bench(args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                       threads=args.threads, repeat=args.repeat, warmup=args.warmup, verify=not args.no_verify)
+                       threads=args.threads, repeat=args.repeat, warmup=args.warmup, verify=not args.no_verify,
+                       spin=args.spin)
     if args.json == "-":
         print(result.to_json())
     else:

@@ -20,6 +20,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="extend", nargs="+", default=None, metavar="TEXT",
                         help="stop before this text (repeatable); escapes like \\n are understood")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
+                        help="onnxruntime workers spin-wait (faster on idle cores, much slower on busy ones); "
+                             "default: decided from the load average, or $EDGELM_SPIN")
     parser.add_argument("--no-verify", action="store_true", help="skip the checksum check of the model files")
     from edgelm.hybrid import add_cli_arguments   # --cloud-url / --cloud-model / --route (no httpx until used)
     add_cli_arguments(parser)
@@ -40,7 +43,8 @@ def load_model(args: argparse.Namespace):
     import edgelm
 
     from edgelm.hybrid import from_cli_args
-    return from_cli_args(edgelm.load(args.model, threads=args.threads, verify=not args.no_verify), args)
+    return from_cli_args(edgelm.load(args.model, threads=args.threads, spin=args.spin,
+                                     verify=not args.no_verify), args)
 
 
 def stats_line(gen) -> str:

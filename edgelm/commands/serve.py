@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"set; prefer the environment variable, command lines are visible to other users)")
     parser.add_argument("--threads", type=int, default=None,
                         help="onnxruntime intra-op threads per generation (default: the runtime's choice)")
+    parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
+                        help="onnxruntime workers spin-wait (faster on idle cores, much slower on busy ones); "
+                             "default: decided from the load average, or $EDGELM_SPIN")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="server log level (default: %(default)s)")
 
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgelm serve: warning: listening on {args.host} without an API key; anyone who can reach this "
               f"machine can use the model. Set ${server.API_KEY_ENV} or --api-key.", file=sys.stderr)
 
-    model = edgelm.load(args.model, threads=args.threads)
+    model = edgelm.load(args.model, threads=args.threads, spin=args.spin)
     server.serve(model, host=args.host, port=args.port, workers=args.workers, api_key=api_key,
                  max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, log_level=args.log_level)
     print("edgelm serve: stopped", file=sys.stderr)
