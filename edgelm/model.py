@@ -315,6 +315,11 @@ class Model:
         self._has_pos = "position_ids" in inputs
         self._output_names = ["logits"] + [n.replace("past_key_values.", "present.") for n in self._past_names]
         outputs = {o.name for o in self._session.get_outputs()}
+        # The last position's log-softmax (docs/model-format.md): the chosen token's log-probability without a
+        # pass over the vocabulary in Python. Older folders lack it; the sampler then computes it.
+        self._has_lp = "last_logprobs" in outputs
+        if self._has_lp:
+            self._output_names.append("last_logprobs")
         if not set(self._output_names) <= outputs:
             raise ModelFormatError(f"{folder.onnx_path} lacks the outputs logits/present.* of docs/model-format.md.",
                                    hint="Re-export the model folder.")
@@ -549,24 +554,25 @@ class Model:
         eos = frozenset() if req.ignore_eos else self.eos_token_ids
 
         # Prefill: the whole prompt in one call. The arrays are locals of this generator, so they outlive every
-        # call that reads them. Then `advance(tok, pos)` runs one decode step and returns the next logits.
+        # call that reads them. Then `advance(tok, pos)` runs one decode step. Both return the last position's
+        # (logits, log-probabilities or None).
         prefill_ids = np.asarray([prompt], dtype=np.int64)
         cache: _SharedCache | None = None
         if self.kv_cache == "shared":
             cache = self._shared_cache()
-            logits = cache.prefill(prefill_ids)
+            first = cache.prefill(prefill_ids)
             advance = cache.advance
         else:
-            logits, advance = self._concat_loop(prefill_ids)
+            first, advance = self._concat_loop(prefill_ids)
         try:
-            gen = yield from self._decode(req, n_prompt, sampler, detok, matcher, eos, t_start, logits, advance)
+            gen = yield from self._decode(req, n_prompt, sampler, detok, matcher, eos, t_start, first, advance)
         finally:
             if cache is not None:  # back to the pool (also when the caller closes the stream early)
                 self._kv_pool.append(cache)
         return gen
 
-    def _concat_loop(self, prefill_ids: "np.ndarray") -> tuple["np.ndarray", Any]:
-        """Prefill with empty caches; return (last logits, advance) for the "concat" layout, where each step's
+    def _concat_loop(self, prefill_ids: "np.ndarray") -> tuple[tuple, Any]:
+        """Prefill with empty caches; return ((logits, logprobs), advance) for the "concat" layout, where each step's
         ``present.*`` values go straight back in as ``past_key_values.*`` (never through numpy)."""
         import numpy as np
 
@@ -586,8 +592,12 @@ class Model:
         has_mask = self._has_mask
         mask = self._mask
         keep = (prefill_ids, prefill_pos)  # referenced by the closure: alive as long as `feed` may read them
+        lp_index = len(self._output_names) - 1 if self._has_lp else 0  # an OrtValueVector takes no negative index
 
-        def advance(tok: int, pos: int) -> "np.ndarray":
+        def last(outs: Any) -> tuple:
+            return outs[0].numpy()[0, -1], (outs[lp_index].numpy()[0, -1] if lp_index else None)
+
+        def advance(tok: int, pos: int) -> tuple:
             nonlocal outs
             tok_buf[0, 0] = tok
             pos_buf[0, 0] = pos
@@ -596,14 +606,15 @@ class Model:
             for i in range(n_past):
                 feed[past_names[i]] = outs[i + 1]
             outs = run(feed)
-            return outs[0].numpy()[0, -1]
+            return last(outs)
 
         advance.keep = keep  # type: ignore[attr-defined]
-        return outs[0].numpy()[0, -1], advance
+        return last(outs), advance
 
     def _decode(self, req: _Request, n_prompt: int, sampler: Any, detok: Any, matcher: Any, eos: frozenset,
-                t_start: float, logits: "np.ndarray", advance: Any) -> Iterator[str]:
+                t_start: float, first: tuple, advance: Any) -> Iterator[str]:
         """The token loop shared by both cache layouts; returns the Generation."""
+        logits, lps = first
         step = sampler.step
         tokens: list[int] = []
         logprobs: list[float] = []
@@ -612,7 +623,7 @@ class Model:
         t_first = 0.0
         max_new = req.max_new_tokens
         while True:
-            tok, lp = step(logits)
+            tok, lp = step(logits, lps)
             logprobs.append(lp)
             tokens.append(tok)
             if not t_first:
@@ -633,7 +644,7 @@ class Model:
             if len(tokens) >= max_new:
                 break
             # One decode step: the new token at slot n_prompt + len(tokens) - 1.
-            logits = advance(tok, n_prompt + len(tokens) - 1)
+            logits, lps = advance(tok, n_prompt + len(tokens) - 1)
 
         if finish != "stop":
             safe, stopped = matcher.feed(detok.flush())
@@ -737,35 +748,42 @@ class _SharedCache:
         self.tok_value = model._value(self.tok)
         self.logits = np.empty((1, 1, model.vocab_size), dtype=np.float32)
         self.logits_value = model._value(self.logits)
+        self.logprobs = np.empty((1, 1, model.vocab_size), dtype=np.float32) if model._has_lp else None
+        self.lp_row = self.logprobs[0, 0] if model._has_lp else None
         io = model._session.io_binding()
         self.binding = io._iobinding if model._raw else io
         for name, value in zip(model._past_names, self.values):
             self.binding.bind_ortvalue_input(name, value)
             self.binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        if model._has_lp:  # [1, 1, V] at prefill and decode alike: bound once
+            self.binding.bind_ortvalue_output("last_logprobs", model._value(self.logprobs))
         self._prefill_arrays: tuple = ()
 
-    def prefill(self, ids: "np.ndarray") -> "np.ndarray":
-        """Run the prompt ``ids`` [1, S] into slots 0..S-1; return the last position's logits. Then switch the
-        bindings to single-token decode steps."""
+    def prefill(self, ids: "np.ndarray") -> tuple:
+        """Run the prompt ``ids`` [1, S] into slots 0..S-1; return the last position's (logits, logprobs or None).
+        Then switch the bindings to single-token decode steps."""
         import numpy as np
 
         m, b = self.model, self.binding
-        rows = 1 if m._last_only is not None else ids.shape[1]
-        out = np.empty((1, rows, m.vocab_size), dtype=np.float32)
-        self._prefill_arrays = (ids, out)  # alive until the next prefill: the bound values read them
-        if m._last_only is not None:  # also right for the one-token decode steps: stays bound
+        if m._last_only is not None:  # logits for the last position only, as in every decode step: bound once
+            out = self.logits
             b.bind_ortvalue_input("logits_from", m._last_only)
+            b.bind_ortvalue_output("logits", self.logits_value)
+        else:
+            out = np.empty((1, ids.shape[1], m.vocab_size), dtype=np.float32)
+            b.bind_ortvalue_output("logits", m._value(out))
+        self._prefill_arrays = (ids, out)  # alive until the next prefill: the bound values read them
         b.bind_ortvalue_input("input_ids", m._value(ids))
         b.bind_ortvalue_input("attention_mask", m._mask(ids.shape[1]))
-        b.bind_ortvalue_output("logits", m._value(out))
         m._run_bound(b)
         b.bind_ortvalue_input("input_ids", self.tok_value)
         b.bind_ortvalue_output("logits", self.logits_value)
-        return out[0, -1]
+        return out[0, -1], self.lp_row
 
-    def advance(self, tok: int, pos: int) -> "np.ndarray":
-        """One decode step: token ``tok`` at slot ``pos``; returns its logits (a view, valid until the next call)."""
+    def advance(self, tok: int, pos: int) -> tuple:
+        """One decode step: token ``tok`` at slot ``pos``; returns its (logits, logprobs or None): views, valid
+        until the next call."""
         self.tok[0, 0] = tok
         self.binding.bind_ortvalue_input("attention_mask", self.model._mask(pos + 1))
         self.model._run_bound(self.binding)
-        return self.logits[0, -1]
+        return self.logits[0, -1], self.lp_row

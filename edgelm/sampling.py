@@ -138,6 +138,8 @@ class Sampler:
         self._penalise = settings.repetition_penalty != 1.0
         self._seen_mask = np.zeros(vocab_size, dtype=bool)
         self._seen_ids = np.zeros(0, dtype=np.int64)
+        self._buf: np.ndarray | None = None  # scratch for the per-token log-sum-exp (_log_sum_exp)
+        self._ones: np.ndarray | None = None
         if self._penalise:
             ids = np.asarray(list(seen), dtype=np.int64)
             ids = ids[(ids >= 0) & (ids < vocab_size)]
@@ -161,16 +163,34 @@ class Sampler:
         out[self._seen_ids] = np.where(vals > 0, vals / rp, vals * rp)
         return out
 
-    def step(self, logits: np.ndarray) -> tuple[int, float]:
+    def step(self, logits: np.ndarray, logprobs: np.ndarray | None = None) -> tuple[int, float]:
         """The next token and its log-probability under the unmodified ``logits`` (what the decode loop calls).
 
-        Greedy without a penalty reuses the arg-max as the max of the log-softmax: one reduction less per token.
+        ``logprobs``, when the graph provides them (log-softmax of the same row), give the log-probability by
+        lookup. Otherwise it is computed here; greedy without a penalty then reuses the arg-max as the max of the
+        log-softmax, and the log-sum-exp runs in a buffer kept for the whole generation with a BLAS dot product
+        as the sum (a temporary array per call and numpy's pairwise float32 sum were most of its time).
         """
         if self.settings.greedy and not self._penalise:
             tok = int(logits.argmax())
-            return tok, -math.log(float(np.exp(logits - logits[tok]).sum()))
+            if logprobs is not None:
+                return tok, float(logprobs[tok])
+            return tok, -self._log_sum_exp(logits, float(logits[tok]))
         tok = self(logits)
-        return tok, log_softmax_at(logits, tok)
+        if logprobs is not None:
+            return tok, float(logprobs[tok])
+        m = float(logits.max())
+        return tok, float(logits[tok]) - m - self._log_sum_exp(logits, m)
+
+    def _log_sum_exp(self, logits: np.ndarray, shift: float) -> float:
+        """log(sum(exp(logits - shift))), ``shift`` the maximum of ``logits`` (so no term overflows)."""
+        if self._buf is None or self._buf.shape != logits.shape:
+            self._buf = np.empty(logits.shape, dtype=np.float32)
+            self._ones = np.ones(logits.shape, dtype=np.float32)
+        buf = self._buf
+        np.subtract(logits, shift, out=buf, casting="unsafe")
+        np.exp(buf, out=buf)
+        return math.log(float(np.dot(buf, self._ones)))
 
     def __call__(self, logits: np.ndarray) -> int:
         logits = self.penalised(logits)

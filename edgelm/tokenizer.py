@@ -117,6 +117,9 @@ class Tokenizer:
                f"eos={list(self.eos_token_ids)})"
 
 
+_WINDOW = 16  # tokens a StreamingDetokenizer decodes at most per step (see _emit)
+
+
 class StreamingDetokenizer:
     """Turns a stream of token ids into text pieces that never end in the middle of a character.
 
@@ -129,13 +132,14 @@ class StreamingDetokenizer:
     is prefix-stable (all byte-level BPE and SentencePiece-style tokenizers).
     """
 
-    __slots__ = ("_tok", "_ids", "_prefix", "_read")
+    __slots__ = ("_tok", "_ids", "_prefix", "_read", "_text")
 
     def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
         self._tok = tokenizer
         self._ids: list[int] = list(context[-_CONTEXT_TOKENS:]) if context else []
         self._prefix = 0                   # decoding starts here (context for the space-stripping decoders)
         self._read = len(self._ids)        # everything before this has been emitted
+        self._text: str | None = None      # decode(ids[prefix:read]), kept so a step decodes once, not twice
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
@@ -148,19 +152,24 @@ class StreamingDetokenizer:
         if self._read >= len(self._ids):
             return ""
         dec = self._tok._tok.decode
-        before = dec(self._ids[self._prefix:self._read], skip_special_tokens=True)
+        before = self._text
+        if before is None:
+            before = self._text = dec(self._ids[self._prefix:self._read], skip_special_tokens=True)
         now = dec(self._ids[self._prefix:], skip_special_tokens=True)
         if not final and (len(now) <= len(before) or now.endswith(_REPLACEMENT)):
             return ""  # nothing new yet, or the last character is still missing bytes
         piece = now[len(before):]
-        # The emitted chunk becomes the next step's context (one token is enough for the space-stripping
-        # decoders); older ids are dropped now and then so every step decodes only a few tokens.
-        self._prefix, self._read = self._read, len(self._ids)
-        if self._prefix > 64:
-            drop = self._prefix
-            del self._ids[:drop]
-            self._prefix -= drop
-            self._read -= drop
+        chunk = self._read  # ids[chunk:] is what this piece was decoded from: whole characters
+        self._read, self._text = len(self._ids), now
+        # The window ids[prefix:] grows by a token per step; past _WINDOW tokens it restarts at the chunk just
+        # emitted (whole characters, and context enough for the space-stripping decoders), so a step decodes
+        # only a few tokens, and the text of the new window is decoded once then.
+        if self._read - self._prefix > _WINDOW:
+            self._prefix = chunk
+            del self._ids[:self._prefix]
+            self._read -= self._prefix
+            self._prefix = 0
+            self._text = None
         return piece
 
 

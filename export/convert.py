@@ -243,6 +243,7 @@ def _edgelm_config(arch: str, model_type: str, shape: Any, src_cfg: dict[str, An
     for i in range(shape.num_layers):
         inputs[f"past_key_values.{i}.key"] = inputs[f"past_key_values.{i}.value"] = "float32"
         outputs[f"present.{i}.key"] = outputs[f"present.{i}.value"] = "float32"
+    outputs["last_logprobs"] = "float32"
     return {
         "format": "edgelm/1", "model_type": model_type, "source_architecture": arch,
         "num_layers": shape.num_layers, "num_attention_heads": shape.num_attention_heads,

@@ -277,7 +277,9 @@ def test_logits_from_computes_only_the_last_prompt_position(llama_fp32, layout):
     for i in sess.get_inputs():
         if i.name.startswith("past_key_values."):
             feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-    full = sess.run(["logits"], feed)[0]
+    full, lps = sess.run(["logits", "last_logprobs"], feed)
+    row64 = full[0, -1].astype(np.float64)
+    np.testing.assert_allclose(lps[0, 0], row64 - row64.max() - np.log(np.exp(row64 - row64.max()).sum()), atol=1e-5)
     last = sess.run(["logits"], {**feed, "logits_from": np.array([-1], np.int64)})[0]
     tail = sess.run(["logits"], {**feed, "logits_from": np.array([n - 3], np.int64)})[0]
     assert full.shape == (1, n, cfg["vocab_size"]) and last.shape == (1, 1, cfg["vocab_size"])
@@ -290,3 +292,34 @@ def test_logits_from_computes_only_the_last_prompt_position(llama_fp32, layout):
     row = full[0, -1].astype(np.float64)
     lse = row.max() + np.log(np.exp(row - row.max()).sum())
     assert g.token_ids[0] == int(row.argmax()) and g.logprobs[0] == pytest.approx(row.max() - lse, abs=1e-4)
+
+
+def test_folders_without_logits_from_or_last_logprobs_still_generate_the_same(llama_fp32, tmp_path):
+    """Folders exported before those two graph features: full prefill logits, log-probabilities in numpy."""
+    import numpy as np
+    import onnx
+
+    import edgelm
+
+    _, folder = llama_fp32
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    model = onnx.load(str(old / "model.onnx"))
+    graph = model.graph
+    keep_out = [o for o in graph.output if o.name != "last_logprobs"]
+    del graph.output[:]
+    graph.output.extend(keep_out)
+    keep_in = [i for i in graph.input if i.name != "logits_from"]  # its initializer stays: a constant 0
+    del graph.input[:]
+    graph.input.extend(keep_in)
+    (old / "model.onnx.data").unlink()
+    onnx.save_model(model, str(old / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    new_lm, old_lm = edgelm.load(folder, threads=1), edgelm.load(old, verify=False, threads=1)
+    assert new_lm._has_lp and new_lm._last_only is not None
+    assert not old_lm._has_lp and old_lm._last_only is None
+    ids = new_lm.encode("Once upon a time there was")
+    for kw in (dict(temperature=0), dict(temperature=0.8, top_k=20, seed=3)):
+        a = new_lm.generate(ids, max_new_tokens=12, ignore_eos=True, **kw)
+        b = old_lm.generate(ids, max_new_tokens=12, ignore_eos=True, **kw)
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)

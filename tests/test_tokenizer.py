@@ -195,3 +195,16 @@ def test_chat_template_source_forms():
 def test_bad_messages(bad):
     with pytest.raises(InvalidArgumentError, match="messages"):
         ChatTemplate(None).render(bad)
+
+
+def test_streaming_a_long_text_restarts_its_window_without_changing_the_text(tok):
+    # Hundreds of tokens, multi-byte characters split over byte tokens at every offset: the decode window
+    # restarts many times (edgelm.tokenizer._WINDOW) and the pieces must still join to the full decode.
+    from edgelm.tokenizer import _WINDOW
+
+    text = "".join(f"Tom saw {i} 😀 ducks, ö中 and a \u00e9clair.\n" for i in range(12))
+    ids = tok.encode(text, add_bos=False)
+    assert len(ids) > 10 * _WINDOW
+    pieces, tail = stream_pieces(tok, ids)
+    assert "".join(pieces) + tail == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)

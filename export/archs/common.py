@@ -5,7 +5,8 @@ here, so the I/O contract of docs/model-format.md (``kv_cache: "concat"``) lives
 
     input_ids [B, S] int64, attention_mask [B, P+S] int64, position_ids [B, S] int64,
     past_key_values.{i}.key/.value [B, Hkv, P, D] float32, optional logits_from [1] int64 (default 0)
-    -> logits [B, S - logits_from or -logits_from, V] float32, present.{i}.key/.value [B, Hkv, P+S, D] float32
+    -> logits [B, S - logits_from or -logits_from, V] float32, present.{i}.key/.value [B, Hkv, P+S, D] float32,
+       last_logprobs [B, 1, V] float32 (log-softmax of the last position)
 
 The attention of this "concat" graph uses only standard ONNX ops (opset 17), so it works for any head size;
 onnxruntime's own optimiser fuses the RMSNorm / GELU / MatMul+Add patterns at load time. Two onnxruntime
@@ -328,6 +329,14 @@ def lm_head_and_logits(gb: GraphBuilder, x: str, weight_out_in: Any, bias: Any |
         y = gb.op("MatMul", [x, gb.weight("lm_head.weight", w)], name="lm_head/MatMul")
         gb.op("Add", [y, gb.weight("lm_head.bias", bias)], name="lm_head/Add", output_name="logits")
     gb.add_output("logits", TensorProto.FLOAT, ["batch", "seq", shape.vocab_size])
+    # `last_logprobs` [B, 1, V]: log-softmax of the last position's logits. The decode loop reads the chosen
+    # token's log-probability from it instead of a log-sum-exp over the vocabulary in numpy, which after a step
+    # has streamed the weights through the caches reads cold memory: 85 -> 15 microseconds of Python per token
+    # on a 49,152-token vocabulary, for ~7 microseconds more inside onnxruntime.
+    last = gb.op("Slice", ["logits", gb.const([-1]), gb.const([np.iinfo(np.int64).max]), gb.const([1])],
+                 name="lm_head/last_position")
+    gb.op("LogSoftmax", [last], axis=-1, name="lm_head/log_softmax", output_name="last_logprobs")
+    gb.add_output("last_logprobs", TensorProto.FLOAT, ["batch", 1, shape.vocab_size])
 
 
 def t(weight: Any) -> np.ndarray:
