@@ -380,6 +380,7 @@ def _hf_generate(model, prompt: list[int], n: int, torch_mod) -> tuple[float, fl
 def worker(engine: str, path: str, prompt: list[int], n: int, threads: int) -> dict[str, Any]:
     """Load ``path`` with ``engine``, warm up, time one generation. Runs in the engine's interpreter."""
     t_import = time.perf_counter()
+    extra: dict[str, Any] = {}
     if engine == "transformers-fp32":
         import torch
         from transformers import AutoModelForCausalLM
@@ -407,8 +408,9 @@ def worker(engine: str, path: str, prompt: list[int], n: int, threads: int) -> d
         import edgelm
 
         t0 = time.perf_counter()
-        lm = edgelm.load(path, threads=threads)
+        lm = edgelm.load(path, threads=threads)  # spin-wait: $EDGELM_SPIN, else edgelm's load-average default
         load = time.perf_counter() - t0
+        extra["spin"] = lm.spin
 
         def gen(k):
             g = lm.generate(prompt, max_new_tokens=k, temperature=0, ignore_eos=True)
@@ -455,7 +457,7 @@ def worker(engine: str, path: str, prompt: list[int], n: int, threads: int) -> d
         raise RuntimeError(f"{engine} produced {len(toks)} tokens instead of {n}")
     return {"load_s": load, "import_s": import_s, "ttft_s": ttft, "prefill_tok_s": len(prompt) / ttft,
             "decode_tok_s": decode, "peak_rss_bytes": _rss(), "first_tokens": toks[:16],
-            "loadavg_1min": os.getloadavg()[0]}
+            "loadavg_1min": os.getloadavg()[0], **extra}
 
 
 def _worker_main(args) -> int:
@@ -528,6 +530,8 @@ def compare(models: list[str], engines: list[str], repeat: int, prompt_tokens: i
                             "loadavg_1min"):
                     entry[key] = _agg([x[key] for x in ok if key in x])
                 entry["runs"] = len(ok)
+                if any("spin" in x for x in ok):
+                    entry["spin"] = sorted({x["spin"] for x in ok if "spin" in x})
                 entry["first_tokens"] = ok[0]["first_tokens"]
                 if errors:
                     entry["errors"] = errors
@@ -592,12 +596,19 @@ _CEILING_SHAPE = {"stories260K": "stories260K", "rand-260K": "stories260K", "ran
                   "rand-135M": "smollm2-135M"}
 
 
+# int8 formats with one byte per weight and no per-block scales (edgelm's per-channel int8, optimum's per-tensor
+# int8): their bound is the one-byte one. The others (MatMulNBits, q8_0) carry a scale per block of 32.
+ONE_BYTE_INT8 = ("edgelm-int8", "optimum-int8")
+
+
 def _ceiling_for(data: dict[str, Any], model: str, engine: str) -> float | None:
     c = data.get("ceiling")
     if not c:
         return None
     m = c["models"][_CEILING_SHAPE[model]]
     fmt = "fp32" if engine.endswith("fp32") else "int4" if engine.endswith("int4") else "int8"
+    if engine in ONE_BYTE_INT8 and "int8_1byte_ceiling_tok_s" in m:
+        fmt = "int8_1byte"
     return m[f"{fmt}_ceiling_tok_s"]
 
 
