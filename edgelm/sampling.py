@@ -134,7 +134,7 @@ class Sampler:
     def __init__(self, settings: SamplingSettings, vocab_size: int, seen: Any = ()) -> None:
         self.settings = settings
         self.vocab_size = vocab_size
-        self.rng = np.random.default_rng(settings.seed)
+        self._rng: Any = None  # made on the first draw: greedy decoding never imports numpy.random (6 MB)
         self._penalise = settings.repetition_penalty != 1.0
         self._seen_mask = np.zeros(vocab_size, dtype=bool)
         self._seen_ids = np.zeros(0, dtype=np.int64)
@@ -145,6 +145,13 @@ class Sampler:
             ids = ids[(ids >= 0) & (ids < vocab_size)]
             self._seen_mask[ids] = True
             self._seen_ids = np.flatnonzero(self._seen_mask)
+
+    @property
+    def rng(self) -> Any:
+        """The generator behind the draws, seeded with ``settings.seed`` (created on first use)."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.settings.seed)
+        return self._rng
 
     def observe(self, token: int) -> None:
         """Record a generated token (only needed for the repetition penalty)."""

@@ -374,3 +374,16 @@ def test_exported_tokenizer_matches_the_source(lm, shared_dir):
     text = EVAL_TEXT.read_text(encoding="utf-8")[:20000] if EVAL_TEXT.is_file() else "Once upon a time"
     for s in [text, "Hello 😀 wörld", " leading space", "<s>twice"]:
         assert lm.encode(s) == source.encode(s)
+
+
+def test_greedy_never_imports_numpy_random(stories_int8):
+    """numpy.random is 6 MB of resident memory: greedy decoding and scoring do without it; sampling loads it."""
+    code = ("import sys, edgelm; lm = edgelm.load(sys.argv[1]); "
+            "lm.generate('Once upon a time', max_new_tokens=4, temperature=0); lm.score('Once upon a time'); "
+            "a = 'numpy.random' in sys.modules; "
+            "g1 = lm.generate('Once upon a time', max_new_tokens=6, temperature=0.9, seed=5).token_ids; "
+            "g2 = lm.generate('Once upon a time', max_new_tokens=6, temperature=0.9, seed=5).token_ids; "
+            "print(a, 'numpy.random' in sys.modules, g1 == g2)")
+    out = subprocess.run([sys.executable, "-c", code, str(stories_int8)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "True"]
