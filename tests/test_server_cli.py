@@ -112,3 +112,11 @@ def test_serve_cli_ctrl_c_mid_stream_ends_the_stream_properly(stories_int8):
     last = json.loads(lines[-2][len("data: "):])
     assert "error" in last or last["choices"][0]["finish_reason"] in ("length", "stop")
     assert "stopped" in sp.output()
+
+
+def test_serve_turns_spinning_off_for_several_workers_unless_told():
+    from edgelm.commands.serve import server_spin
+
+    assert server_spin(2, None) is False      # parallel generations: no spinning pools
+    assert server_spin(1, None) is None       # one worker: the runtime's load-based default
+    assert server_spin(4, True) is True and server_spin(1, False) is False  # --spin / --no-spin win

@@ -37,6 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="server log level (default: %(default)s)")
 
 
+def server_spin(workers: int, spin: bool | None) -> bool | None:
+    """``--spin/--no-spin`` if given; else no spinning with several workers (parallel generations already keep
+    the cores busy, and spinning pools then steal time from each other: up to 5x slower decode measured under
+    load, docs/performance.md); else None, the runtime's load-based default."""
+    if spin is not None:
+        return spin
+    return False if workers > 1 else None
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -66,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgelm serve: warning: listening on {args.host} without an API key; anyone who can reach this "
               f"machine can use the model. Set ${server.API_KEY_ENV} or --api-key.", file=sys.stderr)
 
-    model = edgelm.load(args.model, threads=args.threads, spin=args.spin)
+    model = edgelm.load(args.model, threads=args.threads, spin=server_spin(args.workers, args.spin))
     server.serve(model, host=args.host, port=args.port, workers=args.workers, api_key=api_key,
                  max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, log_level=args.log_level)
     print("edgelm serve: stopped", file=sys.stderr)
