@@ -87,6 +87,8 @@ def save_onnx(model: Any, path: str | os.PathLike) -> int:
     data.unlink(missing_ok=True)  # onnx appends to an existing file
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
+    if data.is_file():  # onnx creates it owner-only (0600); give it the graph file's permissions
+        data.chmod(path.stat().st_mode & 0o777)
     return onnx_bytes(path)
 
 

@@ -96,6 +96,8 @@ def test_weights_live_beside_the_graph(tmp_path):
     out = tmp_path / "out"
     report = export_model(str(STORIES260K), str(out), quantize="int8", progress=False)
     assert (out / "model.onnx.data").is_file() and (out / "model.onnx").stat().st_size < 100_000
+    # as readable as the graph (onnx writes the data file owner-only)
+    assert (out / "model.onnx.data").stat().st_mode & 0o777 == (out / "model.onnx").stat().st_mode & 0o777
     assert report.model_bytes == (out / "model.onnx").stat().st_size + (out / "model.onnx.data").stat().st_size
     manifest = json.loads((out / "edgelm.json").read_text())
     assert "model.onnx.data" in manifest["files"] and manifest["metrics"]["ppl_increase"] < 0.05
