@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shapes import SHAPES as BENCH_SHAPES  # the script's own folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGELM_SHARED", ROOT.parent / "shared")).resolve()
 FIXTURE = SHARED / "fixtures" / "stories260K"
@@ -41,15 +43,10 @@ MODELS_DIR = ROOT / ".cache" / "bench-models"
 VENVS_DIR = ROOT / ".cache" / "bench-venvs"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
-# Shapes of the random-weight models (Hugging Face LlamaConfig fields).
-SHAPES: dict[str, dict[str, Any]] = {
-    "rand-260K": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=5, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=512, tie_word_embeddings=True),
-    "rand-15M": dict(hidden_size=288, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6,
-                     num_key_value_heads=6, vocab_size=32000, tie_word_embeddings=False),
-    "rand-135M": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-}
+# The random-weight models and the benchmark shape each one has (benchmarks/shapes.py, shared with ceiling.py).
+_RANDOM = {"rand-260K": "stories260K", "rand-15M": "stories15M", "rand-135M": "smollm2-135M"}
+SHAPES: dict[str, dict[str, Any]] = {name: BENCH_SHAPES[shape] for name, shape in _RANDOM.items()}
+_CEILING_SHAPE = {"stories260K": "stories260K", **_RANDOM}
 MODELS = ["stories260K", *SHAPES]
 
 # engine -> (virtual environment or None for the main interpreter, artifact folder name inside the model dir)
@@ -592,10 +589,6 @@ def _environment() -> dict[str, Any]:
 # =====================================================================================================
 # report
 # =====================================================================================================
-_CEILING_SHAPE = {"stories260K": "stories260K", "rand-260K": "stories260K", "rand-15M": "stories15M",
-                  "rand-135M": "smollm2-135M"}
-
-
 # int8 formats with one byte per weight and no per-block scales (edgelm's per-channel int8, optimum's per-tensor
 # int8): their bound is the one-byte one. The others (MatMulNBits, q8_0) carry a scale per block of 32.
 ONE_BYTE_INT8 = ("edgelm-int8", "optimum-int8")

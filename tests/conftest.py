@@ -82,6 +82,27 @@ def model_copy(tmp_path):
     return _copy
 
 
+def cut_at_stop(text, stops):
+    """Reference, character by character: stop when a stop string first completes, cut at its earliest start."""
+    for end in range(1, len(text) + 1):
+        starts = [end - len(s) for s in stops if end >= len(s) and text[end - len(s):end] == s]
+        if starts:
+            earlier = [text.find(s) for s in stops if 0 <= text.find(s) and text.find(s) + len(s) <= end]
+            return text[:min(starts + earlier)], True
+    return text, False
+
+
+@pytest.fixture
+def torch_one_thread():
+    """torch on one intra-op thread for the test (the CI box has two cores, shared), restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def probe_module():
     """scripts/arm64_probe.py as a module (scripts/ is not a package); shared by the arm64 tests."""
     if "arm64_probe" in sys.modules:

@@ -17,17 +17,9 @@ from edgelm_export.distill import (build_student, distill, evenly_spaced_layers,
                                    sample_corpus, student_from_teacher_layers)
 from edgelm_export.train import TrainConfig, evaluate  # noqa: E402
 
-pytestmark = [pytest.mark.slow, needs_shared()]
+pytestmark = [pytest.mark.slow, needs_shared(), pytest.mark.usefixtures("torch_one_thread")]
 V1 = SHARED / "corpus" / "tinystories" / "tinystories-v1-train-sample.txt"
 EVAL = SHARED / "eval" / "tinystories-v1-valid-a.txt"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -51,16 +51,21 @@ def _config(arch: str):
 
 def _hf_folder(arch: str) -> Path:
     """A save_pretrained folder with seeded random weights and the stories260K tokenizer (cached on disk)."""
-    cfg = _config(arch)
+    return hf_folder_for(_config(arch), arch)
+
+
+def hf_folder_for(cfg, name: str) -> Path:
+    """``cfg``'s model with seeded random weights and the stories260K tokenizer, saved once under .cache (keyed by
+    the config and the transformers version)."""
     key = hashlib.sha256(cfg.to_json_string().encode() + transformers.__version__.encode()).hexdigest()[:10]
-    out = CACHE / f"hf-{arch}-{key}"
+    out = CACHE / f"hf-{name}-{key}"
     if not (out / "tokenizer.json").is_file():
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         torch.manual_seed(0)
         transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp))
-        shutil.copyfile(STORIES260K / "tokenizer.json", tmp / "tokenizer.json")
-        shutil.copyfile(STORIES260K / "tokenizer_config.json", tmp / "tokenizer_config.json")
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(STORIES260K / file, tmp / file)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     return out

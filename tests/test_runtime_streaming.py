@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import edgelm
+from conftest import cut_at_stop
 
 PROMPTS = ["Once upon a time", "The café served 😀 crêpes and 中文 tea.", "Lily said, \"Hi!\""]
 STOP_ALPHABET = st.sampled_from(list("ae .,\n") + ["é", "😀", "中", " the", "Lily"])
@@ -15,16 +16,6 @@ STOP_ALPHABET = st.sampled_from(list("ae .,\n") + ["é", "😀", "中", " the", 
 @pytest.fixture(scope="module")
 def lm(stories_fp32):
     return edgelm.load(stories_fp32, threads=1)
-
-
-def cut_at_stop(text, stops):
-    """Reference, character by character: stop when a stop string first completes, cut at its earliest start."""
-    for end in range(1, len(text) + 1):
-        starts = [end - len(s) for s in stops if end >= len(s) and text[end - len(s):end] == s]
-        if starts:
-            earlier = [text.find(s) for s in stops if 0 <= text.find(s) and text.find(s) + len(s) <= end]
-            return text[:min(starts + earlier)], True
-    return text, False
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

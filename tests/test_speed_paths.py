@@ -4,13 +4,12 @@ chosen only where onnxruntime's kernel and our equivalence conditions allow it (
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
 
 import pytest
-from conftest import CACHE, STORIES260K, cached_export
+from conftest import STORIES260K, cached_export
 
 pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
@@ -19,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from test_export_archs import (  # same tiny configs and cached exports
     _hf_folder,
     _hf_greedy,
+    hf_folder_for,
 )
 
 CTX = 64
@@ -187,18 +187,7 @@ def _fused_folder(arch: str):
                                       pad_token_id=0)
     else:
         cfg = transformers.Qwen2Config(**common, hidden_size=96, use_sliding_window=False)
-    key = hashlib.sha256(cfg.to_json_string().encode() + transformers.__version__.encode()).hexdigest()[:10]
-    out = CACHE / f"hf-fused-{arch}-{key}"
-    if not (out / "tokenizer.json").is_file():
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp))
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copyfile(STORIES260K / name, tmp / name)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    return out
+    return hf_folder_for(cfg, f"fused-{arch}")
 
 
 @pytest.mark.parametrize("arch", ["phi3", "qwen2"])

@@ -7,7 +7,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from conftest import STORIES260K, needs_shared
+from conftest import STORIES260K, cut_at_stop, needs_shared
 from edgelm.errors import InvalidArgumentError, ModelFormatError, TokenizerError
 from edgelm.tokenizer import (ChatTemplate, StopMatcher, StreamingDetokenizer, Tokenizer, chat_template_source,
                               validate_stop)
@@ -106,16 +106,6 @@ def test_streaming_holds_back_an_incomplete_character(tok):
     # cut off mid-character: flush still returns something (a replacement character), never raises
     pieces, tail = stream_pieces(tok, ids[:-1])
     assert "".join(pieces) == "" and tail.endswith("\ufffd")
-
-
-def cut_at_stop(text, stops):
-    """Reference, character by character: stop when a stop string first completes, cut at its earliest start."""
-    for end in range(1, len(text) + 1):
-        starts = [end - len(s) for s in stops if end >= len(s) and text[end - len(s):end] == s]
-        if starts:
-            earlier = [text.find(s) for s in stops if 0 <= text.find(s) and text.find(s) + len(s) <= end]
-            return text[:min(starts + earlier)], True
-    return text, False
 
 
 @settings(max_examples=300, deadline=None)

@@ -19,18 +19,10 @@ from conftest import SHARED, STORIES260K, needs_shared  # noqa: E402
 from edgelm_export.tokenizer import train_tokenizer  # noqa: E402
 from edgelm_export.train import TrainConfig, load_checkpoint, score_bits_per_byte, train  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_one_thread")]
 V1 = SHARED / "corpus" / "tinystories" / "tinystories-v1-train-sample.txt"
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             max_position_embeddings=64)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
