@@ -282,11 +282,18 @@ def _licence_notes(src: Path) -> str:
     return "\n\n".join(notes)
 
 
-def _model_card(report: ExportReport, shape: Any, src: Path, quant: dict[str, Any], licence: str) -> str:
+def _model_card(report: ExportReport, shape: Any, src: Path, quant: dict[str, Any], licence: str,
+                gguf: dict[str, Any] | None = None) -> str:
     m = report.metrics
     lines = [
         f"# {Path(report.out).name}", "",
         f"Exported by `edgelm export` from `{report.source}` ({report.architecture}).", "",
+    ]
+    if gguf:
+        types = ", ".join(f"{t} x{n}" for t, n in gguf["quant_types"].items())
+        lines += [f"Source: the GGUF file `{gguf['file']}` (llama.cpp architecture `{gguf['architecture']}`, tensors "
+                  f"{types}, sha256 `{gguf['sha256']}`), dequantized to fp32 by export/gguf.py.", ""]
+    lines += [
         "| | |", "| --- | --- |",
         f"| family | {report.model_type} |", f"| parameters | {report.num_parameters:,} |",
         f"| layers | {shape.num_layers} |", f"| hidden size | {shape.hidden_size} |",
@@ -331,8 +338,8 @@ def _producer() -> dict[str, str]:
 def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str | None = None,
                  max_ppl_increase: float = 0.05, force: bool = False, overwrite: bool = False,
                  progress: bool = True, keep_fp32: Any = (), context_length: int | None = None,
-                 threads: int | None = None) -> ExportReport:
-    """Export a Hugging Face causal LM folder (or hub id) to an edgelm model folder at ``out``.
+                 threads: int | None = None, _gguf: tuple[str, dict[str, Any]] | None = None) -> ExportReport:
+    """Export a Hugging Face causal LM folder (or hub id), or a llama.cpp GGUF file, to an edgelm model folder.
 
     ``quantize``: "int8" (the default: int8 weights per output channel, int8 GEMMs), "int8-block" (block-wise
     weight-only int8), "int4" or "none" (fp32); export/quantize.py says what each one is and what it costs.
@@ -343,6 +350,23 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
     """
     started = time.perf_counter()
     keep = _check_arguments(quantize, max_ppl_increase, keep_fp32, context_length)
+    from .gguf import find_gguf, gguf_to_hf_folder
+    gguf_file = None if _gguf else find_gguf(src)
+    if gguf_file is not None:  # a GGUF: unpack it into a Hugging Face folder beside `out`, export that, remove it
+        _check_output(Path(out).expanduser(), overwrite, gguf_file.parent)
+        _check_eval_text(Path(eval_text).expanduser() if eval_text else DEFAULT_EVAL_TEXT)
+        Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        hf_dir = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.edgelm-gguf-", dir=Path(out).expanduser().parent))
+        try:
+            info = gguf_to_hf_folder(gguf_file, hf_dir)
+            report = export_model(str(hf_dir), out, quantize=quantize, eval_text=eval_text,
+                                  max_ppl_increase=max_ppl_increase, force=force, overwrite=overwrite,
+                                  progress=progress, keep_fp32=keep_fp32, context_length=context_length,
+                                  threads=threads, _gguf=(src, info))
+        finally:
+            shutil.rmtree(hf_dir, ignore_errors=True)
+        report.seconds = round(time.perf_counter() - started, 2)
+        return report
     src_path = _resolve_source(src)
     src_cfg = _read_source_config(src_path)
     from .archs import resolve
@@ -361,9 +385,10 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
 
     work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.edgelm-export-", dir=out_path.parent))
     try:
-        report = _export(src, src_path, src_cfg, arch, builder, model_type, out_path, work, quantize=quantize,
-                         eval_path=eval_path, max_ppl_increase=float(max_ppl_increase), force=force,
-                         progress=progress, keep=keep, context_length=ctx, threads=threads)
+        report = _export(_gguf[0] if _gguf else src, src_path, src_cfg, arch, builder, model_type, out_path, work,
+                         quantize=quantize, eval_path=eval_path, max_ppl_increase=float(max_ppl_increase),
+                         force=force, progress=progress, keep=keep, context_length=ctx, threads=threads,
+                         gguf_info=_gguf[1] if _gguf else None)
     except OSError as exc:
         shutil.rmtree(work, ignore_errors=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc, EdgeLMError):
@@ -379,7 +404,8 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
 
 def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builder: Any, model_type: str,
             out_path: Path, work: Path, *, quantize: str, eval_path: Path, max_ppl_increase: float, force: bool,
-            progress: bool, keep: tuple[str, ...], context_length: int, threads: int | None) -> ExportReport:
+            progress: bool, keep: tuple[str, ...], context_length: int, threads: int | None,
+            gguf_info: dict[str, Any] | None = None) -> ExportReport:
     import torch
     from tqdm.auto import tqdm
 
@@ -436,6 +462,8 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
     gen = _generation_config(src_path, fp32_cfg["bos_token_id"], fp32_cfg["eos_token_ids"], fp32_cfg["pad_token_id"])
     (fp32_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     source_info = {"model": src, "path": str(src_path.resolve()), "architecture": arch}
+    if gguf_info:  # the unpacked folder is temporary: record the GGUF file itself
+        source_info.update(path=gguf_info["path"], gguf=gguf_info)
     write_manifest(fp32_dir, source=source_info)  # provisional, so the runtime can open the folder to evaluate it
 
     final_dir, quant_info = fp32_dir, {"method": "none", "dtype": "float32", "weights": "fp32 (not quantized)"}
@@ -468,7 +496,8 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
                           max_logit_diff=float(max_diff), model_bytes=onnx_bytes(final_dir / "model.onnx"),
                           fp32_model_bytes=quant_info.get("fp32_bytes", onnx_bytes(final_dir / "model.onnx")),
                           metrics=metrics)
-    (final_dir / "README.md").write_text(_model_card(report, shape, src_path, quant_info, _licence_notes(src_path)),
+    (final_dir / "README.md").write_text(_model_card(report, shape, src_path, quant_info, _licence_notes(src_path),
+                                                     gguf_info),
                                          encoding="utf-8")
     for lic in src_path.glob("LICENSE*"):
         if lic.is_file():
