@@ -62,6 +62,10 @@ class Generation:
     decode_tokens_per_s: float
     total_time_s: float
     logprobs: list[float] = field(default_factory=list)
+    # Prompt lookup (``lookup=True``, greedy only; edgelm.lookup): draft tokens the model verified, and how many of
+    # them it agreed with (each accepted draft is a token that cost no model call of its own). 0 without lookup.
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def mean_logprob(self) -> float:
@@ -117,6 +121,7 @@ class _Request:
     settings: "SamplingSettings"
     stops: tuple[str, ...]
     ignore_eos: bool
+    lookup: bool = False
 
 
 # --- loading -------------------------------------------------------------------------------------------
@@ -342,8 +347,10 @@ class Model:
         optional = {i.name for i in self._session.get_overridable_initializers()}
         self._last_only: Any = None
         if "logits_from" in optional or "logits_from" in inputs:
-            self._minus_one = np.full(1, -1, dtype=np.int64)  # owned here: the value below reads it
+            self._minus_one = np.full(1, -1, dtype=np.int64)  # owned here: the values below read them
             self._last_only = self._value(self._minus_one)
+            self._zero = np.zeros(1, dtype=np.int64)
+            self._all_rows = self._value(self._zero)  # logits for every new position (lookup's verification)
         # Zero-length caches for a prefill, in the graph's own dtype and head layout; made once and shared.
         # (A "shared" graph accepts them too: with separate past and present it behaves like "concat", which is
         # what score() and the warm-up use.)
@@ -411,7 +418,7 @@ class Model:
 
     def _prepare(self, prompt: Any, *, max_new_tokens: Any = None, temperature: Any = None, top_k: Any = None,
                  top_p: Any = None, min_p: Any = None, repetition_penalty: Any = None, stop: Any = None,
-                 seed: Any = None, truncate: Any = None, ignore_eos: bool = False) -> _Request:
+                 seed: Any = None, truncate: Any = None, ignore_eos: bool = False, lookup: bool = False) -> _Request:
         from edgelm.sampling import resolve_settings, validate_max_new_tokens
         from edgelm.tokenizer import validate_stop
 
@@ -428,6 +435,9 @@ class Model:
                                        hint="Use truncate='left' to drop the start of a prompt that is too long.")
         if not isinstance(ignore_eos, bool):
             raise InvalidArgumentError(f"ignore_eos must be a bool, got {ignore_eos!r}.", hint="Pass True or False.")
+        if not isinstance(lookup, bool):
+            raise InvalidArgumentError(f"lookup must be a bool, got {type(lookup).__name__} {lookup!r}.",
+                                       hint="Pass True to verify prompt-lookup drafts (greedy only), or False.")
         ids = self._prompt_ids(prompt)
         ctx = self.context_length
         if implicit and len(ids) < ctx:
@@ -448,22 +458,27 @@ class Model:
                 ids = [bos] + ids[len(ids) - keep + 1:]
             else:
                 ids = ids[len(ids) - keep:]
-        return _Request(ids, max_new, settings, stops, ignore_eos)
+        # Prompt lookup only for greedy decoding (see edgelm.lookup); with sampling the flag is ignored.
+        return _Request(ids, max_new, settings, stops, ignore_eos, lookup and settings.greedy)
 
     # --- public API ---------------------------------------------------------------------------------------
     def generate(self, prompt: str | list[int], *, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, stop: str | list[str] | None = None,
-                 seed: int | None = None, truncate: str | None = None, ignore_eos: bool = False) -> Generation:
+                 seed: int | None = None, truncate: str | None = None, ignore_eos: bool = False,
+                 lookup: bool = False) -> Generation:
         """Continue ``prompt`` (text, or token ids used as-is) and return a :class:`Generation`.
 
         ``None`` sampling values take generation_config.json's defaults; ``temperature=0`` is greedy. Stops at
         an EOS token (unless ``ignore_eos``), at the first ``stop`` string (not included in the text), or after
-        ``max_new_tokens``. Raises InvalidArgumentError / ContextLengthError before doing any work.
+        ``max_new_tokens``. ``lookup=True`` (greedy only, ignored when sampling) verifies drafts copied from
+        the prompt and output so far, several tokens per model call (edgelm.lookup, docs/lookup.md); the result's
+        ``drafted_tokens`` / ``accepted_tokens`` count them. Raises InvalidArgumentError / ContextLengthError before
+        doing any work.
         """
         req = self._prepare(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
-                            truncate=truncate, ignore_eos=ignore_eos)
+                            truncate=truncate, ignore_eos=ignore_eos, lookup=lookup)
         it = self._run(req)
         try:
             while True:
@@ -476,21 +491,41 @@ class Model:
         for the same seed). Arguments are checked now, before the first piece is asked for."""
         return TextStream(self._run(self._prepare(prompt, **kwargs)))
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text for ``messages`` (the model's chat template, or the plain fallback in docs/runtime.md)."""
-        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
+                            tools: list[dict[str, Any]] | None = None, documents: list[dict[str, Any]] | None = None,
+                            **template_kwargs: Any) -> str:
+        """The prompt text for ``messages`` (the model's chat template, or the plain fallback in docs/runtime.md).
 
-    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Generation:
+        ``tools`` (JSON-schema dicts), ``documents`` and any other variable the template reads (``date_string``,
+        ``enable_thinking``, ...) are passed to it as transformers' ``apply_chat_template`` passes them.
+        """
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                         documents=documents, **template_kwargs)
+
+    def chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+             documents: list[dict[str, Any]] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+             **kwargs: Any) -> Generation:
         """Reply to ``messages`` (``[{"role": "user", "content": "..."}]``); same options as :meth:`generate`.
 
-        With the plain fallback template (no chat template in the model), generation also stops at a new
-        ``"\nUser:"`` line, so the model does not write the user's next turn.
+        ``tools``, ``documents`` and ``chat_template_kwargs`` (extra template variables) go to the chat template,
+        see :meth:`apply_chat_template`. With the plain fallback template (no chat template in the model),
+        generation also stops at a new ``"\nUser:"`` line, so the model does not write the user's next turn.
         """
-        return self.generate(self.apply_chat_template(messages), **self._chat_kwargs(kwargs))
+        return self.generate(self._chat_prompt(messages, tools, documents, chat_template_kwargs),
+                             **self._chat_kwargs(kwargs))
 
-    def chat_stream(self, messages: list[dict[str, str]], **kwargs: Any) -> TextStream:
+    def chat_stream(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+                    documents: list[dict[str, Any]] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+                    **kwargs: Any) -> TextStream:
         """Streaming :meth:`chat`."""
-        return self.stream(self.apply_chat_template(messages), **self._chat_kwargs(kwargs))
+        return self.stream(self._chat_prompt(messages, tools, documents, chat_template_kwargs),
+                           **self._chat_kwargs(kwargs))
+
+    def _chat_prompt(self, messages: Any, tools: Any, documents: Any, template_kwargs: Any) -> str:
+        from edgelm.tokenizer import validate_template_kwargs
+
+        return self.apply_chat_template(messages, tools=tools, documents=documents,
+                                        **validate_template_kwargs(template_kwargs))
 
     def _chat_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         if not self.chat_template.is_fallback:
@@ -553,63 +588,34 @@ class Model:
         matcher = StopMatcher(req.stops)
         eos = frozenset() if req.ignore_eos else self.eos_token_ids
 
-        # Prefill: the whole prompt in one call. The arrays are locals of this generator, so they outlive every
-        # call that reads them. Then `advance(tok, pos)` runs one decode step. Both return the last position's
+        # Prefill: the whole prompt in one call (the ids array is a local of this generator, so it outlives every
+        # call that reads it). Then `advance(tok, pos)` runs one decode step. Both return the last position's
         # (logits, log-probabilities or None).
         prefill_ids = np.asarray([prompt], dtype=np.int64)
         cache: _SharedCache | None = None
+        steps: _SharedCache | _ConcatCache
         if self.kv_cache == "shared":
-            cache = self._shared_cache()
+            steps = cache = self._shared_cache()
             first = cache.prefill(prefill_ids)
-            advance = cache.advance
         else:
-            first, advance = self._concat_loop(prefill_ids)
+            steps = _ConcatCache(self, prefill_ids)
+            first = steps.first
+        advance = steps.advance
+        lookup = None
+        if req.lookup:  # greedy only (_prepare): verify drafts, several tokens per call (edgelm.lookup)
+            from edgelm.lookup import LookupAdvance
+
+            # The last generated token is never fed, so fed tokens take slots up to n_prompt + max_new - 2.
+            advance = lookup = LookupAdvance(steps, prompt, min(n_prompt + req.max_new_tokens - 2,
+                                                                self.context_length - 1))
         try:
             gen = yield from self._decode(req, n_prompt, sampler, detok, matcher, eos, t_start, first, advance)
         finally:
             if cache is not None:  # back to the pool (also when the caller closes the stream early)
                 self._kv_pool.append(cache)
+        if lookup is not None:
+            gen.drafted_tokens, gen.accepted_tokens = lookup.drafted, lookup.accepted
         return gen
-
-    def _concat_loop(self, prefill_ids: "np.ndarray") -> tuple[tuple, Any]:
-        """Prefill with empty caches; return ((logits, logprobs), advance) for the "concat" layout, where each step's
-        ``present.*`` values go straight back in as ``past_key_values.*`` (never through numpy)."""
-        import numpy as np
-
-        run = self._run_fn
-        n_prompt = prefill_ids.shape[1]
-        prefill_pos = np.arange(n_prompt, dtype=np.int64)[None, :]
-        feed = self._prefill_feed(prefill_ids, prefill_pos, last_only=True)  # stays for the decode steps
-        outs = run(feed)
-        # Decode inputs: buffers written in place each step; onnxruntime reads them through the same values.
-        tok_buf = np.zeros((1, 1), dtype=np.int64)
-        pos_buf = np.zeros((1, 1), dtype=np.int64)
-        feed["input_ids"] = self._value(tok_buf)
-        if self._has_pos:
-            feed["position_ids"] = self._value(pos_buf)
-        past_names = self._past_names
-        n_past = len(past_names)
-        has_mask = self._has_mask
-        mask = self._mask
-        keep = (prefill_ids, prefill_pos)  # referenced by the closure: alive as long as `feed` may read them
-        lp_index = len(self._output_names) - 1 if self._has_lp else 0  # an OrtValueVector takes no negative index
-
-        def last(outs: Any) -> tuple:
-            return outs[0].numpy()[0, -1], (outs[lp_index].numpy()[0, -1] if lp_index else None)
-
-        def advance(tok: int, pos: int) -> tuple:
-            nonlocal outs
-            tok_buf[0, 0] = tok
-            pos_buf[0, 0] = pos
-            if has_mask:
-                feed["attention_mask"] = mask(pos + 1)
-            for i in range(n_past):
-                feed[past_names[i]] = outs[i + 1]
-            outs = run(feed)
-            return last(outs)
-
-        advance.keep = keep  # type: ignore[attr-defined]
-        return last(outs), advance
 
     def _decode(self, req: _Request, n_prompt: int, sampler: Any, detok: Any, matcher: Any, eos: frozenset,
                 t_start: float, first: tuple, advance: Any) -> Iterator[str]:
@@ -758,6 +764,7 @@ class _SharedCache:
         if model._has_lp:  # [1, 1, V] at prefill and decode alike: bound once
             self.binding.bind_ortvalue_output("last_logprobs", model._value(self.logprobs))
         self._prefill_arrays: tuple = ()
+        self.draft_ids, self._drafts = _draft_buffers(model)
 
     def prefill(self, ids: "np.ndarray") -> tuple:
         """Run the prompt ``ids`` [1, S] into slots 0..S-1; return the last position's (logits, logprobs or None).
@@ -787,3 +794,162 @@ class _SharedCache:
         self.binding.bind_ortvalue_input("attention_mask", self.model._mask(pos + 1))
         self.model._run_bound(self.binding)
         return self.logits[0, -1], self.lp_row
+
+    # --- prompt lookup (edgelm.lookup.LookupAdvance drives these) ---
+    def verify(self, m: int, pos: int) -> tuple:
+        """The ``m`` tokens in ``draft_ids[0, :m]`` at slots ``pos..pos+m-1`` in one call; returns their logits
+        ``[m, vocab]`` and the last row's log-probabilities (or None): views valid until the next call."""
+        model, b = self.model, self.binding
+        ids_value, rows, rows_value = self._drafts.get(m)
+        b.bind_ortvalue_input("input_ids", ids_value)
+        b.bind_ortvalue_output("logits", rows_value)
+        if model._last_only is not None:
+            b.bind_ortvalue_input("logits_from", model._all_rows)
+        b.bind_ortvalue_input("attention_mask", model._mask(pos + m))
+        model._run_bound(b)
+        return rows[0], self.lp_row
+
+    def single(self) -> None:
+        """Back to :meth:`advance`'s bindings after :meth:`verify`."""
+        b = self.binding
+        b.bind_ortvalue_input("input_ids", self.tok_value)
+        b.bind_ortvalue_output("logits", self.logits_value)
+        if self.model._last_only is not None:
+            b.bind_ortvalue_input("logits_from", self.model._last_only)
+
+    def rollback(self, pos: int) -> None:
+        """Nothing to undo: the mask's length says how many slots are valid, and positions follow from it, so the
+        slots of rejected drafts are never read and the next call overwrites them."""
+
+
+def _draft_buffers(model: Model) -> tuple["np.ndarray", "_DraftValues"]:
+    """The ``[1, rows]`` token buffer lookup writes its drafts into, and the per-length values over it."""
+    import numpy as np
+
+    from edgelm.lookup import K_MAX
+
+    ids = np.zeros((1, K_MAX + 1), dtype=np.int64)
+    return ids, _DraftValues(model, ids)
+
+
+class _DraftValues:
+    """onnxruntime values over the first ``m`` columns of the draft buffers, made on first use per ``m`` and kept
+    (like the masks), so a verification allocates nothing after the first of its length. The logits rows buffer
+    itself is allocated on the first verification: generations without lookup never pay for it."""
+
+    def __init__(self, model: Model, ids: "np.ndarray") -> None:
+        self.model = model
+        self.ids = ids
+        self.rows: Any = None
+        self.cache: list[Any] = [None] * (ids.shape[1] + 1)
+
+    def get(self, m: int) -> tuple:
+        """(ids value, logits rows view [1, m, vocab], its value) for ``m`` tokens."""
+        entry = self.cache[m]
+        if entry is None:
+            import numpy as np
+
+            if self.rows is None:
+                self.rows = np.empty((1, self.ids.shape[1], self.model.vocab_size), dtype=np.float32)
+            rows = self.rows[:, :m]
+            entry = self.cache[m] = (self.model._value(self.ids[:, :m]), rows, self.model._value(rows))
+        return entry
+
+
+class _ConcatCache:
+    """The "concat" layout's state for one generation: prefill with empty caches, then each step's ``present.*``
+    values go straight back in as ``past_key_values.*`` as onnxruntime values (never through numpy).
+
+    The constructor runs the prefill (``first`` holds its last position's (logits, logprobs or None)). The step
+    functions are closures over one generation's locals rather than methods: the one-token ``advance`` is the hot
+    loop, and cell lookups are cheaper than attribute lookups on ``self``.
+    """
+
+    def __init__(self, model: Model, prefill_ids: "np.ndarray") -> None:
+        import numpy as np
+
+        run = model._run_fn
+        n_prompt = prefill_ids.shape[1]
+        prefill_pos = np.arange(n_prompt, dtype=np.int64)[None, :]
+        feed = model._prefill_feed(prefill_ids, prefill_pos, last_only=True)  # stays for the decode steps
+        outs = run(feed)
+        # Decode inputs: buffers written in place each step; onnxruntime reads them through the same values.
+        tok_buf = np.zeros((1, 1), dtype=np.int64)
+        pos_buf = np.zeros((1, 1), dtype=np.int64)
+        tok_value = model._value(tok_buf)
+        pos_value = model._value(pos_buf)
+        feed["input_ids"] = tok_value
+        has_pos = model._has_pos
+        if has_pos:
+            feed["position_ids"] = pos_value
+        past_names = model._past_names
+        n_past = len(past_names)
+        has_mask = model._has_mask
+        mask = model._mask
+        # Arrays the feed's values read (see Model._value): alive as long as this object.
+        self._keep: list[Any] = [prefill_ids, prefill_pos, tok_buf, pos_buf]
+        lp_index = len(model._output_names) - 1 if model._has_lp else 0  # an OrtValueVector takes no negative index
+
+        def last(outs: Any) -> tuple:
+            return outs[0].numpy()[0, -1], (outs[lp_index].numpy()[0, -1] if lp_index else None)
+
+        def advance(tok: int, pos: int) -> tuple:
+            """One decode step: token ``tok`` at slot ``pos``; returns its (logits, logprobs or None)."""
+            nonlocal outs
+            tok_buf[0, 0] = tok
+            pos_buf[0, 0] = pos
+            if has_mask:
+                feed["attention_mask"] = mask(pos + 1)
+            for i in range(n_past):
+                feed[past_names[i]] = outs[i + 1]
+            outs = run(feed)
+            return last(outs)
+
+        # --- prompt lookup (edgelm.lookup.LookupAdvance drives these) ---
+        self.draft_ids, drafts = _draft_buffers(model)
+        draft_pos = np.zeros_like(self.draft_ids)
+        arange = np.arange(self.draft_ids.shape[1], dtype=np.int64)
+        pos_values: list[Any] = [None] * (self.draft_ids.shape[1] + 1)
+        self._keep.append(draft_pos)
+        length = n_prompt  # slots in the present tensors of the last call (rollback trims to fewer)
+
+        def verify(m: int, pos: int) -> tuple:
+            """The ``m`` tokens in ``draft_ids[0, :m]`` at slots ``pos..pos+m-1`` in one call; returns their logits
+            ``[m, vocab]`` and the last row's log-probabilities (or None): views valid until the next call."""
+            nonlocal outs, length
+            feed["input_ids"] = drafts.get(m)[0]
+            if has_pos:
+                np.add(arange[:m], pos, out=draft_pos[0, :m])
+                value = pos_values[m]
+                if value is None:
+                    value = pos_values[m] = model._value(draft_pos[:, :m])
+                feed["position_ids"] = value
+            if model._last_only is not None:
+                feed["logits_from"] = model._all_rows  # (for one token, 0 and -1 agree: left for advance)
+            if has_mask:
+                feed["attention_mask"] = mask(pos + m)
+            for i in range(n_past):
+                feed[past_names[i]] = outs[i + 1]
+            outs = run(feed)
+            length = pos + m
+            return outs[0].numpy()[0], (outs[lp_index].numpy()[0, -1] if lp_index else None)
+
+        def single() -> None:
+            """Back to ``advance``'s inputs after ``verify``."""
+            feed["input_ids"] = tok_value
+            if has_pos:
+                feed["position_ids"] = pos_value
+
+        def rollback(pos: int) -> None:
+            """Keep only slots ``< pos``: the present tensors of rejected drafts are cut off (one copy of the cache,
+            the same order of work as the Concat that every step of this layout already does)."""
+            nonlocal outs, length
+            if length <= pos:
+                return
+            arrays = [np.ascontiguousarray(outs[i + 1].numpy()[:, :, :pos]) for i in range(n_past)]
+            self._keep[4:] = arrays  # the values below read them until the next call has run
+            outs = [None, *(model._value(a) for a in arrays)]
+            length = pos
+
+        self.first = last(outs)
+        self.advance, self.verify, self.single, self.rollback = advance, verify, single, rollback

@@ -56,6 +56,10 @@ DEFAULT_WORKERS = 2
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more text than any edge model's context holds
 API_KEY_ENV = "EDGELM_API_KEY"
+# Prompt lookup for greedy requests (temperature 0; edgelm.lookup, docs/lookup.md). Off by default: on the int8
+# models it changes greedy output at near-ties (a multi-token call quantizes its activations together), and
+# the speed-up depends on the model and the task (benchmarks/results/lookup.md).
+DEFAULT_LOOKUP = False
 
 # The model's finish reasons -> OpenAI's. An end-of-sequence token is a natural stop for OpenAI clients.
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -425,7 +429,7 @@ class _Engine:
                                        code="shutting_down", headers={"Retry-After": "5"}))
 
 
-def _generation_work(model: Any, req: _Request) -> Callable[[_Job], bool]:
+def _generation_work(model: Any, req: _Request, lookup: bool = False) -> Callable[[_Job], bool]:
     """The worker side of one request: run the model's stream, stopping between tokens once cancelled.
 
     Non-streamed requests run through the stream too (without sending pieces), so a client that hangs up
@@ -435,6 +439,8 @@ def _generation_work(model: Any, req: _Request) -> Callable[[_Job], bool]:
     def work(job: _Job) -> bool:
         pieces: list[str] = []
         kwargs = _fit_default_max_tokens(model, req)
+        if lookup:  # the model ignores it for sampled requests
+            kwargs["lookup"] = True
         # Arguments are validated here, before any decoding; errors go back to the request as an "error".
         it: Iterator[str] = (model.chat_stream(req.prompt, **kwargs) if req.kind == "chat"
                              else model.stream(req.prompt, **kwargs))
@@ -553,13 +559,16 @@ class EdgeLMServer:
     """The state behind one app: models, the worker pool and the optional API key."""
 
     def __init__(self, model_or_models: Any, *, api_key: str | None, max_queue: int, workers: int,
-                 max_body_bytes: int):
+                 max_body_bytes: int, lookup: bool = DEFAULT_LOOKUP):
         for name, value, low in (("workers", workers, 1), ("max_queue", max_queue, 1),
                                  ("max_body_bytes", max_body_bytes, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidArgumentError(f"{name} must be an integer >= {low}, got {value!r}.")
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
             raise InvalidArgumentError("api_key must be a non-empty string (or None for no key).")
+        if not isinstance(lookup, bool):
+            raise InvalidArgumentError(f"lookup must be a bool, got {lookup!r}.")
+        self.lookup_drafts = lookup
         self.models = _models_map(model_or_models)
         self.default_model = next(iter(self.models))
         self._api_key = api_key.encode() if api_key else None
@@ -653,7 +662,7 @@ class EdgeLMServer:
         req = _parse_request(body, kind)
         model_id, model = self.lookup(req.model)
         loop = asyncio.get_running_loop()
-        job = _Job(loop, _generation_work(model, req))
+        job = _Job(loop, _generation_work(model, req, self.lookup_drafts))
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         t0 = time.perf_counter()
         self.engine.submit(job)
@@ -774,18 +783,20 @@ async def _next_event(job: _Job, watcher: asyncio.Future) -> tuple[str, Any]:
 
 
 def create_app(model_or_models: Any, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-               workers: int = DEFAULT_WORKERS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
+               workers: int = DEFAULT_WORKERS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               lookup: bool = DEFAULT_LOOKUP) -> Starlette:
     """Build the ASGI app serving ``model_or_models`` (a Model, a list of Models, or a dict ``{id: Model}``).
 
     ``api_key``: when set, every ``/v1/*`` request needs ``Authorization: Bearer <api_key>`` (``/health``
     stays open). ``workers`` generation threads share each model; at most ``max_queue`` requests wait for a
     worker before the server answers 503 with ``Retry-After``. Bodies over ``max_body_bytes`` get 413.
+    ``lookup``: greedy requests (temperature 0) use prompt lookup (``Model.generate(lookup=True)``).
     The server state is at ``app.state.edgelm`` (an :class:`EdgeLMServer`).
     """
     from contextlib import asynccontextmanager
 
     state = EdgeLMServer(model_or_models, api_key=api_key, max_queue=max_queue, workers=workers,
-                         max_body_bytes=max_body_bytes)
+                         max_body_bytes=max_body_bytes, lookup=lookup)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -853,18 +864,18 @@ def _banner(url: str, model_id: str, api_key: bool) -> str:
 def serve(model_or_models: Any, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, workers: int = DEFAULT_WORKERS,
           api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           graceful_timeout: float = 30.0, log_level: str = "info",
-          on_ready: Callable[[str], None] | None = None) -> None:
+          on_ready: Callable[[str], None] | None = None, lookup: bool = DEFAULT_LOOKUP) -> None:
     """Run the server until Ctrl-C or SIGTERM (blocking). ``port=0`` picks a free port.
 
     On a stop signal the server stops accepting connections and lets in-flight requests finish for up to
     ``graceful_timeout`` seconds; streams still running then are ended with an error event and
     ``data: [DONE]`` (never cut mid-chunk). ``on_ready(url)`` is called once it accepts connections
-    (the default prints the URL and an example curl to stdout).
+    (the default prints the URL and an example curl to stdout). ``lookup``: see :func:`create_app`.
     """
     import uvicorn
 
     app = create_app(model_or_models, api_key=api_key, max_queue=max_queue, workers=workers,
-                     max_body_bytes=max_body_bytes)
+                     max_body_bytes=max_body_bytes, lookup=lookup)
     state: EdgeLMServer = app.state.edgelm
     sock = _bind(host, port)
     bound_port = sock.getsockname()[1]

@@ -17,6 +17,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-p", type=float, default=None, help="drop tokens below this fraction of the best")
     parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    parser.add_argument("--lookup", action="store_true",
+                        help="prompt lookup: verify tokens copied from the prompt several per model call (greedy "
+                             "only, -t 0; ignored when sampling). Faster when the answer repeats its input")
     parser.add_argument("--stop", action="extend", nargs="+", default=None, metavar="TEXT",
                         help="stop before this text (repeatable); escapes like \\n are understood")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
@@ -36,7 +39,7 @@ def unescape(text: str) -> str:
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                stop=[unescape(s) for s in args.stop] if args.stop else None)
+                stop=[unescape(s) for s in args.stop] if args.stop else None, lookup=args.lookup)
 
 
 def load_model(args: argparse.Namespace):
@@ -50,7 +53,12 @@ def load_model(args: argparse.Namespace):
 def stats_line(gen) -> str:
     return (f"[{gen.prompt_tokens} prompt + {gen.completion_tokens} generated tokens, "
             f"first token {gen.time_to_first_token_s * 1000:.0f} ms, {gen.decode_tokens_per_s:.1f} tokens/s, "
-            f"finish: {gen.finish_reason}]")
+            f"finish: {gen.finish_reason}{_lookup_stats(gen)}]")
+
+
+def _lookup_stats(gen) -> str:
+    drafted = getattr(gen, "drafted_tokens", 0)
+    return f", lookup: {gen.accepted_tokens}/{drafted} drafts accepted" if drafted else ""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,155 @@
+"""Prompt-lookup (n-gram) speculative decoding for greedy generation.
+
+Extraction, rewriting, summaries and code edits copy long runs of tokens from their prompt. When the last few
+generated tokens also occur earlier in the prompt or the output, the tokens that followed that earlier
+occurrence are a cheap guess ("draft") of what comes next. The model checks a guess of ``k`` tokens in ONE
+call: it is fed the last accepted token plus the ``k`` drafts over the existing cache and returns logits for all
+``k + 1`` positions. Row ``j`` is exactly the distribution the model would give after the drafts ``1..j``, so the
+decode loop picks its token from row 0 as usual, and as long as its pick equals the next draft the next row is
+valid too: one call yields every agreeing draft plus the model's own next token (at least one token per call).
+
+This module is the policy: :class:`NgramIndex` finds drafts, :class:`LookupAdvance` wraps a cache's one-token
+``advance`` (``edgelm.model``) so the decode loop itself does not change. Rejected drafts' cache slots are rolled
+back by the cache (``rollback``): the "shared" layout derives the valid length and the positions from the
+attention mask's length, so slots past it are never read and need nothing; the "concat" layout trims its
+``present`` tensors.
+
+Numerics: a multi-token call is not bit-identical to single-token calls. fp32 GEMMs of 1 and of m rows sum in a
+different order (logits differ in the 6th digit); int8 graphs quantize each call's activations with one scale for
+the whole call (DynamicQuantizeMatMul), so rows change by up to ~1 logit. Greedy tokens therefore equal plain
+decoding's except at near-ties of the two best logits (docs/lookup.md has the measurements).
+
+Only greedy decoding uses it: the caller (``Model._run``) ignores ``lookup=True`` when sampling.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# Defaults, tuned on benchmarks/lookup.py (docs/lookup.md): drafts start at 4 tokens, double on full acceptance
+# up to 16, and shrink to one more than the accepted length on a rejection.
+MAX_NGRAM = 3
+K_START = 4
+K_MAX = 16
+# After a call in which no draft was accepted, drafting pauses for 2, 4, ... up to MAX_PAUSE tokens (plain
+# one-token steps), so text that never repeats pays for at most one failed verification per MAX_PAUSE tokens.
+MAX_PAUSE = 64
+
+
+class NgramIndex:
+    """The token history (prompt + output) and, for every n-gram of 1..``max_ngram`` tokens that has a
+    continuation, the position right after its most recent occurrence."""
+
+    __slots__ = ("hist", "index", "max_ngram")
+
+    def __init__(self, prompt: list[int], max_ngram: int = MAX_NGRAM) -> None:
+        self.hist: list[int] = []
+        self.index: dict[Any, int] = {}
+        self.max_ngram = max_ngram
+        for tok in prompt:
+            self.push(tok)
+
+    def push(self, tok: int) -> None:
+        """Append ``tok``; the n-grams ending just before it now have a continuation (it)."""
+        hist = self.hist
+        n_hist = len(hist)
+        hist.append(tok)
+        if n_hist:
+            index = self.index
+            index[hist[n_hist - 1]] = n_hist  # 1-grams keyed by the int, longer ones by tuples: no collisions
+            for n in range(2, min(self.max_ngram, n_hist) + 1):
+                index[tuple(hist[n_hist - n:n_hist])] = n_hist
+
+    def draft(self, limit: int) -> list[int]:
+        """Up to ``limit`` tokens that followed the most recent earlier occurrence of the longest matching suffix
+        (``max_ngram`` tokens down to 1); empty when nothing matches."""
+        hist = self.hist
+        n_hist = len(hist)
+        index = self.index
+        for n in range(min(self.max_ngram, n_hist), 0, -1):
+            j = index.get(hist[-1] if n == 1 else tuple(hist[n_hist - n:]))
+            if j is not None:
+                return hist[j:j + limit]
+        return []
+
+
+class LookupAdvance:
+    """A drop-in for a cache's ``advance(tok, pos) -> (logits, logprobs)`` that verifies drafts.
+
+    ``cache`` provides ``advance`` (one token), ``verify(m, pos)`` (the ``m`` tokens in ``cache.draft_ids[0, :m]``
+    at slots ``pos..pos+m-1``; returns logits ``[m, vocab]`` and the last row's log-probabilities or None, views
+    valid until the next call), ``single()`` (back to one-token calls after a verification) and
+    ``rollback(pos)`` (only slots ``< pos`` are valid). ``last_slot``: the highest slot a fed token may take
+    (from max_new_tokens and the context), so drafts never run past either.
+    """
+
+    def __init__(self, cache: Any, prompt: list[int], last_slot: int, *, max_ngram: int = MAX_NGRAM,
+                 k_start: int = K_START, k_max: int = K_MAX, max_pause: int = MAX_PAUSE) -> None:
+        self.cache = cache
+        self.ngrams = NgramIndex(prompt, max_ngram)
+        self.last_slot = last_slot
+        self.k = min(k_start, k_max)
+        self.k_max = min(k_max, cache.draft_ids.shape[1] - 1)
+        self.max_pause = max_pause
+        self.rows: Any = None         # logits rows of the last verification
+        self.last_lp: Any = None      # log-probabilities of its last row (None: the sampler computes them)
+        self.drafts: list[int] = []   # the drafts of the last verification
+        self.used = 0                 # how many of them the decode loop has accepted so far
+        self.dirty = False            # the cache holds slots of rejected drafts / is bound for multi-token calls
+        self.misses = 0               # consecutive verifications that accepted nothing
+        self.pause = 0                # tokens left before drafting resumes
+        # Reported on the Generation: draft tokens verified, and how many of those the model agreed with.
+        self.drafted = 0
+        self.accepted = 0
+        self.calls = 0
+
+    def __call__(self, tok: int, pos: int) -> tuple:
+        """The decode loop's step: ``tok`` (just chosen) is at slot ``pos``; return the next row to sample."""
+        self.ngrams.push(tok)
+        used = self.used
+        drafts = self.drafts
+        if used < len(drafts) and tok == drafts[used]:  # the loop agreed with the next draft: its row is valid
+            used = self.used = used + 1
+            self.accepted += 1
+            return self.rows[used], (self.last_lp if used == len(drafts) else None)
+        if drafts:
+            self._adapt(used, len(drafts))
+            self.drafts = []
+        cache = self.cache
+        if self.dirty:
+            cache.rollback(pos)
+        room = self.last_slot - pos
+        if self.pause or room <= 0:
+            if self.pause:
+                self.pause -= 1
+            return self._single(tok, pos)
+        drafts = self.ngrams.draft(min(self.k, room))
+        if not drafts:
+            return self._single(tok, pos)
+        m = len(drafts) + 1
+        ids = cache.draft_ids
+        ids[0, 0] = tok
+        ids[0, 1:m] = drafts
+        self.rows, self.last_lp = cache.verify(m, pos)
+        self.drafts, self.used, self.dirty = drafts, 0, True
+        self.drafted += m - 1
+        self.calls += 1
+        return self.rows[0], None
+
+    def _single(self, tok: int, pos: int) -> tuple:
+        if self.dirty:
+            self.cache.single()
+            self.dirty = False
+        return self.cache.advance(tok, pos)
+
+    def _adapt(self, used: int, k: int) -> None:
+        """After a verification of ``k`` drafts of which ``used`` were accepted: size the next draft, pause on
+        repeated misses."""
+        if used == k:
+            self.k = min(self.k_max, 2 * self.k)
+        else:
+            self.k = max(1, used + 1)
+        if used:
+            self.misses = 0
+        else:
+            self.misses += 1
+            self.pause = min(self.max_pause, 1 << self.misses)
