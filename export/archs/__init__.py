@@ -1,37 +1,72 @@
 """One graph builder per architecture family.
 
-``SUPPORTED`` maps the Hugging Face ``architectures[0]`` name of a source model to (family module, edgelm
-``model_type``). :func:`resolve` works from config.json alone, so an unsupported model is refused before any
-weights are loaded.
+``FAMILIES`` is the one table of what `edgelm export` supports: the Hugging Face ``architectures[0]`` name of a
+source model, the module that describes it, the edgelm ``model_type`` it gets, the cache layout its graph uses
+and what the tests verified. :func:`resolve` works from config.json alone, so an unsupported model is refused
+before any weights are loaded. Rotary families are a :class:`decoder.Family` each (what differs from Llama);
+GPT-2 has its own builder module.
 """
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from dataclasses import dataclass
 from typing import Any
 
 from edgelm.errors import UnsupportedArchitectureError
 
+
+@dataclass(frozen=True)
+class Supported:
+    architecture: str   # Hugging Face architectures[0]
+    module: str         # the module in this package that describes or builds it
+    model_type: str     # edgelm model_type written to config.json
+    cache: str          # the KV cache layout the builder picks (docs/model-format.md)
+    verified: str       # what the tests check it against
+
+
+_SHARED = "shared"
+_RANDOM = "random config: greedy = transformers"
+FAMILIES: tuple[Supported, ...] = (
+    Supported("LlamaForCausalLM", "llama", "llama", _SHARED,
+              _RANDOM + "; llama3 rope past original_max_position_embeddings; real weights: stories260K"),
+    Supported("MistralForCausalLM", "llama", "mistral", _SHARED, _RANDOM + ", past the sliding window"),
+    Supported("Qwen2ForCausalLM", "llama", "qwen2", _SHARED, _RANDOM + ", past the sliding window"),
+    Supported("Qwen3ForCausalLM", "llama", "qwen3", _SHARED, _RANDOM + " (both layouts, padded heads)"),
+    Supported("SmolLM3ForCausalLM", "llama", "smollm3", _SHARED, _RANDOM + " (both layouts, NoPE layers)"),
+    Supported("Gemma2ForCausalLM", "gemma", "gemma2", _SHARED, _RANDOM + " (both layouts, soft-capping)"),
+    Supported("Gemma3ForCausalLM", "gemma", "gemma3", _SHARED, _RANDOM + " (both layouts, past the sliding window)"),
+    Supported("Phi3ForCausalLM", "phi3", "phi3", _SHARED, _RANDOM + ", past the sliding window"),
+    Supported("GPT2LMHeadModel", "gpt2", "gpt2", "concat", _RANDOM),
+)
 # architecture -> (module in this package, edgelm model_type written to config.json)
-SUPPORTED: dict[str, tuple[str, str]] = {
-    "LlamaForCausalLM": ("llama", "llama"),
-    "MistralForCausalLM": ("llama", "mistral"),
-    "Qwen2ForCausalLM": ("llama", "qwen2"),
-    "Phi3ForCausalLM": ("phi3", "phi3"),
-    "GPT2LMHeadModel": ("gpt2", "gpt2"),
-}
+SUPPORTED: dict[str, tuple[str, str]] = {f.architecture: (f.module, f.model_type) for f in FAMILIES}
+# Where the shared layout does not apply the builder falls back to "concat" (docs/export.md).
+FALLBACK = "concat where rotary is interleaved or the heads do not group evenly"
 
 
-def resolve(cfg: dict[str, Any]) -> tuple[str, ModuleType, str]:
-    """Return (architecture, builder module, model_type) for a source config.json, or raise early."""
+def family_table(markdown: bool = False) -> str:
+    """The supported families as one table (``edgelm export --list``; the same rows are in docs/export.md)."""
+    head = ("architectures[0]", "builder", "model_type", "KV cache", "verified")
+    rows = [(f.architecture, f"export/archs/{f.module}.py", f.model_type, f.cache, f.verified) for f in FAMILIES]
+    if markdown:
+        return "\n".join("| " + " | ".join(r) + " |" for r in [head, ("---",) * len(head), *rows])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows])
+
+
+def resolve(cfg: dict[str, Any]) -> tuple[str, Any, str]:
+    """Return (architecture, builder, model_type) for a source config.json, or raise early.
+
+    The builder has ``build(model, model_type, context_length)``: a :class:`decoder.Family`, or gpt2's module."""
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in SUPPORTED:
         what = arch or f"model_type={cfg.get('model_type')!r} (config.json names no architectures)"
         raise UnsupportedArchitectureError(
             f"Cannot export {what}: supported architectures are {', '.join(SUPPORTED)}.",
-            hint="Pick a model of a supported family (Llama/SmolLM/TinyLlama, Mistral, Qwen2, Phi-3, GPT-2).")
+            hint="Pick a model of a supported family (`edgelm export --list` shows them).")
     module_name, model_type = SUPPORTED[arch]
     module = importlib.import_module(f"{__name__}.{module_name}")
-    module.check_config(cfg)
-    return arch, module, model_type
+    builder = module.FAMILIES[model_type] if hasattr(module, "FAMILIES") else module
+    builder.check_config(cfg)
+    return arch, builder, model_type

@@ -268,21 +268,51 @@ def fold_query_scale(w: np.ndarray, b: np.ndarray | None, q_width: int, scale: f
     return w, b
 
 
+@dataclass
+class HeadNorm:
+    """RMSNorm over each query and key head before rotary (Qwen3, Gemma 3): one [Hq + Hkv, D] weight for the
+    q heads then the k heads (the query part may carry the attention scale, see :func:`head_norm_weight`)."""
+
+    weight: np.ndarray
+    eps: float
+
+
+def head_norm_weight(q_weight: np.ndarray, k_weight: np.ndarray, hq: int, hkv: int, scale: float) -> np.ndarray:
+    """[Hq + Hkv, D]: the q norm's weight times the attention scale on the query rows, the k norm's below.
+
+    The scale cannot be folded into the q projection (the norm would undo it); after the norm it is a plain
+    factor that rotary (linear) carries through to the scores."""
+    q = np.asarray(q_weight, np.float32) * np.float32(scale)
+    return np.concatenate([np.broadcast_to(q, (hq, q.shape[-1])),
+                           np.broadcast_to(np.asarray(k_weight, np.float32), (hkv, q.shape[-1]))]).copy()
+
+
+def soft_cap(gb: GraphBuilder, x: str, cap: float | None, name: str, output_name: str | None = None) -> str:
+    """cap * tanh(x / cap) (Gemma's logit soft-capping); ``x`` unchanged when ``cap`` is None."""
+    if not cap:
+        return x
+    t = gb.op("Tanh", [gb.op("Div", [x, gb.const(float(cap), np.float32)], name=f"{name}/Div")], name=f"{name}/Tanh")
+    return gb.op("Mul", [t, gb.const(float(cap), np.float32)], name=f"{name}/Mul", output_name=output_name)
+
+
 def attention(gb: GraphBuilder, io: DecoderIO, shape: DecoderShape, layer: int, qkv: str, *, rotary: Rotary | None,
-              bias: str) -> str:
+              bias: str, head_norm: HeadNorm | None = None, softcap: float | None = None) -> str:
     """Multi-head attention with a concat KV cache, from the fused projection qkv = [B, S, (Hq + 2 Hkv) D]
-    whose query part is already scaled (:func:`fold_query_scale`).
+    whose query part is already scaled (:func:`fold_query_scale`, or the ``head_norm`` weight).
 
     Grouped-query attention without copying the cache: the Hq query heads are regrouped as [B, Hkv, n_rep*S, D]
     (query head h uses KV head h // n_rep, as in Hugging Face's repeat_kv), so each KV head is read once and
-    ``bias`` comes pre-tiled to that layout. Returns the attention output [B, S, Hq*D] (before the output
-    projection) and produces the present.{layer}.key/value outputs.
+    ``bias`` comes pre-tiled to that layout. ``rotary`` None is a layer without position embedding (SmolLM3's
+    NoPE layers); ``softcap`` caps the scores before the mask. Returns the attention output [B, S, Hq*D] (before
+    the output projection) and produces the present.{layer}.key/value outputs.
     """
     hq, hkv, d = shape.num_attention_heads, shape.num_kv_heads, shape.head_dim
     n_rep = hq // hkv
     p = f"layers.{layer}.attn"
     heads = gb.op("Reshape", [qkv, gb.const([0, 0, hq + 2 * hkv, d])], name=f"{p}/heads")  # [B, S, Ht, D]
     qk, v = gb.op("Split", [heads, gb.const([hq + hkv, hkv])], outputs=2, axis=2, name=f"{p}/split_v")
+    if head_norm is not None:
+        qk = rms_norm(gb, qk, head_norm.weight, head_norm.eps, f"{p}.qk_norm")
     if rotary is not None:  # q and k together; keys are cached after rotary
         rot = gb.op("MatMul", [qk, rotary.rotate_half], name=f"{p}/rotate_half")
         qk = gb.op("Add", [gb.op("Mul", [qk, rotary.cos], name=f"{p}/rope_cos"),
@@ -300,7 +330,7 @@ def attention(gb: GraphBuilder, io: DecoderIO, shape: DecoderShape, layer: int, 
     if n_rep > 1:
         q = gb.op("Reshape", [q, gb.const([0, hkv, -1, d])], name=f"{p}/q_group")  # [B, Hkv, n_rep*S, D]
     kt = gb.op("Transpose", [k], perm=[0, 1, 3, 2], name=f"{p}/k_t")  # fused into the MatMul by onnxruntime
-    scores = gb.op("MatMul", [q, kt], name=f"{p}/qk")  # [B, Hkv, n_rep*S, T]
+    scores = soft_cap(gb, gb.op("MatMul", [q, kt], name=f"{p}/qk"), softcap, f"{p}/softcap")  # [B, Hkv, n_rep*S, T]
     probs = gb.op("Softmax", [gb.op("Add", [scores, bias], name=f"{p}/mask")], axis=-1, name=f"{p}/softmax")
     ctx = gb.op("MatMul", [probs, v], name=f"{p}/pv")  # [B, Hkv, n_rep*S, D]
     if n_rep > 1:
@@ -309,8 +339,10 @@ def attention(gb: GraphBuilder, io: DecoderIO, shape: DecoderShape, layer: int, 
     return gb.op("Reshape", [ctx, gb.const([0, 0, hq * d])], name=f"{p}/ctx_merge")
 
 
-def lm_head_and_logits(gb: GraphBuilder, x: str, weight_out_in: Any, bias: Any | None, shape: DecoderShape) -> None:
-    """The LM head is always its own [hidden, vocab] initializer, even with tied embeddings.
+def lm_head_and_logits(gb: GraphBuilder, x: str, weight_out_in: Any, bias: Any | None, shape: DecoderShape,
+                       softcap: float | None = None) -> None:
+    """The LM head is always its own [hidden, vocab] initializer, even with tied embeddings; ``softcap`` is
+    Gemma's final logit soft-capping (cap * tanh(logits / cap)).
 
     Why: a tied head spelled as Transpose(embedding) makes quantizers keep it fp32 and transpose the whole table
     on every token (shared/notes/performance.md measured ~3x slower decode on a 135M model).
@@ -323,11 +355,13 @@ def lm_head_and_logits(gb: GraphBuilder, x: str, weight_out_in: Any, bias: Any |
     start = gb.add_input("logits_from", TensorProto.INT64, [1])
     gb.initializers.append(numpy_helper.from_array(np.zeros(1, np.int64), start))
     x = gb.op("Slice", [x, start, gb.const([np.iinfo(np.int64).max]), gb.const([1])], name="lm_head/positions")
-    if bias is None:
-        gb.op("MatMul", [x, gb.weight("lm_head.weight", w)], name="lm_head/MatMul", output_name="logits")
-    else:
-        y = gb.op("MatMul", [x, gb.weight("lm_head.weight", w)], name="lm_head/MatMul")
-        gb.op("Add", [y, gb.weight("lm_head.bias", bias)], name="lm_head/Add", output_name="logits")
+    last = None if (bias is not None or softcap) else "logits"
+    y = gb.op("MatMul", [x, gb.weight("lm_head.weight", w)], name="lm_head/MatMul", output_name=last)
+    if bias is not None:
+        last = None if softcap else "logits"
+        y = gb.op("Add", [y, gb.weight("lm_head.bias", bias)], name="lm_head/Add", output_name=last)
+    if softcap:
+        soft_cap(gb, y, softcap, "lm_head/softcap", output_name="logits")
     gb.add_output("logits", TensorProto.FLOAT, ["batch", "seq", shape.vocab_size])
     # `last_logprobs` [B, 1, V]: log-softmax of the last position's logits. The decode loop reads the chosen
     # token's log-probability from it instead of a log-sum-exp over the vocabulary in numpy, which after a step
@@ -363,19 +397,23 @@ def cat_linear(mods: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
 GQA_HEAD_MULTIPLE = 16  # the CPU kernel refuses other head sizes ("head_size shall be a multiple of 16")
 
 
-def shared_kv_supported(shape: DecoderShape, cos: np.ndarray, sin: np.ndarray, windows: Sequence[int | None]
-                        ) -> bool:
+def shared_kv_supported(shape: DecoderShape, cos: np.ndarray | None, sin: np.ndarray | None,
+                        windows: Sequence[int | None]) -> bool:
     """Whether the fused graph reproduces this model exactly; otherwise the plain "concat" graph is built.
 
     Needs rotary in Hugging Face's non-interleaved layout (the table's halves repeat: cat(freqs, freqs), which
-    GroupQueryAttention's half-width caches assume), full or partial, and no sliding window shorter than the
-    context (the kernel's local window is not Hugging Face's rule at every edge). Any head size works: heads are
-    padded to a multiple of 16 (:func:`cache_head_layout`).
+    GroupQueryAttention's half-width caches assume), full or partial (``cos`` None: a layer without rotary).
+    Any head size works: heads are padded to a multiple of 16 (:func:`cache_head_layout`). Sliding windows are
+    the kernel's ``local_window_size``: with it set to Hugging Face's ``sliding_window`` W a query at position p
+    sees keys p - W + 1 .. p, Hugging Face's rule (measured equal at prefill, chunked prefill and decode, with
+    separate and with shared buffers, onnxruntime 1.32).
     """
-    rot = cos.shape[1]
-    if shape.num_attention_heads % shape.num_kv_heads or rot % 2 or rot > shape.head_dim:
+    if shape.num_attention_heads % shape.num_kv_heads or any(w is not None and w < 1 for w in windows):
         return False
-    if any(w is not None for w in windows):
+    if cos is None:
+        return True
+    rot = cos.shape[1]
+    if rot % 2 or rot > shape.head_dim:
         return False
     half = rot // 2
     return bool(np.array_equal(cos[:, :half], cos[:, half:]) and np.array_equal(sin[:, :half], sin[:, half:]))
@@ -417,8 +455,6 @@ class SharedKV:
 
     seqlens_k: str      # [B] int32: valid cache slots after this call, minus one
     total_len: str      # scalar int32: past + new slots
-    cos_cache: str      # [ctx, D/2]
-    sin_cache: str
 
 
 def declare_io_shared(gb: GraphBuilder, shape: DecoderShape) -> DecoderIO:
@@ -439,32 +475,67 @@ def declare_io_shared(gb: GraphBuilder, shape: DecoderShape) -> DecoderIO:
     return DecoderIO(ids, mask, "", past)
 
 
-def shared_kv_inputs(gb: GraphBuilder, io: DecoderIO, cos: np.ndarray, sin: np.ndarray, width: int) -> SharedKV:
-    """seqlens_k / total_sequence_length from the attention mask, and the rotary caches [ctx, width/2] for heads
-    of ``width`` laid out by :func:`cache_head_layout` (cos 1 / sin 0 on pass-through and padding pairs)."""
+def shared_kv_inputs(gb: GraphBuilder, io: DecoderIO) -> SharedKV:
+    """seqlens_k / total_sequence_length from the attention mask (its length is the valid slots after the call)."""
     ones = gb.op("ReduceSum", [io.attention_mask, gb.const([1])], keepdims=0, name="kv_valid")
     seqlens = gb.op("Cast", [gb.op("Sub", [ones, gb.const(1)])], to=TensorProto.INT32, name="seqlens_k")
     total = gb.op("Gather", [gb.op("Shape", [io.attention_mask]), gb.const(1)], name="total_len")
     total = gb.op("Cast", [total], to=TensorProto.INT32, name="total_sequence_length")
+    return SharedKV(seqlens, total)
+
+
+def rotary_caches(gb: GraphBuilder, cos: np.ndarray, sin: np.ndarray, width: int) -> tuple[str, str]:
+    """The kernel's rotary caches [ctx, width/2] for heads of ``width`` laid out by :func:`cache_head_layout`
+    (cos 1 / sin 0 on pass-through and padding pairs)."""
     r = cos.shape[1] // 2
     cos_cache = np.ones((cos.shape[0], width // 2), np.float32)
     sin_cache = np.zeros((cos.shape[0], width // 2), np.float32)
     cos_cache[:, :r], sin_cache[:, :r] = cos[:, :r], sin[:, :r]
-    return SharedKV(seqlens, total, gb.weight("rotary.cos_cache", cos_cache), gb.weight("rotary.sin_cache", sin_cache))
+    return gb.weight("rotary.cos_cache", cos_cache), gb.weight("rotary.sin_cache", sin_cache)
 
 
-def attention_shared(gb: GraphBuilder, io: DecoderIO, shape: DecoderShape, layer: int, qkv: str, kv: SharedKV
-                     ) -> str:
+def padded_head_norm(norm: HeadNorm, head_dim: int, width: int, slot: np.ndarray) -> HeadNorm:
+    """The per-head RMSNorm of :class:`HeadNorm` over heads zero-padded to ``width`` (:func:`cache_head_layout`).
+
+    The norm's mean runs over all ``width`` features, the zeros included, so sum/width replaces sum/head_dim:
+    x / sqrt(sum/head_dim + eps) = sqrt(head_dim/width) * x / sqrt(sum/width + eps * head_dim/width). The
+    weight takes the factor (and zeros on the padding slots, which stay zero) and eps is rescaled."""
+    if width == head_dim and (slot == np.arange(head_dim)).all():
+        return norm
+    w = np.zeros((norm.weight.shape[0], width), np.float32)
+    w[:, slot] = norm.weight * np.float32(np.sqrt(head_dim / width))
+    return HeadNorm(w, norm.eps * head_dim / width)
+
+
+def attention_shared(gb: GraphBuilder, io: DecoderIO, shape: DecoderShape, layer: int, qkv: str, kv: SharedKV, *,
+                     rotary: tuple[str, str] | None, window: int | None = None, head_norm: HeadNorm | None = None,
+                     softcap: float | None = None) -> str:
     """One GroupQueryAttention node over the packed projection qkv = [B, S, (Hq + 2 Hkv) W] in the padded head
-    layout of :func:`cache_head_layout` (query part already scaled, so scale=1); rotary is applied inside, keys are
-    cached after rotary as in the concat layout. Returns [B, S, Hq W] for the (row-padded) output projection."""
-    hkv, d = shape.num_kv_heads, shape.cache_head_dim or shape.head_dim
+    layout of :func:`cache_head_layout` (query part already scaled, so scale=1); ``rotary`` (the caches of
+    :func:`rotary_caches`, None for a layer without rotary) is applied inside, keys are cached after rotary as
+    in the concat layout. ``window`` is the layer's sliding window, ``softcap`` caps the scores, ``head_norm``
+    (padded by :func:`padded_head_norm`) is applied to the q and k heads in front of the node (onnxruntime's CPU
+    kernel does not implement its own q/k norm inputs). Returns [B, S, Hq W] for the (row-padded) output
+    projection."""
+    hq, hkv, d = shape.num_attention_heads, shape.num_kv_heads, shape.cache_head_dim or shape.head_dim
+    p = f"layers.{layer}.attn"
+    if head_norm is not None:
+        heads = gb.op("Reshape", [qkv, gb.const([0, 0, hq + 2 * hkv, d])], name=f"{p}/heads")
+        qk, v = gb.op("Split", [heads, gb.const([hq + hkv, hkv])], outputs=2, axis=2, name=f"{p}/split_v")
+        qk = rms_norm(gb, qk, head_norm.weight, head_norm.eps, f"{p}.qk_norm")
+        qkv = gb.op("Reshape", [gb.op("Concat", [qk, v], axis=2, name=f"{p}/qkv_normed"),
+                                gb.const([0, 0, (hq + 2 * hkv) * d])], name=f"{p}/packed")
     past_k, past_v = io.past[layer]
-    out = gb.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, kv.seqlens_k, kv.total_len,
-                                        kv.cos_cache, kv.sin_cache],
-                outputs=3, domain="com.microsoft", name=f"layers.{layer}.attn/GroupQueryAttention",
-                num_heads=shape.num_attention_heads, kv_num_heads=hkv, scale=1.0, do_rotary=1,
-                rotary_interleaved=0)[0]
+    cos, sin = rotary if rotary is not None else ("", "")
+    attrs = {"local_window_size": int(window)} if window is not None else {}
+    if softcap:
+        attrs["softcap"] = float(softcap)
+    inputs = [qkv, "", "", past_k, past_v, kv.seqlens_k, kv.total_len, cos, sin]
+    while not inputs[-1]:  # (optional trailing inputs are left out, not named "")
+        inputs.pop()
+    out = gb.op("GroupQueryAttention", inputs, outputs=3, domain="com.microsoft", name=f"{p}/GroupQueryAttention",
+                num_heads=hq, kv_num_heads=hkv, scale=1.0, do_rotary=int(rotary is not None),
+                rotary_interleaved=0, **attrs)[0]
     # Rename the cache outputs to the contract's names.
     node = gb.nodes[-1]
     node.output[1], node.output[2] = f"present.{layer}.key", f"present.{layer}.value"
