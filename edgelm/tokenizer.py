@@ -14,6 +14,7 @@ templates.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -238,29 +239,165 @@ def validate_stop(stop: Any) -> tuple[str, ...]:
 
 
 # --- chat templates --------------------------------------------------------------------------------------
+# The rules below follow what transformers' ``tokenizer.apply_chat_template(..., tokenize=False)`` does, so a model's
+# own template renders the prompt it was trained on, byte for byte (tests/test_chat_templates.py renders real
+# templates with both and compares): the environment (sandbox, trim_blocks/lstrip_blocks, loop controls, the
+# ``generation`` tag), the filters and globals, and what the template is given (messages with None-valued keys
+# dropped and reasoning copied under its common names, ``tools``, ``documents``, the special tokens, extra
+# variables).
 FALLBACK_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+# Names a message's reasoning arrives under; templates read ``reasoning_content`` (or ``thinking``, gpt-oss).
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+# What the template is always given; extra template variables may not take these names.
+_RESERVED_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+_MESSAGE_HINT = ('Pass e.g. {"role": "user", "content": "Hi"}; content is a str, a list of parts such as '
+                 '{"type": "text", "text": "Hi"} or (a tool result) a dict, and may be left out only on a message '
+                 'with tool_calls.')
 
 
-def validate_messages(messages: Any) -> list[dict[str, str]]:
-    """Check ``[{"role": ..., "content": ...}, ...]``; raises InvalidArgumentError naming the bad entry."""
+def _template_data(value: Any, where: str) -> Any:
+    """A copy of ``value`` made of plain JSON-like values (str, int, float, bool, None, dict, list, tuple).
+
+    Templates only ever see these: subclasses (str enums, numpy scalars, ...) lose their extra methods, which the
+    sandbox does not know to be harmless; dataclasses and pydantic models (e.g. the OpenAI SDK's messages) become
+    dicts. Anything else is refused, naming where it was found.
+    """
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):  # bool cannot be subclassed, so this is never a bool
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            key = _template_data(k, where)
+            if not (key is None or isinstance(key, (str, int, float, bool))):
+                raise InvalidArgumentError(f"{where} has a dict key of type {type(k).__name__} ({k!r}).",
+                                           hint="Use str keys (JSON objects).")
+            out[key] = _template_data(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        items = [_template_data(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if isinstance(value, tuple) else items
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():  # a numpy scalar
+        return _template_data(value.item(), where)
+    if _is_record(value):
+        import dataclasses
+
+        if callable(getattr(value, "model_dump", None)):  # pydantic models
+            return _template_data(value.model_dump(), where)
+        return {f.name: _template_data(getattr(value, f.name), f"{where}.{f.name}") for f in dataclasses.fields(value)}
+    raise InvalidArgumentError(f"{where} is a {type(value).__name__}, which a chat template cannot be given.",
+                               hint="Use only JSON-like values: str, int, float, bool, None, dict, list.")
+
+
+def _is_record(value: Any) -> bool:
+    """A dataclass instance or a pydantic model: data with named fields that templates see as a dict."""
+    import dataclasses
+
+    return (dataclasses.is_dataclass(value) and not isinstance(value, type)) \
+        or callable(getattr(value, "model_dump", None))
+
+
+def validate_messages(messages: Any) -> list[dict[str, Any]]:
+    """Check and copy ``[{"role": ..., "content": ...}, ...]``; raises InvalidArgumentError naming the bad entry.
+
+    What real templates accept passes: content as a str, a list of parts (dicts) or a dict (a tool result),
+    assistant messages with ``tool_calls`` and no content, ``tool`` messages, extra keys (``name``,
+    ``tool_call_id``, ...). As in
+    transformers, keys whose value is None are dropped (templates handle a missing key, not a None one), and a
+    message's reasoning is copied under ``thinking`` and ``reasoning_content``.
+    """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidArgumentError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts.",
                                    hint='Pass e.g. [{"role": "user", "content": "Hi"}].')
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise InvalidArgumentError(f"messages[{i}] must be a dict with str 'role' and 'content', got {m!r}.",
-                                       hint='Pass e.g. {"role": "user", "content": "Hi"}.')
-        out.append(dict(m))
+        where = f"messages[{i}]"
+        if _is_record(m):  # a dataclass or pydantic message (e.g. from the OpenAI SDK)
+            m = _template_data(m, where)
+        if not isinstance(m, Mapping):
+            raise InvalidArgumentError(f"{where} must be a dict with 'role' and 'content', got {m!r}.",
+                                       hint=_MESSAGE_HINT)
+        m = {k: v for k, v in m.items() if v is not None}
+        role, content, calls = m.get("role"), m.get("content"), m.get("tool_calls")
+        if not isinstance(role, str) or not role:
+            raise InvalidArgumentError(f"{where} must have a non-empty str 'role', got {m!r}.", hint=_MESSAGE_HINT)
+        if calls is not None and (not isinstance(calls, (list, tuple))
+                                  or not all(isinstance(c, Mapping) for c in calls)):
+            raise InvalidArgumentError(f"{where}['tool_calls'] must be a list of dicts, got {calls!r}.",
+                                       hint='Pass e.g. [{"type": "function", "function": {"name": "get_weather", '
+                                            '"arguments": {"city": "Paris"}}}].')
+        if content is None:
+            if not calls and not any(k in m for k in _REASONING_KEYS):
+                raise InvalidArgumentError(f"{where} has no 'content' (and no tool_calls), got {m!r}.",
+                                           hint=_MESSAGE_HINT)
+        elif isinstance(content, (list, tuple)):
+            bad = [p for p in content if not isinstance(p, Mapping)]
+            if bad:
+                raise InvalidArgumentError(f"{where}['content'] is a list, so its parts must be dicts; got {bad[0]!r}.",
+                                           hint=_MESSAGE_HINT)
+        elif not isinstance(content, (str, Mapping)):
+            raise InvalidArgumentError(f"{where}['content'] must be a str, a list of parts or a dict, got "
+                                       f"{type(content).__name__} {content!r}.", hint=_MESSAGE_HINT)
+        m = _template_data(m, where)
+        reasoning = next((m[k] for k in _REASONING_KEYS if k in m), None)
+        if reasoning is not None:  # the same placement transformers uses: `thinking` first unless already there
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
     return out
+
+
+def _validate_list_of_dicts(value: Any, name: str, example: str) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, Mapping) for v in value):
+        hint = f"Pass a list of dicts, e.g. {name}=[{example}]."
+        if callable(value) or isinstance(value, (list, tuple)) and any(callable(v) for v in value):
+            hint += " Python functions are not converted: pass their JSON schema."
+        raise InvalidArgumentError(f"{name} must be a list of dicts, got {value!r}.", hint=hint)
+    return _template_data(list(value), name)
+
+
+def validate_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """``tools`` as a list of JSON-schema dicts (or None), as chat templates want them."""
+    return _validate_list_of_dicts(tools, "tools", '{"type": "function", "function": {"name": "get_weather", '
+                                                   '"description": "...", "parameters": {"type": "object", ...}}}')
+
+
+def validate_template_kwargs(kwargs: Any) -> dict[str, Any]:
+    """Extra template variables (``date_string``, ``enable_thinking``, ...) as a dict of plain values."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidArgumentError(f"chat template variables must be a dict with str keys, got {kwargs!r}.",
+                                   hint='Pass e.g. {"date_string": "26 Jul 2024", "enable_thinking": False}.')
+    taken = sorted(_RESERVED_VARIABLES.intersection(kwargs))
+    if taken:
+        raise InvalidArgumentError(f"chat template variables cannot be named {', '.join(taken)}.",
+                                   hint="Pass messages, tools and documents as their own arguments.")
+    return {k: _template_data(v, k) for k, v in kwargs.items()}
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message's content for the plain fallback: a str, its text parts joined, or a dict as JSON."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Mapping):
+        return _tojson(content)
+    return "".join(p["text"] for p in content or () if isinstance(p.get("text"), str))
 
 
 class ChatTemplate:
     """Renders chat messages to a prompt string.
 
     With a jinja2 ``template`` (from tokenizer_config.json's ``chat_template``) it renders in jinja2's immutable
-    sandbox (templates come with downloaded models and must not reach Python internals). Without one it uses the
-    plain fallback: one ``Role: content`` line per message, then ``Assistant:`` to ask for the reply.
+    sandbox (templates come with downloaded models and must not reach Python internals), the way transformers
+    renders it (see the notes above). Without one it uses the plain fallback: one ``Role: content`` line per
+    message, then ``Assistant:`` to ask for the reply.
     """
 
     def __init__(self, template: str | None, *, bos_token: str = "", eos_token: str = "") -> None:
@@ -270,13 +407,9 @@ class ChatTemplate:
         self._compiled = None
         if template:
             from jinja2 import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_template_exception
-            env.globals["strftime_now"] = _strftime_now
             try:
-                self._compiled = env.from_string(template)
+                self._compiled = _environment().from_string(template)
             except TemplateError as exc:
                 raise ModelFormatError(f"The model's chat template does not compile ({exc}).",
                                        hint="Fix chat_template in tokenizer_config.json or remove it to use the "
@@ -286,26 +419,50 @@ class ChatTemplate:
     def is_fallback(self) -> bool:
         return self._compiled is None
 
-    def render(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Any, *, add_generation_prompt: bool = True, tools: Any = None, documents: Any = None,
+               **template_kwargs: Any) -> str:
+        """The prompt for ``messages``.
+
+        ``tools``: JSON-schema dicts of the functions the model may call; ``documents``: dicts (e.g. ``title`` and
+        ``text``) for retrieval-augmented templates; ``template_kwargs``: any other variable the template reads
+        (``date_string``, ``enable_thinking``, ...). A template that does not use one ignores it; so does the
+        plain fallback.
+        """
         messages = validate_messages(messages)
+        tools = validate_tools(tools)
+        documents = _validate_list_of_dicts(documents, "documents", '{"title": "...", "text": "..."}')
+        variables = validate_template_kwargs(template_kwargs)
         if self._compiled is None:
-            lines = [f"{FALLBACK_ROLES.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages]
+            lines = [f"{FALLBACK_ROLES.get(m['role'], m['role'].capitalize())}: {_text_of(m.get('content'))}"
+                     for m in messages]
             if add_generation_prompt:
                 lines.append("Assistant:")
             return "\n".join(lines)
         from jinja2 import TemplateError
-        from jinja2.exceptions import SecurityError
+        from jinja2.exceptions import SecurityError, UndefinedError
 
+        # Special tokens the model has, then the caller's variables (which may override them), as transformers does.
+        context = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token)) if v}
+        context.update(variables)
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+            return self._compiled.render(messages=messages, tools=tools, documents=documents,
+                                         add_generation_prompt=add_generation_prompt, **context)
         except _TemplateRaised as exc:
             raise InvalidArgumentError(f"The chat template refused these messages: {exc}",
                                        hint="Check the roles and their order (many templates want user/assistant "
-                                            "turns alternating).") from None
+                                            "turns alternating) and what the model supports (tools, tool calls).") \
+                from None
         except SecurityError as exc:
             raise ModelFormatError(f"The chat template tried an unsafe operation ({exc}).",
                                    hint="Fix chat_template in tokenizer_config.json.") from None
+        except (UndefinedError, TypeError, ValueError, LookupError, AttributeError) as exc:
+            # The template worked on the data it was given in a way that data does not support, e.g. `content + "x"`
+            # on list content or on a message without content: the messages have a shape this template does not
+            # take. (Checked before TemplateError, of which UndefinedError is one.)
+            raise InvalidArgumentError(f"The chat template cannot render these messages ({type(exc).__name__}: "
+                                       f"{exc}).", hint="This model's template may not support this message shape "
+                                                        "(list content, tool calls, a role); use plain str "
+                                                        "content and the roles it documents.") from None
         except TemplateError as exc:
             raise ModelFormatError(f"The chat template failed to render ({exc}).",
                                    hint="Fix chat_template in tokenizer_config.json.") from None
@@ -319,10 +476,86 @@ def _raise_template_exception(message: str) -> None:
     raise _TemplateRaised(message)
 
 
-def _strftime_now(fmt: str) -> str:
-    import datetime
+def _now() -> "datetime.datetime":
+    """The time strftime_now formats (a function so tests can freeze it)."""
+    return datetime.datetime.now()
 
-    return datetime.datetime.now().strftime(fmt)
+
+def _strftime_now(fmt: str) -> str:
+    return _now().strftime(fmt)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | str | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """Plain ``json.dumps``. jinja2's own tojson sorts keys and escapes ``<``, ``>``, ``&`` and ``'`` for HTML,
+    which changes the prompt; templates are written against this one (non-ASCII kept, keys in the given order)."""
+    import json
+
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _DictGlobal:
+    """The template's ``dict``: builds dicts (``dict(a=1)``, ``dict.fromkeys``) without handing it the ``dict``
+    type itself, whose class attributes are a way out of the sandbox to guard against."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, keys: Iterable[Any], value: Any = None) -> dict:
+        return dict.fromkeys(keys, value)
+
+
+def _environment() -> Any:
+    """The jinja2 environment chat templates compile in (one per process)."""
+    global _ENV
+    if _ENV is None:
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.exceptions import SecurityError
+        from jinja2.nodes import CallBlock
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2.utils import Namespace
+
+        class GenerationTag(Extension):
+            """``{% generation %}...{% endgeneration %}`` marks the assistant's tokens for training masks; here it
+            only renders its body, in a scope of its own like the call block transformers makes of it."""
+            tags = {"generation"}
+
+            def parse(self, parser: Any) -> Any:
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
+
+            def _render_body(self, caller: Any) -> str:
+                return caller()
+
+        def check_name(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise SecurityError(f"a chat template may not store {name!r} on a namespace (names starting "
+                                    f"with '_' are refused).")
+
+        class SafeNamespace(Namespace):
+            """``namespace()`` that refuses attribute names starting with '_'."""
+
+            def __init__(*args: Any, **kwargs: Any) -> None:  # `self` is args[0], so `namespace(self=1)` works
+                attrs = dict(*args[1:], **kwargs)
+                for name in attrs:
+                    check_name(name)
+                Namespace.__init__(args[0], attrs)
+
+            def __setitem__(self, name: str, value: Any) -> None:
+                check_name(name)
+                Namespace.__setitem__(self, name, value)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[GenerationTag, loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals.update(raise_exception=_raise_template_exception, strftime_now=_strftime_now,
+                           dict=_DictGlobal(), namespace=SafeNamespace)
+        _ENV = env
+    return _ENV
+
+
+_ENV: Any = None
 
 
 def chat_template_source(tokenizer_config: Mapping[str, Any]) -> str | None:
