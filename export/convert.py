@@ -522,8 +522,12 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
 
 # --- CLI -----------------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="a local Hugging Face model folder, or a hub id (needs network)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    parser.add_argument("src", metavar="SRC", nargs="?",
+                        help="a local Hugging Face model folder, or a hub id (needs network)")
+    parser.add_argument("--out", metavar="DIR", help="the model folder to write (required)")
+    parser.add_argument("--list", action="store_true",
+                        help="print the supported architecture families (builder, KV cache layout, what was verified)")
+    parser.set_defaults(_export_parser=parser)  # run() reports a missing SRC / --out as argparse would
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="int8",
                         help="weight format: int8 = per-channel int8 weights and int8 GEMMs (default: fastest decode "
                              "and prefill), int8-block = block-wise int8 (most accurate int8), int4 (smallest), "
@@ -542,6 +546,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.list:
+        from .archs import family_table
+        print(family_table())
+        return 0
+    missing = [name for name, value in (("SRC", args.src), ("--out", args.out)) if not value]
+    if missing:
+        args._export_parser.error(f"the following arguments are required: {', '.join(missing)} (or --list)")
     report = export_model(args.src, args.out, quantize=args.quantize, eval_text=args.eval_text,
                           max_ppl_increase=args.max_ppl_increase, force=args.force, overwrite=args.overwrite,
                           progress=not args.no_progress, keep_fp32=args.keep_fp32,
