@@ -1,0 +1,406 @@
+"""Prompt lookup (edgelm.lookup): greedy decoding that verifies n-gram drafts several tokens per model call.
+
+What "exact" means here (docs/lookup.md): a multi-token call is not bit-identical to one-token calls (fp32 GEMMs
+sum in another order; int8 graphs quantize a call's activations with one scale for all its rows). So lookup's
+tokens must equal plain greedy decoding's, or first differ at a step where plain decoding's two best logits were
+within that numerical noise of each other. On fp32 exports the noise is ~1e-5 and the tolerance 1e-3, so any real
+bookkeeping error (a wrong row, a stale cache slot, a bad position) fails; a fake model with integer logits
+checks the bookkeeping bit-exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import cut_at_stop
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import edgelm
+import edgelm.sampling
+from edgelm.errors import InvalidArgumentError
+from edgelm.lookup import K_MAX, LookupAdvance, NgramIndex
+
+FP32_TIE = 1e-3  # fp32: batched and single-token logits differ by ~1e-5 (measured); a tie below this may flip
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+WORDS = "Lily Tom ball park dog cat happy big red went saw the and to she he was played with".split()
+
+
+# --- the n-gram index against a brute-force search ------------------------------------------------------------
+def _reference_draft(hist: list[int], max_ngram: int, limit: int) -> list[int]:
+    for n in range(min(max_ngram, len(hist)), 0, -1):
+        suffix = hist[len(hist) - n:]
+        for start in range(len(hist) - n - 1, -1, -1):  # the most recent occurrence that has a continuation
+            if hist[start:start + n] == suffix:
+                return hist[start + n:start + n + limit]
+    return []
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(hist=st.lists(st.integers(0, 4), min_size=1, max_size=40), split=st.integers(0, 40),
+       max_ngram=st.integers(1, 4), limit=st.integers(1, 8))
+def test_ngram_draft_matches_brute_force(hist, split, max_ngram, limit):
+    index = NgramIndex(hist[:split], max_ngram)  # part as the prompt, the rest pushed one by one
+    for tok in hist[split:]:
+        index.push(tok)
+    assert index.hist == hist
+    assert index.draft(limit) == _reference_draft(hist, max_ngram, limit)
+
+
+# --- bookkeeping, bit-exact, on a fake model ------------------------------------------------------------------
+class FakeCache:
+    """A deterministic "model" with the shared layout's contract: a call writes its tokens into slots pos.. and
+    each row depends only on slots 0..its own (so a stale slot that is read changes the answer). Logits are
+    one-hot: no ties, no float noise."""
+
+    def __init__(self, rule, vocab: int, context: int):
+        self.rule, self.vocab, self.slots = rule, vocab, [None] * context
+        self.draft_ids = np.zeros((1, K_MAX + 1), dtype=np.int64)
+        self.verified: list[tuple[int, int]] = []  # (m, pos) of every verification
+        self.steps = 0
+
+    def _row(self, slot: int) -> np.ndarray:
+        row = np.zeros(self.vocab, dtype=np.float32)
+        row[self.rule(self.slots[:slot + 1])] = 1.0
+        return row
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self.slots[:len(ids)] = ids
+        return self._row(len(ids) - 1)
+
+    def advance(self, tok: int, pos: int) -> tuple:
+        self.steps += 1
+        self.slots[pos] = tok
+        return self._row(pos), None
+
+    def verify(self, m: int, pos: int) -> tuple:
+        assert pos + m <= len(self.slots), "a verification ran past the context"
+        self.verified.append((m, pos))
+        self.slots[pos:pos + m] = [int(t) for t in self.draft_ids[0, :m]]
+        return np.stack([self._row(pos + j) for j in range(m)]), None
+
+    def single(self) -> None:
+        pass
+
+    def rollback(self, pos: int) -> None:
+        self.slots[pos:] = [None] * (len(self.slots) - pos)  # a stale slot read later would raise in rule()
+
+
+def _greedy(cache: FakeCache, prompt: list[int], n: int, advance) -> list[int]:
+    """The decode loop's shape (edgelm.model.Model._decode) reduced to greedy arg-max."""
+    logits, out = cache.prefill(prompt), []
+    while True:
+        out.append(int(logits.argmax()))
+        if len(out) == n:
+            return out
+        logits, _ = advance(out[-1], len(prompt) + len(out) - 1)
+
+
+def _rule(period: int, vocab: int):
+    """Next token from the last two (a small vocabulary repeats n-grams, so drafts are often right)."""
+    def rule(seq):
+        assert None not in seq, "read a rolled-back slot"
+        return (seq[-1] * 3 + seq[-2 if len(seq) > 1 else -1] + len(seq) // period) % vocab
+    return rule
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(prompt=st.lists(st.integers(0, 5), min_size=1, max_size=30), n=st.integers(1, 60),
+       period=st.integers(1, 50), vocab=st.integers(2, 6), k_start=st.integers(1, K_MAX), context_slack=st.booleans())
+def test_fake_model_tokens_are_exactly_plain_greedy(prompt, n, period, vocab, k_start, context_slack):
+    context = len(prompt) + n + (7 if context_slack else 0)
+    rule = _rule(period, vocab)
+    plain = FakeCache(rule, vocab, context)
+    expected = _greedy(plain, prompt, n, plain.advance)
+    fake = FakeCache(rule, vocab, context)
+    last_slot = min(len(prompt) + n - 2, context - 1)
+    lookup = LookupAdvance(fake, prompt, last_slot, k_start=k_start)
+    assert _greedy(fake, prompt, n, lookup) == expected
+    assert all(pos + m - 1 <= last_slot for m, pos in fake.verified)  # never past max_new_tokens or the context
+    assert lookup.drafted == sum(m - 1 for m, _ in fake.verified)
+    assert lookup.accepted <= lookup.drafted
+    # every token cost a call, or was an accepted draft (a verification yields >= 1 token)
+    assert fake.steps + len(fake.verified) + lookup.accepted == max(0, n - 1)
+
+
+def test_drafts_that_keep_failing_switch_lookup_off():
+    """An adversarial model that never says what the n-gram index predicts: verifications back off to at most one
+    per MAX_PAUSE tokens, each of a single draft."""
+    from edgelm.lookup import MAX_PAUSE
+
+    def contrary(seq):
+        guess = NgramIndex(seq).draft(1)
+        return ((guess[0] if guess else 0) + 1) % 3
+
+    n = 2000
+    prompt = [0, 1, 2, 0, 1, 2]
+    fake = FakeCache(contrary, 3, len(prompt) + n)
+    lookup = LookupAdvance(fake, prompt, len(prompt) + n - 2)
+    _greedy(fake, prompt, n, lookup)
+    assert lookup.accepted == 0
+    assert len(fake.verified) <= MAX_PAUSE.bit_length() + n // MAX_PAUSE + 1
+    assert all(m == 2 for m, _ in fake.verified[1:])  # after the first miss: one draft at a time
+
+
+def test_a_model_that_copies_is_verified_in_long_drafts():
+    """The case lookup is for: the output repeats the prompt. Draft lengths grow to K_MAX, and most tokens come
+    out of verifications."""
+    text = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3, 8, 3, 2, 7, 9, 5] * 3
+
+    def copy(seq):  # continue the 32-token pattern
+        return text[len(seq) % 32]
+
+    fake = FakeCache(copy, 10, 200)
+    lookup = LookupAdvance(fake, text[:40], 198)
+    out = _greedy(fake, text[:40], 120, lookup)
+    assert out == [text[i % 32] for i in range(40, 160)]
+    assert max(m for m, _ in fake.verified) == K_MAX + 1
+    assert lookup.accepted >= 100 and fake.steps <= 4
+
+
+# --- the real runtime on fp32 exports -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stories(stories_fp32):
+    return edgelm.load(stories_fp32, threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """Random-weight Llama, "shared" layout, context 64 (the context-length edge is cheap to reach)."""
+    pytest.importorskip("transformers")
+    from conftest import cached_export
+    from test_export_archs import _hf_folder
+
+    src = _hf_folder("llama")
+    lm = edgelm.load(cached_export(f"arch-{src.name}-fp32", src, quantize="none", context_length=64), threads=1)
+    assert lm.kv_cache == "shared"
+    return lm
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2():
+    """Random-weight GPT-2: the "concat" layout (learned positions: position_ids are really used)."""
+    pytest.importorskip("transformers")
+    from conftest import cached_export
+    from test_export_archs import _hf_folder
+
+    src = _hf_folder("gpt2")
+    lm = edgelm.load(cached_export(f"arch-{src.name}-fp32", src, quantize="none", context_length=64), threads=1)
+    assert lm.kv_cache == "concat"
+    return lm
+
+
+@contextlib.contextmanager
+def top2_gaps():
+    """Record, for every token the sampler picks, the gap between the two best (penalised) logits."""
+    gaps: list[float] = []
+    original = edgelm.sampling.Sampler.step
+
+    def step(self, logits, logprobs=None):
+        top = np.partition(self.penalised(logits), -2)[-2:]
+        gaps.append(float(top[1] - top[0]))
+        return original(self, logits, logprobs)
+
+    edgelm.sampling.Sampler.step = step
+    try:
+        yield gaps
+    finally:
+        edgelm.sampling.Sampler.step = original
+
+
+def compare(lm, prompt, tie: float, **kw):
+    """Plain and lookup greedy generations; asserts they agree (module docstring). Returns (plain, lookup, first
+    differing token index or None)."""
+    with top2_gaps() as gaps:
+        plain = lm.generate(prompt, temperature=0, **kw)
+    fast = lm.generate(prompt, temperature=0, lookup=True, **kw)
+    a, b = plain.token_ids, fast.token_ids
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if first is None:
+        assert a == b and fast.text == plain.text and fast.finish_reason == plain.finish_reason
+        assert np.allclose(fast.logprobs, plain.logprobs, atol=1e-3)
+    else:
+        assert gaps[first] < tie, f"lookup chose token {b[first]} where plain greedy chose {a[first]} " \
+                                  f"(step {first}) although its two best logits were {gaps[first]:.3g} apart"
+    assert fast.accepted_tokens <= fast.drafted_tokens
+    assert fast.completion_tokens == len(b) and plain.drafted_tokens == 0
+    return plain, fast, first
+
+
+def _prompt(data, lm, repeat: bool):
+    words = data.draw(st.lists(st.sampled_from(WORDS), min_size=1, max_size=12), label="words")
+    text = " ".join(words)
+    if repeat:  # a prompt that repeats itself gives drafts from the start
+        text = f"{text}. {text}. {' '.join(words[:max(1, len(words) // 2)])}"
+    return text
+
+
+@settings(max_examples=120, **SETTINGS)
+@given(data=st.data(), repeat=st.booleans(), n=st.integers(1, 90), ignore_eos=st.booleans(),
+       penalty=st.sampled_from([1.0, 1.0, 1.3]), n_stops=st.integers(0, 2))
+def test_stories_lookup_equals_plain_greedy(stories, data, repeat, n, ignore_eos, penalty, n_stops):
+    prompt = _prompt(data, stories, repeat)
+    kw = dict(max_new_tokens=n, ignore_eos=ignore_eos, repetition_penalty=penalty)
+    base = stories.generate(prompt, temperature=0, **kw)
+    stops = []
+    for _ in range(n_stops):  # stop strings taken from the text, so they really fire (maybe inside a draft)
+        if base.text:
+            i = data.draw(st.integers(0, len(base.text) - 1), label="stop start")
+            stops.append(base.text[i:i + data.draw(st.integers(1, 6), label="stop len")])
+    plain, fast, first = compare(stories, prompt, FP32_TIE, stop=stops or None, **kw)
+    if first is None and stops:
+        assert fast.text == cut_at_stop(base.text, stops)[0]
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(data=st.data(), layout=st.sampled_from(["shared", "concat"]), to_the_end=st.booleans())
+def test_tiny_models_both_layouts_up_to_the_context_end(tiny_llama, tiny_gpt2, data, layout, to_the_end):
+    lm = tiny_llama if layout == "shared" else tiny_gpt2
+    ids = data.draw(st.lists(st.integers(3, 511), min_size=1, max_size=20), label="ids")
+    if data.draw(st.booleans(), label="repeat"):
+        ids = ids * 3
+    n = lm.context_length - len(ids) if to_the_end else data.draw(st.integers(1, lm.context_length - len(ids)))
+    compare(lm, ids, FP32_TIE, max_new_tokens=n, ignore_eos=True)
+
+
+def test_lookup_accepts_drafts_and_streams_the_same_text(stories):
+    prompt = "Lily had a red ball. She liked to play with the ball. Lily had a red ball. She liked"
+    plain, fast, first = compare(stories, prompt, FP32_TIE, max_new_tokens=120, ignore_eos=True)
+    assert first is None
+    assert fast.accepted_tokens >= 10  # the story repeats itself: lookup really worked
+    s = stories.stream(prompt, max_new_tokens=120, temperature=0, ignore_eos=True, lookup=True)
+    assert "".join(s) == fast.text and s.generation.token_ids == fast.token_ids
+    assert s.generation.accepted_tokens == fast.accepted_tokens
+    chat = stories.chat([{"role": "user", "content": prompt}], max_new_tokens=40, temperature=0, lookup=True)
+    assert chat.token_ids == stories.chat([{"role": "user", "content": prompt}], max_new_tokens=40,
+                                          temperature=0).token_ids
+
+
+def _spy_verifications(monkeypatch, lm) -> list[tuple[list[int], int]]:
+    """Record (tokens fed, slot) of every verification call of ``lm``'s shared cache."""
+    from edgelm.model import _SharedCache
+
+    calls = []
+    original = _SharedCache.verify
+
+    def verify(self, m, pos):
+        if self.model is lm:
+            calls.append(([int(t) for t in self.draft_ids[0, :m]], pos))
+        return original(self, m, pos)
+
+    monkeypatch.setattr(_SharedCache, "verify", verify)
+    return calls
+
+
+def _accepted_slots(calls, tokens, n_prompt) -> set[int]:
+    """Slots (n_prompt + index in ``tokens``) of tokens that were accepted drafts of a verification."""
+    slots = set()
+    for fed, pos in calls:
+        for j in range(1, len(fed)):
+            i = pos + j - n_prompt
+            if i >= len(tokens) or tokens[i] != fed[j]:
+                break
+            slots.add(pos + j)
+    return slots
+
+
+def test_eos_inside_an_accepted_draft_ends_generation_there(stories, monkeypatch):
+    prompt = "Lily had a red ball. She liked to play with the ball. Lily had a red ball. She liked"
+    n_prompt = len(stories.encode(prompt))
+    calls = _spy_verifications(monkeypatch, stories)
+    ref = stories.generate(prompt, max_new_tokens=100, temperature=0, ignore_eos=True, lookup=True).token_ids
+    accepted = _accepted_slots(calls, ref, n_prompt)
+    # A token whose first occurrence in the output is an accepted draft (preferably not a draft's first token, so
+    # a later row of the verification decides): make it the EOS.
+    cand = [i for i in range(len(ref)) if n_prompt + i in accepted and ref[i] not in ref[:i]]
+    assert cand, "no accepted draft to place an EOS in"
+    i = max(cand, key=lambda i: n_prompt + i - 1 in accepted)
+    monkeypatch.setattr(stories, "eos_token_ids", frozenset({ref[i]}))
+    calls.clear()
+    plain, fast, first = compare(stories, prompt, FP32_TIE, max_new_tokens=100)
+    assert first is None and fast.finish_reason == "eos" and fast.token_ids == ref[:i + 1]
+    assert n_prompt + i in _accepted_slots(calls, fast.token_ids, n_prompt)
+
+
+def test_sampling_ignores_lookup(stories):
+    kw = dict(max_new_tokens=40, temperature=0.8, seed=3)
+    a = stories.generate("Once upon a time", **kw)
+    b = stories.generate("Once upon a time", lookup=True, **kw)
+    assert b.token_ids == a.token_ids and b.drafted_tokens == 0 == b.accepted_tokens
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None, 0.0])
+def test_lookup_must_be_a_bool(stories, bad):
+    for call in (stories.generate, stories.stream):
+        with pytest.raises(InvalidArgumentError, match="lookup must be a bool"):
+            call("Once upon a time", temperature=0, lookup=bad)
+
+
+# --- int8: where exactness does not hold ----------------------------------------------------------------------
+def _batch_noise(lm, prompt: list[int], tokens: list[int]) -> float:
+    """Largest |logit| difference between one verification call over ``tokens`` and the same tokens fed one by
+    one over the same prompt cache (the numerical noise lookup adds)."""
+    cache = lm._shared_cache()
+    cache.prefill(np.asarray([prompt], dtype=np.int64))
+    m = len(tokens)
+    cache.draft_ids[0, :m] = tokens
+    batched = np.array(cache.verify(m, len(prompt))[0], copy=True)
+    cache.single()
+    single = np.stack([np.array(cache.advance(t, len(prompt) + j)[0], copy=True) for j, t in enumerate(tokens)])
+    lm._kv_pool.append(cache)
+    return float(np.abs(batched - single).max())
+
+
+def test_int8_default_model_differs_from_plain_only_at_near_ties():
+    """The shipped model's int8 GEMMs (DynamicQuantizeMatMul) quantize a whole call's activations with one scale,
+    so a verification's rows differ from one-token steps by far more than fp32 rounding. Lookup then is greedy
+    under slightly different numerics: it may leave plain greedy's path, but only where plain's two best logits
+    were closer than that noise."""
+    lm = edgelm.load(threads=1)
+    assert lm.config["dtype"] == "int8" and lm.kv_cache == "shared"
+    prompt = lm.encode("Once upon a time, there was a little girl named Lily. She loved to play outside.")
+    cont = lm.generate(prompt, max_new_tokens=K_MAX + 1, temperature=0, ignore_eos=True).token_ids
+    noise = max(_batch_noise(lm, prompt, cont[:m]) for m in (2, 5, K_MAX + 1))
+    assert noise > 1e-3  # far above fp32's ~1e-5: int8 batching really changes the numbers
+    for text in ("Tom had a red ball. Tom had a red ball. Tom", "Lily and Ben went to the park. They saw",
+                 "The dog was happy. The dog was happy. The"):
+        compare(lm, text, noise, max_new_tokens=150, ignore_eos=True)
+
+
+# --- front ends -----------------------------------------------------------------------------------------------
+def test_cli_generate_lookup(stories_fp32, stories):
+    prompt = "Tom had a red ball. Tom had a red ball. Tom"
+    r = subprocess.run([sys.executable, "-m", "edgelm.cli", "generate", prompt, "--model", str(stories_fp32), "-n",
+                        "60", "-t", "0", "--lookup", "--threads", "1", "--no-echo"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    expected = stories.generate(prompt, max_new_tokens=60, temperature=0, lookup=True)
+    assert r.stdout == expected.text + "\n"
+    assert f"lookup: {expected.accepted_tokens}/{expected.drafted_tokens} drafts accepted" in r.stderr
+
+
+def test_server_option_turns_lookup_on_for_requests(stories, monkeypatch):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("starlette")
+    from edgelm.server import BackgroundServer, create_app
+
+    with pytest.raises(InvalidArgumentError):
+        create_app(stories, lookup="on")
+    seen = []
+    original = stories.stream
+
+    def stream(prompt, **kw):
+        seen.append(kw.get("lookup"))
+        return original(prompt, **kw)
+
+    monkeypatch.setattr(stories, "stream", stream)
+    prompt = "Tom had a red ball. Tom had a red ball. Tom"
+    with BackgroundServer(stories, lookup=True, workers=1) as srv:
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 40, "temperature": 0},
+                       timeout=60)
+    assert r.status_code == 200, r.text
+    assert seen == [True]
+    assert r.json()["choices"][0]["text"] == stories.generate(prompt, max_new_tokens=40, temperature=0,
+                                                              lookup=True).text
