@@ -166,30 +166,27 @@ def stories(stories_fp32):
     return edgelm.load(stories_fp32, threads=1)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    """Random-weight Llama, "shared" layout, context 64 (the context-length edge is cheap to reach)."""
+def _tiny(arch: str, layout: str):
+    """A random-weight export with context 64 (the context-length edge is cheap to reach)."""
     pytest.importorskip("transformers")
     from conftest import cached_export
     from test_export_archs import _hf_folder
 
-    src = _hf_folder("llama")
+    src = _hf_folder(arch)
     lm = edgelm.load(cached_export(f"arch-{src.name}-fp32", src, quantize="none", context_length=64), threads=1)
-    assert lm.kv_cache == "shared"
+    assert lm.kv_cache == layout
     return lm
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return _tiny("llama", "shared")
 
 
 @pytest.fixture(scope="module")
 def tiny_gpt2():
-    """Random-weight GPT-2: the "concat" layout (learned positions: position_ids are really used)."""
-    pytest.importorskip("transformers")
-    from conftest import cached_export
-    from test_export_archs import _hf_folder
-
-    src = _hf_folder("gpt2")
-    lm = edgelm.load(cached_export(f"arch-{src.name}-fp32", src, quantize="none", context_length=64), threads=1)
-    assert lm.kv_cache == "concat"
-    return lm
+    """GPT-2: the "concat" layout, with learned positions (position_ids really matter)."""
+    return _tiny("gpt2", "concat")
 
 
 @contextlib.contextmanager
