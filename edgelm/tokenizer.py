@@ -290,7 +290,7 @@ def _template_data(value: Any, where: str) -> Any:
         if callable(getattr(value, "model_dump", None)):  # pydantic models
             return _template_data(value.model_dump(), where)
         return {f.name: _template_data(getattr(value, f.name), f"{where}.{f.name}") for f in dataclasses.fields(value)}
-    raise InvalidArgumentError(f"{where} is a {type(value).__name__}, which a chat template cannot be given.",
+    raise InvalidArgumentError(f"{where} is of type {type(value).__name__}, which a chat template cannot be given.",
                                hint="Use only JSON-like values: str, int, float, bool, None, dict, list.")
 
 

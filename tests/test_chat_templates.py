@@ -201,9 +201,10 @@ def test_generation_tag_renders_its_body_in_its_own_scope(frozen_time):
 
 
 def test_messages_tools_documents_and_variables_reach_the_template_as_in_transformers(frozen_time):
-    src = ("{{ bos_token is defined }}|{{ bos_token }}|{{ eos_token }}|{{ pad_token is defined }}|{{ tools is none }}|{{ documents | tojson }}|"
-           "{{ enable_thinking }}|{% for m in messages %}{{ m | tojson }};{{ m.name is defined }};"
-           "{% for k in m %}{{ k }},{% endfor %}|{% endfor %}{{ dict(a=1) | tojson }}{{ dict.fromkeys(['k']) | tojson }}"
+    src = ("{{ bos_token is defined }}|{{ bos_token }}|{{ eos_token }}|{{ pad_token is defined }}|{{ tools is none }}|"
+           "{{ documents | tojson }}|{{ enable_thinking }}|{% for m in messages %}{{ m | tojson }};"
+           "{{ m.name is defined }};{% for k in m %}{{ k }},{% endfor %}|{% endfor %}"
+           "{{ dict(a=1) | tojson }}{{ dict.fromkeys(['k']) | tojson }}"
            "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}")
     msgs = [{"role": "user", "content": [{"type": "text", "text": "Hi <b>"}], "name": None},
             {"role": "assistant", "content": "ok", "reasoning": "2 < 3", "tool_calls": None},
@@ -260,7 +261,7 @@ def test_validate_messages_takes_what_real_templates_take():
     ([{"role": "assistant", "tool_calls": "get_weather()"}], r"tool_calls'\] must be a list of dicts"),
     ([{"role": "assistant", "content": None}], r"no 'content'"),
     ([{"role": "", "content": "x"}], r"non-empty str 'role'"),
-    ([USER, {"role": "user", "content": "x", "meta": object()}], r"messages\[1\]\['meta'\] is a object"),
+    ([USER, {"role": "user", "content": "x", "meta": object()}], r"messages\[1\]\['meta'\] is of type object"),
     ([USER, "hi"], r"messages\[1\] must be a dict"),
 ])
 def test_validate_messages_names_the_garbage(bad, match):
