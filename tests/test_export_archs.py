@@ -54,16 +54,24 @@ def _hf_folder(arch: str) -> Path:
     return hf_folder_for(_config(arch), arch)
 
 
-def hf_folder_for(cfg, name: str) -> Path:
+def hf_folder_for(cfg, name: str, perturb_norms: bool = False) -> Path:
     """``cfg``'s model with seeded random weights and the stories260K tokenizer, saved once under .cache (keyed by
-    the config and the transformers version)."""
-    key = hashlib.sha256(cfg.to_json_string().encode() + transformers.__version__.encode()).hexdigest()[:10]
+    the config and the transformers version). ``perturb_norms`` adds seeded noise to every norm weight, which
+    random init leaves at 1 (or 0 for Gemma's 1 + w), so a norm weight the graph drops or misplaces shows."""
+    key = hashlib.sha256(cfg.to_json_string().encode() + transformers.__version__.encode()
+                         + (b"perturbed norms" if perturb_norms else b"")).hexdigest()[:10]
     out = CACHE / f"hf-{name}-{key}"
     if not (out / "tokenizer.json").is_file():
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp))
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        if perturb_norms:
+            with torch.no_grad():
+                for pname, param in model.named_parameters():
+                    if "norm" in pname:
+                        param.add_(torch.rand_like(param) - 0.5)
+        model.save_pretrained(str(tmp))
         for file in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(STORIES260K / file, tmp / file)
         shutil.rmtree(out, ignore_errors=True)
@@ -71,11 +79,16 @@ def hf_folder_for(cfg, name: str) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def arch(request):
+def tiny_model_setup() -> None:
+    """What every tiny-model test needs: the stories260K tokenizer (skip without it) and torch on one thread."""
     if not STORIES260K.is_dir():
         pytest.skip("stories260K tokenizer fixture not available")
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request):
+    tiny_model_setup()
     return request.param
 
 

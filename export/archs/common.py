@@ -1,7 +1,7 @@
 """Shared pieces of the hand-written decoder graphs (see docs/export.md for why we build graphs ourselves).
 
-Every family module (llama.py, phi3.py, gpt2.py) walks its Hugging Face module tree and calls the helpers
-here, so the I/O contract of docs/model-format.md (``kv_cache: "concat"``) lives in exactly one place:
+The two builders (decoder.py for every rotary family, gpt2.py) walk a Hugging Face module tree and call the
+helpers here, so the I/O contract of docs/model-format.md (``kv_cache: "concat"``) lives in exactly one place:
 
     input_ids [B, S] int64, attention_mask [B, P+S] int64, position_ids [B, S] int64,
     past_key_values.{i}.key/.value [B, Hkv, P, D] float32, optional logits_from [1] int64 (default 0)
@@ -11,8 +11,8 @@ here, so the I/O contract of docs/model-format.md (``kv_cache: "concat"``) lives
 The attention of this "concat" graph uses only standard ONNX ops (opset 17), so it works for any head size;
 onnxruntime's own optimiser fuses the RMSNorm / GELU / MatMul+Add patterns at load time. Two onnxruntime
 contrib ops (com.microsoft, in every CPU build) are used where they pay: SkipSimplifiedLayerNormalization for
-the residual Add + RMSNorm pairs of the RMSNorm families, and, for head sizes its CPU kernel supports,
-GroupQueryAttention with a "shared" cache buffer (the end of this module; docs/model-format.md).
+the residual Add + RMSNorm pairs of the RMSNorm families, and GroupQueryAttention with a "shared" cache
+buffer wherever it reproduces the model (the end of this module; docs/model-format.md).
 """
 from __future__ import annotations
 
