@@ -182,6 +182,9 @@ def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
                           f"dequantize; supported: {', '.join(SUPPORTED_TYPES)}.",
                           hint="Use a GGUF quantized with one of those types (Q8_0, Q4_K_M, Q4_0, F16, ...).")
     config = _hf_config(meta, arch, family, tensors, gguf_path)
+    # (set before the completeness check: some config classes default to ids outside a small vocabulary)
+    config.update(bos_token_id=_token_id(meta, "bos_token_id"), eos_token_id=_token_id(meta, "eos_token_id"),
+                  pad_token_id=_token_id(meta, "padding_token_id"))
     plan = _plan(family, config, tensors, gguf_path)
     _check_complete(config, plan, gguf_path)
 
