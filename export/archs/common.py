@@ -9,10 +9,11 @@ helpers here, so the I/O contract of docs/model-format.md (``kv_cache: "concat"`
        last_logprobs [B, 1, V] float32 (log-softmax of the last position)
 
 The attention of this "concat" graph uses only standard ONNX ops (opset 17), so it works for any head size;
-onnxruntime's own optimiser fuses the RMSNorm / GELU / MatMul+Add patterns at load time. Two onnxruntime
-contrib ops (com.microsoft, in every CPU build) are used where they pay: SkipSimplifiedLayerNormalization for
-the residual Add + RMSNorm pairs of the RMSNorm families, and GroupQueryAttention with a "shared" cache
-buffer wherever it reproduces the model (the end of this module; docs/model-format.md).
+onnxruntime's own optimiser fuses the RMSNorm / MatMul+Add patterns at load time. onnxruntime contrib ops
+(com.microsoft, in every CPU build) are used where they pay: FastGelu for GELU-tanh,
+SkipSimplifiedLayerNormalization for the residual Add + RMSNorm pairs of the RMSNorm families, and
+GroupQueryAttention with a "shared" cache buffer wherever it reproduces the model (the end of this module;
+docs/model-format.md).
 """
 from __future__ import annotations
 
@@ -216,12 +217,10 @@ def silu(gb: GraphBuilder, x: str, name: str) -> str:
 
 
 def gelu_tanh(gb: GraphBuilder, x: str, name: str) -> str:
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) -- GPT-2's "gelu_new" (onnxruntime fuses it to FastGelu)."""
-    cube = gb.op("Mul", [gb.op("Mul", [x, x]), x], name=f"{name}/cube")
-    inner = gb.op("Add", [x, gb.op("Mul", [cube, gb.const(0.044715, np.float32)])])
-    t = gb.op("Tanh", [gb.op("Mul", [inner, gb.const(float(np.sqrt(2.0 / np.pi)), np.float32)])], name=f"{name}/Tanh")
-    half_x = gb.op("Mul", [x, gb.const(0.5, np.float32)])
-    return gb.op("Mul", [half_x, gb.op("Add", [t, gb.const(1.0, np.float32)])], name=f"{name}/Mul")
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) -- GPT-2's "gelu_new", Gemma's "gelu_pytorch_tanh" -- as one
+    FastGelu (com.microsoft, in every CPU build). Spelled out in standard ops it stays 9 nodes: onnxruntime 1.32's
+    load-time optimiser fused none of the usual spellings (Mul or Pow cube, either operand order) when we tried."""
+    return gb.op("FastGelu", [x], domain="com.microsoft", name=f"{name}/FastGelu")
 
 
 @dataclass
@@ -277,6 +276,14 @@ class HeadNorm:
     eps: float
 
 
+def head_norm_op(gb: GraphBuilder, x: str, norm: HeadNorm, name: str) -> str:
+    """RMSNorm over the last axis of heads [..., H, D] with one weight row per head: a weight-free RMSNorm
+    (onnxruntime fuses it into one SimplifiedLayerNormalization; with a [H, D] weight it fuses nothing and
+    stays 6 nodes) times the [H, D] weight."""
+    y = rms_norm(gb, x, np.ones(norm.weight.shape[-1], np.float32), norm.eps, name)
+    return gb.op("Mul", [y, gb.weight(f"{name}.head_weight", norm.weight)], name=f"{name}/head_weight")
+
+
 def head_norm_weight(q_weight: np.ndarray, k_weight: np.ndarray, hq: int, hkv: int, scale: float) -> np.ndarray:
     """[Hq + Hkv, D]: the q norm's weight times the attention scale on the query rows, the k norm's below.
 
@@ -312,7 +319,7 @@ def attention(gb: GraphBuilder, io: DecoderIO, shape: DecoderShape, layer: int, 
     heads = gb.op("Reshape", [qkv, gb.const([0, 0, hq + 2 * hkv, d])], name=f"{p}/heads")  # [B, S, Ht, D]
     qk, v = gb.op("Split", [heads, gb.const([hq + hkv, hkv])], outputs=2, axis=2, name=f"{p}/split_v")
     if head_norm is not None:
-        qk = rms_norm(gb, qk, head_norm.weight, head_norm.eps, f"{p}.qk_norm")
+        qk = head_norm_op(gb, qk, head_norm, f"{p}.qk_norm")
     if rotary is not None:  # q and k together; keys are cached after rotary
         rot = gb.op("MatMul", [qk, rotary.rotate_half], name=f"{p}/rotate_half")
         qk = gb.op("Add", [gb.op("Mul", [qk, rotary.cos], name=f"{p}/rope_cos"),
@@ -522,7 +529,7 @@ def attention_shared(gb: GraphBuilder, io: DecoderIO, shape: DecoderShape, layer
     if head_norm is not None:
         heads = gb.op("Reshape", [qkv, gb.const([0, 0, hq + 2 * hkv, d])], name=f"{p}/heads")
         qk, v = gb.op("Split", [heads, gb.const([hq + hkv, hkv])], outputs=2, axis=2, name=f"{p}/split_v")
-        qk = rms_norm(gb, qk, head_norm.weight, head_norm.eps, f"{p}.qk_norm")
+        qk = head_norm_op(gb, qk, head_norm, f"{p}.qk_norm")
         qkv = gb.op("Reshape", [gb.op("Concat", [qk, v], axis=2, name=f"{p}/qkv_normed"),
                                 gb.const([0, 0, (hq + 2 * hkv) * d])], name=f"{p}/packed")
     past_k, past_v = io.past[layer]

@@ -139,7 +139,8 @@ class Family:
                 f"implements {self.activation!r}).", hint="Open an issue with the model id.")
         problem = self.refuse(cfg)
         if problem:
-            raise UnsupportedArchitectureError(f"{self.architecture}: {problem}", hint="Open an issue with the model id.")
+            raise UnsupportedArchitectureError(f"{self.architecture}: {problem}",
+                                               hint="Open an issue with the model id.")
 
     def build(self, model: Any, model_type: str, context_length: int, *, kv_cache: str = "auto"
               ) -> tuple[onnx.ModelProto, c.DecoderShape]:
@@ -236,7 +237,8 @@ def build(model: Any, family: Family, context_length: int, *, kv_cache: str = "a
                 qkv_w = c.spread_heads(qkv_w, hq + 2 * hkv, head_dim, width, slot, axis=1)
                 qkv_b = None if qkv_b is None else c.spread_heads(qkv_b, hq + 2 * hkv, head_dim, width, slot, axis=0)
                 o_w = c.spread_heads(o_w, hq, head_dim, width, slot, axis=0)
-                head_norm = head_norm and c.padded_head_norm(head_norm, head_dim, width, slot)
+                if head_norm is not None:
+                    head_norm = c.padded_head_norm(head_norm, head_dim, width, slot)
             fused = c.linear(gb, h, qkv_w, qkv_b, f"layers.{i}.attn.qkv_proj")
             ctx = c.attention_shared(gb, io, shape, i, fused, kv, rotary=layer_rotary, window=windows[i],
                                      head_norm=head_norm, softcap=attn_cap)
