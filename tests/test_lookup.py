@@ -32,6 +32,8 @@ WORDS = "Lily Tom ball park dog cat happy big red went saw the and to she he was
 def _reference_draft(hist: list[int], max_ngram: int, limit: int) -> list[int]:
     for n in range(min(max_ngram, len(hist)), 0, -1):
         suffix = hist[len(hist) - n:]
+        if n == 1 and hist[:-1].count(hist[-1]) > 1:
+            return []  # a single token only when its earlier occurrence is unique
         for start in range(len(hist) - n - 1, -1, -1):  # the most recent occurrence that has a continuation
             if hist[start:start + n] == suffix:
                 return hist[start + n:start + n + limit]

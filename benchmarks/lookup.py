@@ -1,0 +1,207 @@
+"""Prompt lookup (``lookup=True``) against plain greedy decoding: decode tokens/s on input-grounded tasks and on
+free generation, acceptance, and whether the tokens stayed identical.
+
+    python benchmarks/lookup.py [MODEL_DIR ...] [--reps 5] [--threads N] [--out benchmarks/results/lookup]
+
+Without MODEL_DIR: the shipped default model, plus SmolLM2-135M-Instruct int8 where its export exists
+(``$EDGELM_SMOLLM2``, default /work/.cache/edgelm-real/smollm2-135m-int8). A model with a chat template gets the
+tasks as chat messages; a base model (the TinyStories default) gets them as plain continuations, where the only
+task it can really do with its input is retelling a story (its other "answers" are stories; they are measured
+all the same, and labelled).
+
+Method (docs/lookup.md): per task, one warm-up of each mode, then ``--reps`` pairs of generations with the order
+of the pair alternating, so drift in the machine's load hits both modes alike. EOS ends a generation, as in real
+use. Reported per task: the median decode tokens/s of each mode, the median of the per-pair speed-ups with their
+min and max (the noise), drafted / accepted draft tokens, tokens per model call, and whether lookup's tokens were
+identical to plain decoding's (int8 graphs may differ at near-ties: edgelm/lookup.py). The load average before
+and after each model is recorded: the development machine is shared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SMOLLM2 = Path(os.environ.get("EDGELM_SMOLLM2", "/work/.cache/edgelm-real/smollm2-135m-int8"))
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Original texts written for this benchmark.
+PASSAGE = ("On Tuesday the 4th of March, Maria Lopez drove from Porto to Braga to meet her cousin Daniel at the old "
+           "train station. Daniel had restored a blue 1972 bicycle for her, and together they rode along the river "
+           "until the rain started. They sheltered in a bakery run by Mr. Oliveira, who told them that the station "
+           "would close for repairs in June. Maria promised to come back before then with her daughter Ines, and "
+           "Daniel agreed to keep the bicycle in his garage until the summer.")
+TYPOS = ("The comittee met on Monday to dicsuss the new library. Most members agreed that the bulding should open "
+         "earlier in the morning, so that students can study before there classes. The treasurer warned that the "
+         "budget for heating was already to small, and asked for a seperate vote on the opening hours. The vote "
+         "will take place next week, after the comittee has recieved the final cost estimate.")
+CODE = '''def calc(items, tax_rate):
+    total = 0
+    for item in items:
+        total += item.price * item.quantity
+    total = total * (1 + tax_rate)
+    return round(total, 2)
+
+
+def report(items, tax_rate):
+    value = calc(items, tax_rate)
+    print(f"{len(items)} items, total {value}")
+    return value
+'''
+STORY = ("Lily had a small red boat. Every morning she took it to the pond near her house. One day the wind blew the "
+         "boat far away, and Lily was sad. Her friend Tom saw the boat stuck in the reeds. He waded into the water "
+         "and brought it back. Lily smiled and said thank you. After that, Lily and Tom sailed the boat together.")
+
+# name -> (kind, chat request, continuation prompt for base models)
+TASKS: dict[str, tuple[str, str, str]] = {
+    "extract": ("grounded",
+                f"List every person, place and date mentioned in the text below, one per line.\n\n{PASSAGE}",
+                f"{STORY}\n\nThe names in the story are"),
+    "rewrite": ("grounded",
+                f"Correct the spelling mistakes in the text below and return the whole corrected text.\n\n{TYPOS}",
+                f"{STORY}\n\nTell the same story again, word for word.\n\n{STORY[:40]}"),
+    "summarise": ("grounded",
+                  f"Summarise the text below in three sentences.\n\n{PASSAGE}",
+                  f"{STORY}\n\nThe story in a few sentences:"),
+    "code-edit": ("grounded",
+                  f"Rename the function calc to compute_total everywhere in this code and return the complete "
+                  f"updated code.\n\n```python\n{CODE}```",
+                  f"{CODE}\n\n# The same code, with calc renamed to compute_total:\n"),
+    "free-story": ("free", "Write a short story about a robot who learns to paint.", "Once upon a time"),
+    "free-tips": ("free", "Give me five tips for sleeping better, with a sentence about each.",
+                  "One day, a little dog named Max"),
+}
+
+
+def _load_avg() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return float("nan")
+
+
+def _run(lm, task: str, chat: bool, lookup: bool, max_new: int):
+    _, request, continuation = TASKS[task]
+    kw = dict(max_new_tokens=max_new, temperature=0, lookup=lookup)
+    if chat:
+        return lm.chat([{"role": "user", "content": request}], **kw)
+    return lm.generate(continuation, **kw)
+
+
+def bench_model(path: Path, reps: int, threads: int | None, max_new: int, tasks: list[str]) -> dict:
+    import edgelm
+
+    lm = edgelm.load(path, threads=threads)
+    chat = not lm.chat_template.is_fallback
+    out = {"path": str(path), "dtype": lm.config.get("dtype"), "kv_cache": lm.kv_cache, "threads": lm.threads,
+           "spin": lm.spin, "prompts": "chat" if chat else "continuation", "load_avg_start": _load_avg(),
+           "tasks": {}}
+    print(f"{path.name}: {lm.config.get('dtype')}, {lm.kv_cache}, threads={lm.threads}, "
+          f"{'chat' if chat else 'continuation'} prompts", file=sys.stderr)
+    for task in tasks:
+        _run(lm, task, chat, False, max_new)  # warm-up of both modes
+        _run(lm, task, chat, True, max_new)
+        runs: dict[bool, list] = {False: [], True: []}
+        for rep in range(reps):
+            for lookup in ((False, True) if rep % 2 == 0 else (True, False)):
+                runs[lookup].append(_run(lm, task, chat, lookup, max_new))
+        plain, fast = runs[False], runs[True]
+        ratios = [f.decode_tokens_per_s / p.decode_tokens_per_s for p, f in zip(plain, fast)]
+        ref, got = plain[0].token_ids, fast[0].token_ids
+        first = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+        if first is None and len(ref) != len(got):
+            first = min(len(ref), len(got))
+        g = fast[0]
+        calls = g.completion_tokens - 1 - g.accepted_tokens  # model calls after the prefill
+        row = {
+            "kind": TASKS[task][0], "completion_tokens_plain": plain[0].completion_tokens,
+            "completion_tokens_lookup": g.completion_tokens,
+            "plain_tok_s": [round(p.decode_tokens_per_s, 1) for p in plain],
+            "lookup_tok_s": [round(f.decode_tokens_per_s, 1) for f in fast],
+            "median_plain_tok_s": round(statistics.median(p.decode_tokens_per_s for p in plain), 1),
+            "median_lookup_tok_s": round(statistics.median(f.decode_tokens_per_s for f in fast), 1),
+            "speedup": round(statistics.median(ratios), 3), "speedup_min": round(min(ratios), 3),
+            "speedup_max": round(max(ratios), 3), "drafted": g.drafted_tokens, "accepted": g.accepted_tokens,
+            "tokens_per_call": round((g.completion_tokens - 1) / calls, 2) if calls > 0 else None,
+            "identical_to_plain": first is None, "first_divergence": first,
+            "text_lookup": g.text[:400], "text_plain": plain[0].text[:400] if first is not None else None,
+        }
+        out["tasks"][task] = row
+        print(f"  {task:11s} plain {row['median_plain_tok_s']:8.1f} lookup {row['median_lookup_tok_s']:8.1f} tok/s "
+              f"x{row['speedup']:.2f} [{row['speedup_min']:.2f}-{row['speedup_max']:.2f}] accepted "
+              f"{g.accepted_tokens}/{g.drafted_tokens}, {g.completion_tokens} tokens, "
+              f"{'identical' if first is None else f'differs from token {first}'}", file=sys.stderr)
+    out["load_avg_end"] = _load_avg()
+    for kind in ("grounded", "free"):
+        s = [r["speedup"] for r in out["tasks"].values() if r["kind"] == kind]
+        if s:
+            out[f"geomean_speedup_{kind}"] = round(math.exp(sum(map(math.log, s)) / len(s)), 3)
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# Prompt lookup vs plain greedy decoding ({results['date']})", "",
+             f"{results['machine']}. {results['reps']} interleaved pairs per task, median decode tokens/s; the "
+             f"speed-up is the median of the per-pair ratios, [min-max] across pairs. Written by "
+             f"`benchmarks/lookup.py`.", ""]
+    for name, m in results["models"].items():
+        lines += [f"## {name} ({m['dtype']}, {m['kv_cache']} cache, {m['threads']} thread(s), {m['prompts']} prompts)",
+                  "", f"Load average {m['load_avg_start']} at the start, {m['load_avg_end']} at the end. Geometric "
+                      f"mean speed-up: input-grounded x{m.get('geomean_speedup_grounded', float('nan')):.2f}, free "
+                      f"generation x{m.get('geomean_speedup_free', float('nan')):.2f}.", "",
+                  "| task | kind | tokens | plain tok/s | lookup tok/s | speed-up [min-max] | drafts accepted | tokens "
+                  "per call | same tokens as plain |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for task, r in m["tasks"].items():
+            same = "yes" if r["identical_to_plain"] else f"no (from token {r['first_divergence']})"
+            lines.append(f"| {task} | {r['kind']} | {r['completion_tokens_lookup']} | {r['median_plain_tok_s']:.1f} | "
+                         f"{r['median_lookup_tok_s']:.1f} | x{r['speedup']:.2f} [{r['speedup_min']:.2f}-"
+                         f"{r['speedup_max']:.2f}] | {r['accepted']}/{r['drafted']} | {r['tokens_per_call']} | "
+                         f"{same} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*", type=Path)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="default: the runtime's choice per model")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--out", type=Path, default=RESULTS / "lookup", help="writes OUT.json and OUT.md")
+    args = ap.parse_args()
+    models = args.models
+    if not models:
+        import edgelm_models
+
+        models = [edgelm_models.default_path()] + ([SMOLLM2] if (SMOLLM2 / "edgelm.json").is_file() else [])
+    from edgelm import lookup
+
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
+                   f"{platform.python_version()}, {sys.platform}",
+        "reps": args.reps, "max_new_tokens": args.max_new_tokens,
+        "lookup_settings": {"max_ngram": lookup.MAX_NGRAM, "k_start": lookup.K_START, "k_max": lookup.K_MAX,
+                            "max_pause": lookup.MAX_PAUSE},
+        "models": {},
+    }
+    for path in models:
+        results["models"][path.name] = bench_model(path, args.reps, args.threads, args.max_new_tokens, args.tasks)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(results))
+    print(f"wrote {args.out.with_suffix('.json')} and .md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
