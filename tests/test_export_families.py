@@ -181,10 +181,18 @@ def test_what_the_configs_exercise_really_matters():
         return [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
                 for n in graph.node if n.op_type == "GroupQueryAttention"]
 
-    assert [a.get("local_window_size") for a in gqa("gemma3")] == [8, None, 8, None]
+    assert [a.get("local_window_size") for a in gqa("gemma3")] == [8, None, 8, None]  # = sliding_window
     assert [a.get("local_window_size") for a in gqa("qwen3")] == [None, 8]
     assert [a["do_rotary"] for a in gqa("smollm3")] == [1, 0, 1, 0]
     assert {a.get("softcap") for a in gqa("gemma2")} == {5.0}
+    # the window's meaning needs a recent onnxruntime, which the graph's shape says (only where a window cuts)
+    from edgelm_export.archs import common, resolve
+
+    for name, need in (("gemma3", common.GQA_WINDOW_ONNXRUNTIME), ("smollm3", None)):
+        model = _hf_model(_src(name))
+        _, builder, model_type = resolve(json.loads((_src(name) / "config.json").read_text()))
+        with torch.no_grad():
+            assert builder.build(model, model_type, CTX)[1].min_onnxruntime == need
 
 
 def test_export_list_prints_the_family_table_that_docs_show(capsys):
@@ -227,3 +235,52 @@ def test_new_families_resolve_to_their_descriptions():
                              ("Gemma2ForCausalLM", "gemma2"), ("SmolLM3ForCausalLM", "smollm3")):
         got_arch, builder, got_type = resolve({"architectures": [arch]})
         assert (got_arch, got_type, builder.architecture, builder.name) == (arch, model_type, arch, model_type)
+
+
+def test_gqa_window_meaning_of_the_installed_onnxruntime():
+    """The fused layout sets local_window_size = sliding_window W, which is Hugging Face's rule (keys p-W+1..p)
+    only on onnxruntime >= GQA_WINDOW_ONNXRUNTIME (older kernels see one key more). One GroupQueryAttention node
+    against that rule, prefill and decode: if an onnxruntime upgrade changes the meaning again, this fails."""
+    import onnxruntime as ort
+    from edgelm_export.archs import common
+    from onnx import TensorProto, helper
+
+    if not common.gqa_windows_supported():
+        ok = common.DecoderShape(2, 4, 2, 16, 64, 512, 32)
+        assert not common.shared_kv_supported(ok, None, None, [None, 8])  # windowed models stay on "concat"
+        pytest.skip(f"onnxruntime {ort.__version__} < {common.GQA_WINDOW_ONNXRUNTIME}: no windowed fused graphs")
+    n, w, d = 20, 5, 16
+    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "pk", "pv", "sl", "tot"], ["o", "k", "v"],
+                            domain="com.microsoft", num_heads=2, kv_num_heads=1, scale=1.0, local_window_size=w)
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("qkv", f32, [1, None, 4 * d]),
+              helper.make_tensor_value_info("pk", f32, [1, 1, None, d]),
+              helper.make_tensor_value_info("pv", f32, [1, 1, None, d]),
+              helper.make_tensor_value_info("sl", TensorProto.INT32, [1]),
+              helper.make_tensor_value_info("tot", TensorProto.INT32, [])]
+    graph = helper.make_graph([node], "gqa", inputs, [helper.make_tensor_value_info(x, f32, None) for x in "okv"])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                     helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    qkv = np.random.default_rng(0).standard_normal((1, n, 4 * d)).astype(np.float32) * 2
+
+    q, k, v = qkv[0, :, :2 * d].reshape(n, 2, d), qkv[0, :, 2 * d:3 * d], qkv[0, :, 3 * d:]
+    pos = np.arange(n)
+    allowed = (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - w)  # Hugging Face's sliding rule
+    scores = np.where(allowed[:, None], np.einsum("qhd,kd->qhk", q, k), -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("qhk,kd->qhd", p / p.sum(-1, keepdims=True), v).reshape(n, 2 * d)
+
+    empty = np.zeros((1, 1, 0, d), np.float32)
+    prefill = sess.run(["o"], {"qkv": qkv, "pk": empty, "pv": empty, "sl": np.array([n - 1], np.int32),
+                               "tot": np.array(n, np.int32)})[0][0]
+    out, kc, vc = sess.run(None, {"qkv": qkv[:, :3], "pk": empty, "pv": empty, "sl": np.array([2], np.int32),
+                                  "tot": np.array(3, np.int32)})
+    steps = [out[0]]
+    for i in range(3, n):
+        out, kc, vc = sess.run(None, {"qkv": qkv[:, i:i + 1], "pk": kc, "pv": vc, "sl": np.array([i], np.int32),
+                                      "tot": np.array(i + 1, np.int32)})
+        steps.append(out[0])
+    np.testing.assert_allclose(prefill, want, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(steps), want, atol=1e-5)

@@ -47,6 +47,10 @@ class DecoderShape:
     kv_cache: str = "concat"
     # Head width of the cache tensors in a "shared" graph (head_dim padded to a multiple of 16); 0 = head_dim.
     cache_head_dim: int = 0
+    # The oldest onnxruntime that runs this graph as built (None: any the runtime supports). A "shared" graph with
+    # sliding windows needs GQA_WINDOW_ONNXRUNTIME: older kernels read the window attribute one key wider, so the
+    # folder must say so and the runtime refuse an older onnxruntime.
+    min_onnxruntime: str | None = None
 
 
 class GraphBuilder:
@@ -404,6 +408,24 @@ def cat_linear(mods: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
 GQA_HEAD_MULTIPLE = 16  # the CPU kernel refuses other head sizes ("head_size shall be a multiple of 16")
 
 
+# GroupQueryAttention's local_window_size changed meaning in onnxruntime 1.24 (measured on the CPU kernel with
+# one node against Hugging Face's rule, keys p - W + 1 .. p for a query at p): 1.20.1 and 1.23.2 let a query see
+# local_window_size + 1 keys (so W - 1 would be needed), 1.24.1, 1.25.1, 1.26.0 and 1.32.0 exactly
+# local_window_size keys (W). Graphs are built for the newer meaning and need at least this version.
+GQA_WINDOW_ONNXRUNTIME = "1.24"
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("+")[0].split(".")[:2])
+
+
+def gqa_windows_supported() -> bool:
+    """Whether the onnxruntime installed here (which verifies the export) has the window meaning we build for."""
+    import onnxruntime
+
+    return _version(onnxruntime.__version__) >= _version(GQA_WINDOW_ONNXRUNTIME)
+
+
 def shared_kv_supported(shape: DecoderShape, cos: np.ndarray | None, sin: np.ndarray | None,
                         windows: Sequence[int | None]) -> bool:
     """Whether the fused graph reproduces this model exactly; otherwise the plain "concat" graph is built.
@@ -411,11 +433,14 @@ def shared_kv_supported(shape: DecoderShape, cos: np.ndarray | None, sin: np.nda
     Needs rotary in Hugging Face's non-interleaved layout (the table's halves repeat: cat(freqs, freqs), which
     GroupQueryAttention's half-width caches assume), full or partial (``cos`` None: a layer without rotary).
     Any head size works: heads are padded to a multiple of 16 (:func:`cache_head_layout`). Sliding windows are
-    the kernel's ``local_window_size``: with it set to Hugging Face's ``sliding_window`` W a query at position p
-    sees keys p - W + 1 .. p, Hugging Face's rule (measured equal at prefill, chunked prefill and decode, with
-    separate and with shared buffers, onnxruntime 1.32).
+    the kernel's ``local_window_size`` = W: a query at position p then sees keys p - W + 1 .. p,
+    Hugging Face's rule (measured equal at prefill, chunked prefill and decode, with separate and with shared
+    buffers), on onnxruntime >= GQA_WINDOW_ONNXRUNTIME only; with an older one here, windowed models get "concat".
     """
-    if shape.num_attention_heads % shape.num_kv_heads or any(w is not None and w < 1 for w in windows):
+    if shape.num_attention_heads % shape.num_kv_heads:
+        return False
+    if any(w is not None for w in windows) and not (all(w is None or w >= 1 for w in windows)
+                                                   and gqa_windows_supported()):
         return False
     if cos is None:
         return True
@@ -534,6 +559,7 @@ def attention_shared(gb: GraphBuilder, io: DecoderIO, shape: DecoderShape, layer
                                 gb.const([0, 0, (hq + 2 * hkv) * d])], name=f"{p}/packed")
     past_k, past_v = io.past[layer]
     cos, sin = rotary if rotary is not None else ("", "")
+    # local_window_size = sliding_window: Hugging Face's rule on onnxruntime >= GQA_WINDOW_ONNXRUNTIME
     attrs = {"local_window_size": int(window)} if window is not None else {}
     if softcap:
         attrs["softcap"] = float(softcap)

@@ -196,6 +196,8 @@ def build(model: Any, family: Family, context_length: int, *, kv_cache: str = "a
     rot_dim = rot_dims.pop() if len(rot_dims) == 1 else head_dim
     if shared:
         shape.kv_cache = "shared"
+        if any(w is not None for w in windows):
+            shape.min_onnxruntime = c.GQA_WINDOW_ONNXRUNTIME
         width, slot = c.cache_head_layout(head_dim, rot_dim)
         shape.cache_head_dim = width
         relaid = width != head_dim or rot_dim != head_dim  # heads padded/re-laid for the fused kernel
