@@ -102,8 +102,13 @@ def window_on_every_layer(model: Any) -> list[int | None]:
 
 def window_per_module(model: Any) -> list[int | None]:
     """Families whose attention modules carry their own ``sliding_window`` (set from ``layer_types`` by the
-    Hugging Face modules: Qwen2, Qwen3, SmolLM3, Gemma 3)."""
-    return [getattr(layer.self_attn, "sliding_window", None) for layer in model.model.layers]
+    Hugging Face modules: Qwen2, Qwen3, SmolLM3, Gemma 2 and 3); ``layer_types`` itself where a transformers
+    version's modules do not carry it."""
+    layers, cfg = model.model.layers, model.config
+    if all(hasattr(layer.self_attn, "sliding_window") for layer in layers):
+        return [layer.self_attn.sliding_window for layer in layers]
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(layers)
+    return [getattr(cfg, "sliding_window", None) if t == "sliding_attention" else None for t in types]
 
 
 # the config's activation name -> the graph's gate activation (GELU-tanh is spelled the way onnxruntime fuses)
