@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from typing import Any
 
-# Defaults, tuned on SmolLM2-135M-Instruct int8 outputs (docs/lookup.md): drafts start at 8 tokens, double on full
-# acceptance up to 16, and shrink to one more than the accepted length on a rejection.
+# Defaults, tuned on SmolLM2-135M-Instruct int8 outputs (docs/lookup.md): drafts start at 4 tokens, double on full
+# acceptance up to 16, and shrink to one more than the accepted length on a rejection. (Starting at 8 did as well
+# there, but a first draft that fails costs more on small models, where a call's cost grows faster with its length.)
 MAX_NGRAM = 3
-K_START = 8
+K_START = 4
 K_MAX = 16
 # After a call in which no draft was accepted, drafting pauses for 2, 4, ... up to MAX_PAUSE tokens (plain
 # one-token steps), so text that never repeats pays for at most one failed verification per MAX_PAUSE tokens.
