@@ -25,11 +25,14 @@ from __future__ import annotations
 
 from typing import Any
 
-# Defaults, tuned on SmolLM2-135M-Instruct int8 outputs (docs/lookup.md): drafts start at 4 tokens, double on full
-# acceptance up to 16, and shrink to one more than the accepted length on a rejection. (Starting at 8 did as well
-# there, but a first draft that fails costs more on small models, where a call's cost grows faster with its length.)
+# Defaults, tuned by replaying SmolLM2-135M-Instruct outputs (docs/lookup.md): drafts start at 4 tokens, double on
+# full acceptance up to 16, and shrink to one more than the accepted length (at least 2) on a rejection. A call's
+# cost grows less than linearly with its length (a 17-token call costs 2.4-2.7 one-token calls there), so long
+# drafts pay once text is being copied, and a 2-token floor recovers faster after a corrected word. (Starting at 8
+# did as well, but a first draft that fails costs more on small models, whose calls grow faster with length.)
 MAX_NGRAM = 3
 K_START = 4
+K_MIN = 2
 K_MAX = 16
 # After a call in which no draft was accepted, drafting pauses for 2, 4, ... up to MAX_PAUSE tokens (plain
 # one-token steps), so text that never repeats pays for at most one failed verification per MAX_PAUSE tokens.
@@ -92,12 +95,13 @@ class LookupAdvance:
     """
 
     def __init__(self, cache: Any, prompt: list[int], last_slot: int, *, max_ngram: int = MAX_NGRAM,
-                 k_start: int = K_START, k_max: int = K_MAX, max_pause: int = MAX_PAUSE) -> None:
+                 k_start: int = K_START, k_min: int = K_MIN, k_max: int = K_MAX, max_pause: int = MAX_PAUSE) -> None:
         self.cache = cache
         self.ngrams = NgramIndex(prompt, max_ngram)
         self.last_slot = last_slot
-        self.k = min(k_start, k_max)
         self.k_max = min(k_max, cache.draft_ids.shape[1] - 1)
+        self.k_min = min(k_min, self.k_max)
+        self.k = max(self.k_min, min(k_start, self.k_max))
         self.max_pause = max_pause
         self.rows: Any = None         # logits rows of the last verification
         self.last_lp: Any = None      # log-probabilities of its last row (None: the sampler computes them)
@@ -156,7 +160,7 @@ class LookupAdvance:
         if used == k:
             self.k = min(self.k_max, 2 * self.k)
         else:
-            self.k = max(1, used + 1)
+            self.k = max(self.k_min, used + 1)
         if used:
             self.misses = 0
         else:

@@ -129,8 +129,8 @@ def test_fake_model_tokens_are_exactly_plain_greedy(prompt, n, period, vocab, k_
 
 def test_drafts_that_keep_failing_switch_lookup_off():
     """An adversarial model that never says what the n-gram index predicts: verifications back off to at most one
-    per MAX_PAUSE tokens, each of a single draft."""
-    from edgelm.lookup import MAX_PAUSE
+    per MAX_PAUSE tokens, each of the shortest draft."""
+    from edgelm.lookup import K_MIN, MAX_PAUSE
 
     def contrary(seq):
         guess = NgramIndex(seq).draft(1)
@@ -143,7 +143,7 @@ def test_drafts_that_keep_failing_switch_lookup_off():
     _greedy(fake, prompt, n, lookup)
     assert lookup.accepted == 0
     assert len(fake.verified) <= MAX_PAUSE.bit_length() + n // MAX_PAUSE + 1
-    assert all(m == 2 for m, _ in fake.verified[1:])  # after the first miss: one draft at a time
+    assert all(m <= K_MIN + 1 for m, _ in fake.verified[1:])  # after the first miss: the shortest drafts
 
 
 def test_a_model_that_copies_is_verified_in_long_drafts():
@@ -219,7 +219,8 @@ def compare(lm, prompt, tie: float, **kw):
     first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     if first is None:
         assert a == b and fast.text == plain.text and fast.finish_reason == plain.finish_reason
-        assert np.allclose(fast.logprobs, plain.logprobs, atol=1e-3)
+        # a log-probability moves by at most twice the logits' noise
+        assert np.allclose(fast.logprobs, plain.logprobs, rtol=0, atol=2 * tie)
     else:
         assert gaps[first] < tie, f"lookup chose token {b[first]} where plain greedy chose {a[first]} " \
                                   f"(step {first}) although its two best logits were {gaps[first]:.3g} apart"
