@@ -97,7 +97,8 @@ class LookupAdvance:
     def __init__(self, cache: Any, prompt: list[int], last_slot: int, *, max_ngram: int = MAX_NGRAM,
                  k_start: int = K_START, k_min: int = K_MIN, k_max: int = K_MAX, max_pause: int = MAX_PAUSE) -> None:
         self.cache = cache
-        self.ngrams = NgramIndex(prompt, max_ngram)
+        self.prompt, self.max_ngram = prompt, max_ngram
+        self.ngrams: NgramIndex | None = None  # built at the first step, so the time to first token is unchanged
         self.last_slot = last_slot
         self.k_max = min(k_max, cache.draft_ids.shape[1] - 1)
         self.k_min = min(k_min, self.k_max)
@@ -113,11 +114,13 @@ class LookupAdvance:
         # Reported on the Generation: draft tokens verified, and how many of those the model agreed with.
         self.drafted = 0
         self.accepted = 0
-        self.calls = 0
 
     def __call__(self, tok: int, pos: int) -> tuple:
         """The decode loop's step: ``tok`` (just chosen) is at slot ``pos``; return the next row to sample."""
-        self.ngrams.push(tok)
+        ngrams = self.ngrams
+        if ngrams is None:
+            ngrams = self.ngrams = NgramIndex(self.prompt, self.max_ngram)  # ~1 us per prompt token
+        ngrams.push(tok)
         used = self.used
         drafts = self.drafts
         if used < len(drafts) and tok == drafts[used]:  # the loop agreed with the next draft: its row is valid
@@ -135,7 +138,7 @@ class LookupAdvance:
             if self.pause:
                 self.pause -= 1
             return self._single(tok, pos)
-        drafts = self.ngrams.draft(min(self.k, room))
+        drafts = ngrams.draft(min(self.k, room))
         if not drafts:
             return self._single(tok, pos)
         m = len(drafts) + 1
@@ -145,7 +148,6 @@ class LookupAdvance:
         self.rows, self.last_lp = cache.verify(m, pos)
         self.drafts, self.used, self.dirty = drafts, 0, True
         self.drafted += m - 1
-        self.calls += 1
         return self.rows[0], None
 
     def _single(self, tok: int, pos: int) -> tuple:
