@@ -29,10 +29,16 @@ from edgelm.errors import (
     InvalidArgumentError,
     ModelNotFoundError,
     OutOfDiskError,
+    QualityGateError,
     TokenizerError,
 )
 
-QUANTIZE_CHOICES = ("int8", "int8-block", "int4", "none")
+QUANTIZE_CHOICES = ("int8", "int8-block", "int8-gemm", "int4", "auto", "none")
+# --quantize auto: the first of these (fastest decode first, measured in docs/models.md) within the gate.
+AUTO_ORDER = ("int4", "int8", "int8-block")
+# When a mode fails the gate, these are tried (more accurate first) so the error can name one that passes.
+FALLBACKS = {"int4": ("int8", "int8-block"), "int8-gemm": ("int8", "int8-block"), "int8": ("int8-block",),
+             "int8-block": ()}
 KEEP_FP32_CHOICES = ("embeddings", "lm_head")
 DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent / "data" / "eval-sample.txt"
 # fp32 ONNX vs PyTorch: max |logit diff| allowed, relative to the largest reference logit (at least 1).
@@ -158,7 +164,7 @@ def _check_output(out: Path, overwrite: bool, src: Path) -> None:
 
 def _check_disk(parent: Path, src_bytes: int, quantize: str) -> None:
     # Work files: the fp32 graph (~ source size in fp32), plus the quantized copy and its staging folder.
-    need = int(src_bytes * (1.0 if quantize == "none" else 2.0)) + (64 << 20)
+    need = int(src_bytes * {"none": 1.0, "auto": 3.0}.get(quantize, 2.0)) + (64 << 20)
     free = shutil.disk_usage(parent).free
     if free < need:
         raise OutOfDiskError(f"Not enough free disk space in {parent}: about {need >> 20} MiB needed, "
@@ -196,7 +202,9 @@ def _write_tokenizer(src: Path, dst: Path, model_type: str) -> dict[str, Any]:
         tok_cfg["chat_template"] = (src / "chat_template.jinja").read_text(encoding="utf-8")
     tok_cfg.pop("auto_map", None)  # points at remote code the runtime never runs
     if "add_bos_token" not in tok_cfg:
-        tok_cfg["add_bos_token"] = model_type != "gpt2" and _post_processor_adds_bos(dst / "tokenizer.json") is False
+        # The source's truth when its config is silent: what its tokenizer.json's post-processor does. (Never the
+        # other way round: SmolLM2 sets no flag and adds no BOS; guessing "yes" put <|im_start|> before every text.)
+        tok_cfg["add_bos_token"] = bool(_post_processor_adds_bos(dst / "tokenizer.json"))
     (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return tok_cfg
 
@@ -206,9 +214,18 @@ def _post_processor_adds_bos(tokenizer_json: Path) -> bool | None:
         data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    pp = data.get("post_processor") or {}
-    return bool(pp.get("type") == "TemplateProcessing" and pp.get("single")
-                and "SpecialToken" in pp["single"][0])
+    return _adds_special_first(data.get("post_processor") or {})
+
+
+def _adds_special_first(pp: dict[str, Any]) -> bool:
+    """Does this tokenizers post-processor put a special token before a single text? (Sequence: any member.)"""
+    kind = pp.get("type")
+    if kind == "Sequence":
+        return any(_adds_special_first(p) for p in pp.get("processors") or [] if isinstance(p, dict))
+    if kind == "TemplateProcessing":
+        single = pp.get("single") or []
+        return bool(single) and isinstance(single[0], dict) and "SpecialToken" in single[0]
+    return kind in ("BertProcessing", "RobertaProcessing")  # [CLS] / <s> first
 
 
 def _generation_config(src: Path, bos: int | None, eos: list[int], pad: int | None) -> dict[str, Any]:
@@ -318,6 +335,15 @@ def _model_card(report: ExportReport, shape: Any, src: Path, quant: dict[str, An
                        f"{100 * m.get('greedy_token_agreement', 0):.1f} % of tokens, "
                        f"{100 * m.get('greedy_prefix_agreement', 0):.1f} % before the first divergence.")
             lines += ["", summary]
+        if "chat_prefix_agreement" in m:
+            lines += ["", f"Greedy chat answers to {m['chat_prompts']} built-in prompts (up to {m['chat_tokens']} tokens) "
+                          f"follow fp32's for {100 * m['chat_prefix_agreement']:.1f} % of their length on average "
+                          "(share of each fp32 answer before the first differing token)."]
+        if m.get("auto"):
+            lines += ["", "`--quantize auto` tried, fastest first:", "", "| mode | perplexity change | size | within gate |",
+                      "| --- | --- | --- | --- |"]
+            lines += [f"| {t['method']} | {100 * t['ppl_increase']:+.2f} % | {t['bytes'] / 1e6:.1f} MB | "
+                      f"{'yes' if t['passed'] else 'no'} |" for t in m["auto"]]
         lines.append("")
     lines += ["## Licence", "", licence or "The source folder carries no licence notes; check the source model's terms.", ""]
     return "\n".join(lines)
@@ -341,8 +367,9 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
                  threads: int | None = None, _gguf: tuple[str, dict[str, Any]] | None = None) -> ExportReport:
     """Export a Hugging Face causal LM folder (or hub id), or a llama.cpp GGUF file, to an edgelm model folder.
 
-    ``quantize``: "int8" (the default: int8 weights per output channel, int8 GEMMs), "int8-block" (block-wise
-    weight-only int8), "int4" or "none" (fp32); export/quantize.py says what each one is and what it costs.
+    ``quantize``: "int8" (the default: 8-bit weights, each MatMul on the int8 GEMM or block-wise as calibration
+    decides), "int8-block", "int8-gemm", "int4", "auto" (the fastest mode within the gate) or "none" (fp32);
+    export/quantize.py says what each one is and what it costs.
     ``eval_text``: held-out text for the quality gate (default: a small built-in sample).
     ``max_ppl_increase``: largest allowed relative perplexity increase of the quantized model (0.05 = 5 %);
     a worse model raises QualityGateError unless ``force``. ``keep_fp32``: parts left in fp32
@@ -469,30 +496,27 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
     final_dir, quant_info = fp32_dir, {"method": "none", "dtype": "float32", "weights": "fp32 (not quantized)"}
     if quantize != "none":
         step("quantize")
-        q_dir = work / quantize
-        q_dir.mkdir()
-        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-            shutil.copyfile(fp32_dir / name, q_dir / name)
-        from .quantize import quantize_model
-        quant_info = quantize_model(fp32_onnx, q_dir / "model.onnx", method=quantize, keep_fp32=keep,
-                                    progress=progress)
-        q_cfg = dict(fp32_cfg, dtype=quant_info["dtype"])
-        (q_dir / "config.json").write_text(json.dumps(q_cfg, indent=2) + "\n", encoding="utf-8")
-        write_manifest(q_dir, source=source_info)
-        final_dir = q_dir
+        final_dir, quant_info = _quantize(fp32_dir, work, fp32_cfg, source_info, quantize, keep, eval_path,
+                                          max_ppl_increase=max_ppl_increase, threads=threads, progress=progress)
         bar.update(1)
 
     step("evaluate")
     from .evaluate import quality_gate
-    metrics = quality_gate(fp32_dir, final_dir if quantize != "none" else None, eval_path,
-                           max_ppl_increase=max_ppl_increase, force=force, threads=threads, progress=progress)
+    try:
+        metrics = quality_gate(fp32_dir, final_dir if quantize != "none" else None, eval_path,
+                               max_ppl_increase=max_ppl_increase, force=force, threads=threads, progress=progress)
+    except QualityGateError as exc:
+        raise _with_passing_mode(exc, fp32_dir, work, fp32_cfg, source_info, quant_info["method"], keep, eval_path,
+                                 max_ppl_increase=max_ppl_increase, threads=threads) from None
+    if quant_info.get("auto"):
+        metrics["auto"] = quant_info["auto"]
     bar.update(1)
 
     step("write")
     if final_dir is not fp32_dir:
         shutil.rmtree(fp32_dir)  # the fp32 variant was only needed for comparison
     report = ExportReport(out=str(out_path), source=src, architecture=arch, model_type=model_type,
-                          quantization=quantize, context_length=shape.context_length, num_parameters=int(num_params),
+                          quantization=quant_info["method"], context_length=shape.context_length, num_parameters=int(num_params),
                           max_logit_diff=float(max_diff), model_bytes=onnx_bytes(final_dir / "model.onnx"),
                           fp32_model_bytes=quant_info.get("fp32_bytes", onnx_bytes(final_dir / "model.onnx")),
                           metrics=metrics)
@@ -520,6 +544,83 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
     return report
 
 
+# --- quantization: one variant, calibration, --quantize auto, and a gate that names a mode that passes -----------
+def _variant(fp32_dir: Path, work: Path, fp32_cfg: dict[str, Any], source_info: dict[str, Any], method: str,
+             keep: tuple[str, ...], plan: dict[str, str] | None, progress: bool) -> tuple[Path, dict[str, Any]]:
+    """Quantize the fp32 folder's graph with ``method`` into work/METHOD, a folder the runtime can open."""
+    from edgelm.folder import write_manifest
+
+    from .quantize import quantize_model
+
+    q_dir = work / method
+    shutil.rmtree(q_dir, ignore_errors=True)
+    q_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(fp32_dir / name, q_dir / name)
+    info = quantize_model(fp32_dir / "model.onnx", q_dir / "model.onnx", method=method, keep_fp32=keep,
+                          plan=plan, progress=progress)
+    (q_dir / "config.json").write_text(json.dumps(dict(fp32_cfg, dtype=info["dtype"]), indent=2) + "\n",
+                                       encoding="utf-8")
+    write_manifest(q_dir, source=source_info)
+    return q_dir, info
+
+
+def _int8_plan(fp32_dir: Path, fp32_cfg: dict[str, Any], threads: int | None) -> dict[str, str]:
+    """Calibrate the fp32 graph on the built-in calibration tokens and choose each MatMul's int8 kernel."""
+    from .evaluate import calibration_ids
+    from .quantize import calibrate, plan_int8
+
+    return plan_int8(calibrate(fp32_dir / "model.onnx", fp32_cfg, calibration_ids(fp32_dir, threads), threads=threads))
+
+
+def _quantize(fp32_dir: Path, work: Path, fp32_cfg: dict[str, Any], source_info: dict[str, Any], method: str,
+              keep: tuple[str, ...], eval_path: Path, *, max_ppl_increase: float, threads: int | None,
+              progress: bool) -> tuple[Path, dict[str, Any]]:
+    """The quantized folder for ``method``; for "auto", the first of AUTO_ORDER within the gate (all tried are
+    recorded in the manifest: info["auto"])."""
+    if method != "auto":
+        plan = _int8_plan(fp32_dir, fp32_cfg, threads) if method == "int8" else None
+        return _variant(fp32_dir, work, fp32_cfg, source_info, method, keep, plan, progress)
+    from .evaluate import ppl_increase
+
+    tried: list[dict[str, Any]] = []
+    plan = None
+    for cand in AUTO_ORDER:
+        if cand == "int8":
+            plan = _int8_plan(fp32_dir, fp32_cfg, threads)
+        q_dir, info = _variant(fp32_dir, work, fp32_cfg, source_info, cand, keep, plan, progress)
+        inc = ppl_increase(fp32_dir, q_dir, eval_path, threads)
+        tried.append({"method": cand, "ppl_increase": inc, "bytes": info["bytes"], "passed": inc <= max_ppl_increase})
+        if inc <= max_ppl_increase:
+            info["auto"] = tried
+            return q_dir, info
+    # None passed: hand the most accurate one to the gate, which refuses it with the numbers.
+    info["auto"] = tried
+    return q_dir, info
+
+
+def _with_passing_mode(exc: QualityGateError, fp32_dir: Path, work: Path, fp32_cfg: dict[str, Any],
+                       source_info: dict[str, Any], method: str, keep: tuple[str, ...], eval_path: Path, *,
+                       max_ppl_increase: float, threads: int | None) -> QualityGateError:
+    """The gate refused ``method``: measure the more accurate modes and name the first that passes."""
+    from .evaluate import ppl_increase
+
+    tried = []
+    for alt in FALLBACKS.get(method, ()):
+        plan = _int8_plan(fp32_dir, fp32_cfg, threads) if alt == "int8" else None
+        q_dir, _ = _variant(fp32_dir, work, fp32_cfg, source_info, alt, keep, plan, False)
+        inc = ppl_increase(fp32_dir, q_dir, eval_path, threads)
+        tried.append(f"--quantize {alt}: {100 * inc:+.2f} %")
+        if inc <= max_ppl_increase:
+            return QualityGateError(exc.message, hint=f"Measured on the same text, --quantize {alt} passes "
+                                    f"({100 * inc:+.2f} %): rerun with it (or --quantize auto for the fastest mode "
+                                    f"that passes). Or raise --max-ppl-increase, or --force to write this one anyway.")
+    measured = (" Also measured: " + "; ".join(tried) + ", all over the limit.") if tried else ""
+    return QualityGateError(exc.message + measured,
+                            hint="Export with --quantize none (fp32), raise --max-ppl-increase, or pass --force to "
+                                 "write the quantized model anyway.")
+
+
 # --- CLI -----------------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", nargs="?",
@@ -529,9 +630,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the supported architecture families (builder, KV cache layout, what was verified)")
     parser.set_defaults(_export_parser=parser)  # run() reports a missing SRC / --out as argparse would
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="int8",
-                        help="weight format: int8 = per-channel int8 weights and int8 GEMMs (default: fastest decode "
-                             "and prefill), int8-block = block-wise int8 (most accurate int8), int4 (smallest), "
-                             "none = fp32")
+                        help="weight format: int8 (default) = 8-bit, each matrix on the int8 GEMM where calibration "
+                             "shows its activations allow it, else block-wise; int8-block = block-wise 8-bit everywhere "
+                             "(most accurate); int8-gemm = int8 GEMMs everywhere (fastest prefill, breaks on models "
+                             "with activation outliers); int4 = 4-bit blocks with zero points (smallest); auto = the "
+                             "fastest of int4, int8, int8-block within --max-ppl-increase; none = fp32")
     parser.add_argument("--eval-text", metavar="FILE", help="held-out text for the quality gate (default: built-in sample)")
     parser.add_argument("--max-ppl-increase", type=float, default=0.05, metavar="FRACTION",
                         help="refuse a quantized model whose perplexity is more than this much worse (default 0.05 = 5%%)")
@@ -563,7 +666,11 @@ def run(args: argparse.Namespace) -> int:
     if "quantized_perplexity" in m:
         print(f"perplexity fp32 {m['fp32_perplexity']:.4f} -> {report.quantization} {m['quantized_perplexity']:.4f} "
               f"({100 * m['ppl_increase']:+.2f} %), bits/byte {m['fp32_bits_per_byte']:.4f} -> "
-              f"{m['quantized_bits_per_byte']:.4f}, greedy agreement {100 * m['greedy_token_agreement']:.1f} %")
+              f"{m['quantized_bits_per_byte']:.4f}, greedy agreement {100 * m['greedy_token_agreement']:.1f} %"
+              + (f", chat answers {100 * m['chat_prefix_agreement']:.1f} %" if "chat_prefix_agreement" in m else ""))
+        for t in m.get("auto") or []:
+            print(f"  auto tried {t['method']}: {100 * t['ppl_increase']:+.2f} % "
+                  f"({'within' if t['passed'] else 'over'} the gate)")
     elif "fp32_perplexity" in m:
         print(f"perplexity {m['fp32_perplexity']:.4f}, bits/byte {m['fp32_bits_per_byte']:.4f}")
     return 0

@@ -74,6 +74,64 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
     return same / max(total, 1), sum(prefix) / max(len(prefix), 1)
 
 
+CHAT_PROMPTS = Path(__file__).resolve().parent / "data" / "chat-prompts.txt"
+CHAT_TOKENS = 64
+
+
+def chat_prompts(path: Path = CHAT_PROMPTS) -> list[str]:
+    """The built-in varied chat prompts (facts, instructions, arithmetic, rewriting, extraction, code), one a line."""
+    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def chat_agreement(ref: Any, cand: Any, prompts: list[str], max_tokens: int = CHAT_TOKENS
+                   ) -> tuple[float, list[dict[str, Any]]]:
+    """How far greedy chat answers of ``cand`` follow ``ref``'s: per prompt, the share of ``ref``'s answer (up to
+    its EOS or ``max_tokens``) before the first token where they differ; returns (mean share, per-prompt rows with
+    both answers). 1.0 means every answer is identical."""
+    rows = []
+    for p in prompts:
+        msgs = [{"role": "user", "content": p}]
+        a = ref.chat(msgs, max_new_tokens=max_tokens, temperature=0)
+        b = cand.chat(msgs, max_new_tokens=max_tokens, temperature=0)
+        x, y = list(a.token_ids), list(b.token_ids)
+        k = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        share = 1.0 if x == y else k / max(len(x), 1)
+        rows.append({"prompt": p, "share": share, "reference": a.text, "candidate": b.text})
+    return sum(r["share"] for r in rows) / max(len(rows), 1), rows
+
+
+CALIBRATION_TEXT = Path(__file__).resolve().parent / "data" / "eval-sample.txt"
+
+
+def calibration_ids(folder: Path, threads: int | None = None, n: int | None = None) -> list[int]:
+    """Tokens the int8 calibration runs through the fp32 graph: two chat turns rendered with the model's own chat
+    template (its special tokens and role markers are where real models put their activation outliers), then
+    plain text starting as a raw text would (BOS as the model adds it). ``n`` defaults to CALIBRATION_TOKENS."""
+    from .quantize import CALIBRATION_TOKENS
+
+    lm = _load(folder, threads)
+    prompts = chat_prompts()
+    ids: list[int] = []
+    if not lm.chat_template.is_fallback:
+        msgs = [{"role": "user", "content": prompts[1]}, {"role": "assistant", "content": "1. Keep a fixed bedtime."},
+                {"role": "user", "content": prompts[13]}]
+        ids += lm.tokenizer.encode(lm.apply_chat_template(msgs), add_bos=False)
+    ids += lm.tokenizer.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"), add_bos=True)
+    return ids[: n or CALIBRATION_TOKENS]
+
+
+_FP32_PPL: dict[tuple[str, str], float] = {}
+
+
+def ppl_increase(fp32_dir: Path, quant_dir: Path, eval_path: Path, threads: int | None = None) -> float:
+    """Relative perplexity increase of ``quant_dir`` over ``fp32_dir`` on ``eval_path`` (fp32 scored once)."""
+    text = eval_path.read_text(encoding="utf-8")
+    key = (str(fp32_dir), str(eval_path))
+    if key not in _FP32_PPL:
+        _FP32_PPL[key] = score_text(_load(fp32_dir, threads), text).perplexity
+    return score_text(_load(quant_dir, threads), text).perplexity / _FP32_PPL[key] - 1.0
+
+
 def teacher_forced_agreement(cand: Any, prompts: list[list[int]], continuations: list[list[int]]) -> float:
     """Fraction of positions where ``cand``'s greedy next token equals the reference continuation's token, with
     ``cand`` always fed the reference prefix (so one early near-tie does not decide the rest, unlike greedy
@@ -112,6 +170,9 @@ def quality_gate(fp32_dir: Path, quant_dir: Path | None, eval_path: Path, *, max
     ref = [greedy(fp32, ids, AGREEMENT_TOKENS) for ids in prompt_ids]
     got = [greedy(q, ids, AGREEMENT_TOKENS) for ids in prompt_ids]
     tok_agree, prefix_agree = agreement(ref, got)
+    if not fp32.chat_template.is_fallback:  # a chat model: how far its greedy answers follow fp32's
+        share, rows = chat_agreement(fp32, q, chat_prompts())
+        metrics.update(chat_prefix_agreement=share, chat_prompts=len(rows), chat_tokens=CHAT_TOKENS)
     bar.update(1)
     bar.close()
     increase = qs.perplexity / s.perplexity - 1.0
@@ -124,8 +185,8 @@ def quality_gate(fp32_dir: Path, quant_dir: Path | None, eval_path: Path, *, max
         raise QualityGateError(
             f"The quantized model's perplexity is {qs.perplexity:.4f} vs {s.perplexity:.4f} in fp32 on {eval_path.name} "
             f"(+{100 * increase:.2f} %), more than the allowed {100 * max_ppl_increase:.2f} %; nothing was written.",
-            hint="Try --keep-fp32 embeddings,lm_head or --quantize int8 instead of int4, raise --max-ppl-increase, "
-                 "or pass --force to write it anyway.")
+            hint="Try --quantize int8-block (the most accurate 8-bit mode) or --quantize auto, raise "
+                 "--max-ppl-increase, or pass --force to write it anyway.")
     return metrics
 
 

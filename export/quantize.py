@@ -38,11 +38,16 @@ LM_HEAD_WEIGHT = "lm_head.weight"
 EMBEDDING_WEIGHTS = ("embed_tokens.weight", "wte.weight")
 
 
-def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric block-wise quantization of a MatMul weight ``w`` [K, N] into MatMulNBits' layout.
+def quantize_blocks(w: np.ndarray, bits: int, block: int, *, asymmetric: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Block-wise quantization of a MatMul weight ``w`` [K, N] into MatMulNBits' layout.
 
-    Returns (B uint8 [N, n_blocks, block * bits / 8], scales float32 [N * n_blocks]). No zero points are
-    stored: MatMulNBits then uses 2**(bits-1) (128 for int8, 8 for int4), i.e. w ~= (q - 2**(bits-1)) * scale.
+    Returns (B uint8 [N, n_blocks, block * bits / 8], scales float32 [N * n_blocks], zero points or None).
+    Symmetric (``asymmetric=False``): no zero points are stored, so MatMulNBits uses 2**(bits-1) (128 / 8) and
+    w ~= (q - 2**(bits-1)) * scale with q - 2**(bits-1) in -qmax..qmax. Asymmetric: each block maps its own
+    [min, max] (widened to hold 0) onto 0..2**bits-1 with a zero point, w ~= (q - zero) * scale; zero points are
+    uint8 [N, ceil(n_blocks * bits / 8)], two per byte for 4 bits (the first block in the low nibble). For 4 bits
+    that is the difference between using 15 levels of a lopsided block and wasting half of them.
     K is zero-padded up to a multiple of ``block``.
     """
     k, n = w.shape
@@ -52,24 +57,46 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, n
     if pad:
         wt = np.concatenate([wt, np.zeros((n, pad), np.float32)], axis=1)
     wb = wt.reshape(n, n_blocks, block)
-    qmax = 2 ** (bits - 1) - 1  # 127 / 7: symmetric, so -qmax..qmax
-    amax = np.abs(wb).max(axis=-1, keepdims=True)
-    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-    q = np.clip(np.rint(wb / scale), -qmax, qmax).astype(np.int32) + 2 ** (bits - 1)
-    q = q.astype(np.uint8)
+    zeros = None
+    if asymmetric:
+        levels = 2 ** bits - 1
+        lo = np.minimum(wb.min(axis=-1, keepdims=True), 0.0)
+        hi = np.maximum(wb.max(axis=-1, keepdims=True), 0.0)
+        scale = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float32)
+        zp = np.clip(np.rint(-lo / scale), 0, levels)
+        q = np.clip(np.rint(wb / scale) + zp, 0, levels).astype(np.uint8)
+        zp = zp.reshape(n, n_blocks).astype(np.uint8)
+        if bits == 4:
+            if n_blocks % 2:
+                zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+            zp = zp[:, 0::2] | (zp[:, 1::2] << 4)
+        zeros = np.ascontiguousarray(zp.reshape(-1))
+    else:
+        qmax = 2 ** (bits - 1) - 1  # 127 / 7: symmetric, so -qmax..qmax
+        amax = np.abs(wb).max(axis=-1, keepdims=True)
+        scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+        q = (np.clip(np.rint(wb / scale), -qmax, qmax).astype(np.int32) + 2 ** (bits - 1)).astype(np.uint8)
     if bits == 4:  # two values per byte, the first in the low nibble
         q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    return np.ascontiguousarray(q), scale.reshape(-1)
+    return np.ascontiguousarray(q), scale.reshape(-1), zeros
 
 
-def dequantize_blocks(b: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
+def dequantize_blocks(b: np.ndarray, scales: np.ndarray, bits: int, k: int, zeros: np.ndarray | None = None
+                      ) -> np.ndarray:
     """Inverse of :func:`quantize_blocks` (used by tests and the error report): returns w [K, N]."""
     n, n_blocks, _ = b.shape
     if bits == 4:
         q = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, n_blocks, -1)
     else:
         q = b
-    w = (q.astype(np.float32) - 2 ** (bits - 1)) * scales.reshape(n, n_blocks, 1)
+    if zeros is None:
+        zp = np.full((n, n_blocks, 1), 2 ** (bits - 1), np.float32)
+    else:
+        z = zeros.reshape(n, -1)
+        if bits == 4:
+            z = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1)
+        zp = z[:, :n_blocks].reshape(n, n_blocks, 1).astype(np.float32)
+    w = (q.astype(np.float32) - zp) * scales.reshape(n, n_blocks, 1)
     return w.reshape(n, -1)[:, :k].T
 
 
@@ -114,8 +141,8 @@ def _consumers(model: Any) -> dict[str, int]:
 def _replace_matmuls(model: Any, keep: Iterable[str], make: Any, desc: str, progress: bool = False) -> int:
     """Swap every MatMul with a 2-D initializer weight (used by that node only) for a quantized node, in place.
 
-    ``make(node, w_name, w)`` (w the fp32 [K, N] array) returns (new initializers, new node). "lm_head" in ``keep``
-    leaves the LM head alone. Returns how many MatMuls were replaced."""
+    ``make(node, w_name, w)`` (w the fp32 [K, N] array) returns (new initializers, new node), or None to leave
+    the node as it is. "lm_head" in ``keep`` leaves the LM head alone. Returns how many MatMuls were replaced."""
     from onnx import numpy_helper
     from tqdm.auto import tqdm
 
@@ -130,7 +157,11 @@ def _replace_matmuls(model: Any, keep: Iterable[str], make: Any, desc: str, prog
                 or ("lm_head" in keep and w_name == LM_HEAD_WEIGHT)):
             new_nodes.append(node)
             continue
-        tensors, replacement = make(node, w_name, numpy_helper.to_array(w))
+        made = make(node, w_name, numpy_helper.to_array(w))
+        if made is None:
+            new_nodes.append(node)
+            continue
+        tensors, replacement = made
         model.graph.initializer.extend(tensors)
         new_nodes.append(replacement)
         drop.add(w_name)
@@ -140,23 +171,21 @@ def _replace_matmuls(model: Any, keep: Iterable[str], make: Any, desc: str, prog
     return len(drop)
 
 
-def _block_wise(model: Any, bits: int, keep: Iterable[str], progress: bool = False) -> dict[str, Any]:
-    """MatMul -> MatMulNBits (``bits``, blocks of BLOCK_SIZE[bits]); returns what was done."""
+def _nbits_node(node: Any, w_name: str, w: np.ndarray, bits: int, block: int, asymmetric: bool) -> tuple[list, Any]:
+    """MatMul -> MatMulNBits (weight-only ``bits``, blocks of ``block`` input features)."""
     from onnx import helper, numpy_helper
 
-    block = BLOCK_SIZE[bits]
-
-    def make(node: Any, w_name: str, w: np.ndarray) -> tuple[list, Any]:
-        k, n = w.shape
-        b, scales = quantize_blocks(w, bits, block)
-        b_name, s_name = f"{w_name}.q{bits}", f"{w_name}.scales"
-        return ([numpy_helper.from_array(b, b_name), numpy_helper.from_array(scales, s_name)],
-                helper.make_node("MatMulNBits", [node.input[0], b_name, s_name], list(node.output), name=node.name,
-                                 domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
-                                 accuracy_level=ACCURACY_LEVEL))
-
-    done = _replace_matmuls(model, keep, make, f"quantize int{bits}", progress)
-    return {"matmuls": done, "block_size": block, "accuracy_level": ACCURACY_LEVEL}
+    k, n = w.shape
+    b, scales, zeros = quantize_blocks(w, bits, block, asymmetric=asymmetric)
+    b_name, s_name = f"{w_name}.q{bits}", f"{w_name}.scales"
+    tensors = [numpy_helper.from_array(b, b_name), numpy_helper.from_array(scales, s_name)]
+    inputs = [node.input[0], b_name, s_name]
+    if zeros is not None:
+        z_name = f"{w_name}.zeros"
+        tensors.append(numpy_helper.from_array(zeros, z_name))
+        inputs.append(z_name)
+    return tensors, helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name, domain="com.microsoft",
+                                     K=k, N=n, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
 
 
 def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -169,19 +198,16 @@ def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(q), scale
 
 
-def _per_channel(model: Any, keep: Iterable[str], progress: bool = False) -> dict[str, Any]:
+def _gemm_node(node: Any, w_name: str, w: np.ndarray) -> tuple[list, Any]:
     """MatMul -> DynamicQuantizeMatMul (int8 weights with one scale per output column; the op quantizes the
-    activations to uint8 on each call); returns what was done."""
+    activations to uint8 on each call, one scale for the whole call)."""
     from onnx import helper, numpy_helper
 
-    def make(node: Any, w_name: str, w: np.ndarray) -> tuple[list, Any]:
-        q, scales = quantize_columns(w)
-        q_name, s_name = f"{w_name}.q8c", f"{w_name}.col_scales"
-        return ([numpy_helper.from_array(q, q_name), numpy_helper.from_array(scales, s_name)],
-                helper.make_node("DynamicQuantizeMatMul", [node.input[0], q_name, s_name], list(node.output),
-                                 name=node.name, domain="com.microsoft"))
-
-    return {"matmuls": _replace_matmuls(model, keep, make, "quantize int8", progress)}
+    q, scales = quantize_columns(w)
+    q_name, s_name = f"{w_name}.q8c", f"{w_name}.col_scales"
+    return ([numpy_helper.from_array(q, q_name), numpy_helper.from_array(scales, s_name)],
+            helper.make_node("DynamicQuantizeMatMul", [node.input[0], q_name, s_name], list(node.output),
+                             name=node.name, domain="com.microsoft"))
 
 
 def _quantize_embeddings(model: Any) -> list[str]:
@@ -221,13 +247,103 @@ def _drop_initializers(model: Any, names: set[str]) -> None:
     model.graph.initializer.extend(keep)
 
 
-METHODS = ("int8", "int8-block", "int4")
+METHODS = ("int8", "int8-block", "int8-gemm", "int4")
+# int8's per-matrix rule: a MatMul keeps the int8 GEMM (DynamicQuantizeMatMul) when quantizing its activations
+# with one scale per call costs at most this relative output error on the calibration tokens; above it, the matrix
+# gets block-wise 8-bit weights whose activations the kernel quantizes per block of 32. Chosen on
+# SmolLM2-135M-Instruct (docs/models.md): the matrices that fail are the ones fed by activation outliers.
+GEMM_MAX_ERROR = 0.05
+INT4_BLOCK = 32
+CALIBRATION_TOKENS = 256
+
+
+def weight_matmuls(model: Any) -> list[tuple[str, str, str]]:
+    """(node name, activation input, weight initializer) of every MatMul with a 2-D initializer weight."""
+    inits = _initializers(model)
+    return [(n.name, n.input[0], n.input[1]) for n in model.graph.node
+            if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits
+            and len(inits[n.input[1]].dims) == 2]
+
+
+def _per_call_uint8(x: np.ndarray) -> np.ndarray:
+    """What DynamicQuantizeLinear does to ``x`` (one asymmetric uint8 scale for the whole tensor), de-quantized."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255.0 or 1.0
+    zero = np.rint(-lo / scale)
+    return (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def calibrate(src: str | os.PathLike, config: dict[str, Any], token_ids: list[int], *,
+              threads: int | None = None) -> dict[str, float]:
+    """Relative output error of the int8 GEMM path for every weight MatMul of the fp32 graph at ``src``.
+
+    Runs one prefill of ``token_ids`` (batch 1, empty cache) with every MatMul's activation input exposed, then
+    compares ``Q(x) @ Q(W)`` (per-call uint8 activations, per-column int8 weights) with ``x @ W``: the mean over
+    rows (tokens) of ||error_row|| / ||(x @ W)_row|| per node. A prefill is the worst case the GEMM sees: one activation scale for all
+    its rows, so a single outlier token (real models have them: SmolLM2's down_proj inputs reach 3,171 where
+    the typical value is 0.1) flattens every other row."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
+    nodes = weight_matmuls(model)
+    inits = _initializers(model)
+    weights = {w: numpy_helper.to_array(inits[w]) for _, _, w in nodes}
+    for _, x, _ in nodes:
+        model.graph.output.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, None))
+    with tempfile.TemporaryDirectory(prefix="edgelm-calibrate-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_onnx(model, path)
+        del model
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or 1
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        ids = np.asarray([token_ids], np.int64)
+        feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        for inp in sess.get_inputs():
+            if inp.name == "position_ids":
+                feeds[inp.name] = np.arange(ids.shape[1], dtype=np.int64)[None]
+            elif inp.name.startswith("past_key_values."):
+                width = inp.shape[3] if isinstance(inp.shape[3], int) else config["head_dim"]
+                feeds[inp.name] = np.zeros((1, int(config["num_kv_heads"]), 0, width), np.float32)
+        acts = sess.run([x for _, x, _ in nodes], feeds)
+    errors = {}
+    for (name, _, w_name), x in zip(nodes, acts):
+        x = x.reshape(-1, x.shape[-1]).astype(np.float32)
+        w = weights[w_name]
+        q, scales = quantize_columns(w)
+        ref = x @ w
+        got = _per_call_uint8(x) @ (q.astype(np.float32) * scales)
+        # Per row, then averaged: a norm over the whole output would be dominated by the outlier row itself and
+        # hide that every other row lost its precision.
+        rel = np.linalg.norm(got - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-30)
+        errors[name] = float(rel.mean())
+    return errors
+
+
+def plan_int8(errors: dict[str, float], max_error: float = GEMM_MAX_ERROR) -> dict[str, str]:
+    """Per node: "gemm" (DynamicQuantizeMatMul) when its calibrated error is within ``max_error``, else "block"."""
+    return {name: ("gemm" if err <= max_error else "block") for name, err in errors.items()}
+
+
+def _attr(node: Any, name: str) -> Any:
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
 
 
 def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: str = "int8",
-                   keep_fp32: Iterable[str] = (), progress: bool = False) -> dict[str, Any]:
+                   keep_fp32: Iterable[str] = (), plan: dict[str, str] | None = None,
+                   int4_block: int = INT4_BLOCK, progress: bool = False) -> dict[str, Any]:
     """Quantize the fp32 graph at ``src`` into ``dst`` (``method`` one of :data:`METHODS`); returns the settings
-    for the manifest."""
+    for the manifest.
+
+    ``plan`` (for "int8"): node name -> "gemm" | "block", from :func:`plan_int8` over :func:`calibrate`; nodes it
+    does not name get "block" (the safe choice). Without a plan, "int8" means every MatMul is block-wise."""
     import onnx
     from onnx import helper
 
@@ -237,15 +353,47 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     src, dst = Path(src), Path(dst)
     info: dict[str, Any] = {"method": method, "keep_fp32": list(keep), "fp32_bytes": onnx_bytes(src)}
     model = onnx.load(str(src))
-    if method == "int8":
-        info.update(_per_channel(model, keep, progress), dtype="int8",
-                    weights="int8 symmetric, one scale per output channel; activations int8 per call "
-                            "(DynamicQuantizeMatMul)")
+    if method == "int4":
+        bits, block, asym = 4, int4_block, True
     else:
-        bits = 8 if method == "int8-block" else 4
-        info.update(_block_wise(model, bits, keep, progress), dtype=f"int{bits}")
-        info["weights"] = (f"int{bits} symmetric, blocks of {info['block_size']} (MatMulNBits); activations int8 "
-                           f"per block (accuracy level {ACCURACY_LEVEL})")
+        bits, block, asym = 8, BLOCK_SIZE[8], False
+    if method == "int8-gemm":
+        kinds = {name: "gemm" for name, _, _ in weight_matmuls(model)}
+    elif method == "int8":
+        kinds = {name: (plan or {}).get(name, "block") for name, _, _ in weight_matmuls(model)}
+    else:
+        kinds = dict(plan or {})
+
+    def make(node: Any, w_name: str, w: np.ndarray) -> tuple[list, Any] | None:
+        if kinds.get(node.name) == "fp32":
+            return None
+        if kinds.get(node.name) == "gemm":
+            return _gemm_node(node, w_name, w)
+        if kinds.get(node.name) == "block8" and bits != 8:
+            return _nbits_node(node, w_name, w, 8, BLOCK_SIZE[8], False)
+        return _nbits_node(node, w_name, w, bits, block, asym)
+
+    info["matmuls"] = _replace_matmuls(model, keep, make, f"quantize {method}", progress)
+    n_gemm = sum(1 for n in model.graph.node if n.op_type == "DynamicQuantizeMatMul")
+    n_block = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits"
+                  and _attr(n, "bits") == bits)
+    n_block8 = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits" and _attr(n, "bits") == 8 and bits != 8)
+    info.update(dtype=f"int{bits}", gemm_matmuls=n_gemm, block_matmuls=n_block)
+    if n_block:
+        info.update(block_size=block, accuracy_level=ACCURACY_LEVEL)
+    parts = []
+    if n_gemm:
+        parts.append(f"{n_gemm} MatMuls int8 per output channel with int8 activations per call (DynamicQuantizeMatMul)")
+    if n_block:
+        parts.append(f"{n_block} MatMuls int{bits} {'asymmetric (zero points)' if asym else 'symmetric'}, blocks of "
+                     f"{block} (MatMulNBits; activations int8 per block, accuracy level {ACCURACY_LEVEL})")
+    if n_block8:
+        parts.append(f"{n_block8} MatMuls int8 symmetric, blocks of {BLOCK_SIZE[8]} (MatMulNBits)")
+        info["int8_matmuls"] = n_block8
+    info["weights"] = "; ".join(parts) or "fp32"
+    if method == "int8":
+        info["gemm_max_error"] = GEMM_MAX_ERROR
+        info["block_nodes"] = sorted(name for name, kind in kinds.items() if kind != "gemm")
     info["embeddings"] = [] if "embeddings" in keep else _quantize_embeddings(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))

@@ -10,6 +10,8 @@ pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from edgelm_export.quantize import GEMM_MAX_ERROR as q_GEMM_MAX_ERROR  # noqa: E402
+
 PROMPTS = ("Once upon a time", "Tom and Lily went to the", "The little dog was sad because", "One day, a girl named")
 NEW_TOKENS = 32
 # Greedy int8 vs PyTorch fp32 (free-running, tokens before the first divergence, averaged over PROMPTS).
@@ -93,7 +95,10 @@ def test_folder_contents(stories_int8):
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(stories_int8 / "model.onnx"), load_external_data=False).graph.node}
-    assert "DynamicQuantizeMatMul" in ops and "MatMul" not in ops  # every weight MatMul is int8 (the default)
+    assert "MatMul" not in ops and ops & {"DynamicQuantizeMatMul", "MatMulNBits"}  # every weight MatMul is int8
+    quant = manifest["quantization"]  # the default int8 chose each MatMul's kernel by calibration, and says so
+    assert quant["gemm_matmuls"] + quant["block_matmuls"] == quant["matmuls"] > 0
+    assert len(quant["block_nodes"]) == quant["block_matmuls"] and quant["gemm_max_error"] == q_GEMM_MAX_ERROR
     card = (stories_int8 / "README.md").read_text()
     assert "MIT License" in card  # the source's licence travels with the model
     cfg = json.loads((stories_int8 / "config.json").read_text())

@@ -31,14 +31,24 @@ def test_per_channel_round_trip_error_is_half_a_step_per_column():
     assert scales[3] > 10 * scales[0]
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_block_round_trip_error_is_half_a_step_per_block(bits):
+@pytest.mark.parametrize("bits,asymmetric", [(8, False), (4, False), (4, True), (8, True)])
+def test_block_round_trip_error_is_half_a_step_per_block(bits, asymmetric):
     w = _weights(80, 24)  # 80 is not a multiple of 32: the last block is zero-padded
-    b, scales = q.quantize_blocks(w, bits, 32)
-    back = q.dequantize_blocks(b, scales, bits, 80)
+    b, scales, zeros = q.quantize_blocks(w, bits, 32, asymmetric=asymmetric)
+    assert (zeros is not None) == asymmetric
+    back = q.dequantize_blocks(b, scales, bits, 80, zeros)
     assert back.shape == w.shape
     step = scales.reshape(24, -1).max(axis=1)  # the coarsest block of each column bounds its error
-    assert np.all(np.abs(back - w) <= step[None, :] / 2 + 1e-7)
+    assert np.all(np.abs(back - w) <= step[None, :] / 2 + 1e-6)
+
+
+def test_asymmetric_int4_uses_all_sixteen_levels_of_a_lopsided_block():
+    """A block of only positive weights: symmetric int4 spends half its levels on negatives it never sees."""
+    w = np.abs(_weights(64, 8)) + 0.01
+    sym = q.dequantize_blocks(*q.quantize_blocks(w, 4, 32)[:2], 4, 64)
+    b, s, z = q.quantize_blocks(w, 4, 32, asymmetric=True)
+    asym = q.dequantize_blocks(b, s, 4, 64, z)
+    assert np.abs(asym - w).mean() < 0.6 * np.abs(sym - w).mean()
 
 
 def _one_matmul(tmp_path, w: np.ndarray):
@@ -55,9 +65,10 @@ def _one_matmul(tmp_path, w: np.ndarray):
     return path
 
 
-@pytest.mark.parametrize("method,op,rel", [("int8", "DynamicQuantizeMatMul", 0.03),
+@pytest.mark.parametrize("method,op,rel", [("int8-gemm", "DynamicQuantizeMatMul", 0.03),
+                                           ("int8", "MatMulNBits", 0.03),  # no plan: every MatMul block-wise
                                            ("int8-block", "MatMulNBits", 0.03),
-                                           ("int4", "MatMulNBits", 0.25)])
+                                           ("int4", "MatMulNBits", 0.15)])
 def test_quantized_matmul_matches_fp32_in_onnxruntime(tmp_path, method, op, rel):
     import onnx
     import onnxruntime as ort
@@ -83,3 +94,54 @@ def test_unknown_method_is_refused(tmp_path):
     src = _one_matmul(tmp_path, _weights(32, 8))
     with pytest.raises(ValueError, match="int3"):
         q.quantize_model(src, tmp_path / "x.onnx", method="int3")
+
+
+def _two_matmuls(tmp_path, w1: np.ndarray, w2: np.ndarray):
+    """x -> MatMul(w1) -> a; x_loud -> MatMul(w2) -> b, with the graph's inputs named like a decoder's."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = w1.shape[0]
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["x"], name="embed"),
+             helper.make_node("MatMul", ["x", "W1"], ["a"], name="quiet"),
+             helper.make_node("Gather", ["loud_table", "input_ids"], ["x_loud"], name="loud_embed"),
+             helper.make_node("MatMul", ["x_loud", "W2"], ["b"], name="loud")]
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((50, k)).astype(np.float32)
+    loud = table.copy()
+    loud[0, 7] = 3000.0  # one token with one huge channel, as real models have (SmolLM2: 3,171 vs ~0.1 typical)
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"]),
+                                       helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, "s"])],
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w1, "W1"),
+                           numpy_helper.from_array(w2, "W2"), numpy_helper.from_array(loud, "loud_table")])
+    path = tmp_path / "two.onnx"
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_calibration_sends_outlier_fed_matmuls_block_wise(tmp_path):
+    """calibrate + plan_int8: the MatMul behind an outlier channel loses its int8 GEMM; the quiet one keeps it."""
+    import onnx
+
+    src = _two_matmuls(tmp_path, _weights(64, 16, seed=1), _weights(64, 16, seed=2))
+    errors = q.calibrate(src, {"num_kv_heads": 1, "head_dim": 8}, list(range(40)))
+    assert set(errors) == {"quiet", "loud"}
+    assert errors["quiet"] < q.GEMM_MAX_ERROR < errors["loud"]
+    plan = q.plan_int8(errors)
+    assert plan == {"quiet": "gemm", "loud": "block"}
+    info = q.quantize_model(src, tmp_path / "int8.onnx", method="int8", plan=plan)
+    ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert ops["quiet"] == "DynamicQuantizeMatMul" and ops["loud"] == "MatMulNBits"
+    assert (info["gemm_matmuls"], info["block_matmuls"], info["block_nodes"]) == (1, 1, ["loud"])
+    json.dumps(info)
+
+
+def test_plan_can_leave_a_matmul_in_fp32(tmp_path):
+    import onnx
+
+    src = _two_matmuls(tmp_path, _weights(64, 16, seed=1), _weights(64, 16, seed=2))
+    q.quantize_model(src, tmp_path / "x.onnx", method="int8", plan={"quiet": "gemm", "loud": "fp32"})
+    ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "x.onnx")).graph.node}
+    assert ops["loud"] == "MatMul" and ops["quiet"] == "DynamicQuantizeMatMul"
