@@ -269,7 +269,9 @@ def _edgelm_config(arch: str, model_type: str, shape: Any, src_cfg: dict[str, An
         "bos_token_id": None if bos is None else int(bos), "eos_token_ids": eos,
         "pad_token_id": None if pad is None else int(pad),
         "add_bos_token": bool(tok_cfg.get("add_bos_token", False)), "dtype": dtype,
-        "onnx": {"file": "model.onnx", "kv_cache": kv_cache, "inputs": inputs, "outputs": outputs},
+        "onnx": {"file": "model.onnx", "kv_cache": kv_cache, "inputs": inputs, "outputs": outputs,
+                 # the oldest onnxruntime that runs the graph as built (windowed fused graphs); the runtime checks it
+                 **({"min_onnxruntime": shape.min_onnxruntime} if getattr(shape, "min_onnxruntime", None) else {})},
     }
 
 
