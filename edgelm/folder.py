@@ -9,11 +9,12 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgelm.errors import ChecksumError, ModelFormatError, ModelNotFoundError, TokenizerError
+from edgelm.errors import ChecksumError, ModelError, ModelFormatError, ModelNotFoundError, TokenizerError
 
 FORMAT_VERSION = 1
 MANIFEST = "edgelm.json"
@@ -100,6 +101,41 @@ def open_folder(path: str | os.PathLike, *, verify: bool = True) -> ModelFolder:
     if not folder.onnx_path.is_file():
         raise ModelNotFoundError(f"{folder.onnx_path} is missing.", hint="Re-export the model folder.")
     return folder
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version string: "1.24.1+cu12" -> (1, 24, 1), "1.25.0.dev2" -> (1, 25, 0)."""
+    m = re.match(r"\d+(?:\.\d+)*", version.strip())
+    if not m:
+        raise ValueError(version)
+    return tuple(int(x) for x in m.group(0).split("."))
+
+
+def check_onnxruntime(folder: ModelFolder, installed: str) -> None:
+    """Refuse a folder whose config.json asks for a newer onnxruntime than ``installed``.
+
+    Some graphs load on an older onnxruntime but compute something else there (a fused graph with sliding
+    windows: before 1.24 the kernel's window attribute let each query see one key more), so the version is checked
+    up front instead of trusting the session to fail.
+    """
+    need = (folder.config.get("onnx") or {}).get("min_onnxruntime")
+    if need is None:
+        return
+    try:
+        need_v = _release(str(need)) if isinstance(need, str) else None
+    except ValueError:
+        need_v = None
+    if need_v is None:
+        raise ModelFormatError(f"{folder.path / CONFIG} has onnx.min_onnxruntime {need!r}, not a version string.",
+                               hint="Re-export the model folder.")
+    try:
+        have_v = _release(installed)
+    except ValueError:
+        return  # an unparseable local build: nothing to compare against, let it run
+    if have_v < need_v:
+        raise ModelError(f"{folder.path} needs onnxruntime >= {need}; onnxruntime {installed} is installed (its "
+                         "fused attention would compute this graph's sliding windows differently).",
+                         hint=f'Upgrade it: pip install -U "onnxruntime>={need}".')
 
 
 def verify_files(root: Path, manifest: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from edgelm.errors import (ContextLengthError, InvalidArgumentError, ModelFormatError, ModelNotFoundError)
-from edgelm.folder import ModelFolder, open_folder
+from edgelm.folder import ModelFolder, check_onnxruntime, open_folder
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -258,6 +258,7 @@ class Model:
         import edgelm.sampling  # noqa: F401  (the decode loop imports it: not on the first request's clock)
         from edgelm.tokenizer import ChatTemplate, Tokenizer, chat_template_source
 
+        check_onnxruntime(folder, ort.__version__)  # before anything is built: an older kernel loads but differs
         self.folder = folder
         self.path: Path = folder.path
         self.config: dict[str, Any] = folder.config
