@@ -108,8 +108,9 @@ def test_shared_buffers_are_reused_and_never_shared_between_live_generations(lla
     assert lm.generate(a, max_new_tokens=16, temperature=0, ignore_eos=True).token_ids == ref_a
 
 
-def test_builder_falls_back_to_concat(llama_fp32):
-    """Forced, and for models the fused kernel cannot reproduce exactly (a sliding window, interleaved rotary)."""
+def test_builder_falls_back_to_concat(llama_fp32, monkeypatch):
+    """Forced, and for models the fused kernel cannot reproduce exactly (interleaved rotary, uneven head groups);
+    a sliding window is the kernel's local_window_size."""
     import numpy as np
     from edgelm_export.archs import common, llama
 
@@ -130,14 +131,25 @@ def test_builder_falls_back_to_concat(llama_fp32):
     assert common.shared_kv_supported(common.DecoderShape(2, 8, 4, 8, 64, 512, 32), *tables(8),
                                       [None, None])  # head size 8 (stories260K): padded to 16
     assert common.shared_kv_supported(ok, *tables(8), [None, None])  # partial rotary
-    assert not common.shared_kv_supported(ok, *tables(16), [None, 8])  # a sliding window
+    # A sliding window is the kernel's local_window_size, whose meaning moved in onnxruntime 1.24: the exporting
+    # onnxruntime (which verifies the graph) must have the new one, else windowed models get "concat".
+    import onnxruntime
+
+    with monkeypatch.context() as mp:
+        mp.setattr(onnxruntime, "__version__", "1.24.1")
+        assert common.shared_kv_supported(ok, *tables(16), [None, 8])
+        mp.setattr(onnxruntime, "__version__", "1.23.2")
+        assert not common.shared_kv_supported(ok, *tables(16), [None, 8])
+        assert common.shared_kv_supported(ok, *tables(16), [None, None])
+    assert not common.shared_kv_supported(common.DecoderShape(2, 4, 3, 16, 64, 512, 32), *tables(16),
+                                          [None, None])  # 4 query heads on 3 KV heads
     cos, _ = tables(16)
     interleaved = np.repeat(cos[:, :8], 2, axis=1)  # halves do not repeat
     assert not common.shared_kv_supported(ok, interleaved, interleaved, [None, None])
 
-    # With a concat-only model in the tests (Mistral: sliding window 8 < context), the export takes the fallback.
-    mistral = _hf_folder("mistral")
-    folder = cached_export(f"arch-{mistral.name}-fp32", mistral, quantize="none", context_length=CTX)
+    # A concat-only model in the tests (GPT-2: learned positions) takes the fallback.
+    gpt2 = _hf_folder("gpt2")
+    folder = cached_export(f"arch-{gpt2.name}-fp32", gpt2, quantize="none", context_length=CTX)
     assert json.loads((folder / "config.json").read_text())["onnx"]["kv_cache"] == "concat"
     assert "GroupQueryAttention" not in _ops(folder)
 
