@@ -103,12 +103,27 @@ def _run(lm, task: str, chat: bool, lookup: bool, max_new: int):
     return g
 
 
+def _weights(lm) -> str:
+    """config.json's dtype, or what the graph's MatMuls really are (a folder written by an experimental export may
+    say float32 over int8 GEMMs)."""
+    try:
+        import onnx
+    except ImportError:
+        return str(lm.config.get("dtype"))
+    ops = {n.op_type for n in onnx.load(str(lm.folder.onnx_path), load_external_data=False).graph.node}
+    if "DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops:
+        return "int8 (int8 GEMMs)"
+    if "MatMulNBits" in ops:
+        return "weight-only int4/int8 (MatMulNBits)"
+    return str(lm.config.get("dtype"))
+
+
 def bench_model(path: Path, reps: int, threads: int | None, max_new: int, tasks: list[str]) -> dict:
     import edgelm
 
     lm = edgelm.load(path, threads=threads)
     chat = not lm.chat_template.is_fallback
-    out = {"path": str(path), "dtype": lm.config.get("dtype"), "kv_cache": lm.kv_cache, "threads": lm.threads,
+    out = {"path": str(path), "dtype": _weights(lm), "kv_cache": lm.kv_cache, "threads": lm.threads,
            "spin": lm.spin, "prompts": "chat" if chat else "continuation", "load_avg_start": _load_avg(),
            "tasks": {}}
     print(f"{path.name}: {lm.config.get('dtype')}, {lm.kv_cache}, threads={lm.threads}, "
@@ -167,17 +182,20 @@ def bench_model(path: Path, reps: int, threads: int | None, max_new: int, tasks:
 
 def markdown(results: dict) -> str:
     nan = float("nan")
-    lines = [f"# Prompt lookup vs plain greedy decoding ({results['date']})", "",
-             f"{results['machine']}. {results['reps']} interleaved pairs per task, median decode tokens/s (wall "
+    lines = ["# Prompt lookup vs plain greedy decoding", "",
+             f"{results['machine']}. Interleaved pairs (plain, lookup) per task, median decode tokens/s (wall "
              f"clock); the speed-up is the median of the per-pair ratios, [min-max] across pairs. CPU speed-up: the "
              f"same from CPU seconds per decoded token (prefill subtracted), which other jobs on a shared machine "
              f"disturb less. Written by `benchmarks/lookup.py`.", ""]
     for name, m in results["models"].items():
         lines += [f"## {name} ({m['dtype']}, {m['kv_cache']} cache, {m['threads']} thread(s), {m['prompts']} prompts)",
-                  "", f"Load average {m['load_avg_start']} at the start, {m['load_avg_end']} at the end. Geometric "
+                  "", f"{m['reps']} pairs per task, {m['date']}. "
+                      f"Load average {m['load_avg_start']} at the start, {m['load_avg_end']} at the end. Geometric "
                       f"mean speed-up (wall / CPU): input-grounded x{m.get('geomean_speedup_grounded', nan):.2f} / "
                       f"x{m.get('geomean_cpu_speedup_grounded', nan):.2f}, free generation "
-                      f"x{m.get('geomean_speedup_free', nan):.2f} / x{m.get('geomean_cpu_speedup_free', nan):.2f}.", "",
+                      f"x{m.get('geomean_speedup_free', nan):.2f} / x{m.get('geomean_cpu_speedup_free', nan):.2f}." +
+                      (" A base model: each task is a continuation of its text with EOS ignored, and the model does "
+                       "not really do the task (benchmarks/lookup.py)." if m["prompts"] == "continuation" else ""), "",
                   "| task | kind | tokens | plain tok/s | lookup tok/s | speed-up [min-max] | CPU speed-up [min-max] | "
                   "drafts accepted | tokens per call | same tokens as plain |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -200,6 +218,9 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--out", type=Path, default=RESULTS / "lookup", help="writes OUT.json and OUT.md")
+    ap.add_argument("--name", default=None, help="results key for a single model (default: its folder name)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other models already in OUT.json (re-measure or add only these)")
     args = ap.parse_args()
     models = args.models
     if not models:
@@ -212,13 +233,17 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
                    f"{platform.python_version()}, {sys.platform}",
-        "reps": args.reps, "max_new_tokens": args.max_new_tokens,
+        "max_new_tokens": args.max_new_tokens,
         "lookup_settings": {"max_ngram": lookup.MAX_NGRAM, "k_start": lookup.K_START, "k_max": lookup.K_MAX,
                             "max_pause": lookup.MAX_PAUSE},
         "models": {},
     }
+    if args.merge and args.out.with_suffix(".json").is_file():
+        results["models"] = json.loads(args.out.with_suffix(".json").read_text())["models"]
     for path in models:
-        results["models"][path.name] = bench_model(path, args.reps, args.threads, args.max_new_tokens, args.tasks)
+        row = bench_model(path, args.reps, args.threads, args.max_new_tokens, args.tasks)
+        name = args.name if args.name and len(models) == 1 else path.name
+        results["models"][name] = {"date": results["date"], "reps": args.reps, **row}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     args.out.with_suffix(".md").write_text(markdown(results))

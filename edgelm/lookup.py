@@ -34,8 +34,14 @@ MAX_NGRAM = 3
 K_START = 4
 K_MIN = 2
 K_MAX = 16
-# After a call in which no draft was accepted, drafting pauses for 2, 4, ... up to MAX_PAUSE tokens (plain
-# one-token steps), so text that never repeats pays for at most one failed verification per MAX_PAUSE tokens.
+# Is drafting paying? Each verification of k drafts is charged COST_BASE + COST_PER_DRAFT * k one-token steps (the
+# upper envelope of the call costs measured in docs/lookup.md: 1.07-1.22 for one draft, 1.87-1.97 for eight) and
+# credited with the tokens it yielded. While the running average (weight SCORE_WEIGHT on the newest call) of credit
+# minus charge is negative, every verification is a miss: drafting pauses for 2, 4, ... up to MAX_PAUSE tokens of
+# plain one-token steps, so text that does not repeat pays for at most one verification per MAX_PAUSE tokens.
+COST_BASE = 1.25
+COST_PER_DRAFT = 0.1
+SCORE_WEIGHT = 0.3
 MAX_PAUSE = 64
 
 
@@ -109,7 +115,8 @@ class LookupAdvance:
         self.drafts: list[int] = []   # the drafts of the last verification
         self.used = 0                 # how many of them the decode loop has accepted so far
         self.dirty = False            # the cache holds slots of rejected drafts / is bound for multi-token calls
-        self.misses = 0               # consecutive verifications that accepted nothing
+        self.score = 0.0              # running average of tokens yielded minus cost charged per verification
+        self.misses = 0               # consecutive verifications while that average was negative
         self.pause = 0                # tokens left before drafting resumes
         # Reported on the Generation: draft tokens verified, and how many of those the model agreed with.
         self.drafted = 0
@@ -157,13 +164,14 @@ class LookupAdvance:
         return self.cache.advance(tok, pos)
 
     def _adapt(self, used: int, k: int) -> None:
-        """After a verification of ``k`` drafts of which ``used`` were accepted: size the next draft, pause on
-        repeated misses."""
+        """After a verification of ``k`` drafts of which ``used`` were accepted: size the next draft, and pause
+        drafting while verifications cost more than they yield (see COST_BASE)."""
         if used == k:
             self.k = min(self.k_max, 2 * self.k)
         else:
             self.k = max(self.k_min, used + 1)
-        if used:
+        self.score += SCORE_WEIGHT * (used + 1 - COST_BASE - COST_PER_DRAFT * k - self.score)
+        if self.score >= 0:
             self.misses = 0
         else:
             self.misses += 1

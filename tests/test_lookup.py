@@ -146,6 +146,29 @@ def test_drafts_that_keep_failing_switch_lookup_off():
     assert all(m <= K_MIN + 1 for m, _ in fake.verified[1:])  # after the first miss: the shortest drafts
 
 
+def test_drafts_that_are_mostly_wrong_switch_lookup_off():
+    """A model that counts ("1. 2. 3. ..." with two tokens per number): the draft after ". " repeats the previous
+    number, whose first token is right a third of the time. A verification then yields 1.33 tokens on average,
+    less than it costs, although it accepts something every third call: drafting must pause all the same."""
+    from edgelm.lookup import COST_BASE, COST_PER_DRAFT, MAX_PAUSE
+
+    dot, space = 0, 1
+
+    def count(seq):  # ... T(n) O(n) . _ T(n+1) ...: T(n) = n - n // 3 repeats a third of the time, O(n) never
+        i, n = (len(seq) - 1) % 4, (len(seq) - 1) // 4
+        return [2 + n - n // 3, 2000 + n, dot, space][i]
+
+    n = 1600
+    prompt = [count([0] * j) for j in range(1, 9)]
+    fake = FakeCache(count, 4000, len(prompt) + n)
+    lookup = LookupAdvance(fake, prompt, len(prompt) + n - 2)
+    _greedy(fake, prompt, n, lookup)
+    charged = sum(COST_BASE + COST_PER_DRAFT * (m - 1) for m, _ in fake.verified)
+    yielded = len(fake.verified) + lookup.accepted
+    assert 0 < lookup.accepted < len(fake.verified)  # some drafts are right
+    assert charged - yielded < 2 + n / MAX_PAUSE  # ... but verification stays rare: about one per MAX_PAUSE tokens
+
+
 def test_a_model_that_copies_is_verified_in_long_drafts():
     """The case lookup is for: the output repeats the prompt. Draft lengths grow to K_MAX, and most tokens come
     out of verifications."""
