@@ -2,18 +2,21 @@
 
 Methods (``edgelm export --quantize``):
 
-* ``int8`` (default) -- every weight MatMul becomes onnxruntime's ``DynamicQuantizeMatMul``: int8 weights,
-  symmetric, one fp32 scale per output column; the op quantizes its activations to uint8 (one scale per call)
-  and runs an int8 GEMM (VNNI where the CPU has it). One byte per weight and no per-block scales, so a decode
-  step reads the least; and prefill runs at int8-GEMM speed. Measured against ``int8-block`` on a 2-vCPU EPYC, 1
-  thread (docs/performance.md): SmolLM2-135M shape decode 115 -> 167 tokens/s and time to first token (128-token
-  prompt) 156 -> 65 ms; the 5.5M default model decodes ~5 % slower (the per-call activation quantization is a
-  larger share of a tiny step) and prefills 2x faster. Quality cost on the default model: +0.32 % perplexity
-  (block-wise: +0.05 %).
+* ``int8`` (default) -- 8-bit weights, each MatMul's kernel chosen by calibration (:func:`calibrate`): the int8
+  GEMM ``DynamicQuantizeMatMul`` (int8 weights with one scale per output column; activations quantized to uint8
+  with ONE scale per call, then a VNNI GEMM: the fastest prefill, and the LM head's fastest decode) where that
+  per-call activation scale costs at most ``GEMM_MAX_ERROR`` of the output, else ``int8-block``'s kernel. Real
+  pretrained models put huge activations on a few tokens and channels (SmolLM2-135M-Instruct's down_proj inputs
+  reach 3,171 where 0.1 is typical); one scale per call then wipes out every other value, and an all-GEMM int8
+  cost +90 % perplexity there. Small TinyStories-style models keep most matrices on the GEMM.
+* ``int8-gemm`` -- every weight MatMul on ``DynamicQuantizeMatMul`` (the default before calibration): only for models
+  whose activations have no outliers; the quality gate tells.
 * ``int8-block`` -- ``MatMulNBits`` with bits=8, symmetric, one fp32 scale per block of ``BLOCK_SIZE`` input
   features, ``accuracy_level`` 4 (activations quantized per block inside the kernel): the most accurate int8,
   a little faster decode on very small models, 2-2.5x slower prefill.
-* ``int4`` -- MatMulNBits with bits=4 and blocks of 32 (smallest file, largest quality loss).
+* ``int4`` -- MatMulNBits with bits=4, blocks of ``INT4_BLOCK`` and uint8 zero points (each block maps its own
+  [min, max] onto 0..15), the LM head at 8 bits: the smallest file and the largest quality loss. (Float zero points
+  would reproduce a Q4_1 GGUF's grid exactly, but onnxruntime 1.32 runs them ~100x slower: measured.)
 
 The token embedding table (a Gather, not a MatMul) is stored int8 with one scale per row and de-quantized
 for the gathered rows only, unless ``keep_fp32`` names "embeddings". ``keep_fp32`` "lm_head" leaves the output
@@ -251,8 +254,9 @@ METHODS = ("int8", "int8-block", "int8-gemm", "int4")
 # int8's per-matrix rule: a MatMul keeps the int8 GEMM (DynamicQuantizeMatMul) when quantizing its activations
 # with one scale per call costs at most this mean relative error per output row on the calibration tokens (see
 # calibrate); above it, the matrix gets block-wise 8-bit weights whose activations the kernel quantizes per block
-# of 32. Measured on SmolLM2-135M-Instruct (docs/models.md): with 46 of 121 matrices on the GEMM at a 3 % limit
-# perplexity rose 13 %, with 6 at 2 % it stayed within 1 %; the matrices fed by activation outliers reach 50-100 %.
+# of 32. Measured on SmolLM2-135M-Instruct (docs/models.md): this limit leaves 6 of its 121 matrices on the GEMM,
+# perplexity +0.74 % (block-wise everywhere: +0.64 %); 49 on the GEMM (an earlier, looser rule) cost +13 %, all
+# 121 +90 %. The matrices fed by activation outliers score 50-100 % here.
 GEMM_MAX_ERROR = 0.02
 INT4_BLOCK = 32
 CALIBRATION_TOKENS = 256
@@ -370,7 +374,9 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
             return None
         if kinds.get(node.name) == "gemm":
             return _gemm_node(node, w_name, w)
-        if kinds.get(node.name) == "block8" and bits != 8:
+        if bits != 8 and (kinds.get(node.name) == "block8" or (w_name == LM_HEAD_WEIGHT and node.name not in kinds)):
+            # int4 keeps the LM head at 8 bits unless the plan says otherwise: its error lands on the logits
+            # directly (SmolLM2-135M-Instruct: +33 % perplexity with a 4-bit head, +24 % with an 8-bit one).
             return _nbits_node(node, w_name, w, 8, BLOCK_SIZE[8], False)
         return _nbits_node(node, w_name, w, bits, block, asym)
 
