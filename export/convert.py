@@ -302,7 +302,7 @@ def _licence_notes(src: Path) -> str:
 
 
 def _model_card(report: ExportReport, shape: Any, src: Path, quant: dict[str, Any], licence: str,
-                gguf: dict[str, Any] | None = None) -> str:
+                gguf: dict[str, Any] | None = None, path: str = "builder (export/archs/)") -> str:
     m = report.metrics
     lines = [
         f"# {Path(report.out).name}", "",
@@ -314,6 +314,7 @@ def _model_card(report: ExportReport, shape: Any, src: Path, quant: dict[str, An
                   f"{types}, sha256 `{gguf['sha256']}`), dequantized to fp32 by export/gguf.py.", ""]
     lines += [
         "| | |", "| --- | --- |",
+        f"| path | {path} |",
         f"| family | {report.model_type} |", f"| parameters | {report.num_parameters:,} |",
         f"| layers | {shape.num_layers} |", f"| hidden size | {shape.hidden_size} |",
         f"| attention heads / KV heads | {shape.num_attention_heads} / {shape.num_kv_heads} |",
@@ -366,7 +367,8 @@ def _producer() -> dict[str, str]:
 def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str | None = None,
                  max_ppl_increase: float = 0.05, force: bool = False, overwrite: bool = False,
                  progress: bool = True, keep_fp32: Any = (), context_length: int | None = None,
-                 threads: int | None = None, _gguf: tuple[str, dict[str, Any]] | None = None) -> ExportReport:
+                 threads: int | None = None, via: str | None = None, onnx_file: str | None = None,
+                 optimum_python: str | None = None, _gguf: tuple[str, dict[str, Any]] | None = None) -> ExportReport:
     """Export a Hugging Face causal LM folder (or hub id), or a llama.cpp GGUF file, to an edgelm model folder.
 
     ``quantize``: "int8" (the default: 8-bit weights, each MatMul on the int8 GEMM or block-wise as calibration
@@ -376,6 +378,8 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
     ``max_ppl_increase``: largest allowed relative perplexity increase of the quantized model (0.05 = 5 %);
     a worse model raises QualityGateError unless ``force``. ``keep_fp32``: parts left in fp32
     ("embeddings", "lm_head"). Raises a subclass of EdgeLMError before any work when an input is wrong.
+    ``via``: "builder" (our graph), "optimum" (optimum's exporter, run by ``optimum_python``) or "onnx" (the
+    folder's ready-made graph, ``onnx_file`` picks one); None picks (export/generic.py, choose_path).
     """
     started = time.perf_counter()
     keep = _check_arguments(quantize, max_ppl_increase, keep_fp32, context_length)
@@ -397,6 +401,15 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
         report.seconds = round(time.perf_counter() - started, 2)
         return report
     src_path = _resolve_source(src)
+    from .generic import choose_path, export_generic
+    path = choose_path(src_path, _read_json_or_empty(src_path / "config.json"), via, onnx_file,
+                       _weights_bytes(src_path) > 0)
+    if path != "builder":  # the generic path: optimum's exporter, or a ready-made ONNX folder
+        eval_path = _check_eval_text(Path(eval_text).expanduser() if eval_text else DEFAULT_EVAL_TEXT)
+        return export_generic(src, src_path, out, via=path, onnx_file=onnx_file, optimum_python_path=optimum_python,
+                              quantize=quantize, eval_path=eval_path, max_ppl_increase=float(max_ppl_increase),
+                              force=force, overwrite=overwrite, progress=progress, keep=keep,
+                              context_length=context_length, threads=threads)
     src_cfg = _read_source_config(src_path)
     from .archs import resolve
     arch, builder, model_type = resolve(src_cfg)  # unsupported -> raised here, before any weights are read
@@ -531,8 +544,16 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
     (final_dir / "edgelm.json").unlink(missing_ok=True)
     write_manifest(final_dir, source=source_info, producer=_producer(), quantization=quant_info,
                    verification={"max_abs_logit_diff": float(max_diff), "rtol": VERIFY_RTOL},
-                   metrics=metrics, num_parameters=int(num_params))
-    # Swap into place: a failed export never leaves a half folder at `out`.
+                   metrics=metrics, num_parameters=int(num_params), export={"path": "builder"})
+    _swap_into_place(final_dir, out_path)
+    shutil.rmtree(work, ignore_errors=True)
+    bar.update(1)
+    bar.close()
+    return report
+
+
+def _swap_into_place(final_dir: Path, out_path: Path) -> None:
+    """Rename the finished folder to ``out_path``: a failed export never leaves a half folder there."""
     if out_path.exists():
         old = out_path.with_name(f".{out_path.name}.edgelm-old-{os.getpid()}")
         os.replace(out_path, old)
@@ -540,10 +561,6 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(final_dir, out_path)
-    shutil.rmtree(work, ignore_errors=True)
-    bar.update(1)
-    bar.close()
-    return report
 
 
 # --- quantization: one variant, calibration, --quantize auto, and a gate that names a mode that passes -----------
@@ -647,6 +664,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-length", type=int, metavar="N",
                         help=f"positions to build for (default: the model's, at most {DEFAULT_MAX_CONTEXT})")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for verification and evaluation")
+    parser.add_argument("--via", choices=("builder", "optimum", "onnx"),
+                        help="force the path: builder (our lean graph, families of --list), optimum (optimum's "
+                             "exporter, any causal LM it knows), onnx (SRC's ready-made graph); default: the builder "
+                             "when it knows the family, a ready-made graph when SRC has one, else optimum")
+    parser.add_argument("--onnx-file", metavar="FILE",
+                        help="the graph of a ready-made ONNX folder to use, relative to SRC (e.g. onnx/model_q4.onnx)")
+    parser.add_argument("--optimum-python", metavar="PYTHON",
+                        help="the python of an environment with optimum-onnx, for --via optimum "
+                             "(default: $EDGELM_OPTIMUM_PYTHON, else this python when it has optimum)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -661,7 +687,8 @@ def run(args: argparse.Namespace) -> int:
     report = export_model(args.src, args.out, quantize=args.quantize, eval_text=args.eval_text,
                           max_ppl_increase=args.max_ppl_increase, force=args.force, overwrite=args.overwrite,
                           progress=not args.no_progress, keep_fp32=args.keep_fp32,
-                          context_length=args.context_length, threads=args.threads)
+                          context_length=args.context_length, threads=args.threads, via=args.via,
+                          onnx_file=args.onnx_file, optimum_python=args.optimum_python)
     m = report.metrics
     print(f"wrote {report.out}: {report.model_type} ({report.num_parameters:,} parameters), {report.quantization}, "
           f"model.onnx {report.model_bytes / 1e6:.2f} MB, fp32-vs-PyTorch max logit diff {report.max_logit_diff:.1e}")
