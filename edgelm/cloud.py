@@ -16,6 +16,9 @@ Design points, each with a test in tests/test_cloud.py:
   exponential backoff and jitter, honouring ``Retry-After`` (seconds or an HTTP date). Other 4xx answers mean
   the request itself is wrong, so they fail at once. A stream is retried only before its first piece.
 * **TLS verification stays on**; ``verify`` may name a CA bundle for a private certificate authority.
+* **Tools pass through.** ``tools`` (and ``documents``) go into the request as given; messages are sent in the
+  OpenAI wire shape (:func:`openai_messages`), and a reply's ``tool_calls`` come back on :class:`CloudReply`,
+  streamed ones reassembled from their fragments.
 """
 from __future__ import annotations
 
@@ -51,12 +54,54 @@ class CloudReply:
     completion_tokens: int | None
     attempts: int              # HTTP attempts made (1 = no retry)
     total_time_s: float
+    # The function calls the model asked for, as the server sent them (OpenAI shape: id, type, function.name,
+    # function.arguments as a JSON string); None when it asked for none. ``text`` is then often "".
+    tool_calls: list[dict[str, Any]] | None = None
 
     @property
     def total_tokens(self) -> int | None:
         if self.prompt_tokens is None and self.completion_tokens is None:
             return None
         return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+
+# The message keys of OpenAI's chat API. Anything else a message carries (the runtime's ``thinking`` copy, app
+# bookkeeping) stays on the device: strict endpoints refuse unknown keys.
+_WIRE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
+
+
+def openai_messages(messages: Any) -> list[dict[str, Any]]:
+    """``messages`` as an OpenAI chat request carries them (checked like :meth:`edgelm.Model.chat`'s messages).
+
+    The runtime's messages are what chat templates want; the wire differs in two places: a tool call's
+    ``function.arguments`` is a JSON string there (templates take a dict), and a tool result's content is text
+    (a dict is sent as JSON). An assistant message with tool calls and no content gets ``"content": null``.
+    Already-OpenAI messages pass through unchanged.
+    """
+    from edgelm.tokenizer import validate_messages
+
+    out = []
+    for m in validate_messages(messages):
+        wire = {k: m[k] for k in _WIRE_KEYS if k in m}
+        content = wire.get("content")
+        if isinstance(content, dict):
+            wire["content"] = json.dumps(content, ensure_ascii=False)
+        elif content is None:
+            wire["content"] = None if "tool_calls" in wire else ""
+        if "tool_calls" in wire:
+            wire["tool_calls"] = [_wire_call(c) for c in wire["tool_calls"]]
+        out.append(wire)
+    return out
+
+
+def _wire_call(call: dict[str, Any]) -> dict[str, Any]:
+    call = dict(call)
+    fn = call.get("function")
+    if isinstance(fn, dict):
+        call.setdefault("type", "function")
+        if "arguments" in fn and not isinstance(fn["arguments"], str):
+            call["function"] = {**fn, "arguments": json.dumps(fn["arguments"], ensure_ascii=False)}
+    return call
 
 
 def _redact_url(url: str) -> str:
@@ -177,12 +222,20 @@ class CloudClient:
         return (f"CloudClient(base_url={_redact_url(self.base_url)!r}, model={self.model!r}, "
                 f"api_key={'<set>' if self._api_key else None}, timeout={self.timeout})")
 
-    def chat(self, messages: Sequence[dict[str, str]], *, max_tokens: int | None = None,
+    def chat(self, messages: Sequence[dict[str, Any]], *, max_tokens: int | None = None,
              temperature: float | None = None, top_p: float | None = None, stop: str | Sequence[str] | None = None,
-             seed: int | None = None, timeout: float | None = None) -> CloudReply:
+             seed: int | None = None, timeout: float | None = None, tools: Sequence[dict[str, Any]] | None = None,
+             documents: Sequence[dict[str, Any]] | None = None) -> CloudReply:
         """Send a chat and return the finished answer. Raises a :class:`~edgelm.errors.CloudError`
-        subclass once retries are used up or the deadline has passed."""
-        body = self._body(messages, max_tokens, temperature, top_p, stop, seed, stream=False)
+        subclass once retries are used up or the deadline has passed.
+
+        ``messages`` may hold tool calls and tool results (see :func:`openai_messages`); ``tools`` (OpenAI
+        function schemas) are sent as given, and the reply's ``tool_calls`` hold any calls the model made.
+        ``documents`` is not an OpenAI field: it is sent only when given, for servers that read it (vLLM,
+        ``edgelm serve``); others answer 400.
+        """
+        body = self._body(messages, max_tokens, temperature, top_p, stop, seed, stream=False, tools=tools,
+                          documents=documents)
         return self._call("/chat/completions", body, timeout)
 
     def complete(self, prompt: str, *, max_tokens: int | None = None, temperature: float | None = None,
@@ -219,14 +272,17 @@ class CloudClient:
         data, attempt = self._retrying(lambda: self._attempt_json(path, body, deadline), deadline)
         return self._parse_reply(data, attempt, time.monotonic() - started, text_field=path == "/completions")
 
-    def stream(self, messages: Sequence[dict[str, str]], *, max_tokens: int | None = None,
+    def stream(self, messages: Sequence[dict[str, Any]], *, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None,
                stop: str | Sequence[str] | None = None, seed: int | None = None,
-               timeout: float | None = None) -> CloudStream:
+               timeout: float | None = None, tools: Sequence[dict[str, Any]] | None = None,
+               documents: Sequence[dict[str, Any]] | None = None) -> CloudStream:
         """Stream a chat answer as text pieces (server-sent events). Retries happen only before the first
         piece; a stream that breaks later raises :class:`~edgelm.errors.CloudResponseError` (or
-        :class:`~edgelm.errors.CloudTimeoutError`) from the iterator, after the pieces already given."""
-        body = self._body(messages, max_tokens, temperature, top_p, stop, seed, stream=True)
+        :class:`~edgelm.errors.CloudTimeoutError`) from the iterator, after the pieces already given.
+        Tool calls arrive in fragments; ``reply.tool_calls`` holds them reassembled."""
+        body = self._body(messages, max_tokens, temperature, top_p, stop, seed, stream=True, tools=tools,
+                          documents=documents)
         return self._start_stream("/chat/completions", body, timeout)
 
     def stream_complete(self, prompt: str, *, max_tokens: int | None = None, temperature: float | None = None,
@@ -256,16 +312,23 @@ class CloudClient:
         self.close()
 
     # --- request plumbing -------------------------------------------------------------------------
-    def _body(self, messages, max_tokens, temperature, top_p, stop, seed, *, stream: bool) -> dict[str, Any]:
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise InvalidArgumentError("messages must be a non-empty list of {'role': ..., 'content': ...}.")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise InvalidArgumentError("each message must be a dict with string 'role' and 'content'.")
+    def _body(self, messages, max_tokens, temperature, top_p, stop, seed, *, stream: bool, tools: Any = None,
+              documents: Any = None) -> dict[str, Any]:
+        from edgelm.tokenizer import validate_tools
+
+        wire = openai_messages(messages)
+        tools = validate_tools(tools)
+        if documents is not None and (not isinstance(documents, (list, tuple))
+                                      or not all(isinstance(d, dict) for d in documents)):
+            raise InvalidArgumentError(f"documents must be a list of dicts, got {documents!r}.",
+                                       hint='Pass e.g. [{"title": "...", "text": "..."}].')
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise InvalidArgumentError(f"max_tokens must be a positive integer, got {max_tokens!r}.")
-        body: dict[str, Any] = {"messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-                                "stream": stream}
+        body: dict[str, Any] = {"messages": wire, "stream": stream}
+        if tools:  # as given; an empty list is left out (OpenAI refuses "tools": [])
+            body["tools"] = tools
+        if documents is not None:
+            body["documents"] = list(documents)
         if self.model:  # no model name: the server's default (single-model servers such as `edgelm serve`)
             body = {"model": self.model, **body}
         for key, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
@@ -428,20 +491,27 @@ class CloudClient:
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise self._bad("no 'choices'")
-        if text_field:  # /completions
-            content = choices[0].get("text")
-            if not isinstance(content, str):
-                raise self._bad("choices[0].text is not a string")
-        else:
+        content = choices[0].get("text")
+        if text_field and not isinstance(content, str):  # /completions
+            raise self._bad("choices[0].text is not a string")
+        tool_calls = None
+        if not text_field:
             message = choices[0].get("message")
-            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(message, dict):
+                raise self._bad("choices[0].message is not an object")
+            content, tool_calls = message.get("content"), message.get("tool_calls") or None
+            if tool_calls is not None and not (isinstance(tool_calls, list)
+                                               and all(isinstance(c, dict) for c in tool_calls)):
+                raise self._bad("choices[0].message.tool_calls is not a list of objects")
+            if content is None and tool_calls:  # a call and nothing said: normal for tool calls
+                content = ""
             if not isinstance(content, str):
                 raise self._bad("choices[0].message.content is not a string")
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         return CloudReply(text=content, finish_reason=_str_or_none(choices[0].get("finish_reason")),
                           model=_str_or_none(data.get("model")), prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
                           completion_tokens=_int_or_none(usage.get("completion_tokens")), attempts=attempts,
-                          total_time_s=elapsed)
+                          total_time_s=elapsed, tool_calls=tool_calls)
 
     def _stream_gen(self, path: str, body: dict[str, Any], deadline: float,
                     holder: list[CloudStream]) -> Iterator[str]:
@@ -450,6 +520,7 @@ class CloudClient:
         # Retries only until the response is open with a 2xx status; a stream that breaks later is not retried.
         response, attempt = self._retrying(lambda: self._open(path, body, deadline), deadline)
         pieces: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}  # tool calls by index, assembled from their fragments
         finish_reason = model = None
         usage: dict[str, Any] = {}
         done = False
@@ -488,6 +559,8 @@ class CloudClient:
                     if not isinstance(delta, dict):
                         raise self._bad("a stream event has no 'delta'")
                     piece = delta.get("content")
+                    if delta.get("tool_calls") is not None:
+                        self._add_call_fragments(calls, delta["tool_calls"])
                 if piece is not None and not isinstance(piece, str):
                     raise self._bad("a stream event's text is not a string")
                 if choice.get("finish_reason"):
@@ -512,7 +585,27 @@ class CloudClient:
             text="".join(pieces), finish_reason=_str_or_none(finish_reason), model=_str_or_none(model),
             prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
             completion_tokens=_int_or_none(usage.get("completion_tokens")), attempts=attempt,
-            total_time_s=time.monotonic() - started)
+            total_time_s=time.monotonic() - started, tool_calls=[calls[i] for i in sorted(calls)] or None)
+
+    def _add_call_fragments(self, calls: dict[int, dict[str, Any]], fragments: Any) -> None:
+        """Merge one stream event's ``delta.tool_calls``: the first fragment of a call (by ``index``) brings its
+        id, type and name, later ones more of its ``arguments`` string."""
+        if not isinstance(fragments, list):
+            raise self._bad("a stream event's delta.tool_calls is not a list")
+        for frag in fragments:
+            fn = frag.get("function") if isinstance(frag, dict) else None
+            if not isinstance(frag, dict) or not isinstance(fn or {}, dict):
+                raise self._bad("a stream event's tool call fragment is not an object")
+            index = frag.get("index", len(calls))
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise self._bad("a stream event's tool call has no integer index")
+            call = calls.setdefault(index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            for key in ("id", "type"):
+                if isinstance(frag.get(key), str):
+                    call[key] = frag[key]
+            for key in ("name", "arguments"):
+                if isinstance((fn or {}).get(key), str):
+                    call["function"][key] += fn[key]
 
 
 def _lines(response, deadline: float) -> Iterator[str]:

@@ -22,6 +22,11 @@ The router combines cheap signals, checked in a fixed order (the first that deci
 
 A cloud decision is then checked against the budget (calls / tokens per period); past it, everything stays
 local. Every outgoing message goes through the ``redact`` hook first; the local model sees the original text.
+
+Chats may carry tools: ``tools`` go into the local model's chat template and, as given, into the cloud request;
+``documents`` likewise (the cloud gets them as the ``documents`` field that vLLM and ``edgelm serve`` read);
+``chat_template_kwargs`` only shape the local prompt. A cloud answer's tool calls are on
+``HybridResult.tool_calls``; the local model's tool call is the text of its answer (nothing parses it).
 """
 from __future__ import annotations
 
@@ -181,6 +186,12 @@ class HybridResult:
     def mean_logprob(self) -> float | None:
         """The local answer's mean token log-probability (nats), when the local model answered."""
         return self.generation.mean_logprob if self.generation is not None else None
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        """The function calls the cloud model asked for (OpenAI shape), when the cloud answered with some. A local
+        model's tool call is not parsed: it is in ``text``, in the format its chat template taught it."""
+        return self.cloud_reply.tool_calls if self.source == "cloud" and self.cloud_reply is not None else None
 
     def describe(self) -> str:
         """One line for a terminal: ``[cloud] uncertainty: mean logprob -3.10 < -2.50``."""
@@ -498,8 +509,12 @@ class Hybrid:
         """Scores with the local model (scoring never leaves the device)."""
         return self.local.score(text)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.local.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
+                            tools: list[dict[str, Any]] | None = None, documents: list[dict[str, Any]] | None = None,
+                            **template_kwargs: Any) -> str:
+        """The local model's prompt for ``messages`` (see :meth:`edgelm.Model.apply_chat_template`)."""
+        return self.local.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                              **_template_args(tools, documents, template_kwargs))
 
     def __repr__(self) -> str:
         return f"Hybrid(local={self.local!r}, cloud={self.cloud!r}, router={self.router!r})"
@@ -510,12 +525,15 @@ class Hybrid:
         _check_prompt(prompt)
         return self._answer(_Query(prompt, None, prompt, prefer, tuple(tags), kwargs))
 
-    def chat(self, messages: list[dict[str, str]], *, prefer: Side | None = None, tags: Sequence[str] = (),
-             **kwargs: Any) -> HybridResult:
-        """Reply to ``messages``; the cloud receives the (redacted) messages, the local model its chat template."""
-        _check_messages(messages)
-        text = self.local.apply_chat_template(messages)
-        return self._answer(_Query(text, list(messages), _last_user(messages), prefer, tuple(tags), kwargs))
+    def chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+             documents: list[dict[str, Any]] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+             prefer: Side | None = None, tags: Sequence[str] = (), **kwargs: Any) -> HybridResult:
+        """Reply to ``messages``; the cloud receives the (redacted) messages, the local model its chat template.
+
+        ``messages``, ``tools``, ``documents`` and ``chat_template_kwargs`` are :meth:`edgelm.Model.chat`'s; see
+        the module docstring for which of them the cloud gets.
+        """
+        return self._answer(self._chat_query(messages, tools, documents, chat_template_kwargs, prefer, tags, kwargs))
 
     def stream(self, prompt: str, *, prefer: Side | None = None, tags: Sequence[str] = (),
                **kwargs: Any) -> HybridStream:
@@ -524,12 +542,22 @@ class Hybrid:
         _check_prompt(prompt)
         return self._stream(_Query(prompt, None, prompt, prefer, tuple(tags), kwargs))
 
-    def chat_stream(self, messages: list[dict[str, str]], *, prefer: Side | None = None, tags: Sequence[str] = (),
-                    **kwargs: Any) -> HybridStream:
-        """Streaming :meth:`chat`."""
-        _check_messages(messages)
-        text = self.local.apply_chat_template(messages)
-        return self._stream(_Query(text, list(messages), _last_user(messages), prefer, tuple(tags), kwargs))
+    def chat_stream(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+                    documents: list[dict[str, Any]] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+                    prefer: Side | None = None, tags: Sequence[str] = (), **kwargs: Any) -> HybridStream:
+        """Streaming :meth:`chat`. Tool calls from the cloud are on ``result.tool_calls`` once it is exhausted."""
+        return self._stream(self._chat_query(messages, tools, documents, chat_template_kwargs, prefer, tags, kwargs))
+
+    def _chat_query(self, messages: Any, tools: Any, documents: Any, template_kwargs: Any, prefer: Side | None,
+                    tags: Sequence[str], kwargs: dict[str, Any]) -> "_Query":
+        from edgelm.tokenizer import validate_messages, validate_template_kwargs, validate_tools
+
+        messages = validate_messages(messages)  # the runtime's rules: tool calls, tool results, content parts
+        tools = validate_tools(tools)
+        template_kwargs = validate_template_kwargs(template_kwargs)
+        text = self.apply_chat_template(messages, tools=tools, documents=documents, **template_kwargs)
+        return _Query(text, messages, _last_user(messages), prefer, tuple(tags), kwargs, tools=tools,
+                      documents=documents)
 
     # --- internals ---------------------------------------------------------------------------------
     def _decide(self, q: "_Query") -> Decision | None:
@@ -561,28 +589,52 @@ class Hybrid:
             out["max_tokens"] = int(self.local.generation_config.get("max_new_tokens") or 128)
         return out
 
-    def _outgoing(self, q: "_Query") -> tuple[list[dict[str, str]] | None, str]:
-        """The redacted messages (chat) or prompt (generate) that may leave the device."""
-        redact = self.router.redact or (lambda s: s)
-        if q.messages is not None:
-            out = []
-            for m in q.messages:
-                content = redact(m["content"])
-                if not isinstance(content, str):
-                    raise InvalidArgumentError("the redact hook must return a string.")
-                out.append({"role": m["role"], "content": content})
-            return out, ""
-        prompt = redact(q.prompt)
-        if not isinstance(prompt, str):
+    def _cloud_chat_extras(self, q: "_Query") -> dict[str, Any]:
+        """``tools`` (as given: the app's own schemas) and ``documents`` (redacted: they are content)."""
+        out: dict[str, Any] = {}
+        if q.tools:
+            out["tools"] = q.tools
+        if q.documents is not None:
+            out["documents"] = [{k: self._redact(v) if isinstance(v, str) else v for k, v in d.items()}
+                                for d in q.documents]
+        return out
+
+    def _redact(self, text: str) -> str:
+        if self.router.redact is None:
+            return text
+        out = self.router.redact(text)
+        if not isinstance(out, str):
             raise InvalidArgumentError("the redact hook must return a string.")
-        return None, prompt
+        return out
+
+    def _outgoing(self, q: "_Query") -> tuple[list[dict[str, Any]] | None, str]:
+        """The redacted messages (chat, in the OpenAI wire shape) or prompt (generate) that may leave the device.
+
+        Everything a user or a tool wrote is redacted: text content, text parts, tool results and tool call
+        arguments (which repeat what the user said). Roles, names and ids are not."""
+        if q.messages is None:
+            return None, self._redact(q.prompt)
+        from edgelm.cloud import openai_messages
+
+        out = []
+        for m in openai_messages(q.messages):
+            content = m.get("content")
+            if isinstance(content, str):
+                m["content"] = self._redact(content)
+            elif isinstance(content, list):
+                m["content"] = [{**p, "text": self._redact(p["text"])} if isinstance(p.get("text"), str) else p
+                                for p in content]
+            if "tool_calls" in m:
+                m["tool_calls"] = [_redact_arguments(c, self._redact) for c in m["tool_calls"]]
+            out.append(m)
+        return out, ""
 
     def _call_cloud(self, q: "_Query") -> "CloudReply":
         assert self.cloud is not None and self.router.allow_cloud  # privacy mode never reaches here
         messages, prompt = self._outgoing(q)
         kw = self._cloud_kwargs(q)
         if messages is not None:
-            reply = self.cloud.chat(messages, **kw)
+            reply = self.cloud.chat(messages, **kw, **self._cloud_chat_extras(q))
         elif self.cloud_endpoint == "completions":
             reply = self.cloud.complete(prompt, **kw)
         else:
@@ -703,7 +755,7 @@ class Hybrid:
         given: list[str] = []
         try:
             if messages is not None:
-                cs = self.cloud.stream(messages, **kw)
+                cs = self.cloud.stream(messages, **kw, **self._cloud_chat_extras(q))
             elif self.cloud_endpoint == "completions":
                 cs = self.cloud.stream_complete(prompt, **kw)
             else:
@@ -756,11 +808,13 @@ class Hybrid:
 @dataclass(frozen=True)
 class _Query:
     text: str                              # what the local model sees (prompt, or the rendered chat template)
-    messages: list[dict[str, str]] | None  # chat messages (None for a plain prompt)
+    messages: list[dict[str, Any]] | None  # chat messages, validated (None for a plain prompt)
     rule_text: str                         # what rules look at: the prompt, or the last user message
     prefer: Side | None
     tags: tuple[str, ...]
     kwargs: dict[str, Any]
+    tools: list[dict[str, Any]] | None = None      # chat only: for the template and the cloud request
+    documents: list[dict[str, Any]] | None = None
 
     @property
     def prompt(self) -> str:
@@ -792,18 +846,35 @@ def _check_prompt(prompt: Any) -> None:
                                    hint="Token-id prompts cannot be sent to a cloud model; pass text.")
 
 
-def _check_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        raise InvalidArgumentError("messages must be a non-empty list of {'role': str, 'content': str}.")
+def _template_args(tools: Any, documents: Any, template_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The template arguments that were given (so a Model-like local without them keeps working)."""
+    given = {k: v for k, v in (("tools", tools), ("documents", documents)) if v is not None}
+    return {**given, **template_kwargs}
 
 
-def _last_user(messages: list[dict[str, str]]) -> str:
+def _content_text(content: Any) -> str:
+    """What rules read of a message's content: the str, its text parts joined, or a tool result as JSON."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        import json
+
+        return json.dumps(content, ensure_ascii=False)
+    return "\n".join(p["text"] for p in content or () if isinstance(p, dict) and isinstance(p.get("text"), str))
+
+
+def _last_user(messages: list[dict[str, Any]]) -> str:
     for m in reversed(messages):
         if m["role"] == "user":
-            return m["content"]
-    return messages[-1]["content"]
+            return _content_text(m.get("content"))
+    return _content_text(messages[-1].get("content"))
+
+
+def _redact_arguments(call: dict[str, Any], redact: Callable[[str], str]) -> dict[str, Any]:
+    fn = call.get("function")
+    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+        return {**call, "function": {**fn, "arguments": redact(fn["arguments"])}}
+    return call
 
 
 # --- command line -------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -63,7 +63,7 @@ DEFAULT_LOOKUP = False
 
 # The model's finish reasons -> OpenAI's. An end-of-sequence token is a natural stop for OpenAI clients.
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
-_ROLES = {"system", "user", "assistant", "developer"}
+_ROLES = {"system", "user", "assistant", "developer", "tool"}
 
 
 # --- errors in the OpenAI shape ------------------------------------------------------------------
@@ -149,6 +149,13 @@ class _Request:
     gen_kwargs: dict[str, Any]
     stream: bool
     include_usage: bool
+    # chat only: what goes to the chat template besides the messages (tools, documents, chat_template_kwargs)
+    chat_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def template_args(self) -> dict[str, Any]:
+        """``chat_kwargs`` as ``apply_chat_template`` takes them (template variables unpacked)."""
+        kw = dict(self.chat_kwargs)
+        return {**kw.pop("chat_template_kwargs", {}), **kw}
 
 
 def _parse_sampling(body: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -216,9 +223,9 @@ def _parse_sampling(body: Mapping[str, Any], kind: str) -> dict[str, Any]:
     if kind == "chat":
         if _field(body, "logprobs", bool):
             raise _unsupported("logprobs", "remove it or set it to false.")
-        if body.get("tools") or body.get("functions"):
-            name = "tools" if body.get("tools") else "functions"
-            raise _unsupported(name, "tool and function calling are not available; remove them from the request.")
+        if body.get("functions") or body.get("function_call"):
+            name = "functions" if body.get("functions") else "function_call"
+            raise _unsupported(name, "the legacy function-calling fields are not available; send 'tools' instead.")
         fmt = _field(body, "response_format", dict)
         if fmt and fmt.get("type", "text") != "text":
             raise _unsupported("response_format", "only {\"type\": \"text\"} is available.")
@@ -255,13 +262,19 @@ def _parse_prompt(body: Mapping[str, Any]) -> str | list[int]:
                    param="prompt", code="invalid_type")
 
 
-def _parse_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+def _parse_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """OpenAI chat messages -> the runtime's (docs/runtime.md): what chat templates expect.
+
+    Text parts are joined into one string (templates of text models read ``content`` as a string); an assistant
+    message may carry ``tool_calls`` instead of content, whose ``function.arguments`` JSON string becomes a dict
+    (templates write it with ``tojson``); ``tool`` messages keep ``tool_call_id`` and ``name``.
+    """
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         what = "missing" if messages is None else f"{_type_name(messages)}"
         raise APIError(400, f"'messages' must be a non-empty array of {{\"role\", \"content\"}} objects (got {what}).",
                        param="messages", code="invalid_type" if messages is not None else "missing_required_parameter")
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     for i, msg in enumerate(messages):
         param = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -270,9 +283,11 @@ def _parse_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
         if role not in _ROLES:
             raise APIError(400, f"'{param}.role' must be one of {sorted(_ROLES)}, got {role!r}.",
                            param=f"{param}.role", code="invalid_value")
+        parsed: dict[str, Any] = {"role": "system" if role == "developer" else role}
+        calls = _parse_tool_calls(msg.get("tool_calls"), f"{param}.tool_calls") if role == "assistant" else None
         content = msg.get("content")
         if content is None and role == "assistant":
-            content = ""
+            content = None if calls else ""
         if isinstance(content, list):  # content parts: only text ones make sense for a text model
             texts = []
             for part in content:
@@ -281,10 +296,82 @@ def _parse_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
                                    f"this model reads text only.", param=f"{param}.content", code="invalid_value")
                 texts.append(part["text"])
             content = "\n".join(texts)
-        if not isinstance(content, str):
-            raise APIError(400, f"'{param}.content' must be a string, not {_type_name(content)}.",
-                           param=f"{param}.content", code="invalid_type")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        if content is not None:
+            if not isinstance(content, str):
+                raise APIError(400, f"'{param}.content' must be a string, not {_type_name(content)}.",
+                               param=f"{param}.content", code="invalid_type")
+            parsed["content"] = content
+        if calls:
+            parsed["tool_calls"] = calls
+        for key in ("name", "tool_call_id"):
+            value = msg.get(key)
+            if value is not None:
+                if not isinstance(value, str):
+                    raise APIError(400, f"'{param}.{key}' must be a string, not {_type_name(value)}.",
+                                   param=f"{param}.{key}", code="invalid_type")
+                parsed[key] = value
+        out.append(parsed)
+    return out
+
+
+def _parse_tool_calls(calls: Any, param: str) -> list[dict[str, Any]] | None:
+    if calls is None:
+        return None
+    if not isinstance(calls, list):
+        raise APIError(400, f"'{param}' must be an array, not {_type_name(calls)}.", param=param, code="invalid_type")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+            raise APIError(400, f"'{param}[{j}]' must be {{\"type\": \"function\", \"id\": ..., \"function\": "
+                           f"{{\"name\": ..., \"arguments\": \"{{...}}\"}}}}.", param=f"{param}[{j}]",
+                           code="invalid_value")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):  # OpenAI sends a JSON string; templates want the object (kept as text if not one)
+            try:
+                decoded = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                decoded = None
+            args = decoded if isinstance(decoded, dict) else args
+        elif not isinstance(args, dict):
+            raise APIError(400, f"'{param}[{j}].function.arguments' must be a JSON string, not {_type_name(args)}.",
+                           param=f"{param}[{j}].function.arguments", code="invalid_type")
+        out.append({**call, "type": call.get("type", "function"), "function": {**fn, "arguments": args}})
+    return out
+
+
+def _parse_chat_options(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``tools`` (OpenAI function schemas, given to the chat template as they are), ``tool_choice``, and the
+    extensions vLLM also accepts: ``documents`` and ``chat_template_kwargs``."""
+    out: dict[str, Any] = {}
+    tools = _field(body, "tools", list)
+    for j, tool in enumerate(tools or ()):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not (isinstance(fn, dict) and tool.get("type", "function") == "function"
+                and isinstance(fn.get("name"), str) and fn["name"]):
+            raise APIError(400, f"'tools[{j}]' must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                           f"\"description\": ..., \"parameters\": {{...}}}}}}.", param=f"tools[{j}]",
+                           code="invalid_value")
+    choice = body.get("tool_choice")
+    if choice is not None and choice not in ("auto", "none"):
+        raise _unsupported("tool_choice", "a local model cannot be forced to call a tool; use \"auto\" or \"none\".")
+    _field(body, "parallel_tool_calls", bool)  # checked, then left to the model: it decides how many calls to make
+    if tools and choice != "none":  # "none": the model is not to call tools, so it is not shown them
+        out["tools"] = tools
+    documents = _field(body, "documents", list)
+    if documents is not None:
+        if not all(isinstance(d, dict) for d in documents):
+            raise APIError(400, "'documents' must be an array of objects, e.g. {\"title\": ..., \"text\": ...}.",
+                           param="documents", code="invalid_type")
+        out["documents"] = documents
+    template_kwargs = _field(body, "chat_template_kwargs", dict)
+    if template_kwargs:
+        from edgelm.tokenizer import validate_template_kwargs
+
+        try:
+            out["chat_template_kwargs"] = validate_template_kwargs(template_kwargs)
+        except InvalidArgumentError as exc:
+            raise APIError(400, exc.message, param="chat_template_kwargs", code="invalid_value") from None
     return out
 
 
@@ -294,10 +381,12 @@ def _parse_request(body: Any, kind: str) -> _Request:
     model = _field(body, "model", str)
     prompt = _parse_messages(body) if kind == "chat" else _parse_prompt(body)
     kw = _parse_sampling(body, kind)
+    chat_kwargs = _parse_chat_options(body) if kind == "chat" else {}
     stream = _field(body, "stream", bool, False)
     options = _field(body, "stream_options", dict, {})
     include_usage = _field(options, "include_usage", bool, False) if stream else False
-    return _Request(kind=kind, model=model, prompt=prompt, gen_kwargs=kw, stream=stream, include_usage=include_usage)
+    return _Request(kind=kind, model=model, prompt=prompt, gen_kwargs=kw, stream=stream, include_usage=include_usage,
+                    chat_kwargs=chat_kwargs)
 
 
 # --- the worker pool ---------------------------------------------------------------------------------
@@ -307,6 +396,7 @@ class _Outcome:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: list[dict[str, Any]] | None = None  # from a Hybrid's cloud answer (a local model's are text)
 
 
 def _outcome(gen: Any) -> _Outcome:
@@ -442,7 +532,7 @@ def _generation_work(model: Any, req: _Request, lookup: bool = False) -> Callabl
         if lookup:  # the model ignores it for sampled requests
             kwargs["lookup"] = True
         # Arguments are validated here, before any decoding; errors go back to the request as an "error".
-        it: Iterator[str] = (model.chat_stream(req.prompt, **kwargs) if req.kind == "chat"
+        it: Iterator[str] = (model.chat_stream(req.prompt, **req.chat_kwargs, **kwargs) if req.kind == "chat"
                              else model.stream(req.prompt, **kwargs))
         result: Any = None
         try:
@@ -468,6 +558,10 @@ def _generation_work(model: Any, req: _Request, lookup: bool = False) -> Callabl
             outcome = _outcome(result)  # the runtime reported exact counts
         else:
             outcome = _estimate_outcome(model, req, text, kwargs.get("max_new_tokens"))
+        # A Hybrid's stream says where its answer came from; a cloud answer may be tool calls.
+        calls = getattr(getattr(it, "result", None), "tool_calls", None)
+        if calls:
+            outcome.tool_calls, outcome.finish_reason = calls, "tool_calls"
         job.emit("done", outcome)
         return True
     return work
@@ -486,7 +580,7 @@ def _fit_default_max_tokens(model: Any, req: _Request) -> dict[str, Any]:
         if isinstance(req.prompt, list) and req.kind == "completion":
             n_prompt = len(req.prompt)
         else:
-            text = model.apply_chat_template(req.prompt) if req.kind == "chat" else req.prompt
+            text = model.apply_chat_template(req.prompt, **req.template_args()) if req.kind == "chat" else req.prompt
             n_prompt = len(model.tokenizer.encode(text))
     except Exception:  # noqa: BLE001 - leave it to the model, which raises the proper typed error
         return kwargs
@@ -499,7 +593,7 @@ def _estimate_outcome(model: Any, req: _Request, text: str, limit: int | None) -
     """Usage for a stream whose iterator does not return a Generation: count by re-tokenizing."""
     tok = model.tokenizer
     if req.kind == "chat":
-        prompt_tokens = len(tok.encode(model.apply_chat_template(req.prompt)))
+        prompt_tokens = len(tok.encode(model.apply_chat_template(req.prompt, **req.template_args())))
     elif isinstance(req.prompt, list):
         prompt_tokens = len(req.prompt)
     else:
@@ -704,8 +798,10 @@ class EdgeLMServer:
 
     def _full_body(self, kind: str, rid: str, created: int, model_id: str, out: _Outcome) -> dict[str, Any]:
         if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
-                      "finish_reason": out.finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": out.text}
+            if out.tool_calls:
+                message.update(content=out.text or None, tool_calls=out.tool_calls)
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": out.finish_reason}
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
@@ -718,13 +814,16 @@ class EdgeLMServer:
         chat = req.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, *, role: bool = False) -> dict[str, Any]:
+        def chunk(text: str | None, finish: str | None, *, role: bool = False,
+                  tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
             if chat:
-                delta: dict[str, str] = {}
+                delta: dict[str, Any] = {}
                 if role:
                     delta["role"] = "assistant"
                 if text is not None:
                     delta["content"] = text
+                if tool_calls:  # each call whole, in one delta (clients join fragments by index)
+                    delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(tool_calls)]
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
@@ -743,6 +842,8 @@ class EdgeLMServer:
                     if value:
                         yield _sse(chunk(value, None))
                 elif kind == "done":
+                    if chat and value.tool_calls:
+                        yield _sse(chunk(None, None, tool_calls=value.tool_calls))
                     yield _sse(chunk(None if chat else "", value.finish_reason))
                     if req.include_usage:
                         yield _sse({"id": rid, "object": obj, "created": created, "model": model_id, "choices": [],

@@ -5,6 +5,7 @@ not assumptions about the client's internals. Backoffs are tiny so the whole fil
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -250,3 +251,101 @@ def test_text_completions_endpoint():
     assert streamed == "echo: The end" and s.reply.finish_reason == "stop"
     assert srv.requests[0].path == "/v1/completions"
     assert srv.requests[0].body["prompt"] == "Once upon a time" and "messages" not in srv.requests[0].body
+
+
+# --- tools ---------------------------------------------------------------------------------------------
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+CALLS = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+         {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+
+
+def tool_answer(calls, *, content=None):
+    """A chat completion whose answer is tool calls (content null, as OpenAI sends it), or its stream, with each
+    call's arguments split over several events as real servers do."""
+    def behave(conn, req):
+        if not req.streaming:
+            body = {"id": "c", "object": "chat.completion", "model": "fault-server",
+                    "choices": [{"index": 0, "finish_reason": "tool_calls",
+                                 "message": {"role": "assistant", "content": content, "tool_calls": calls}}]}
+            conn.respond(200, json.dumps(body).encode())
+            return
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+
+        def event(delta, finish=None):
+            e = {"id": "c", "object": "chat.completion.chunk", "choices": [
+                {"index": 0, "delta": delta, "finish_reason": finish}]}
+            conn.send(b"data: " + json.dumps(e).encode() + b"\n\n")
+        event({"role": "assistant", "content": None})
+        for i, c in enumerate(calls):
+            args = c["function"]["arguments"]
+            event({"tool_calls": [{"index": i, "id": c["id"], "type": "function",
+                                   "function": {"name": c["function"]["name"], "arguments": ""}}]})
+            for j in range(0, len(args), 5):
+                event({"tool_calls": [{"index": i, "function": {"arguments": args[j:j + 5]}}]})
+        event({}, "tool_calls")
+        conn.send(b"data: [DONE]\n\n")
+    return behave
+
+
+def test_tools_and_tool_messages_go_out_in_the_openai_shape():
+    # The runtime's message shapes (what chat templates take) on the way in ...
+    convo = [{"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}], "app_note": "local only"},
+             {"role": "assistant", "tool_calls": [{"id": "call_1", "function": {"name": "get_weather",
+                                                                                "arguments": {"city": "Paris"}}}]},
+             {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": {"temp_c": 21}}]
+    with FaultServer(ok("It is 21 C.")) as srv, client(srv.url) as c:
+        reply = c.chat(convo, tools=TOOLS)
+        c.chat([{"role": "user", "content": "hi"}], tools=[])  # no tools: no "tools" field (OpenAI refuses [])
+    assert reply.text == "It is 21 C." and reply.tool_calls is None
+    body = srv.requests[0].body
+    assert body["tools"] == TOOLS and "documents" not in body
+    # ... and OpenAI's on the wire: arguments and tool results as JSON text, null content beside tool calls.
+    assert body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": '{"temp_c": 21}', "name": "get_weather", "tool_call_id": "call_1"}]
+    assert "tools" not in srv.requests[1].body
+    # Messages already in the OpenAI shape go out unchanged.
+    openai_convo = [{"role": "user", "content": "Weather in Paris and Oslo?"},
+                    {"role": "assistant", "content": None, "tool_calls": CALLS},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+    with FaultServer(ok()) as srv, client(srv.url) as c:
+        c.chat(openai_convo, documents=[{"title": "t", "text": "d"}])
+    assert srv.requests[0].body["messages"] == openai_convo
+    assert srv.requests[0].body["documents"] == [{"title": "t", "text": "d"}]
+
+
+def test_tool_calls_in_the_answer_come_back_on_the_reply():
+    with FaultServer(tool_answer(CALLS), tool_answer(CALLS)) as srv, client(srv.url) as c:
+        reply = c.chat(MSGS, tools=TOOLS)
+        s = c.stream(MSGS, tools=TOOLS)
+        pieces = list(s)
+    assert reply.tool_calls == CALLS and reply.text == "" and reply.finish_reason == "tool_calls"
+    assert pieces == [] and s.reply.tool_calls == CALLS and s.reply.finish_reason == "tool_calls"
+    assert srv.requests[1].body["tools"] == TOOLS and srv.requests[1].body["stream"] is True
+
+
+@pytest.mark.parametrize("message", [{"role": "assistant", "content": None, "tool_calls": "call it"},
+                                     {"role": "assistant", "content": None, "tool_calls": []},
+                                     {"role": "assistant", "tool_calls": [1]}])
+def test_malformed_tool_calls_in_the_answer_raise_response_error(message):
+    body = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": message}]}
+    with FaultServer(malformed(json.dumps(body).encode())) as srv, client(srv.url) as c:
+        with pytest.raises(CloudResponseError):
+            c.chat(MSGS)
+    assert len(srv.requests) == 1
+
+
+def test_bad_tools_and_messages_are_refused_before_any_connection():
+    c = CloudClient("https://example.com/v1", api_key="k")
+    with ConnectionSpy() as spy:
+        for bad in (dict(tools={"name": "f"}), dict(tools=[print]), dict(documents="text")):
+            with pytest.raises(InvalidArgumentError):
+                c.chat(MSGS, **bad)
+        with pytest.raises(InvalidArgumentError):  # content may be left out only beside tool calls
+            c.chat([{"role": "assistant", "content": None}])
+    assert spy.connects == []

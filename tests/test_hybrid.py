@@ -9,6 +9,7 @@ with a real exported model and a real ``edgelm serve``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 
@@ -35,12 +36,16 @@ class LocalDouble:
         self.context_length = context_length
         self.generation_config = {"max_new_tokens": 8}
         self.calls: list[str] = []  # every prompt generate/stream was asked to continue
+        self.templates: list[dict] = []  # every apply_chat_template call's arguments
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return [1] * add_bos + [2] * len(text.split())
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        return "".join(f"<{m['role']}> {m['content']}\n" for m in messages) + "<assistant>"
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, *, tools=None, documents=None,
+                            **template_kwargs) -> str:
+        self.templates.append(dict(messages=messages, tools=tools, documents=documents, **template_kwargs))
+        head = f"<tools> {json.dumps(tools)}\n" if tools else ""
+        return head + "".join(f"<{m['role']}> {m.get('content', '')}\n" for m in messages) + "<assistant>"
 
     def _check(self, prompt: str, max_new_tokens: int | None, truncate: str | None) -> int:
         n = len(self.encode(prompt)) + (max_new_tokens or 8)
@@ -403,3 +408,72 @@ def test_local_refusal_is_rescued_by_the_cloud_in_generate_and_stream():
         list(hy.stream(long_prompt, prefer="local", max_new_tokens=4))
     with pytest.raises(RoutingError, match="cloud unreachable"):
         list(hy.stream(long_prompt, max_new_tokens=4))  # the context check chose the cloud, which failed
+
+
+# --- tools --------------------------------------------------------------------------------------------
+from test_cloud import CALLS, TOOLS, tool_answer  # noqa: E402
+
+TOOL_CONVO = [{"role": "user", "content": "Weather in Paris?"},
+              {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                  "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+              {"role": "tool", "tool_call_id": "call_1", "content": {"temp_c": 21}},
+              {"role": "user", "content": [{"type": "text", "text": "And in Oslo?"}]}]
+
+
+def test_chat_tools_reach_the_local_template_and_the_cloud_request():
+    local = LocalDouble(context_length=512)
+    docs = [{"title": "Oslo", "text": "Oslo is cold."}]
+    with FaultServer(tool_answer(CALLS)) as srv:
+        hy = Hybrid(local, cloud_for(srv))
+        r_local = hy.chat(TOOL_CONVO, tools=TOOLS, documents=docs, chat_template_kwargs={"date_string": "1 May"},
+                          prefer="local")
+        r_cloud = hy.chat(TOOL_CONVO, tools=TOOLS, documents=docs, prefer="cloud")
+        s = hy.chat_stream(TOOL_CONVO, tools=TOOLS, prefer="cloud")
+        streamed = list(s)
+        assert hy.apply_chat_template(TOOL_CONVO, tools=TOOLS) == local.calls[0]
+    # local: tools, documents and template variables went into the template, whose text the model continued
+    seen = local.templates[0]
+    assert seen["tools"] == TOOLS and seen["documents"] == docs and seen["date_string"] == "1 May"
+    assert local.calls == [hy.apply_chat_template(TOOL_CONVO, tools=TOOLS, documents=docs, date_string="1 May")]
+    assert local.calls[0].startswith("<tools> ") and r_local.source == "local" and r_local.tool_calls is None
+    # cloud: tools and documents as given, messages in the OpenAI shape; its tool calls come back
+    sent = srv.requests[0].body
+    assert sent["tools"] == TOOLS and sent["documents"] == docs
+    assert sent["messages"][1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
+    assert sent["messages"][2] == {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'}
+    assert r_cloud.source == "cloud" and r_cloud.tool_calls == CALLS and r_cloud.text == ""
+    assert r_cloud.finish_reason == "tool_calls"
+    assert streamed == [] and s.result.tool_calls == CALLS and srv.requests[1].body["tools"] == TOOLS
+    assert "documents" not in srv.requests[1].body
+
+
+def test_rules_read_text_parts_and_redaction_covers_everything_a_tool_chat_sends():
+    def redact(text: str) -> str:
+        return re.sub(r"[\w.]+@[\w.]+", "[email]", text)
+
+    convo = [{"role": "user", "content": [{"type": "text", "text": "mail bob@example.com the forecast"}]},
+             {"role": "assistant", "tool_calls": [{"id": "c1", "function": {
+                 "name": "send_mail", "arguments": {"to": "bob@example.com"}}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": {"sent_to": "bob@example.com"}}]
+    local = LocalDouble(context_length=512)
+    with FaultServer(ok()) as srv:
+        hy = Hybrid(local, cloud_for(srv), Router(redact=redact, rules=[Rule("cloud", keywords=["forecast"])]))
+        r = hy.chat(convo, tools=TOOLS, documents=[{"title": "from ann@corp.org", "text": "cc carl@x.io"}])
+    assert (r.source, r.signal) == ("cloud", "rule")  # the keyword sits in a text part of the user message
+    wire = srv.requests[0].raw
+    assert b"@" not in wire and wire.count(b"[email]") == 5
+    assert local.templates[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"to": "bob@example.com"}
+    assert "bob@example.com" in hy.apply_chat_template(convo)  # the local prompt keeps the original
+
+
+@pytest.mark.parametrize("bad", [dict(messages=[{"role": "user", "content": 5}]),
+                                 dict(messages=[{"role": "user", "content": "hi"}], tools={"name": "f"}),
+                                 dict(messages=[{"role": "user", "content": "hi"}],
+                                      chat_template_kwargs={"messages": []})])
+def test_bad_chat_arguments_are_refused_before_anything_runs(bad):
+    local = LocalDouble()
+    with ConnectionSpy() as spy:
+        hy = Hybrid(local, CloudClient("http://127.0.0.1:9/v1", api_key=KEY))
+        with pytest.raises(InvalidArgumentError):
+            hy.chat(prefer="cloud", **bad)
+    assert spy.connects == [] and local.calls == []

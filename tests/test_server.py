@@ -390,3 +390,139 @@ def test_api_key_required_and_never_logged(lm, caplog, capfd):
     logs = caplog.text + out + err
     assert "POST /v1/chat/completions" in logs and "chatcmpl-" in logs, "the test should have captured request logs"
     assert key not in logs and wrong not in logs
+
+
+# --- tools: OpenAI's tool-calling messages reach the chat template; a Hybrid's cloud tool calls come back -------
+# A template that writes everything tools add, so the prompt (and its token count) shows what reached it. Tool
+# call arguments go through `tojson`: a dict and a JSON string render differently, which pins the conversion.
+TOOL_TEMPLATE = (
+    "{%- if tools %}T: {% for t in tools %}{{ t.function.name }} {{ t.function.parameters | tojson }} {% endfor %}"
+    "{{ '\\n' }}{% endif %}"
+    "{%- if documents %}D: {% for d in documents %}{{ d.text }} {% endfor %}{{ '\\n' }}{% endif %}"
+    "{%- if date_string is defined %}date {{ date_string }}{{ '\\n' }}{% endif %}"
+    "{%- for m in messages %}{{ m.role }}: "
+    "{%- if m.tool_calls %}{% for c in m.tool_calls %} call {{ c.function.name }} {{ c.function.arguments | tojson }}"
+    "{% endfor %}{% else %} {{ m.content }}{% endif %}{% if m.tool_call_id %} ({{ m.tool_call_id }}){% endif %}"
+    "{{ '\\n' }}{% endfor %}"
+    "{%- if add_generation_prompt %}assistant:{% endif %}")
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {}}}}}]
+ASK = [{"role": "user", "content": "Is it sunny in Paris?"}]
+# The conversation after a tool call, as an OpenAI client sends it, and as the runtime (templates) takes it.
+TOOL_TURN = ASK + [
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]}]
+TOOL_TURN_RUNTIME = ASK + [
+    {"role": "assistant", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+
+
+@pytest.fixture(scope="module")
+def tool_lm(stories_int8, tmp_path_factory):
+    """stories260K with TOOL_TEMPLATE as its chat template."""
+    import shutil
+
+    import edgelm
+    folder = tmp_path_factory.mktemp("tools") / "stories-tools"
+    shutil.copytree(stories_int8, folder)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg_path.write_text(json.dumps({**cfg, "chat_template": TOOL_TEMPLATE}))
+    return edgelm.load(folder, threads=1, verify=False)
+
+
+@pytest.fixture(scope="module")
+def tool_client(tool_lm):
+    from edgelm.server import BackgroundServer
+    with BackgroundServer({"m": tool_lm}, workers=1) as srv:
+        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60), srv
+
+
+def _n_prompt(lm, messages, **template) -> int:
+    return len(lm.encode(lm.apply_chat_template(messages, **template)))
+
+
+def test_tools_and_tool_messages_reach_the_chat_template(tool_client, tool_lm):
+    client, _ = tool_client
+    greedy = dict(max_tokens=12, temperature=0)
+    for messages, runtime in ((ASK, ASK), (TOOL_TURN, TOOL_TURN_RUNTIME)):
+        got = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, **greedy)
+        ref = tool_lm.chat(runtime, tools=TOOLS, max_new_tokens=12, temperature=0)
+        assert got.usage.prompt_tokens == ref.prompt_tokens == _n_prompt(tool_lm, runtime, tools=TOOLS)
+        assert got.choices[0].message.content == ref.text and got.choices[0].message.tool_calls is None
+        streamed = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, stream=True, **greedy)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == ref.text
+    assert "call get_weather {\"city\": \"Paris\"}" in tool_lm.apply_chat_template(TOOL_TURN_RUNTIME)
+    # tool_choice "none": the model is not shown the tools; "auto" is the default
+    none = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="none", **greedy)
+    auto = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="auto", **greedy)
+    assert none.usage.prompt_tokens == _n_prompt(tool_lm, ASK) < auto.usage.prompt_tokens
+    # vLLM's extensions: documents and template variables
+    docs = [{"title": "w", "text": "Paris is sunny."}]
+    got = client.chat.completions.create(model="m", messages=ASK, max_tokens=4, extra_body={
+        "documents": docs, "chat_template_kwargs": {"date_string": "1 May"}})
+    assert got.usage.prompt_tokens == _n_prompt(tool_lm, ASK, documents=docs, date_string="1 May")
+
+
+@pytest.mark.parametrize("name,extra,code,param", [
+    ("tools not an array", {"tools": {"name": "f"}}, "invalid_type", "tools"),
+    ("tool without a function", {"tools": [{"type": "function"}]}, "invalid_value", "tools[0]"),
+    ("tool_choice required", {"tools": TOOLS, "tool_choice": "required"}, "unsupported_parameter", "tool_choice"),
+    ("legacy functions", {"functions": [{"name": "f"}]}, "unsupported_parameter", "functions"),
+    ("tool_calls not an array", {"messages": [{"role": "assistant", "tool_calls": "f()"}]}, "invalid_type",
+     "messages[0].tool_calls"),
+    ("tool call without a name", {"messages": [{"role": "assistant", "tool_calls": [{"function": {}}]}]},
+     "invalid_value", "messages[0].tool_calls[0]"),
+    ("arguments a number", {"messages": [{"role": "assistant", "tool_calls": [
+        {"function": {"name": "f", "arguments": 5}}]}]}, "invalid_type",
+     "messages[0].tool_calls[0].function.arguments"),
+    ("tool_call_id a number", {"messages": [{"role": "tool", "tool_call_id": 5, "content": "x"}]}, "invalid_type",
+     "messages[0].tool_call_id"),
+    ("image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "invalid_value", "messages[0].content"),
+    ("reserved template variable", {"chat_template_kwargs": {"tools": []}}, "invalid_value", "chat_template_kwargs"),
+    ("documents not objects", {"documents": ["text"]}, "invalid_type", "documents"),
+])
+def test_malformed_tool_requests_get_400_naming_the_field(tool_client, name, extra, code, param):
+    _, srv = tool_client
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 2, **extra}, timeout=60)
+    assert r.status_code == 400, (name, r.text)
+    err = r.json()["error"]
+    assert (err["code"], err["param"]) == (code, param), (name, err)
+
+
+def test_a_served_hybrid_returns_its_clouds_tool_calls(tool_lm):
+    """client -> edgelm serve -> Hybrid -> cloud (a loopback fault server) and back, tools both ways."""
+    from edgelm.cloud import CloudClient
+    from edgelm.hybrid import Hybrid, Router, Rule
+    from edgelm.server import BackgroundServer
+    from faults import FaultServer
+    from test_cloud import CALLS, tool_answer
+
+    with FaultServer(tool_answer(CALLS)) as cloud_srv:
+        hy = Hybrid(tool_lm, CloudClient(cloud_srv.url, api_key="k", timeout=10),
+                    Router(rules=[Rule("cloud", keywords=["weather"])]))
+        with BackgroundServer({"m": hy}, workers=1) as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            ask = [{"role": "user", "content": "weather in Paris and Oslo?"}]
+            got = client.chat.completions.create(model="m", messages=ask, tools=TOOLS, max_tokens=8)
+            chunks = list(client.chat.completions.create(model="m", messages=ask, tools=TOOLS, max_tokens=8,
+                                                         stream=True))
+            local = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, max_tokens=8, temperature=0)
+    choice = got.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [c.model_dump() for c in choice.message.tool_calls] == CALLS
+    assert all(r.body["tools"] == TOOLS for r in cloud_srv.requests) and len(cloud_srv.requests) == 2
+    streamed: dict[int, dict] = {}
+    for c in chunks:
+        for d in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            call = streamed.setdefault(d.index, {"id": d.id, "type": d.type, "function": {"name": "", "arguments": ""}})
+            call["function"]["name"] += d.function.name or ""
+            call["function"]["arguments"] += d.function.arguments or ""
+    assert [streamed[i] for i in sorted(streamed)] == CALLS
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    # no rule matched: the local model answered, with text (its tool call, if any, is not parsed)
+    assert local.choices[0].message.tool_calls is None
+    assert local.choices[0].message.content == tool_lm.chat(ASK, tools=TOOLS, max_new_tokens=8, temperature=0).text
