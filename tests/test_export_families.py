@@ -196,13 +196,13 @@ def test_what_the_configs_exercise_really_matters():
 
 
 def test_export_list_prints_the_family_table_that_docs_show(capsys):
-    from edgelm_export.archs import FAMILIES, family_table
+    from edgelm_export.archs import FAMILIES, GENERIC, family_table
 
     from edgelm.cli import main
 
     assert main(["export", "--list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 + len(FAMILIES)
+    assert len(lines) == 1 + len(FAMILIES) + len(GENERIC)  # the builder's families, then the generic path
     for f, line in zip(FAMILIES, lines[1:]):
         assert line.split()[:4] == [f.architecture, f"export/archs/{f.module}.py", f.model_type, f.cache]
     docs = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()

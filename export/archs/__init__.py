@@ -39,14 +39,26 @@ FAMILIES: tuple[Supported, ...] = (
     Supported("Phi3ForCausalLM", "phi3", "phi3", "shared", "random config, window cuts, partial rotary"),
     Supported("GPT2LMHeadModel", "gpt2", "gpt2", "concat", "random config"),
 )
+# The generic path (export/generic.py) for everything else: optimum's exporter, or a folder's ready-made graph.
+# "random config" here: tiny random models exported by optimum in tests/test_export_generic.py whose greedy tokens
+# from the edgelm runtime equal transformers' generate; "hand-built graph": a graph written with onnx.helper,
+# converted with torch blocked from import.
+GENERIC: tuple[tuple[str, str, str, str, str], ...] = (
+    ("any other causal LM", "optimum (--via optimum)", "the source's", "concat",
+     "random config: GPT-NeoX, OPT, Bloom, Falcon, StableLM, OLMo"),
+    ("ready-made ONNX folder", "its graph (--via onnx)", "the source's", "concat",
+     "optimum's folder, onnx/model*.onnx variants, hand-built graph without torch"),
+)
 # architecture -> (module in this package, edgelm model_type written to config.json)
 SUPPORTED: dict[str, tuple[str, str]] = {f.architecture: (f.module, f.model_type) for f in FAMILIES}
 
 
 def family_table(markdown: bool = False) -> str:
-    """The supported families as one table (``edgelm export --list``; the same rows are in docs/export.md)."""
-    head = ("architectures[0]", "builder", "model_type", "KV cache", "verified")
+    """The supported families as one table (``edgelm export --list``; the same rows are in docs/export.md): the
+    builder's families, then the generic path's rows."""
+    head = ("architectures[0]", "path", "model_type", "KV cache", "verified")
     rows = [(f.architecture, f"export/archs/{f.module}.py", f.model_type, f.cache, f.verified) for f in FAMILIES]
+    rows += list(GENERIC)
     if markdown:
         return "\n".join("| " + " | ".join(r) + " |" for r in [head, ("---",) * len(head), *rows])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
@@ -63,9 +75,14 @@ def resolve(cfg: dict[str, Any]) -> tuple[str, Any, str]:
         what = arch or f"model_type={cfg.get('model_type')!r} (config.json names no architectures)"
         raise UnsupportedArchitectureError(
             f"Cannot export {what}: supported architectures are {', '.join(SUPPORTED)}.",
-            hint="Pick a model of a supported family (`edgelm export --list` shows them).")
+            hint="Leave out --via builder to export it through optimum (--via optimum), or pick a family of "
+                 "`edgelm export --list`.")
     module_name, model_type = SUPPORTED[arch]
     module = importlib.import_module(f"{__name__}.{module_name}")
     builder = module.FAMILIES[model_type] if hasattr(module, "FAMILIES") else module
-    builder.check_config(cfg)
+    try:
+        builder.check_config(cfg)
+    except UnsupportedArchitectureError as exc:  # a feature the builder lacks: optimum may still export it
+        raise UnsupportedArchitectureError(exc.message, hint=f"{exc.hint or ''} Or export it through optimum with "
+                                           "--via optimum (a slower graph).".strip()) from None
     return arch, builder, model_type
