@@ -34,13 +34,13 @@ MAX_NGRAM = 3
 K_START = 4
 K_MIN = 2
 K_MAX = 16
-# Is drafting paying? Each verification of k drafts is charged COST_BASE + COST_PER_DRAFT * k one-token steps (the
-# upper envelope of the call costs measured in docs/lookup.md: 1.07-1.22 for one draft, 1.87-1.97 for eight) and
-# credited with the tokens it yielded. While the running average (weight SCORE_WEIGHT on the newest call) of credit
+# Is drafting paying? Each verification of k drafts is charged COST_BASE + COST_PER_DRAFT * k one-token steps (about
+# the steepest call costs measured in docs/lookup.md, SmolLM2-135M int8: 1.44 steps for one draft, 2.46 for eight,
+# 3.8 for sixteen) and credited with the tokens it yielded. While the running average (weight SCORE_WEIGHT on the newest call) of credit
 # minus charge is negative, every verification is a miss: drafting pauses for 2, 4, ... up to MAX_PAUSE tokens of
 # plain one-token steps, so text that does not repeat pays for at most one verification per MAX_PAUSE tokens.
-COST_BASE = 1.25
-COST_PER_DRAFT = 0.1
+COST_BASE = 1.3
+COST_PER_DRAFT = 0.15
 SCORE_WEIGHT = 0.3
 MAX_PAUSE = 64
 
