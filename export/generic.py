@@ -107,7 +107,7 @@ def choose_path(src_path: Path, src_cfg: dict[str, Any] | None, via: str | None,
     from .archs import SUPPORTED
 
     arch = ((src_cfg or {}).get("architectures") or [None])[0]
-    if find_onnx(src_path) is not None and (not has_weights or arch not in SUPPORTED):
+    if _onnx_files(src_path) and (not has_weights or arch not in SUPPORTED):  # (find_onnx then picks one)
         return "onnx"
     return "builder" if arch in SUPPORTED else "optimum"
 
@@ -369,6 +369,10 @@ def export_generic(src: str, src_path: Path, out: str, *, via: str, onnx_file: s
     hf_cfg = cv._read_json_or_empty(src_path / "config.json")
     if via == "optimum":
         cv._read_source_config(src_path)  # refuses a folder without a readable config.json
+    graph_file = find_onnx(src_path, onnx_file) if via == "onnx" else None
+    if via == "onnx" and graph_file is None:
+        raise ModelNotFoundError(f"{src_path} holds no ONNX graph (model.onnx or onnx/model*.onnx).",
+                                 hint="Pass a folder with one, or a Hugging Face folder with --via optimum.")
     cv._check_tokenizer(src_path)
     arch = (hf_cfg.get("architectures") or [None])[0] or f"model_type={hf_cfg.get('model_type')}"
     max_pos = int(hf_cfg.get("max_position_embeddings") or hf_cfg.get("n_positions") or hf_cfg.get("seq_length")
@@ -377,10 +381,6 @@ def export_generic(src: str, src_path: Path, out: str, *, via: str, onnx_file: s
         raise InvalidArgumentError(f"context_length={context_length} is longer than the model's {max_pos} positions.",
                                    hint=f"Pass context_length <= {max_pos}.")
     ctx = context_length or min(max_pos, cv.DEFAULT_MAX_CONTEXT)
-    graph_file = find_onnx(src_path, onnx_file) if via == "onnx" else None
-    if via == "onnx" and graph_file is None:
-        raise ModelNotFoundError(f"{src_path} holds no ONNX graph (model.onnx or onnx/model*.onnx).",
-                                 hint="Pass a folder with one, or a Hugging Face folder with --via optimum.")
     python = optimum_python(optimum_python_path) if via == "optimum" else None
     out_path = Path(out).expanduser()
     cv._check_output(out_path, overwrite, src_path)

@@ -254,6 +254,12 @@ def test_the_path_is_chosen_from_the_family(tmp_path):
     assert choose_path(tmp_path, neox, None, None, True) == "onnx"  # a graph is here: no torch needed
     assert choose_path(tmp_path, llama, None, None, True) == "builder"  # the lean graph when we can build it
     assert choose_path(tmp_path, llama, None, None, False) == "onnx"  # no weights: only the graph
+    (tmp_path / "model.onnx").unlink()
+    (tmp_path / "onnx").mkdir()
+    for f in ("model_q4.onnx", "model_fp16.onnx"):  # published variants only: the builder still gets the weights
+        (tmp_path / "onnx" / f).write_bytes(b"")
+    assert choose_path(tmp_path, llama, None, None, True) == "builder"
+    assert choose_path(tmp_path, neox, None, "onnx/model_q4.onnx", True) == "onnx"
 
 
 def test_builder_refusal_names_via_optimum():
