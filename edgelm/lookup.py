@@ -14,10 +14,11 @@ back by the cache (``rollback``): the "shared" layout derives the valid length a
 attention mask's length, so slots past it are never read and need nothing; the "concat" layout trims its
 ``present`` tensors.
 
-Numerics: a multi-token call is not bit-identical to single-token calls. fp32 GEMMs of 1 and of m rows sum in a
-different order (logits differ in the 6th digit); int8 graphs quantize each call's activations with one scale for
-the whole call (DynamicQuantizeMatMul), so rows change by up to ~1 logit. Greedy tokens therefore equal plain
-decoding's except at near-ties of the two best logits (docs/lookup.md has the measurements).
+Numerics: a multi-token call is not bit-identical to single-token calls. fp32 kernels (the fused attention, GEMMs)
+differ in the last bits between 1 and m rows (logits by ~1e-5); int8 graphs round activations to int8, which turns
+such differences into whole quantization steps, and DynamicQuantizeMatMul quantizes a call's activations with one
+scale for all its rows, so int8 rows move by 0.1-3 logits. Greedy tokens therefore equal plain decoding's except
+at near-ties of the two best logits: on fp32 that was never seen, on int8 it is common (docs/lookup.md).
 
 Only greedy decoding uses it: the caller (``Model._run``) ignores ``lookup=True`` when sampling.
 """

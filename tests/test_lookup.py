@@ -1,7 +1,8 @@
 """Prompt lookup (edgelm.lookup): greedy decoding that verifies n-gram drafts several tokens per model call.
 
-What "exact" means here (docs/lookup.md): a multi-token call is not bit-identical to one-token calls (fp32 GEMMs
-sum in another order; int8 graphs quantize a call's activations with one scale for all its rows). So lookup's
+What "exact" means here (docs/lookup.md): a multi-token call is not bit-identical to one-token calls (fp32 kernels
+differ in the last bits between 1 and several rows; int8 graphs round that into quantization steps and quantize a
+call's activations with one scale for all its rows). So lookup's
 tokens must equal plain greedy decoding's, or first differ at a step where plain decoding's two best logits were
 within that numerical noise of each other. On fp32 exports the noise is ~1e-5 and the tolerance 1e-3, so any real
 bookkeeping error (a wrong row, a stale cache slot, a bad position) fails; a fake model with integer logits
