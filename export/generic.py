@@ -237,13 +237,17 @@ def normalize_graph(model: Any) -> dict[str, Any]:
         model.graph.input.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64,
                                                                ["batch_size", "sequence_length"]))
         done["position_ids"] = "added (unused: the graph derives positions from the mask)"
+    # Slices along the positions axis (from a start to the end) need these two constants.
+    model.graph.initializer.extend([numpy_helper.from_array(np.asarray([_INT64_MAX], np.int64), "edgelm/end"),
+                                    numpy_helper.from_array(np.asarray([1], np.int64), "edgelm/positions_axis")])
     logits = outputs["logits"]
     if logits.type.tensor_type.elem_type != TensorProto.FLOAT:  # fp16 graphs: the runtime samples in float32
         _rename(model, "logits", "logits_native")
         model.graph.node.append(helper.make_node("Cast", ["logits_native"], ["logits"], to=TensorProto.FLOAT,
                                                  name="edgelm/logits_float32"))
+        dims = [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim]
         model.graph.output.remove(logits)
-        model.graph.output.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, None))
+        model.graph.output.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, dims or None))
         done["logits"] = "cast to float32"
     head = _lm_head(model)
     if "logits_from" not in inputs and head is not None:
@@ -251,24 +255,19 @@ def normalize_graph(model: Any) -> dict[str, Any]:
         # the LM head for its last position only.
         model.graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.int64), "logits_from"))
         model.graph.input.append(helper.make_tensor_value_info("logits_from", TensorProto.INT64, [1]))
-        for name, value in (("edgelm/positions_end", [_INT64_MAX]), ("edgelm/positions_axis", [1])):
-            model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
         hidden = head.input[0]
         model.graph.node.insert(list(model.graph.node).index(head), helper.make_node(
-            "Slice", [hidden, "logits_from", "edgelm/positions_end", "edgelm/positions_axis"],
-            [f"{hidden}/from"], name="edgelm/lm_head_positions"))
+            "Slice", [hidden, "logits_from", "edgelm/end", "edgelm/positions_axis"], [f"{hidden}/from"],
+            name="edgelm/lm_head_positions"))
         head.input[0] = f"{hidden}/from"
+        for o in model.graph.output:  # its positions axis is no longer the input's
+            if o.name == "logits" and len(o.type.tensor_type.shape.dim) == 3:
+                o.type.tensor_type.shape.dim[1].dim_param = "logits_length"
         done["logits_from"] = f"added before {head.name or head.op_type}"
-    for o in model.graph.output:  # the positions axis is no longer the input's
-        if o.name == "logits" and o.type.tensor_type.shape.dim:
-            o.type.tensor_type.shape.dim[1].dim_param = "logits_length"
     if "last_logprobs" not in outputs:
-        model.graph.initializer.append(numpy_helper.from_array(np.asarray([-1], np.int64), "edgelm/last_start"))
-        if "edgelm/positions_end" not in {t.name for t in model.graph.initializer}:
-            for name, value in (("edgelm/positions_end", [_INT64_MAX]), ("edgelm/positions_axis", [1])):
-                model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray([-1], np.int64), "edgelm/last"))
         model.graph.node.extend([
-            helper.make_node("Slice", ["logits", "edgelm/last_start", "edgelm/positions_end", "edgelm/positions_axis"],
+            helper.make_node("Slice", ["logits", "edgelm/last", "edgelm/end", "edgelm/positions_axis"],
                              ["edgelm/last_logits"], name="edgelm/last_position"),
             helper.make_node("LogSoftmax", ["edgelm/last_logits"], ["last_logprobs"], axis=-1,
                              name="edgelm/log_softmax")])

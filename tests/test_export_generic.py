@@ -197,6 +197,32 @@ def test_published_quantized_variant_is_kept_as_it_is(ready_made, tmp_path):
     assert len(lm.generate("Once upon a time", max_new_tokens=8, temperature=0, ignore_eos=True).token_ids) == 8
 
 
+def test_fp16_logits_are_cast_back_and_the_head_is_still_found(ready_made, tmp_path):
+    """Published fp16 variants end in fp16 logits: the runtime gets float32 ones, and logits_from still finds the
+    LM head through the Cast."""
+    import edgelm
+    from edgelm_export.convert import export_model
+
+    graph = _tiny_graph()
+    for node in graph.graph.node:
+        node.output[:] = ["logits32" if o == "logits" else o for o in node.output]
+    graph.graph.node.append(helper.make_node("Cast", ["logits32"], ["logits"], to=TensorProto.FLOAT16))
+    graph.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    folder = tmp_path / "fp16-logits"
+    folder.mkdir()
+    onnx.save(graph, str(folder / "model.onnx"))
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / f).write_bytes((ready_made / f).read_bytes())
+    export_model(str(folder), str(tmp_path / "out"), quantize="none", progress=False, threads=1)
+    io = json.loads((tmp_path / "out" / "edgelm.json").read_text())["export"]["io"]
+    assert io["logits"] == "cast to float32" and "logits_from" in io
+    lm = edgelm.load(tmp_path / "out", threads=1)
+    ids = lm.tokenizer.encode("Once upon a time", add_bos=True)
+    assert lm._logits(ids).dtype == np.float32
+    want = _greedy_without_cache(ready_made / "onnx" / "model.onnx", ids, 16)
+    assert lm.generate(ids, max_new_tokens=16, temperature=0, ignore_eos=True).token_ids == want
+
+
 def test_onnx_folder_refusals_are_one_line(ready_made, tmp_path):
     from edgelm.errors import EdgeLMError, InvalidArgumentError, UnsupportedArchitectureError
     from edgelm_export.convert import export_model
