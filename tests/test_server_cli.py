@@ -120,3 +120,21 @@ def test_serve_turns_spinning_off_for_several_workers_unless_told():
     assert server_spin(2, None) is False      # parallel generations: no spinning pools
     assert server_spin(1, None) is None       # one worker: the runtime's load-based default
     assert server_spin(4, True) is True and server_spin(1, False) is False  # --spin / --no-spin win
+
+
+def test_serve_lookup_flag_reaches_the_server(monkeypatch):
+    """--lookup / --no-lookup go to server.serve; the default is the server's (off)."""
+    import argparse
+
+    import edgelm
+    from edgelm import server
+    from edgelm.commands import serve as cmd
+
+    seen = {}
+    monkeypatch.setattr(edgelm, "load", lambda *a, **k: object())
+    monkeypatch.setattr(server, "serve", lambda model, **kw: seen.update(kw))
+    parser = argparse.ArgumentParser()
+    cmd.add_arguments(parser)
+    for argv, want in (([], server.DEFAULT_LOOKUP), (["--lookup"], True), (["--no-lookup"], False)):
+        cmd.run(parser.parse_args(argv))
+        assert seen["lookup"] is want

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
                         help="onnxruntime workers spin-wait (faster on idle cores, much slower on busy ones); "
                              "default: decided from the load average, or $EDGELM_SPIN")
+    parser.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=server.DEFAULT_LOOKUP,
+                        help="prompt-lookup decoding for greedy requests (docs/lookup.md; default: off)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="server log level (default: %(default)s)")
 
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = edgelm.load(args.model, threads=args.threads, spin=server_spin(args.workers, args.spin))
     server.serve(model, host=args.host, port=args.port, workers=args.workers, api_key=api_key,
-                 max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, log_level=args.log_level)
+                 max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, log_level=args.log_level,
+                 lookup=args.lookup)
     print("edgelm serve: stopped", file=sys.stderr)
     return 0
