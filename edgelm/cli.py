@@ -1,8 +1,9 @@
-"""The ``edgelm`` command line: one subcommand per verb, each in its own module.
+"""The ``edgelm`` command line: one subcommand per verb, each with its own ``add_arguments`` and ``run``.
 
-Each module named in ``COMMANDS`` defines ``add_arguments(parser)`` and ``run(args) -> int``. Modules are
-imported only when their subcommand is used, and the build-side modules (``edgelm_export.*``) import torch
-only inside ``run``, so ``edgelm generate`` never pays for torch.
+Each entry in ``COMMANDS`` names a module that defines ``add_arguments(parser)`` and ``run(args) -> int``, or
+``module:ATTR`` for an object with those two (a module that serves several verbs, like ``edgelm_export.commands``).
+Modules are imported only when their subcommand is used, and the build-side modules (``edgelm_export.*``) import
+torch only inside ``run``, so ``edgelm generate`` never pays for torch.
 """
 from __future__ import annotations
 
@@ -18,22 +19,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("edgelm.commands.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "bench": ("edgelm.commands.bench", "measure load time, time to first token, tokens/s and memory"),
     "export": ("edgelm_export.convert", "export a Hugging Face causal LM to an int8 ONNX model folder [export]"),
-    "train-tokenizer": ("edgelm_export.tokenizer", "train a byte-level BPE tokenizer on a corpus [export]"),
-    "train": ("edgelm_export.train", "train a Llama-architecture model from scratch [export]"),
-    "distill": ("edgelm_export.distill", "distil a teacher causal LM into a smaller student [export]"),
-    "build-recipe": ("edgelm_export.recipe", "run a whole build recipe (tokenizer, teacher, student, export) [export]"),
+    "train-tokenizer": ("edgelm_export.commands:TRAIN_TOKENIZER",
+                        "train a byte-level BPE tokenizer on a corpus [export]"),
+    "train": ("edgelm_export.commands:TRAIN", "train a Llama-architecture model from scratch [export]"),
+    "distill": ("edgelm_export.commands:DISTILL", "distil a teacher causal LM into a smaller student [export]"),
+    "build-recipe": ("edgelm_export.commands:BUILD_RECIPE",
+                     "run a whole build recipe (tokenizer, teacher, student, export) [export]"),
 }
 
 
-def _load(module_name: str):
+def _load(spec: str):
+    """``module`` or ``module:ATTR`` -> the object with ``add_arguments`` and ``run``."""
+    module_name, _, attr = spec.partition(":")
     try:
-        return importlib.import_module(module_name)
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:  # the [export]/[server] extra is missing
         missing = exc.name or str(exc)
         extra = "export" if module_name.startswith("edgelm_export") else (
             "server" if module_name.endswith("serve") else "bench" if module_name.endswith("bench") else None)
         hint = f' Install it with: pip install "edgelm[{extra}]"' if extra else ""
         raise SystemExit(f"edgelm: this command needs the package '{missing}', which is not installed.{hint}")
+    return getattr(module, attr) if attr else module
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -47,13 +53,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Only the chosen subcommand's module is imported; the others get a stub parser for --help listing.
     chosen = next((a for a in (argv or []) if a in COMMANDS), None)
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (spec, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show a full traceback on errors")
         if name == chosen:
-            mod = _load(module_name)
-            mod.add_arguments(p)
-            p.set_defaults(_run=mod.run)
+            command = _load(spec)
+            command.add_arguments(p)
+            p.set_defaults(_run=command.run)
     return parser
 
 

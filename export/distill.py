@@ -14,10 +14,7 @@ Two kinds of distillation live here:
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -25,22 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import TrainingError
-
-
-def evenly_spaced_layers(n_teacher: int, k: int) -> list[int]:
-    """K teacher layer indices spread evenly from the first to the last (k=1 -> the last layer).
-
-    >>> evenly_spaced_layers(12, 4)
-    [0, 4, 7, 11]
-    """
-    if k < 1:
-        raise TrainingError(f"The student needs at least one layer, got {k}.", hint="Use --student-layers 1 or more.")
-    if k > n_teacher:
-        raise TrainingError(f"The student cannot have more layers ({k}) than the teacher ({n_teacher}) with layer init.",
-                            hint=f"Use --student-layers {n_teacher} or fewer, or --student-config with random init.")
-    if k == 1:
-        return [n_teacher - 1]
-    return [int(i * (n_teacher - 1) / (k - 1) + 0.5) for i in range(k)]
+from edgelm_export.data import load_tokenizer, normalize_layout
+from edgelm_export.train import (build_llama, config_defaults, evenly_spaced_layers, resolve_device,
+                                 resolve_model_config, train)
 
 
 def load_causal_lm(src: str | os.PathLike):
@@ -90,8 +74,6 @@ def student_from_teacher_layers(teacher, k: int, *, layers: list[int] | None = N
 
 def check_same_tokenizer(teacher_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None) -> None:
     """Raise TrainingError unless ``tokenizer_dir`` (if given) encodes exactly like the teacher's tokenizer."""
-    from edgelm_export.data import load_tokenizer
-
     t_tok = load_tokenizer(teacher_dir)
     if tokenizer_dir is None or Path(tokenizer_dir).resolve() == Path(teacher_dir).resolve():
         return
@@ -110,8 +92,6 @@ def build_student(teacher, *, student_layers: int | None = None, student_config:
                   init: str | None = None, seed: int = 0):
     """The student model: layer init (K layers or a config the teacher's shape allows) or random init."""
     import torch
-
-    from edgelm_export.train import build_llama, resolve_model_config
 
     if (student_layers is None) == (student_config is None):
         raise TrainingError("Give exactly one of student_layers (layer init) or student_config.",
@@ -150,8 +130,6 @@ def distill(cfg, teacher: str | os.PathLike, *, student_layers: int | None = Non
 
     ``cfg.tokenizer`` defaults to the teacher's folder and must match it. Returns a TrainResult.
     """
-    from edgelm_export.train import train
-
     tdir = Path(teacher).expanduser()
     if not (tdir / "tokenizer.json").is_file():
         raise TrainingError(f"The teacher {tdir} has no tokenizer.json.",
@@ -234,6 +212,30 @@ def _sample_batch(model, x, *, max_new_tokens: int, temperature: float, top_p: f
     return torch.cat(tokens, dim=1)
 
 
+def _sample_prompt(tok, prompt: str | None) -> list[int]:
+    """The ids every sample starts from: BOS (plus ``prompt``), or EOS when the tokenizer has no BOS."""
+    head = ([tok.bos_id] if tok.bos_id is not None else []) + (tok.encode(prompt) if prompt else [])
+    return head or [tok.eos_id]
+
+
+def _sample_text(row: list[int], tok, *, stops: list[int], prompt: str | None, layout: str) -> tuple[str, int]:
+    """One sampled row -> (its document text, "" when nothing usable is left; the tokens it kept).
+
+    The row is cut at its first stop token; a row that never stopped is trimmed to its last sentence end.
+    """
+    finished = False
+    for j, t in enumerate(row):
+        if t in stops:
+            row, finished = row[:j], True
+            break
+    text = tok.tokenizer.decode(row, skip_special_tokens=True)
+    if prompt:
+        text = prompt + text
+    if not finished:
+        text = _trim_unfinished(text)
+    return normalize_layout(text.strip("\n"), layout), len(row)
+
+
 def sample_corpus(teacher: str | os.PathLike, out_path: str | os.PathLike, *, num_tokens: int,
                   batch_size: int | None = None, max_new_tokens: int | None = None, temperature: float = 1.0,
                   top_p: float = 0.95, top_k: int = 0, layout: str = "blank-line-paragraphs", seed: int = 0,
@@ -249,27 +251,19 @@ def sample_corpus(teacher: str | os.PathLike, out_path: str | os.PathLike, *, nu
     """
     import torch
 
-    from edgelm_export.data import load_tokenizer, normalize_layout
-    from edgelm_export.train import _resolve_device
-
     if num_tokens < 1 or temperature <= 0 or not 0 < top_p <= 1:
         raise TrainingError("num_tokens must be >= 1, temperature > 0 and top_p in (0, 1].",
                             hint="Fix the sampling settings.")
     tdir = Path(teacher).expanduser()
     tok = load_tokenizer(tdir)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model = load_causal_lm(tdir).to(dev)
     if batch_size is None:
         batch_size = 1024 if dev.type == "cuda" else 16
     ctx = int(model.config.max_position_embeddings)
-    head = ([tok.bos_id] if tok.bos_id is not None else []) + (tok.encode(prompt) if prompt else [])
-    if not head:
-        head = [tok.eos_id]
-    if max_new_tokens is None:
-        max_new_tokens = ctx - len(head)
-    max_new_tokens = min(max_new_tokens, ctx - len(head))
+    head = _sample_prompt(tok, prompt)
+    max_new_tokens = min(ctx - len(head) if max_new_tokens is None else max_new_tokens, ctx - len(head))
     stops = [i for i in (tok.eos_id, tok.bos_id) if i is not None]
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
     out = Path(out_path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -289,22 +283,11 @@ def sample_corpus(teacher: str | os.PathLike, out_path: str | os.PathLike, *, nu
             if max_time_s is not None and time.time() - t0 >= max_time_s:
                 break
             x = torch.tensor([head] * batch_size, device=dev)
-            gen = _sample_batch(model, x, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, stops=stops)
-            new = gen.tolist()
+            new = _sample_batch(model, x, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, stops=stops).tolist()
             for row in new:
-                finished = False
-                for j, t in enumerate(row):
-                    if t in stops:
-                        row, finished = row[:j], True
-                        break
-                n_tok += len(row)
-                text = tok.tokenizer.decode(row, skip_special_tokens=True)
-                if prompt:
-                    text = prompt + text
-                if not finished:
-                    text = _trim_unfinished(text)
-                text = normalize_layout(text.strip("\n"), layout)
+                text, kept = _sample_text(row, tok, stops=stops, prompt=prompt, layout=layout)
+                n_tok += kept
                 if not text.strip():
                     continue
                 f.write(text.rstrip("\n") + "\n" + separator + "\n")
@@ -322,69 +305,9 @@ def sample_corpus(teacher: str | os.PathLike, out_path: str | os.PathLike, *, nu
     return SampleResult(out, n_docs, n_tok, n_bytes, wall, n_tok / max(wall, 1e-9))
 
 
-# --- CLI --------------------------------------------------------------------------------------------------
-DISTILL_OPTIONS = [
-    ("--teacher", str, "teacher HF model folder (its tokenizer is the student's)"),
-    ("--student-layers", int, "layer init: K evenly spaced teacher layers + embeddings/norm/head"),
-    ("--student-config", str, "student config JSON or preset name (random init unless --init layers)"),
-    ("--init", str, "random | layers (with --student-config)"),
-    ("--alpha", float, "weight of the KD term; 1-alpha goes to cross-entropy (default 0.5)"),
-    ("--temperature", float, "softmax temperature T for the KD term (default 2.0)"),
-    ("--kl", str, "forward (KL(teacher||student), default) | reverse"),
-    ("--hidden-weight", float, "weight of the hidden-state cosine loss (needs equal widths; default 0)"),
-    ("--sample-tokens", int, "sequence-level KD: sample this many teacher tokens to --samples-out, no training"),
-    ("--samples-out", str, "corpus file written by --sample-tokens"),
-    ("--sample-batch-size", int, "sequences sampled in parallel (default 1024 on CUDA, 16 on CPU)"),
-    ("--sample-temperature", float, "sampling temperature (default 1.0)"),
-    ("--sample-top-p", float, "nucleus sampling p (default 0.95)"),
-]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from edgelm_export.train import TRAIN_OPTIONS, add_options
-
-    parser.add_argument("--recipe", help="TOML recipe; its [student] table (or --section) gives defaults")
-    parser.add_argument("--section", help="recipe table to read (default student)")
-    parser.add_argument("--out", help="output folder (HF model folder + checkpoints/ + train_log.jsonl)")
-    add_options(parser, DISTILL_OPTIONS)
-    add_options(parser, TRAIN_OPTIONS)
-
-
+# --- options: the [student] recipe table / `edgelm distill` flags ------------------------------------------
 def distill_defaults() -> dict[str, Any]:
-    from edgelm_export.train import config_defaults
-
+    """:func:`edgelm_export.train.config_defaults` plus the distillation-only keys."""
     return config_defaults({"teacher": None, "student_layers": None, "student_config": None, "init": None,
                             "sample_tokens": None, "samples_out": None, "sample_batch_size": None,
                             "sample_temperature": 1.0, "sample_top_p": 0.95})
-
-
-def run(args: argparse.Namespace) -> int:
-    from edgelm_export.recipe import resolve_options
-    from edgelm_export.train import config_from_options
-
-    opts = resolve_options(args, "student", distill_defaults())
-    if not opts.get("teacher"):
-        raise TrainingError("distill needs --teacher DIR.", hint="e.g. edgelm distill --teacher teacher/ --student-layers 2 ...")
-    if opts.get("sample_tokens"):
-        if not opts.get("samples_out"):
-            raise TrainingError("--sample-tokens needs --samples-out FILE.", hint="Name the corpus file to write.")
-        res = sample_corpus(opts["teacher"], opts["samples_out"], num_tokens=opts["sample_tokens"],
-                            batch_size=opts["sample_batch_size"], temperature=opts["sample_temperature"],
-                            top_p=opts["sample_top_p"], layout=opts["layout"] if opts["layout"] != "keep" else
-                            "blank-line-paragraphs", seed=opts["seed"], device=opts["device"],
-                            max_time_s=opts["max_time_s"], progress=not opts.get("no_progress"))
-        print(f"sampled {res.documents} documents, {res.tokens:,} tokens ({res.bytes:,} bytes) in "
-              f"{res.wall_time_s:.0f}s ({res.tokens_per_s:,.0f} tok/s) -> {res.out_path}")
-        return 0
-    if not opts.get("out") or not opts.get("corpus"):
-        raise TrainingError("distill needs --out and --corpus (or a recipe that sets them).",
-                            hint="e.g. edgelm distill --teacher t/ --student-layers 2 --corpus data.txt --out s/")
-    cfg = config_from_options(opts)
-    res = distill(cfg, opts["teacher"], student_layers=opts.get("student_layers"),
-                  student_config=opts.get("student_config"), init=opts.get("init"))
-    ev = res.eval
-    print(f"distilled into {res.params:,} params: {res.steps} steps ({res.tokens:,} tokens, {res.wall_time_s:.0f}s, "
-          f"{res.tokens_per_s:,.0f} tok/s, stopped: {res.stopped})"
-          + (f"; held-out loss {ev['eval_loss']:.4f}, ppl {ev['eval_ppl']:.2f}, ~{ev['eval_bpb']:.4f} bits/byte, "
-             f"KL to teacher {ev.get('eval_kl', float('nan')):.4f}" if ev else "") + f" -> {res.out_dir}")
-    return 0

@@ -2,7 +2,8 @@
 
 A recipe has one table per stage. ``edgelm train-tokenizer|train|distill --recipe FILE`` take their defaults
 from the matching table (``[tokenizer]``, ``[teacher]`` or ``[student]``; ``--section`` picks another) and
-command-line flags override them. ``edgelm build-recipe FILE`` runs the stages in order::
+command-line flags override them (:func:`edgelm_export.commands.resolve_options`). ``edgelm build-recipe FILE``
+runs the stages in order::
 
     tokenizer -> teacher -> samples (sequence-level distillation text) -> student -> export
 
@@ -14,14 +15,17 @@ repository, else ./shared) and ``{recipe_dir}``; relative paths are taken from t
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edgelm.errors import TrainingError
+from edgelm_export.distill import distill, distill_defaults, sample_corpus
+from edgelm_export.tokenizer import DEFAULTS as TOKENIZER_DEFAULTS
+from edgelm_export.tokenizer import train_tokenizer
+from edgelm_export.train import config_defaults, config_from_options, train
 
 STAGES = ("tokenizer", "teacher", "samples", "student", "export")
 
@@ -71,32 +75,6 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         return {k.replace("-", "_"): norm(v) for k, v in d.items()} if isinstance(d, dict) else d
 
     return _expand(norm(data), p.parent)
-
-
-def resolve_options(args: argparse.Namespace, section: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    """defaults <- recipe[section] <- command-line flags that were given (not None).
-
-    Unknown keys in the recipe table are an error (a typo would otherwise be silently ignored).
-    """
-    opts = dict(defaults)
-    recipe_path = getattr(args, "recipe", None)
-    if recipe_path:
-        recipe = load_recipe(recipe_path)
-        section = getattr(args, "section", None) or section
-        table = recipe.get(section)
-        if table is None:
-            raise TrainingError(f"Recipe {recipe_path} has no [{section}] table.",
-                                hint=f"Add one, or pass --section NAME (tables: {', '.join(recipe)}).")
-        unknown = sorted(set(table) - set(defaults))
-        if unknown:
-            raise TrainingError(f"Recipe table [{section}] has unknown keys: {', '.join(unknown)}.",
-                                hint=f"Known keys: {', '.join(sorted(defaults))}.")
-        opts.update(table)
-    for key in defaults:
-        value = getattr(args, key, None)
-        if value is not None:
-            opts[key] = value
-    return opts
 
 
 # --- build-recipe ----------------------------------------------------------------------------------------
@@ -160,19 +138,47 @@ def build_recipe(path: str | os.PathLike, *, stages: list[str] | None = None, fo
     ``{tokenizer}``, ``{shared}`` and ``{recipe_dir}``. Training stages resume from their checkpoints, so
     re-running an interrupted build continues it. ``force`` re-runs stages even when their output exists.
     """
-    from edgelm_export.train import config_from_options, config_defaults, train
-
     recipe_path = Path(path).expanduser().resolve()
     recipe = load_recipe(recipe_path)
     for section, values in (overrides or {}).items():   # e.g. smaller budgets for a smoke run
         recipe.setdefault(section, {}).update(values)
+    build = _plan(recipe, recipe_path, stages, force=force, progress=progress, log=log)
+    build.root.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    t_build = time.time()
+    for stage in build.order:
+        t0 = time.time()
+        result = _STAGE_RUNNERS[stage](build, stage, dict(build.recipe[stage]))
+        if result is None:   # skipped: its output is complete, or an existing model stands in for it
+            continue
+        results[stage] = result
+        log(f"[{stage}] done in {time.time() - t0:.0f}s")
+    log(f"build finished in {time.time() - t_build:.0f}s -> {build.root}")
+    return results
+
+
+@dataclass
+class _Build:
+    """One build: its folder, the recipe with the placeholders filled in, the stage order, the paths stages hand
+    over to each other (``names``: build, tokenizer, teacher, samples), and how to run."""
+
+    root: Path
+    recipe: dict[str, Any]
+    order: list[str]
+    names: dict[str, str]
+    force: bool
+    progress: bool
+    log: Callable[[str], None]
+
+
+def _plan(recipe: dict[str, Any], recipe_path: Path, stages: list[str] | None, **how: Any) -> _Build:
+    """Name the build's outputs, fill the placeholders in, and check the stage order."""
     build = recipe.get("build", {})
     root = Path(build.get("out") or (Path("build") / recipe_path.stem)).expanduser()
     names = {"build": str(root)}
     names["tokenizer"] = str(Path(_placeholders(recipe.get("tokenizer", {}).get("out", "{build}/tokenizer"), names)))
     names["teacher"] = str(Path(_placeholders(recipe.get("teacher", {}).get("out", "{build}/teacher"), names)))
-    samples_table = recipe.get("samples", {})
-    names["samples"] = str(Path(_placeholders(samples_table.get("out", "{build}/samples.txt"), names)))
+    names["samples"] = str(Path(_placeholders(recipe.get("samples", {}).get("out", "{build}/samples.txt"), names)))
     recipe = _placeholders(recipe, names)
     order = stages or build.get("stages") or [s for s in DEFAULT_ORDER if s in recipe]
     unknown = [s for s in order if s not in BUILD_STAGES]
@@ -182,101 +188,95 @@ def build_recipe(path: str | os.PathLike, *, stages: list[str] | None = None, fo
     if missing:
         raise TrainingError(f"Recipe {recipe_path} has no table for stage(s): {', '.join(missing)}.",
                             hint="Add the tables or drop the stages from [build] stages.")
-    root.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
-    t_build = time.time()
-
-    def train_opts(table: dict, section: str, extra: dict | None = None, tokenizer: str | None = None) -> dict:
-        defaults = config_defaults(extra)
-        unknown = sorted(set(table) - set(defaults))
-        if unknown:
-            raise TrainingError(f"Recipe table [{section}] has unknown keys: {', '.join(unknown)}.",
-                                hint=f"Known keys: {', '.join(sorted(defaults))}.")
-        opts = {**defaults, **table}
-        opts.setdefault("out", None)
-        opts["out"] = opts["out"] or str(root / section)
-        opts["tokenizer"] = opts.get("tokenizer") or tokenizer
-        opts["corpus"] = _corpus_list(opts.get("corpus"), names["samples"])
-        opts["resume"] = True   # a build always continues an interrupted stage
-        if not progress:
-            opts["no_progress"] = True
-        return opts
-
-    for stage in order:
-        table = dict(recipe[stage])
-        t0 = time.time()
-        if stage == "tokenizer":
-            from edgelm_export.tokenizer import DEFAULTS, train_tokenizer
-            out = Path(table.pop("out", names["tokenizer"]))
-            if (out / "tokenizer.json").is_file() and not force:
-                log(f"[tokenizer] {out} exists, skipped")
-                continue
-            opts = {**DEFAULTS, **table}
-            unknown = sorted(set(opts) - set(DEFAULTS))
-            if unknown:
-                raise TrainingError(f"Recipe table [tokenizer] has unknown keys: {', '.join(unknown)}.",
-                                    hint=f"Known keys: {', '.join(sorted(DEFAULTS))}.")
-            opts.pop("out", None)
-            corpus = opts.pop("corpus")
-            vocab = opts.pop("vocab_size")
-            results[stage] = train_tokenizer(corpus, vocab, out, **opts)
-        elif stage == "samples":
-            from edgelm_export.distill import sample_corpus
-            out = Path(table.pop("out", names["samples"]))
-            if out.is_file() and not force:
-                log(f"[samples] {out} exists, skipped")
-                continue
-            src = table.pop("teacher", names["teacher"])
-            results[stage] = sample_corpus(src, out, progress=progress, **table)
-        elif stage in ("teacher", "scratch"):
-            init_from = table.pop("from", None)
-            if init_from:  # an existing model serves as the teacher: nothing to train
-                names["teacher"] = init_from
-                log(f"[{stage}] using {init_from}")
-                continue
-            opts = train_opts(table, stage, tokenizer=names["tokenizer"])
-            if _done(Path(opts["out"]), "training.json") and not force:
-                log(f"[{stage}] {opts['out']} is complete, skipped")
-                continue
-            if force:
-                opts["resume"], opts["overwrite"] = False, True
-            results[stage] = train(config_from_options(opts))
-        elif stage == "student":
-            from edgelm_export.distill import distill, distill_defaults
-            table.setdefault("teacher", names["teacher"])
-            extra = {k: v for k, v in distill_defaults().items() if k not in config_defaults()}
-            opts = train_opts(table, stage, extra)   # tokenizer: the teacher's unless the table names one
-            if _done(Path(opts["out"]), "training.json") and not force:
-                log(f"[student] {opts['out']} is complete, skipped")
-                continue
-            if force:
-                opts["resume"], opts["overwrite"] = False, True
-            cfg = config_from_options(opts)
-            results[stage] = distill(cfg, opts["teacher"], student_layers=opts.get("student_layers"),
-                                     student_config=opts.get("student_config"), init=opts.get("init"))
-        elif stage == "export":
-            from edgelm_export.convert import export_model
-            src = table.pop("model", str(root / "student"))
-            out = Path(table.pop("out", str(root / "model")))
-            if (out / "edgelm.json").is_file() and not force:
-                log(f"[export] {out} exists, skipped")
-                continue
-            results[stage] = export_model(src, str(out), overwrite=True, progress=progress, **table)
-        log(f"[{stage}] done in {time.time() - t0:.0f}s")
-    log(f"build finished in {time.time() - t_build:.0f}s -> {root}")
-    return results
+    return _Build(root, recipe, order, names, **how)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="the recipe TOML file (e.g. export/recipes/default.toml)")
-    parser.add_argument("--stages", nargs="+", choices=BUILD_STAGES, help="run only these stages, in this order")
-    parser.add_argument("--force", action="store_true", help="re-run stages even if their output exists")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                        help="override a recipe value, e.g. --set teacher.max_time_s=60 (repeatable)")
+def _check_keys(table: dict, section: str, known: dict) -> None:
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise TrainingError(f"Recipe table [{section}] has unknown keys: {', '.join(unknown)}.",
+                            hint=f"Known keys: {', '.join(sorted(known))}.")
 
 
-def run(args: argparse.Namespace) -> int:
-    build_recipe(args.recipe, stages=args.stages, force=args.force, progress=not args.no_progress,
-                 overrides=parse_set(args.set), log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    return 0
+def _train_options(b: _Build, table: dict, section: str, extra: dict | None = None,
+                   tokenizer: str | None = None) -> dict:
+    """A training stage's options: defaults <- its table, writing to ``{build}/<section>`` unless it says where,
+    on the build's corpus and tokenizer, always resuming an interrupted run (restarting it with ``force``)."""
+    defaults = config_defaults(extra)
+    _check_keys(table, section, defaults)
+    opts = {**defaults, **table}
+    opts.setdefault("out", None)
+    opts["out"] = opts["out"] or str(b.root / section)
+    opts["tokenizer"] = opts.get("tokenizer") or tokenizer
+    opts["corpus"] = _corpus_list(opts.get("corpus"), b.names["samples"])
+    opts["resume"] = True   # a build always continues an interrupted stage
+    if not b.progress:
+        opts["no_progress"] = True
+    if b.force:
+        opts["resume"], opts["overwrite"] = False, True
+    return opts
+
+
+# Each stage: (build, stage name, its table) -> its result, or None when skipped.
+def _tokenizer_stage(b: _Build, stage: str, table: dict):
+    out = Path(table.pop("out", b.names["tokenizer"]))
+    if (out / "tokenizer.json").is_file() and not b.force:
+        b.log(f"[tokenizer] {out} exists, skipped")
+        return None
+    opts = {**TOKENIZER_DEFAULTS, **table}
+    _check_keys(opts, "tokenizer", TOKENIZER_DEFAULTS)
+    opts.pop("out", None)
+    corpus = opts.pop("corpus")
+    vocab = opts.pop("vocab_size")
+    return train_tokenizer(corpus, vocab, out, **opts)
+
+
+def _samples_stage(b: _Build, stage: str, table: dict):
+    out = Path(table.pop("out", b.names["samples"]))
+    if out.is_file() and not b.force:
+        b.log(f"[samples] {out} exists, skipped")
+        return None
+    src = table.pop("teacher", b.names["teacher"])
+    return sample_corpus(src, out, progress=b.progress, **table)
+
+
+def _train_stage(b: _Build, stage: str, table: dict):
+    """``teacher`` or ``scratch``: train from scratch, or (``from = DIR``) take an existing model as the teacher."""
+    init_from = table.pop("from", None)
+    if init_from:  # an existing model serves as the teacher: nothing to train
+        b.names["teacher"] = init_from
+        b.log(f"[{stage}] using {init_from}")
+        return None
+    opts = _train_options(b, table, stage, tokenizer=b.names["tokenizer"])
+    if _done(Path(opts["out"]), "training.json") and not b.force:
+        b.log(f"[{stage}] {opts['out']} is complete, skipped")
+        return None
+    return train(config_from_options(opts))
+
+
+def _student_stage(b: _Build, stage: str, table: dict):
+    table.setdefault("teacher", b.names["teacher"])
+    extra = {k: v for k, v in distill_defaults().items() if k not in config_defaults()}
+    opts = _train_options(b, table, stage, extra)   # tokenizer: the teacher's unless the table names one
+    if _done(Path(opts["out"]), "training.json") and not b.force:
+        b.log(f"[student] {opts['out']} is complete, skipped")
+        return None
+    return distill(config_from_options(opts), opts["teacher"], student_layers=opts.get("student_layers"),
+                   student_config=opts.get("student_config"), init=opts.get("init"))
+
+
+def _export_stage(b: _Build, stage: str, table: dict):
+    from edgelm_export.convert import export_model   # the exporter is heavy and no training stage needs it
+
+    src = table.pop("model", str(b.root / "student"))
+    out = Path(table.pop("out", str(b.root / "model")))
+    if (out / "edgelm.json").is_file() and not b.force:
+        b.log(f"[export] {out} exists, skipped")
+        return None
+    return export_model(src, str(out), overwrite=True, progress=b.progress, **table)
+
+
+_STAGE_RUNNERS: dict[str, Callable[[_Build, str, dict], Any]] = {
+    "tokenizer": _tokenizer_stage, "samples": _samples_stage, "teacher": _train_stage, "scratch": _train_stage,
+    "student": _student_stage, "export": _export_stage,
+}

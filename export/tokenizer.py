@@ -10,7 +10,6 @@ tokenizer.json (word counts are exact and BPE ties break on the pair ids, not on
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from edgelm.errors import TrainingError
+from edgelm_export.data import read_documents
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 # Fixed order, so ids are stable: <unk>=0, <s>=1, </s>=2, <pad>=3 (the Llama convention for the first three).
@@ -42,8 +42,6 @@ def train_tokenizer(corpus: Sequence[str] | str, vocab_size: int, out_dir: str |
     model will see. ``max_chars`` caps the training text (documents are taken in corpus order).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    from edgelm_export.data import read_documents
 
     n_special = len(SPECIAL_TOKENS)
     if not isinstance(vocab_size, int) or vocab_size < 256 + n_special:
@@ -103,38 +101,7 @@ def save_tokenizer_folder(tok, out: Path, *, model_max_length: int = 512) -> Non
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
 
 
-# --- CLI ----------------------------------------------------------------------------------------------
+# --- options: the [tokenizer] recipe table / `edgelm train-tokenizer` flags ----------------------------------
 DEFAULTS = {"corpus": None, "vocab_size": 4096, "out": None, "min_frequency": 2, "layout": "keep",
             "separator": "<|endoftext|>", "text_field": "text", "straight_quotes": False, "model_max_length": 512,
             "max_chars": None}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", help="a TOML recipe; its [tokenizer] table gives defaults (flags override)")
-    parser.add_argument("--corpus", nargs="+", help="text / JSONL files or folders")
-    parser.add_argument("--vocab-size", type=int, help="vocabulary size including specials (default 4096)")
-    parser.add_argument("--out", help="output folder")
-    parser.add_argument("--min-frequency", type=int, help="minimum pair count for a merge (default 2)")
-    parser.add_argument("--layout", choices=("keep", "blank-line-paragraphs", "single-newline"),
-                        help="rewrite documents into this layout first (default keep)")
-    parser.add_argument("--separator", help="document separator line in text files (default <|endoftext|>)")
-    parser.add_argument("--text-field", help="JSONL field holding the text (default text)")
-    parser.add_argument("--straight-quotes", action="store_true", default=None, help="map curly quotes to ASCII")
-    parser.add_argument("--model-max-length", type=int, help="recorded in tokenizer_config.json (default 512)")
-    parser.add_argument("--max-chars", type=int, help="use at most this many characters of the corpus")
-
-
-def run(args: argparse.Namespace) -> int:
-    from edgelm_export.recipe import resolve_options
-
-    opts = resolve_options(args, "tokenizer", DEFAULTS)
-    if not opts["corpus"] or not opts["out"]:
-        raise TrainingError("train-tokenizer needs --corpus and --out (or a recipe that sets them).",
-                            hint="e.g. edgelm train-tokenizer --corpus data.txt --vocab-size 4096 --out tok/")
-    res = train_tokenizer(opts["corpus"], opts["vocab_size"], opts["out"], min_frequency=opts["min_frequency"],
-                          layout=opts["layout"], separator=opts["separator"], text_field=opts["text_field"],
-                          straight_quotes=bool(opts["straight_quotes"]), model_max_length=opts["model_max_length"],
-                          max_chars=opts["max_chars"])
-    print(f"tokenizer: vocab {res.vocab_size}, trained on {res.num_documents} documents "
-          f"({res.num_chars:,} characters) -> {res.out_dir}")
-    return 0

@@ -20,11 +20,11 @@ What the loop guarantees:
   development CPUs bf16 is slower than fp32); ``compile=True`` wraps the model in ``torch.compile``.
 
 The output folder is a standard Hugging Face model folder (config.json, model.safetensors, tokenizer
-files, generation_config.json) that ``edgelm export`` reads without flags.
+files, generation_config.json) that ``edgelm export`` reads without flags. The command line (flags, recipe
+defaults, printing) is in :mod:`edgelm_export.commands`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import errno
 import json
@@ -41,6 +41,8 @@ from typing import Any, Callable
 import numpy as np
 
 from edgelm.errors import InvalidArgumentError, OutOfDiskError, TrainingError
+from edgelm_export.data import (BlockSampler, load_tokenizer, pack_documents, pack_stream, read_documents,
+                                read_eval_text, split_heldout, text_stream)
 
 # Llama shapes by name. head_dim is a multiple of 16 from "small" up (onnxruntime-genai's CPU attention
 # kernel needs that); the "tiny" preset is for tests only.
@@ -181,7 +183,8 @@ def build_llama(config: dict[str, Any], vocab_size: int, *, bos_id: int | None, 
     return model
 
 
-def _resolve_device(name: str):
+def resolve_device(name: str):
+    """"auto" (CUDA when present, else CPU) or a torch device name; refuses CUDA without a GPU."""
     import torch
 
     if name == "auto":
@@ -261,6 +264,22 @@ def hidden_cosine_loss(student_hidden, teacher_hidden, hidden_map: list[int]):
     return sum(losses) / len(losses)
 
 
+def evenly_spaced_layers(n_teacher: int, k: int) -> list[int]:
+    """K teacher layer indices spread evenly from the first to the last (k=1 -> the last layer).
+
+    >>> evenly_spaced_layers(12, 4)
+    [0, 4, 7, 11]
+    """
+    if k < 1:
+        raise TrainingError(f"The student needs at least one layer, got {k}.", hint="Use --student-layers 1 or more.")
+    if k > n_teacher:
+        raise TrainingError(f"The student cannot have more layers ({k}) than the teacher ({n_teacher}) with layer init.",
+                            hint=f"Use --student-layers {n_teacher} or fewer, or --student-config with random init.")
+    if k == 1:
+        return [n_teacher - 1]
+    return [int(i * (n_teacher - 1) / (k - 1) + 0.5) for i in range(k)]
+
+
 # --- evaluation -----------------------------------------------------------------------------------------
 def evaluate(model, blocks, *, bytes_per_token: float, batch_size: int = 16, device=None, amp_dtype=None,
              teacher=None) -> dict[str, float]:
@@ -306,8 +325,6 @@ def score_bits_per_byte(model, tok, text: str, *, window: int | None = None, str
     fp32, batched. Use it on the final model to check the number `edgelm export` will report.
     """
     import torch
-
-    from edgelm_export.data import load_tokenizer, text_stream
 
     if isinstance(tok, (str, os.PathLike)):
         tok = load_tokenizer(tok)
@@ -464,9 +481,6 @@ def _validate(cfg: TrainConfig) -> None:
 
 def prepare_data(cfg: TrainConfig, tok) -> tuple[np.ndarray, np.ndarray, float]:
     """(train blocks, held-out blocks, held-out bytes per token) for a config."""
-    from edgelm_export.data import (pack_documents, pack_stream, read_documents, read_eval_text, split_heldout,
-                                    text_stream)
-
     docs = read_documents(cfg.corpus, separator=cfg.separator, text_field=cfg.text_field, layout=cfg.layout,
                           straight_quotes=cfg.straight_quotes)
     if cfg.eval_text:
@@ -485,20 +499,9 @@ def prepare_data(cfg: TrainConfig, tok) -> tuple[np.ndarray, np.ndarray, float]:
     return train_blocks, heldout, bytes_per_token
 
 
-def train(cfg: TrainConfig, *, model=None, teacher=None, callback: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Train (or distil into) a Llama model as ``cfg`` says and save an HF folder at ``cfg.out_dir``.
-
-    ``model``: a ready student (e.g. initialised from teacher layers); None builds one from
-    ``cfg.model_config``. ``teacher``: a causal LM sharing the tokenizer, or None for plain training.
-    ``callback(step, record)`` runs after every optimizer step (used by tests to simulate a crash).
-    Returns a :class:`TrainResult`; raises TrainingError / InvalidArgumentError / OutOfDiskError.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from edgelm_export.data import BlockSampler, load_tokenizer
-
-    _validate(cfg)
+def _claim_out_dir(cfg: TrainConfig) -> tuple[Path, bool]:
+    """(the output folder, whether it holds checkpoints). An earlier run there is refused unless resumed, or
+    removed (checkpoints and log) with ``overwrite``."""
     out = Path(cfg.out_dir).expanduser()
     ckpt_dir = out / CHECKPOINT_DIR
     has_ckpt = (ckpt_dir / "last.pt").is_file() or (ckpt_dir / "prev.pt").is_file()
@@ -508,25 +511,34 @@ def train(cfg: TrainConfig, *, model=None, teacher=None, callback: Callable[[int
                                 hint="Pass --resume to continue it, --overwrite to start over, or a new --out.")
         shutil.rmtree(ckpt_dir)
         (out / LOG_FILE).unlink(missing_ok=True)
+    return out, has_ckpt
+
+
+def _setup_device(cfg: TrainConfig):
+    """(device, autocast dtype or None), with torch's thread count and TF32 set for the run."""
+    import torch
+
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     amp_dtype = _amp_dtype(cfg.amp, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return device, amp_dtype
 
-    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else None
-    if tok_dir is None:
-        raise TrainingError("No tokenizer given.", hint="Pass --tokenizer DIR (a folder with tokenizer.json).")
-    tok = load_tokenizer(tok_dir)
-    train_blocks, heldout, bytes_per_token = prepare_data(cfg, tok)
-    sampler = BlockSampler(len(train_blocks), cfg.batch_size, seed=cfg.seed)
 
-    # Seed everything before the model is built so a fresh run is reproducible.
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_student(cfg: TrainConfig, tok, model):
+    """The model to train: ``model`` or a fresh one from ``cfg.model_config``, checked against the tokenizer and
+    block size."""
     if model is None:
         model = build_llama(resolve_model_config(cfg.model_config), tok.vocab_size, bos_id=tok.bos_id,
                             eos_id=tok.eos_id, pad_id=tok.pad_id, seed=cfg.seed)
@@ -536,232 +548,298 @@ def train(cfg: TrainConfig, *, model=None, teacher=None, callback: Callable[[int
     if cfg.block_size > model.config.max_position_embeddings:
         raise TrainingError(f"block_size {cfg.block_size} exceeds the model's context "
                             f"({model.config.max_position_embeddings}).", hint="Lower --block-size.")
-    if teacher is not None:
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise TrainingError(f"Teacher vocab_size {teacher.config.vocab_size} != student's {model.config.vocab_size}.",
-                                hint="The student must use the teacher's tokenizer and vocabulary size.")
-        teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    return model
+
+
+def _prepare_teacher(cfg: TrainConfig, model, teacher, device) -> list[int] | None:
+    """Check the teacher against the student, freeze it on ``device``, and return the hidden-state layer map
+    (``cfg.hidden_map``, else evenly spaced teacher layers when the hidden-state loss is on)."""
+    if teacher is None:
+        return cfg.hidden_map
+    if teacher.config.vocab_size != model.config.vocab_size:
+        raise TrainingError(f"Teacher vocab_size {teacher.config.vocab_size} != student's {model.config.vocab_size}.",
+                            hint="The student must use the teacher's tokenizer and vocabulary size.")
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
     hidden_map = cfg.hidden_map
-    if teacher is not None and cfg.hidden_weight > 0:
+    if cfg.hidden_weight > 0:
         if teacher.config.hidden_size != model.config.hidden_size:
             raise TrainingError("hidden_weight > 0 needs a student as wide as the teacher.",
                                 hint="Set --hidden-weight 0 or use a student with the teacher's hidden_size.")
         if hidden_map is None:
-            from edgelm_export.distill import evenly_spaced_layers
             hidden_map = evenly_spaced_layers(teacher.config.num_hidden_layers, model.config.num_hidden_layers)
+    return hidden_map
+
+
+def _make_optimizer(cfg: TrainConfig, model, device):
+    """AdamW with weight decay on matrices only (not on norms or biases); fused on CUDA."""
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    opt_kwargs = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **opt_kwargs)
+
+
+def train(cfg: TrainConfig, *, model=None, teacher=None, callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train (or distil into) a Llama model as ``cfg`` says and save an HF folder at ``cfg.out_dir``.
+
+    ``model``: a ready student (e.g. initialised from teacher layers); None builds one from
+    ``cfg.model_config``. ``teacher``: a causal LM sharing the tokenizer, or None for plain training.
+    ``callback(step, record)`` runs after every optimizer step (used by tests to simulate a crash).
+    Returns a :class:`TrainResult`; raises TrainingError / InvalidArgumentError / OutOfDiskError.
+    """
+    _validate(cfg)
+    out, has_ckpt = _claim_out_dir(cfg)
+    device, amp_dtype = _setup_device(cfg)
+    if not cfg.tokenizer:
+        raise TrainingError("No tokenizer given.", hint="Pass --tokenizer DIR (a folder with tokenizer.json).")
+    tok = load_tokenizer(Path(cfg.tokenizer))
+    train_blocks, heldout, bytes_per_token = prepare_data(cfg, tok)
+    sampler = BlockSampler(len(train_blocks), cfg.batch_size, seed=cfg.seed)
+
+    # Seed everything before the model is built so a fresh run is reproducible.
+    _seed_everything(cfg.seed)
+    model = _prepare_student(cfg, tok, model)
+    hidden_map = _prepare_teacher(cfg, model, teacher, device)
     model.config.attention_dropout = cfg.dropout
     add_residual_dropout(model, cfg.dropout)
     model.to(device)
     model.train()
 
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    opt_kwargs = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **opt_kwargs)
-
-    step, tokens_seen, elapsed_before, last_eval = 0, 0, 0.0, {}
+    run = _Run(cfg, model, teacher, hidden_map, _make_optimizer(cfg, model, device), sampler, device, amp_dtype,
+               heldout, bytes_per_token, out)
     if cfg.resume and has_ckpt:
-        state = load_checkpoint(ckpt_dir)
+        run.restore()
+    return run.execute(train_blocks, tok.path, callback)
+
+
+@dataclass
+class _Run:
+    """One training run: what the loop works on, how far it has got, and where it writes (log, checkpoints).
+
+    Everything in a checkpoint is here, so :meth:`checkpoint` and :meth:`restore` are each other's inverse.
+    """
+
+    cfg: TrainConfig
+    model: Any
+    teacher: Any
+    hidden_map: list[int] | None
+    optimizer: Any
+    sampler: Any                 # edgelm_export.data.BlockSampler
+    device: Any
+    amp_dtype: Any
+    heldout: np.ndarray
+    bytes_per_token: float
+    out: Path
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_before: float = 0.0  # seconds spent by the runs this one resumes
+    last_eval: dict = field(default_factory=dict)
+    t0: float = 0.0              # when this process's part of the run started
+    fwd: Any = None              # the model as called in the loop (compiled or not)
+    log: Any = None              # the open train_log.jsonl
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / CHECKPOINT_DIR
+
+    def restore(self) -> None:
+        """Continue from the newest checkpoint: weights, optimizer, data position, counters and RNG states."""
+        state = load_checkpoint(self.ckpt_dir)
         try:
-            model.load_state_dict(state["model"])
+            self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
-            raise TrainingError(f"The checkpoint in {ckpt_dir} does not fit this model: {str(exc)[:200]}",
+            raise TrainingError(f"The checkpoint in {self.ckpt_dir} does not fit this model: {str(exc)[:200]}",
                                 hint="Resume with the same model config, or start over with --overwrite.") from exc
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        elapsed_before, last_eval = state["elapsed_s"], state.get("eval", {})
-        _set_rng_state(state["rng"], device)
-    fwd = torch.compile(model) if cfg.compile else model
-    params = count_params(model)
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / LOG_FILE, "a", encoding="utf-8")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.elapsed_before, self.last_eval = state["elapsed_s"], state.get("eval", {})
+        _set_rng_state(state["rng"], self.device)
 
-    def write_log(record: dict) -> None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-
-    def run_eval() -> dict:
-        if not len(heldout):
-            return {}
-        res = evaluate(fwd, heldout, bytes_per_token=bytes_per_token, batch_size=max(1, cfg.batch_size),
-                       device=device, amp_dtype=amp_dtype, teacher=teacher)
-        write_log({"step": step, **res})
-        return res
-
-    def checkpoint() -> None:
-        save_checkpoint(ckpt_dir, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
-            "step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + (time.time() - t0),
-            "eval": last_eval, "rng": _rng_state(device), "model_config": model.config.to_dict(),
-            "train_config": dataclasses.asdict(cfg),
+    def checkpoint(self) -> None:
+        save_checkpoint(self.ckpt_dir, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed_before + (time.time() - self.t0), "eval": self.last_eval,
+            "rng": _rng_state(self.device), "model_config": self.model.config.to_dict(),
+            "train_config": dataclasses.asdict(self.cfg),
         })
 
-    bar = None
-    if cfg.progress:
+    def write_log(self, record: dict) -> None:
+        self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+
+    def run_eval(self) -> dict:
+        if not len(self.heldout):
+            return {}
+        res = evaluate(self.fwd, self.heldout, bytes_per_token=self.bytes_per_token,
+                       batch_size=max(1, self.cfg.batch_size), device=self.device, amp_dtype=self.amp_dtype,
+                       teacher=self.teacher)
+        self.write_log({"step": self.step, **res})
+        return res
+
+    def execute(self, train_blocks: np.ndarray, tok_dir: Path, callback) -> TrainResult:
+        """Step to ``max_steps`` or the time budget, then evaluate, checkpoint and save the HF folder."""
+        import torch
+
+        cfg = self.cfg
+        self.fwd = torch.compile(self.model) if cfg.compile else self.model
+        params = count_params(self.model)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.out / LOG_FILE, "a", encoding="utf-8")
+        bar = self._progress_bar()
+        self.t0 = time.time()
+        if self.step == 0 and not cfg.resume:
+            self.write_log({"event": "start", "params": params, "device": str(self.device),
+                            "amp": str(self.amp_dtype), "train_blocks": int(len(train_blocks)),
+                            "block_size": cfg.block_size, "heldout_tokens": int(self.heldout.size),
+                            "teacher": self.teacher is not None})
+        already_done = self.step >= cfg.max_steps
+        train_tensor = torch.from_numpy(train_blocks.astype(np.int64))
+        if self.device.type == "cuda":
+            train_tensor = train_tensor.to(self.device)
+        try:
+            stopped = self._loop(train_tensor, bar, callback)
+        except KeyboardInterrupt:
+            # Ctrl-C: keep the work done so far, then let the caller see the interrupt.
+            if self.step > 0:
+                self.checkpoint()
+            self.log.close()
+            if bar is not None:
+                bar.close()
+            raise
+        if bar is not None:
+            bar.close()
+        run_time = time.time() - self.t0
+        if not already_done:
+            self.last_eval = self.run_eval() or self.last_eval
+        self.checkpoint()
+        return self._finish(params, "already-done" if already_done else stopped, run_time, tok_dir)
+
+    def _progress_bar(self):
+        if not self.cfg.progress:
+            return None
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.max_steps, initial=step, desc="distill" if teacher is not None else "train",
-                   unit="step", dynamic_ncols=True, file=sys.stderr)
-    t0 = time.time()
-    t_window, tok_window = time.time(), 0
-    stopped = "max_steps"
-    if step == 0 and not cfg.resume:
-        write_log({"event": "start", "params": params, "device": str(device), "amp": str(amp_dtype),
-                   "train_blocks": int(len(train_blocks)), "block_size": cfg.block_size,
-                   "heldout_tokens": int(heldout.size), "teacher": teacher is not None})
-    already_done = step >= cfg.max_steps
-    train_tensor = torch.from_numpy(train_blocks.astype(np.int64))
-    if device.type == "cuda":
-        train_tensor = train_tensor.to(device)
-    try:
-        while step < cfg.max_steps:
-            elapsed = elapsed_before + (time.time() - t0)
+        return tqdm(total=self.cfg.max_steps, initial=self.step, desc="distill" if self.teacher is not None else "train",
+                    unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def _loop(self, train_tensor, bar, callback) -> str:
+        """Optimizer steps with logging, evals and checkpoints -> why it stopped ("max_steps" or "time")."""
+        cfg = self.cfg
+        t_window, tok_window = time.time(), 0
+        while self.step < cfg.max_steps:
+            elapsed = self.elapsed_before + (time.time() - self.t0)
             if cfg.max_time_s is not None and elapsed >= cfg.max_time_s:
-                stopped = "time"
-                break
-            progress = step / cfg.max_steps
+                return "time"
+            progress = self.step / cfg.max_steps
             if cfg.max_time_s is not None:
                 progress = max(progress, elapsed / cfg.max_time_s)
-            lr = lr_at(cfg, step, progress)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            parts: dict[str, float] = {}
-            for _ in range(cfg.grad_accum):
-                idx = torch.from_numpy(sampler.next_batch().astype(np.int64))
-                x = train_tensor[idx.to(train_tensor.device)].to(device, non_blocking=True)
-                need_hidden = teacher is not None and cfg.hidden_weight > 0
-                with _autocast(device, amp_dtype):
-                    out_s = fwd(input_ids=x, output_hidden_states=need_hidden)
-                    logits = out_s.logits[:, :-1]
-                    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-                    loss = ce
-                    if teacher is not None:
-                        with torch.no_grad():
-                            out_t = teacher(input_ids=x, output_hidden_states=need_hidden)
-                        kd = kd_loss(logits, out_t.logits[:, :-1], cfg.temperature, cfg.kl)
-                        loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
-                        parts["kd"] = parts.get("kd", 0.0) + kd.item() / cfg.grad_accum
-                        if need_hidden:
-                            hl = hidden_cosine_loss(out_s.hidden_states, out_t.hidden_states, hidden_map)
-                            loss = loss + cfg.hidden_weight * hl
-                            parts["hidden"] = parts.get("hidden", 0.0) + hl.item() / cfg.grad_accum
-                (loss / cfg.grad_accum).backward()
-                parts["loss"] = parts.get("loss", 0.0) + loss.item() / cfg.grad_accum
-                parts["ce"] = parts.get("ce", 0.0) + ce.item() / cfg.grad_accum
-            if not math.isfinite(parts["loss"]):
-                raise TrainingError(f"The loss became {parts['loss']} at step {step}.",
-                                    hint="Lower --lr, raise --warmup-steps, or check the data; resume from the last checkpoint.")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() \
-                if cfg.grad_clip > 0 else float("nan")
-            optimizer.step()
-            step += 1
+            lr = lr_at(cfg, self.step, progress)
+            parts, grad_norm = self._optimizer_step(train_tensor, lr)
+            self.step += 1
             n_tok = cfg.grad_accum * cfg.batch_size * cfg.block_size
-            tokens_seen += n_tok
+            self.tokens_seen += n_tok
             tok_window += n_tok
-            record = {"step": step, "lr": lr, **parts, "grad_norm": grad_norm, "tokens": tokens_seen,
-                      "epoch": round(sampler.epochs_done, 4)}
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            record = {"step": self.step, "lr": lr, **parts, "grad_norm": grad_norm, "tokens": self.tokens_seen,
+                      "epoch": round(self.sampler.epochs_done, 4)}
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 now = time.time()
                 record["tokens_per_s"] = tok_window / max(now - t_window, 1e-9)
-                record["elapsed_s"] = elapsed_before + now - t0
+                record["elapsed_s"] = self.elapsed_before + now - self.t0
                 t_window, tok_window = now, 0
-                write_log(record)
+                self.write_log(record)
                 if bar is not None:
-                    post = {"loss": f"{parts['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
-                    if last_eval:
-                        post["eval_ppl"] = f"{last_eval['eval_ppl']:.2f}"
-                    if cfg.max_time_s is not None:
-                        post["left"] = f"{max(0, cfg.max_time_s - record['elapsed_s']):.0f}s"
-                    bar.set_postfix(post, refresh=False)
-            if step % cfg.eval_every == 0 and step < cfg.max_steps:
-                last_eval = run_eval()
-            if step % cfg.save_every == 0 and step < cfg.max_steps:
-                checkpoint()
+                    bar.set_postfix(self._postfix(parts, record), refresh=False)
+            if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                self.last_eval = self.run_eval()
+            if self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.checkpoint()
             if bar is not None:
                 bar.update(1)
             if callback is not None:
-                callback(step, record)
-    except KeyboardInterrupt:
-        # Ctrl-C: keep the work done so far, then let the caller see the interrupt.
-        if step > 0:
-            checkpoint()
-        log.close()
-        if bar is not None:
-            bar.close()
-        raise
-    if bar is not None:
-        bar.close()
-    run_time = time.time() - t0
-    if not already_done:
-        last_eval = run_eval() or last_eval
-    checkpoint()
-    wall = elapsed_before + run_time
-    tps = (tokens_seen / wall) if wall > 0 else 0.0
-    result = TrainResult(out, step, tokens_seen, wall, params, "already-done" if already_done else stopped,
-                         last_eval, tps)
-    summary = {"steps": step, "tokens": tokens_seen, "wall_time_s": round(wall, 2), "params": params,
-               "stopped": result.stopped, "eval": last_eval, "tokens_per_s": round(tps, 1),
-               "device": str(device), "teacher": teacher is not None,
-               "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"}, "extra": cfg.extra}
-    save_hf_folder(model, tok.path, out, extra_files={RESULT_FILE: json.dumps(summary, indent=2, default=str) + "\n"})
-    write_log({"event": "end", "step": step, "stopped": result.stopped, "wall_time_s": wall})
-    log.close()
-    return result
+                callback(self.step, record)
+        return "max_steps"
+
+    def _optimizer_step(self, train_tensor, lr: float) -> tuple[dict[str, float], float]:
+        """One AdamW step at ``lr`` over ``grad_accum`` micro-batches -> (mean loss terms, gradient norm)."""
+        import torch
+
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        parts: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            idx = torch.from_numpy(self.sampler.next_batch().astype(np.int64))
+            x = train_tensor[idx.to(train_tensor.device)].to(self.device, non_blocking=True)
+            loss, ce = self._loss(x, parts)
+            (loss / cfg.grad_accum).backward()
+            parts["loss"] = parts.get("loss", 0.0) + loss.item() / cfg.grad_accum
+            parts["ce"] = parts.get("ce", 0.0) + ce.item() / cfg.grad_accum
+        if not math.isfinite(parts["loss"]):
+            raise TrainingError(f"The loss became {parts['loss']} at step {self.step}.",
+                                hint="Lower --lr, raise --warmup-steps, or check the data; resume from the last checkpoint.")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item() \
+            if cfg.grad_clip > 0 else float("nan")
+        self.optimizer.step()
+        return parts, grad_norm
+
+    def _loss(self, x, parts: dict[str, float]):
+        """(loss, cross-entropy) of one micro-batch. With a teacher the loss is the distillation mix, and its
+        KD (and hidden-state) terms are added to ``parts``, averaged over the micro-batches."""
+        import torch
+        import torch.nn.functional as F
+
+        cfg, teacher = self.cfg, self.teacher
+        need_hidden = teacher is not None and cfg.hidden_weight > 0
+        with _autocast(self.device, self.amp_dtype):
+            out_s = self.fwd(input_ids=x, output_hidden_states=need_hidden)
+            logits = out_s.logits[:, :-1]
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            loss = ce
+            if teacher is not None:
+                with torch.no_grad():
+                    out_t = teacher(input_ids=x, output_hidden_states=need_hidden)
+                kd = kd_loss(logits, out_t.logits[:, :-1], cfg.temperature, cfg.kl)
+                loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
+                parts["kd"] = parts.get("kd", 0.0) + kd.item() / cfg.grad_accum
+                if need_hidden:
+                    hl = hidden_cosine_loss(out_s.hidden_states, out_t.hidden_states, self.hidden_map)
+                    loss = loss + cfg.hidden_weight * hl
+                    parts["hidden"] = parts.get("hidden", 0.0) + hl.item() / cfg.grad_accum
+        return loss, ce
+
+    def _postfix(self, parts: dict[str, float], record: dict) -> dict[str, str]:
+        post = {"loss": f"{parts['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+        if self.last_eval:
+            post["eval_ppl"] = f"{self.last_eval['eval_ppl']:.2f}"
+        if self.cfg.max_time_s is not None:
+            post["left"] = f"{max(0, self.cfg.max_time_s - record['elapsed_s']):.0f}s"
+        return post
+
+    def _finish(self, params: int, stopped: str, run_time: float, tok_dir: Path) -> TrainResult:
+        """Save the HF folder with training.json, close the log, and return the result."""
+        cfg = self.cfg
+        wall = self.elapsed_before + run_time
+        tps = (self.tokens_seen / wall) if wall > 0 else 0.0
+        result = TrainResult(self.out, self.step, self.tokens_seen, wall, params, stopped, self.last_eval, tps)
+        summary = {"steps": self.step, "tokens": self.tokens_seen, "wall_time_s": round(wall, 2), "params": params,
+                   "stopped": stopped, "eval": self.last_eval, "tokens_per_s": round(tps, 1),
+                   "device": str(self.device), "teacher": self.teacher is not None,
+                   "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"}, "extra": cfg.extra}
+        save_hf_folder(self.model, tok_dir, self.out,
+                       extra_files={RESULT_FILE: json.dumps(summary, indent=2, default=str) + "\n"})
+        self.write_log({"event": "end", "step": self.step, "stopped": stopped, "wall_time_s": wall})
+        self.log.close()
+        return result
 
 
-# --- CLI ----------------------------------------------------------------------------------------------------
-# (flag, type, help). Every flag defaults to None so a recipe value is only overridden when the flag is given.
-TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
-    ("--corpus", "list", "text / JSONL files or folders (or hf:NAME with network)"),
-    ("--tokenizer", str, "folder with tokenizer.json"),
-    ("--eval-text", str, "held-out text file (else --eval-fraction of the corpus)"),
-    ("--eval-fraction", float, "fraction of documents held out when no --eval-text (default 0.01)"),
-    ("--eval-max-tokens", int, "held-out tokens evaluated each time (default 65536)"),
-    ("--layout", str, "keep | blank-line-paragraphs | single-newline (default keep)"),
-    ("--separator", str, "document separator line in text files (default <|endoftext|>)"),
-    ("--text-field", str, "JSONL field with the text (default text)"),
-    ("--straight-quotes", "flag", "map curly quotes/dashes to ASCII"),
-    ("--doc-join", str, "eos (BOS doc EOS) | text (one stream) (default eos)"),
-    ("--block-size", int, "tokens per training block (default 256)"),
-    ("--batch-size", int, "blocks per micro-batch (default 32)"),
-    ("--grad-accum", int, "micro-batches per optimizer step (default 1)"),
-    ("--max-steps", int, "optimizer steps (default 1000)"),
-    ("--max-time-s", float, "wall-clock budget in seconds (stops cleanly, LR anneals to it)"),
-    ("--lr", float, "peak learning rate (default 1e-3)"),
-    ("--min-lr-ratio", float, "final LR as a fraction of the peak (default 0.1)"),
-    ("--warmup-steps", int, "linear warmup steps (default 100)"),
-    ("--weight-decay", float, "AdamW weight decay (default 0.1)"),
-    ("--grad-clip", float, "gradient-norm clip, 0 = off (default 1.0)"),
-    ("--dropout", float, "attention + residual dropout (default 0)"),
-    ("--seed", int, "random seed (default 0)"),
-    ("--eval-every", int, "evaluate every M steps (default 200)"),
-    ("--save-every", int, "checkpoint every N steps (default 200)"),
-    ("--log-every", int, "log every K steps (default 10)"),
-    ("--device", str, "auto | cpu | cuda | cuda:N (default auto)"),
-    ("--amp", str, "auto (bf16 on CUDA) | bf16 | fp16 | none"),
-    ("--compile", "flag", "use torch.compile"),
-    ("--num-threads", int, "torch CPU threads"),
-    ("--no-progress", "flag", "no progress bar"),
-    ("--resume", "flag", "continue from OUT/checkpoints"),
-    ("--overwrite", "flag", "discard an earlier run in OUT"),
-]
-
-
-def add_options(parser: argparse.ArgumentParser, options: list[tuple[str, Any, str]]) -> None:
-    for flag, kind, help_text in options:
-        if kind == "flag":
-            parser.add_argument(flag, action="store_true", default=None, help=help_text)
-        elif kind == "list":
-            parser.add_argument(flag, nargs="+", default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, default=None, help=help_text)
-
-
+# --- options: a TrainConfig as flat keys (recipe tables, command-line flags) ------------------------
 def config_defaults(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """TrainConfig's defaults as a dict keyed like the CLI options (plus recipe-only keys)."""
     d = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
@@ -786,29 +864,3 @@ def config_from_options(opts: dict[str, Any], **overrides: Any) -> TrainConfig:
         kw["corpus"] = [kw["corpus"]]
     kw.update(overrides)
     return TrainConfig(**kw)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", help="TOML recipe; its [teacher] table (or --section) gives defaults")
-    parser.add_argument("--section", help="recipe table to read (default teacher)")
-    parser.add_argument("--out", help="output folder (HF model folder + checkpoints/ + train_log.jsonl)")
-    parser.add_argument("--preset", help=f"model shape: {', '.join(PRESETS)}")
-    parser.add_argument("--config", help="model config JSON (LlamaConfig fields) instead of --preset")
-    add_options(parser, TRAIN_OPTIONS)
-
-
-def run(args: argparse.Namespace) -> int:
-    from edgelm_export.recipe import resolve_options
-
-    opts = resolve_options(args, "teacher", config_defaults())
-    if not opts.get("out") or not opts.get("corpus"):
-        raise TrainingError("train needs --out and --corpus (or a recipe that sets them).",
-                            hint="e.g. edgelm train --preset small --tokenizer tok/ --corpus data.txt --out model/")
-    cfg = config_from_options(opts)
-    res = train(cfg)
-    ev = res.eval
-    print(f"trained {res.params:,} params for {res.steps} steps ({res.tokens:,} tokens, {res.wall_time_s:.0f}s, "
-          f"{res.tokens_per_s:,.0f} tok/s, stopped: {res.stopped})"
-          + (f"; held-out loss {ev['eval_loss']:.4f}, ppl {ev['eval_ppl']:.2f}, ~{ev['eval_bpb']:.4f} bits/byte" if ev else "")
-          + f" -> {res.out_dir}")
-    return 0
