@@ -448,13 +448,11 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
             out_path: Path, work: Path, *, quantize: str, eval_path: Path, max_ppl_increase: float, force: bool,
             progress: bool, keep: tuple[str, ...], context_length: int, threads: int | None,
             gguf_info: dict[str, Any] | None = None) -> ExportReport:
-    import torch
+    """The export's steps, in order: load, build + verify the fp32 graph, the fp32 folder, quantize, evaluate,
+    write. Each step is a function below; this one only sequences them and reports progress."""
     from tqdm.auto import tqdm
 
-    from edgelm.folder import write_manifest
-
-    from .quantize import onnx_bytes, save_onnx
-    from .verify import verify_against_torch
+    from .quantize import onnx_bytes
 
     steps = ["load", "build", "verify"] + ([] if quantize == "none" else ["quantize"]) + ["evaluate", "write"]
     bar = tqdm(total=len(steps), desc="export", unit="step", disable=not progress)
@@ -462,10 +460,60 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
     def step(name: str) -> None:
         bar.set_postfix_str(name)
 
+    step("load")
+    model = _load_torch_model(src_path, threads)
+    bar.update(1)
+    step("build")
+    fp32_dir, shape = _build_graph(model, builder, model_type, context_length, work)
+    bar.update(1)
+    step("verify")
+    from .verify import verify_against_torch
+    max_diff = verify_against_torch(model, fp32_dir / "model.onnx", shape, rtol=VERIFY_RTOL, threads=threads)
+    num_params = sum(p.numel() for p in model.parameters())
+    del model
+    bar.update(1)
+
+    source_info = {"model": src, "path": str(src_path.resolve()), "architecture": arch}
+    if gguf_info:  # the unpacked folder is temporary: record the GGUF file itself
+        source_info.update(path=gguf_info["path"], gguf=gguf_info)
+    fp32_cfg = _write_folder_files(src_path, fp32_dir, src_cfg, arch, model_type, shape, source_info)
+
+    final_dir, quant_info = fp32_dir, {"method": "none", "dtype": "float32", "weights": "fp32 (not quantized)"}
+    if quantize != "none":
+        step("quantize")
+        final_dir, quant_info = _quantize(fp32_dir, work, fp32_cfg, source_info, quantize, keep, eval_path,
+                                          max_ppl_increase=max_ppl_increase, threads=threads, progress=progress)
+        bar.update(1)
+
+    step("evaluate")
+    metrics = _evaluate(fp32_dir, final_dir, work, fp32_cfg, source_info, quant_info, keep, eval_path,
+                        max_ppl_increase=max_ppl_increase, force=force, threads=threads, progress=progress)
+    bar.update(1)
+
+    step("write")
+    if final_dir is not fp32_dir:
+        shutil.rmtree(fp32_dir)  # the fp32 variant was only needed for comparison
+    report = ExportReport(out=str(out_path), source=src, architecture=arch, model_type=model_type,
+                          quantization=quant_info["method"], context_length=shape.context_length,
+                          num_parameters=int(num_params), max_logit_diff=float(max_diff),
+                          model_bytes=onnx_bytes(final_dir / "model.onnx"),
+                          fp32_model_bytes=quant_info.get("fp32_bytes", onnx_bytes(final_dir / "model.onnx")),
+                          metrics=metrics)
+    _write_final(report, final_dir, src_path, shape, quant_info, source_info, gguf_info)
+    _swap_into_place(final_dir, out_path)
+    shutil.rmtree(work, ignore_errors=True)
+    bar.update(1)
+    bar.close()
+    return report
+
+
+def _load_torch_model(src_path: Path, threads: int | None) -> Any:
+    """The source model with transformers, fp32, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     if threads:
         torch.set_num_threads(threads)
-    step("load")
-    from transformers import AutoModelForCausalLM
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -476,80 +524,70 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
     except Exception as exc:
         raise ExportError(f"transformers could not load {src_path} ({type(exc).__name__}: {exc}).",
                           hint="Check that the weights are complete and match config.json.") from exc
-    model.eval()
-    ctx = context_length
-    bar.update(1)
+    return model.eval()
 
-    step("build")
+
+def _build_graph(model: Any, builder: Any, model_type: str, context_length: int, work: Path) -> tuple[Path, Any]:
+    """Our fp32 ONNX graph of ``model``, saved as work/fp32/model.onnx; returns (that folder, the graph's shape)."""
+    import torch
+
+    from .quantize import save_onnx
+
     with torch.no_grad():
-        graph, shape = builder.build(model, model_type, ctx)
+        graph, shape = builder.build(model, model_type, context_length)
     fp32_dir = work / "fp32"
     fp32_dir.mkdir()
-    fp32_onnx = fp32_dir / "model.onnx"
-    save_onnx(graph, fp32_onnx)
-    del graph
-    bar.update(1)
+    save_onnx(graph, fp32_dir / "model.onnx")
+    return fp32_dir, shape
 
-    step("verify")
-    max_diff = verify_against_torch(model, fp32_onnx, shape, rtol=VERIFY_RTOL, threads=threads)
-    num_params = sum(p.numel() for p in model.parameters())
-    del model
-    bar.update(1)
 
-    # The folder files other than the graph are the same for every variant.
+def _write_folder_files(src_path: Path, fp32_dir: Path, src_cfg: dict[str, Any], arch: str, model_type: str,
+                        shape: Any, source_info: dict[str, Any]) -> dict[str, Any]:
+    """Tokenizer, config.json, generation_config.json and a provisional manifest (so the runtime can open the fp32
+    folder to evaluate it); the same files serve every quantized variant. Returns the config."""
+    from edgelm.folder import write_manifest
+
     tok_cfg = _write_tokenizer(src_path, fp32_dir, model_type)
     gen_src = _read_json_or_empty(src_path / "generation_config.json")
-    fp32_cfg = _edgelm_config(arch, model_type, shape, src_cfg, gen_src, tok_cfg, "float32")
-    (fp32_dir / "config.json").write_text(json.dumps(fp32_cfg, indent=2) + "\n", encoding="utf-8")
-    gen = _generation_config(src_path, fp32_cfg["bos_token_id"], fp32_cfg["eos_token_ids"], fp32_cfg["pad_token_id"])
+    cfg = _edgelm_config(arch, model_type, shape, src_cfg, gen_src, tok_cfg, "float32")
+    (fp32_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    gen = _generation_config(src_path, cfg["bos_token_id"], cfg["eos_token_ids"], cfg["pad_token_id"])
     (fp32_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-    source_info = {"model": src, "path": str(src_path.resolve()), "architecture": arch}
-    if gguf_info:  # the unpacked folder is temporary: record the GGUF file itself
-        source_info.update(path=gguf_info["path"], gguf=gguf_info)
-    write_manifest(fp32_dir, source=source_info)  # provisional, so the runtime can open the folder to evaluate it
+    write_manifest(fp32_dir, source=source_info)
+    return cfg
 
-    final_dir, quant_info = fp32_dir, {"method": "none", "dtype": "float32", "weights": "fp32 (not quantized)"}
-    if quantize != "none":
-        step("quantize")
-        final_dir, quant_info = _quantize(fp32_dir, work, fp32_cfg, source_info, quantize, keep, eval_path,
-                                          max_ppl_increase=max_ppl_increase, threads=threads, progress=progress)
-        bar.update(1)
 
-    step("evaluate")
+def _evaluate(fp32_dir: Path, final_dir: Path, work: Path, fp32_cfg: dict[str, Any], source_info: dict[str, Any],
+              quant_info: dict[str, Any], keep: tuple[str, ...], eval_path: Path, *, max_ppl_increase: float,
+              force: bool, threads: int | None, progress: bool) -> dict[str, Any]:
+    """The quality gate; when it refuses, the error names a mode that passes (measured)."""
     from .evaluate import quality_gate
+
     try:
-        metrics = quality_gate(fp32_dir, final_dir if quantize != "none" else None, eval_path,
+        metrics = quality_gate(fp32_dir, None if final_dir == fp32_dir else final_dir, eval_path,
                                max_ppl_increase=max_ppl_increase, force=force, threads=threads, progress=progress)
     except QualityGateError as exc:
         raise _with_passing_mode(exc, fp32_dir, work, fp32_cfg, source_info, quant_info["method"], keep, eval_path,
                                  max_ppl_increase=max_ppl_increase, threads=threads) from None
     if quant_info.get("auto"):
         metrics["auto"] = quant_info["auto"]
-    bar.update(1)
+    return metrics
 
-    step("write")
-    if final_dir is not fp32_dir:
-        shutil.rmtree(fp32_dir)  # the fp32 variant was only needed for comparison
-    report = ExportReport(out=str(out_path), source=src, architecture=arch, model_type=model_type,
-                          quantization=quant_info["method"], context_length=shape.context_length, num_parameters=int(num_params),
-                          max_logit_diff=float(max_diff), model_bytes=onnx_bytes(final_dir / "model.onnx"),
-                          fp32_model_bytes=quant_info.get("fp32_bytes", onnx_bytes(final_dir / "model.onnx")),
-                          metrics=metrics)
+
+def _write_final(report: ExportReport, final_dir: Path, src_path: Path, shape: Any, quant_info: dict[str, Any],
+                 source_info: dict[str, Any], gguf_info: dict[str, Any] | None) -> None:
+    """The card, the source's licence files, and the final manifest (last: it checksums everything else)."""
+    from edgelm.folder import write_manifest
+
     (final_dir / "README.md").write_text(_model_card(report, shape, src_path, quant_info, _licence_notes(src_path),
-                                                     gguf_info),
-                                         encoding="utf-8")
+                                                     gguf_info), encoding="utf-8")
     for lic in src_path.glob("LICENSE*"):
         if lic.is_file():
             shutil.copyfile(lic, final_dir / lic.name)
     (final_dir / "edgelm.json").unlink(missing_ok=True)
     write_manifest(final_dir, source=source_info, producer=_producer(), quantization=quant_info,
-                   verification={"max_abs_logit_diff": float(max_diff), "rtol": VERIFY_RTOL},
-                   metrics=metrics, num_parameters=int(num_params), export={"path": "builder"})
-    _swap_into_place(final_dir, out_path)
-    shutil.rmtree(work, ignore_errors=True)
-    bar.update(1)
-    bar.close()
-    return report
+                   verification={"max_abs_logit_diff": report.max_logit_diff, "rtol": VERIFY_RTOL},
+                   metrics=report.metrics, num_parameters=report.num_parameters, export={"path": "builder"})
 
 
 def _swap_into_place(final_dir: Path, out_path: Path) -> None:
