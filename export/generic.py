@@ -134,6 +134,25 @@ def optimum_python(explicit: str | None = None) -> str:
                            f"${OPTIMUM_PYTHON_ENV}.")
 
 
+def optimum_supports(python: str, model_type: str) -> bool:
+    """Whether optimum (in ``python``'s environment) has a text-generation-with-past ONNX config for ``model_type``:
+    asked before any weights are read, so an unsupported model is refused from config.json alone."""
+    code = ("import sys, optimum.exporters.onnx.model_configs\n"
+            "from optimum.exporters.tasks import TasksManager\n"
+            "try:\n    tasks = TasksManager.get_supported_tasks_for_model_type(sys.argv[1], exporter='onnx', "
+            "library_name='transformers')\nexcept KeyError:\n    tasks = {}\n"
+            f"print({OPTIMUM_TASK!r} in tasks)\n")
+    proc = subprocess.run([python, "-c", code, model_type], capture_output=True, text=True)
+    return proc.stdout.strip().endswith("True")
+
+
+def _refuse_generic(arch: str, why: str, hint: str) -> UnsupportedArchitectureError:
+    from .archs import SUPPORTED
+
+    return UnsupportedArchitectureError(f"Cannot export {arch}: the builder knows {', '.join(SUPPORTED)}, and {why}.",
+                                        hint=hint)
+
+
 def run_optimum(python: str, src_path: Path, out_dir: Path, *, threads: int | None = None) -> str:
     """optimum's exporter on ``src_path`` into ``out_dir`` (model.onnx + its own config files); returns its version."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # the source is local by now
@@ -380,7 +399,22 @@ def export_generic(src: str, src_path: Path, out: str, *, via: str, onnx_file: s
         raise InvalidArgumentError(f"context_length={context_length} is longer than the model's {max_pos} positions.",
                                    hint=f"Pass context_length <= {max_pos}.")
     ctx = context_length or min(max_pos, cv.DEFAULT_MAX_CONTEXT)
-    python = optimum_python(optimum_python_path) if via == "optimum" else None
+    python = None
+    if via == "optimum":
+        from .archs import SUPPORTED
+
+        try:
+            python = optimum_python(optimum_python_path)
+        except ExportError as exc:
+            if arch in SUPPORTED:  # --via optimum was asked for a builder family
+                raise
+            raise _refuse_generic(arch, "the generic path (--via optimum) needs optimum-onnx, which this "
+                                  "environment lacks", exc.hint or "") from None
+        model_type = str(hf_cfg.get("model_type") or "")
+        if not optimum_supports(python, model_type):
+            raise _refuse_generic(arch, f"optimum has no {OPTIMUM_TASK} export for model_type {model_type!r}",
+                                  "`edgelm export --list` shows what is supported; a ready-made ONNX folder of the "
+                                  "model (--via onnx) also works.")
     out_path = Path(out).expanduser()
     cv._check_output(out_path, overwrite, src_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

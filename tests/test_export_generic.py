@@ -269,6 +269,21 @@ def test_missing_optimum_is_refused_with_what_to_do(monkeypatch, tmp_path):
         generic.optimum_python(str(tmp_path / "no-python"))
 
 
+def test_a_family_optimum_lacks_is_refused_from_config_alone(optimum_python, tmp_path):
+    from edgelm.errors import UnsupportedArchitectureError
+    from edgelm_export.convert import export_model
+    from edgelm_export.generic import optimum_supports
+
+    assert optimum_supports(optimum_python, "gpt_neox") and not optimum_supports(optimum_python, "no_such")
+    src = tmp_path / "src"
+    src.mkdir()  # no weights: the refusal comes before any are needed
+    (src / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "model_type": "no_such"}))
+    (src / "tokenizer.json").write_text("{}")
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        export_model(str(src), str(tmp_path / "out"), progress=False)
+    assert "NoSuchForCausalLM" in str(info.value) and "'no_such'" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_the_path_is_chosen_from_the_family(tmp_path):
     from edgelm_export.generic import choose_path
 
