@@ -197,6 +197,23 @@ def test_published_quantized_variant_is_kept_as_it_is(ready_made, tmp_path):
     assert len(lm.generate("Once upon a time", max_new_tokens=8, temperature=0, ignore_eos=True).token_ids) == 8
 
 
+def test_cli_takes_an_onnx_folder_and_a_variant(ready_made, tmp_path, capsys):
+    import argparse
+
+    from edgelm.cli import main
+    from edgelm_export.convert import add_arguments
+
+    out = tmp_path / "cli-q4"
+    assert main(["export", str(ready_made), "--out", str(out), "--onnx-file", "onnx/model_q4.onnx", "--quantize",
+                 "none", "--no-progress", "--threads", "1"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert json.loads((out / "edgelm.json").read_text())["export"]["onnx_file"] == "onnx/model_q4.onnx"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["src", "--out", "x", "--via", "optimum", "--optimum-python", "/usr/bin/python3"])
+    assert (args.via, args.optimum_python, args.onnx_file) == ("optimum", "/usr/bin/python3", None)
+
+
 def test_fp16_logits_are_cast_back_and_the_head_is_still_found(ready_made, tmp_path):
     """Published fp16 variants end in fp16 logits: the runtime gets float32 ones, and logits_from still finds the
     LM head through the Cast."""
