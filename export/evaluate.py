@@ -106,7 +106,8 @@ CALIBRATION_TEXT = Path(__file__).resolve().parent / "data" / "eval-sample.txt"
 def calibration_ids(folder: Path, threads: int | None = None, n: int | None = None) -> list[int]:
     """Tokens the int8 calibration runs through the fp32 graph: two chat turns rendered with the model's own chat
     template (its special tokens and role markers are where real models put their activation outliers), then
-    plain text starting as a raw text would (BOS as the model adds it). ``n`` defaults to CALIBRATION_TOKENS."""
+    plain text starting as a raw text would (BOS as the model adds it). ``n`` defaults to CALIBRATION_TOKENS, and
+    never exceeds the model's context."""
     from .quantize import CALIBRATION_TOKENS
 
     lm = _load(folder, threads)
@@ -117,7 +118,7 @@ def calibration_ids(folder: Path, threads: int | None = None, n: int | None = No
                 {"role": "user", "content": prompts[13]}]
         ids += lm.tokenizer.encode(lm.apply_chat_template(msgs), add_bos=False)
     ids += lm.tokenizer.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"), add_bos=True)
-    return ids[: n or CALIBRATION_TOKENS]
+    return ids[: min(n or CALIBRATION_TOKENS, lm.context_length)]  # a prefill longer than the context fails
 
 
 _FP32_PPL: dict[tuple[str, str], float] = {}
