@@ -382,25 +382,25 @@ def export_generic(src: str, src_path: Path, out: str, *, via: str, onnx_file: s
                    force: bool, overwrite: bool, progress: bool, keep: tuple[str, ...],
                    context_length: int | None, threads: int | None) -> Any:
     """Export ``src_path`` by optimum (``via="optimum"``) or from its ready-made graph (``via="onnx"``) to ``out``.
-    The arguments have been checked by :func:`convert.export_model`; returns its ExportReport."""
-    from . import convert as cv
+    The arguments have been checked by :func:`edgelm_export.convert.export_model`; returns its ExportReport."""
+    from . import assemble as asm
 
     started = time.perf_counter()
-    hf_cfg = cv._read_json_or_empty(src_path / "config.json")
+    hf_cfg = asm.read_json_or_empty(src_path / "config.json")
     if via == "optimum":
-        cv._read_source_config(src_path)  # refuses a folder without a readable config.json
+        asm.read_source_config(src_path)  # refuses a folder without a readable config.json
     graph_file = find_onnx(src_path, onnx_file) if via == "onnx" else None
     if via == "onnx" and graph_file is None:
         raise ModelNotFoundError(f"{src_path} holds no ONNX graph (model.onnx or onnx/model*.onnx).",
                                  hint="Pass a folder with one, or a Hugging Face folder with --via optimum.")
-    cv._check_tokenizer(src_path)
+    asm.check_tokenizer(src_path)
     arch = (hf_cfg.get("architectures") or [None])[0] or f"model_type={hf_cfg.get('model_type')}"
     max_pos = int(hf_cfg.get("max_position_embeddings") or hf_cfg.get("n_positions") or hf_cfg.get("seq_length")
                   or (hf_cfg.get("text_config") or {}).get("max_position_embeddings") or 2048)
     if context_length is not None and context_length > max_pos:
         raise InvalidArgumentError(f"context_length={context_length} is longer than the model's {max_pos} positions.",
                                    hint=f"Pass context_length <= {max_pos}.")
-    ctx = context_length or min(max_pos, cv.DEFAULT_MAX_CONTEXT)
+    ctx = context_length or min(max_pos, asm.DEFAULT_MAX_CONTEXT)
     python = None
     if via == "optimum":
         from .archs import SUPPORTED
@@ -418,11 +418,11 @@ def export_generic(src: str, src_path: Path, out: str, *, via: str, onnx_file: s
                                   "`edgelm export --list` shows what is supported; a ready-made ONNX folder of the "
                                   "model (--via onnx) also works.")
     out_path = Path(out).expanduser()
-    cv._check_output(out_path, overwrite, src_path)
+    asm.check_output(out_path, overwrite, src_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    size = cv._weights_bytes(src_path) if via == "optimum" else sum(
+    size = asm.weights_bytes(src_path) if via == "optimum" else sum(
         p.stat().st_size for p in graph_file.parent.glob(graph_file.name + "*"))  # type: ignore[union-attr]
-    cv._check_disk(out_path.parent, size, quantize)
+    asm.check_disk(out_path.parent, size, quantize)
     work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.edgelm-export-", dir=out_path.parent))
     try:
         report = _export(src, src_path, hf_cfg, arch, out_path, work, via=via, graph_file=graph_file, python=python,
@@ -442,7 +442,7 @@ def _export(src: str, src_path: Path, hf_cfg: dict[str, Any], arch: str, out_pat
     from edgelm.errors import QualityGateError
     from edgelm.folder import write_manifest
 
-    from . import convert as cv
+    from . import assemble as asm
     from .evaluate import quality_gate
     from .quantize import onnx_bytes, save_onnx
 
@@ -472,14 +472,14 @@ def _export(src: str, src_path: Path, hf_cfg: dict[str, Any], arch: str, out_pat
     # Verification: against PyTorch when the weights are here and torch can load them; else the cache check.
     max_diff, how, num_params = _verify(src_path, fp32_dir / "model.onnx", shape, kv_dtype, via=via, threads=threads)
     num_params = num_params or graph_params  # without PyTorch: the graph's weight count (tied copies twice)
-    tok_cfg = cv._write_tokenizer(src_path, fp32_dir, hf_cfg.get("model_type") or "generic")
-    gen_src = cv._read_json_or_empty(src_path / "generation_config.json")
+    tok_cfg = asm.write_tokenizer(src_path, fp32_dir, hf_cfg.get("model_type") or "generic")
+    gen_src = asm.read_json_or_empty(src_path / "generation_config.json")
     model_type = str(hf_cfg.get("model_type") or "generic")
     dtype = stored or "float32"
-    fp32_cfg = cv._edgelm_config(arch, model_type, shape, hf_cfg, gen_src, tok_cfg, dtype)
+    fp32_cfg = asm.edgelm_config(arch, model_type, shape, hf_cfg, gen_src, tok_cfg, dtype)
     fp32_cfg["export_path"] = path_info["path"]
     (fp32_dir / "config.json").write_text(json.dumps(fp32_cfg, indent=2) + "\n", encoding="utf-8")
-    gen = cv._generation_config(src_path, fp32_cfg["bos_token_id"], fp32_cfg["eos_token_ids"], fp32_cfg["pad_token_id"])
+    gen = asm.generation_config(src_path, fp32_cfg["bos_token_id"], fp32_cfg["eos_token_ids"], fp32_cfg["pad_token_id"])
     (fp32_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     source_info = {"model": src, "path": str(src_path.resolve()), "architecture": arch}
     write_manifest(fp32_dir, source=source_info)  # provisional: the runtime opens the folder to evaluate it
@@ -488,26 +488,26 @@ def _export(src: str, src_path: Path, hf_cfg: dict[str, Any], arch: str, out_pat
     quant_info: dict[str, Any] = {"method": "none", "dtype": dtype, "weights": (
         f"{stored} (as the source graph stores them)" if stored else "fp32 (not quantized)")}
     if quantize != "none":
-        final_dir, quant_info = cv._quantize(fp32_dir, work, fp32_cfg, source_info, quantize, keep, eval_path,
+        final_dir, quant_info = asm.choose_variant(fp32_dir, work, fp32_cfg, source_info, quantize, keep, eval_path,
                                              max_ppl_increase=max_ppl_increase, threads=threads, progress=progress)
     try:
         metrics = quality_gate(fp32_dir, final_dir if quantize != "none" else None, eval_path,
                                max_ppl_increase=max_ppl_increase, force=force, threads=threads, progress=progress)
     except QualityGateError as exc:
-        raise cv._with_passing_mode(exc, fp32_dir, work, fp32_cfg, source_info, quant_info["method"], keep, eval_path,
+        raise asm.with_passing_mode(exc, fp32_dir, work, fp32_cfg, source_info, quant_info["method"], keep, eval_path,
                                     max_ppl_increase=max_ppl_increase, threads=threads) from None
     if quant_info.get("auto"):
         metrics["auto"] = quant_info["auto"]
     if final_dir is not fp32_dir:
         shutil.rmtree(fp32_dir)
-    report = cv.ExportReport(out=str(out_path), source=src, architecture=arch, model_type=model_type,
+    report = asm.ExportReport(out=str(out_path), source=src, architecture=arch, model_type=model_type,
                              quantization=quant_info["method"], context_length=ctx, num_parameters=num_params,
                              max_logit_diff=float(max_diff), model_bytes=onnx_bytes(final_dir / "model.onnx"),
                              fp32_model_bytes=quant_info.get("fp32_bytes", onnx_bytes(final_dir / "model.onnx")),
                              metrics=metrics)
     path_row = path_info["path"] + (f" ({path_info['optimum']})" if via == "optimum" else
                                     f", `{path_info['onnx_file']}`")
-    card = cv._model_card(report, shape, src_path, quant_info, cv._licence_notes(src_path), path=path_row)
+    card = asm.model_card(report, shape, src_path, quant_info, asm.licence_notes(src_path), path=path_row)
     card = card.replace("| fp32 ONNX vs PyTorch, max abs logit diff |",
                         f"| fp32 check ({how}), max abs logit diff |", 1)
     (final_dir / "README.md").write_text(card, encoding="utf-8")
@@ -515,17 +515,17 @@ def _export(src: str, src_path: Path, hf_cfg: dict[str, Any], arch: str, out_pat
         if lic.is_file():
             shutil.copyfile(lic, final_dir / lic.name)
     (final_dir / "edgelm.json").unlink(missing_ok=True)
-    write_manifest(final_dir, source=source_info, producer=cv._producer(), quantization=quant_info,
-                   verification={"max_abs_logit_diff": float(max_diff), "rtol": cv.VERIFY_RTOL, "against": how},
+    write_manifest(final_dir, source=source_info, producer=asm.producer(), quantization=quant_info,
+                   verification={"max_abs_logit_diff": float(max_diff), "rtol": asm.VERIFY_RTOL, "against": how},
                    metrics=metrics, num_parameters=num_params, export=path_info)
-    cv._swap_into_place(final_dir, out_path)
+    asm.swap_into_place(final_dir, out_path)
     return report
 
 
 def _verify(src_path: Path, onnx_path: Path, shape: DecoderShape, kv_dtype: str, *, via: str,
             threads: int | None) -> tuple[float, str, int]:
     """(max |logit diff|, what it was measured against, parameter count or 0)."""
-    from .convert import VERIFY_RTOL
+    from .assemble import VERIFY_RTOL
 
     if via == "optimum":
         try:

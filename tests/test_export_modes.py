@@ -10,7 +10,8 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from edgelm.errors import QualityGateError  # noqa: E402
-from edgelm_export.convert import AUTO_ORDER, FALLBACKS, export_model  # noqa: E402
+from edgelm_export.assemble import AUTO_ORDER, FALLBACKS  # noqa: E402
+from edgelm_export.convert import export_model  # noqa: E402
 
 pytestmark = [needs_shared(), pytest.mark.slow]
 
