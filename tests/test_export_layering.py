@@ -106,3 +106,22 @@ def test_each_training_verb_reaches_its_command(verb, flag):
     verb_parser = sub.choices[verb]
     assert flag in verb_parser.format_help()
     assert verb_parser.get_default("_run").__module__ == "edgelm_export.commands"
+
+
+# The export side: two paths (convert = our builder, generic = optimum / ready-made ONNX) on one shared library
+# (assemble), which imports neither path; convert picks a path, so it alone may import generic.
+EXPORT_ALLOWED: dict[str, set[str]] = {
+    "quantize": set(),
+    "verify": set(),
+    "evaluate": {"quantize"},
+    "gguf": {"archs"},
+    "assemble": {"quantize", "evaluate"},
+    "generic": {"archs", "assemble", "evaluate", "quantize", "verify"},
+    "convert": {"archs", "assemble", "generic", "gguf", "quantize", "verify"},
+}
+
+
+@pytest.mark.parametrize("module", list(EXPORT_ALLOWED))
+def test_export_paths_share_a_library_without_cycles(module):
+    imported = edgelm_export_imports(module)
+    assert imported <= EXPORT_ALLOWED[module], f"{module} imports {sorted(imported - EXPORT_ALLOWED[module])}"
