@@ -10,7 +10,6 @@ Steps (each refuses early with a typed error, see docs/export.md):
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -308,68 +307,3 @@ def _write_final(report: ExportReport, final_dir: Path, src_path: Path, shape: A
     write_manifest(final_dir, source=source_info, producer=producer(), quantization=quant_info,
                    verification={"max_abs_logit_diff": report.max_logit_diff, "rtol": VERIFY_RTOL},
                    metrics=report.metrics, num_parameters=report.num_parameters, export={"path": "builder"})
-
-
-# --- CLI -----------------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", nargs="?",
-                        help="a local Hugging Face model folder, or a hub id (needs network)")
-    parser.add_argument("--out", metavar="DIR", help="the model folder to write (required)")
-    parser.add_argument("--list", action="store_true",
-                        help="print the supported architecture families (builder, KV cache layout, what was verified)")
-    parser.set_defaults(_export_parser=parser)  # run() reports a missing SRC / --out as argparse would
-    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="int8",
-                        help="weight format: int8 (default) = 8-bit, each matrix on the int8 GEMM where calibration "
-                             "shows its activations allow it, else block-wise; int8-block = block-wise 8-bit everywhere "
-                             "(most accurate); int8-gemm = int8 GEMMs everywhere (fastest prefill, breaks on models "
-                             "with activation outliers); int4 = 4-bit blocks with zero points (smallest); auto = the "
-                             "fastest of int4, int8, int8-block within --max-ppl-increase; none = fp32")
-    parser.add_argument("--eval-text", metavar="FILE", help="held-out text for the quality gate (default: built-in sample)")
-    parser.add_argument("--max-ppl-increase", type=float, default=0.05, metavar="FRACTION",
-                        help="refuse a quantized model whose perplexity is more than this much worse (default 0.05 = 5%%)")
-    parser.add_argument("--force", action="store_true", help="write the model even if it fails the quality gate")
-    parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
-    parser.add_argument("--keep-fp32", default="", metavar="PARTS",
-                        help="comma-separated parts to leave in fp32: embeddings,lm_head")
-    parser.add_argument("--context-length", type=int, metavar="N",
-                        help=f"positions to build for (default: the model's, at most {DEFAULT_MAX_CONTEXT})")
-    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for verification and evaluation")
-    parser.add_argument("--via", choices=("builder", "optimum", "onnx"),
-                        help="force the path: builder (our lean graph, families of --list), optimum (optimum's "
-                             "exporter, any causal LM it knows), onnx (SRC's ready-made graph); default: the builder "
-                             "when it knows the family, a ready-made graph when SRC has one, else optimum")
-    parser.add_argument("--onnx-file", metavar="FILE",
-                        help="the graph of a ready-made ONNX folder to use, relative to SRC (e.g. onnx/model_q4.onnx)")
-    parser.add_argument("--optimum-python", metavar="PYTHON",
-                        help="the python of an environment with optimum-onnx, for --via optimum "
-                             "(default: $EDGELM_OPTIMUM_PYTHON, else this python when it has optimum)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.list:
-        from .archs import family_table
-        print(family_table())
-        return 0
-    missing = [name for name, value in (("SRC", args.src), ("--out", args.out)) if not value]
-    if missing:
-        args._export_parser.error(f"the following arguments are required: {', '.join(missing)} (or --list)")
-    report = export_model(args.src, args.out, quantize=args.quantize, eval_text=args.eval_text,
-                          max_ppl_increase=args.max_ppl_increase, force=args.force, overwrite=args.overwrite,
-                          progress=not args.no_progress, keep_fp32=args.keep_fp32,
-                          context_length=args.context_length, threads=args.threads, via=args.via,
-                          onnx_file=args.onnx_file, optimum_python=args.optimum_python)
-    m = report.metrics
-    print(f"wrote {report.out}: {report.model_type} ({report.num_parameters:,} parameters), {report.quantization}, "
-          f"model.onnx {report.model_bytes / 1e6:.2f} MB, fp32-vs-PyTorch max logit diff {report.max_logit_diff:.1e}")
-    if "quantized_perplexity" in m:
-        print(f"perplexity fp32 {m['fp32_perplexity']:.4f} -> {report.quantization} {m['quantized_perplexity']:.4f} "
-              f"({100 * m['ppl_increase']:+.2f} %), bits/byte {m['fp32_bits_per_byte']:.4f} -> "
-              f"{m['quantized_bits_per_byte']:.4f}, greedy agreement {100 * m['greedy_token_agreement']:.1f} %"
-              + (f", chat answers {100 * m['chat_prefix_agreement']:.1f} %" if "chat_prefix_agreement" in m else ""))
-        for t in m.get("auto") or []:
-            print(f"  auto tried {t['method']}: {100 * t['ppl_increase']:+.2f} % "
-                  f"({'within' if t['passed'] else 'over'} the gate)")
-    elif "fp32_perplexity" in m:
-        print(f"perplexity {m['fp32_perplexity']:.4f}, bits/byte {m['fp32_bits_per_byte']:.4f}")
-    return 0

@@ -201,7 +201,7 @@ def test_cli_takes_an_onnx_folder_and_a_variant(ready_made, tmp_path, capsys):
     import argparse
 
     from edgelm.cli import main
-    from edgelm_export.convert import add_arguments
+    from edgelm_export.commands import EXPORT
 
     out = tmp_path / "cli-q4"
     assert main(["export", str(ready_made), "--out", str(out), "--onnx-file", "onnx/model_q4.onnx", "--quantize",
@@ -209,7 +209,7 @@ def test_cli_takes_an_onnx_folder_and_a_variant(ready_made, tmp_path, capsys):
     assert f"wrote {out}" in capsys.readouterr().out
     assert json.loads((out / "edgelm.json").read_text())["export"]["onnx_file"] == "onnx/model_q4.onnx"
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    EXPORT.add_arguments(parser)
     args = parser.parse_args(["src", "--out", "x", "--via", "optimum", "--optimum-python", "/usr/bin/python3"])
     assert (args.via, args.optimum_python, args.onnx_file) == ("optimum", "/usr/bin/python3", None)
 
