@@ -26,6 +26,7 @@ Transpose(embedding)), so tied models do not fall into the de-quantize-the-whole
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -288,25 +289,39 @@ def calibrate(src: str | os.PathLike, config: dict[str, Any], token_ids: list[in
     Runs one prefill of ``token_ids`` (batch 1, empty cache) with every MatMul's activation input exposed, then
     compares ``x @ W`` with what each kernel computes: "gemm" per-call uint8 activations times per-column int8
     weights (DynamicQuantizeMatMul), "block" per-block int8 activations times block-wise int8 weights
-    (MatMulNBits, accuracy level 4); the error is the mean over rows (tokens) of ||error_row|| / ||ref_row||. A prefill is the worst case the GEMM sees: one activation scale for all
-    its rows, so a single outlier token (real models have them: SmolLM2's down_proj inputs reach 3,171 where
-    the typical value is 0.1) flattens every other row."""
+    (MatMulNBits, accuracy level 4); the error is the mean over rows (tokens) of ||error_row|| / ||ref_row||.
+    A prefill is the worst case the GEMM sees: one activation scale for all its rows, so a single outlier token
+    (real models have them: SmolLM2's down_proj inputs reach 3,171 where the typical value is 0.1) flattens
+    every other row."""
     import tempfile
 
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(str(src))
+    src = Path(src)
+    # The graph only: the weights stay in model.onnx.data, and each is read on its own below, so calibration
+    # never holds a second copy of the model in memory.
+    model = onnx.load(str(src), load_external_data=False)
     nodes = weight_matmuls(model)
     inits = _initializers(model)
-    weights = {w: numpy_helper.to_array(inits[w]) for _, _, w in nodes}
     for _, x, _ in nodes:
         model.graph.output.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, None))
-    with tempfile.TemporaryDirectory(prefix="edgelm-calibrate-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        save_onnx(model, path)
-        del model
+    # onnxruntime reads external data only from the graph's own folder (symbolic links that leave it are refused),
+    # so the probe graph goes beside the original; a read-only folder gets a temporary copy of the weights instead.
+    probe_dir = src.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".edgelm-calibrate-", suffix=".onnx", dir=probe_dir)
+        os.close(fd)
+    except OSError:
+        probe_dir = Path(tempfile.mkdtemp(prefix="edgelm-calibrate-"))
+        probe = str(probe_dir / src.name)
+        data = src.with_name(src.name + ".data")
+        if data.is_file():
+            shutil.copyfile(data, probe_dir / data.name)
+    try:
+        path = Path(probe)
+        onnx.save_model(model, str(path))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or 1
         opts.log_severity_level = 3
@@ -320,10 +335,15 @@ def calibrate(src: str | os.PathLike, config: dict[str, Any], token_ids: list[in
                 width = inp.shape[3] if isinstance(inp.shape[3], int) else config["head_dim"]
                 feeds[inp.name] = np.zeros((1, int(config["num_kv_heads"]), 0, width), np.float32)
         acts = sess.run([x for _, x, _ in nodes], feeds)
+        del sess
+    finally:
+        Path(probe).unlink(missing_ok=True)
+        if probe_dir != src.parent:
+            shutil.rmtree(probe_dir, ignore_errors=True)
     errors = {}
     for (name, _, w_name), x in zip(nodes, acts):
         x = x.reshape(-1, x.shape[-1]).astype(np.float32)
-        w = weights[w_name]
+        w = numpy_helper.to_array(inits[w_name], base_dir=str(src.parent))
         ref = x @ w
         q, scales = quantize_columns(w)
         gemm = _per_call_uint8(x) @ (q.astype(np.float32) * scales)
