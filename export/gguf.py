@@ -60,6 +60,7 @@ class Family:
     permute_qk: bool = False              # llama.cpp reorders Q/K rows for its interleaved rotary kernel
     transposed: tuple[str, ...] = ()      # stems stored as [out, in] where HF keeps Conv1D [in, out]
     config_only: tuple[str, ...] = ()     # global stems that become config values, not weights
+    norm_offset: float = 0.0              # llama.cpp stores RMSNorm weights plus this (Gemma's (1 + w) form)
 
 
 _ROPE_DECODER_BLOCK = {
@@ -69,6 +70,9 @@ _ROPE_DECODER_BLOCK = {
     "ffn_down": "mlp.down_proj",
 }
 _ROPE_DECODER_GLOBALS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# Gemma's four norms per block: llama.cpp calls the one before the MLP ffn_norm, as Llama's only second norm
+_GEMMA_BLOCK = {**_ROPE_DECODER_BLOCK, "post_attention_norm": "post_attention_layernorm",
+                "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 
 # general.architecture -> Family. Mistral files say "llama" (llama.cpp converts them as Llama; it applies no
 # sliding window to them either), so they become LlamaForCausalLM, which computes what llama.cpp computes.
@@ -84,6 +88,16 @@ FAMILIES: dict[str, Family] = {
                     "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
                     "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},
                    "model.layers.{i}", config_only=("rope_factors_long", "rope_factors_short")),
+    # llama.cpp's converter adds 1 to every Gemma "*norm.weight" (its kernel multiplies by w; transformers' by
+    # 1 + w) and leaves Q/K in Hugging Face's row order (Gemma is a NeoX-rotary model there)
+    "gemma2": Family("Gemma2ForCausalLM", "gemma2", _ROPE_DECODER_GLOBALS, _GEMMA_BLOCK, "model.layers.{i}",
+                     norm_offset=1.0),
+    "gemma3": Family("Gemma3ForCausalLM", "gemma3_text", _ROPE_DECODER_GLOBALS,
+                     {**_GEMMA_BLOCK, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+                     "model.layers.{i}", norm_offset=1.0),
+    # SmolLM3 is converted as Llama (Q/K rows reordered); its NoPE layers are fixed in llama.cpp, not stored
+    "smollm3": Family("SmolLM3ForCausalLM", "smollm3", _ROPE_DECODER_GLOBALS, _ROPE_DECODER_BLOCK, "model.layers.{i}",
+                      permute_qk=True, config_only=("rope_freqs",)),
     "gpt2": Family("GPT2LMHeadModel", "gpt2",
                    {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
                     "output_norm": "transformer.ln_f", "output": "lm_head"},
@@ -157,7 +171,7 @@ class _Tensor:
     gguf: Any                      # gguf.ReaderTensor
     hf_name: str
     shape: tuple[int, ...]         # the HF shape (numpy order, after any transpose)
-    transform: str = ""            # "", "T", "permute_q", "permute_k"
+    transform: str = ""            # "", "T", "permute_q", "permute_k", "norm_offset"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -172,8 +186,9 @@ def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     reader = _open(gguf_path)
     meta = _metadata(reader)
     arch = str(meta.get("general.architecture", ""))
-    family = _family(arch, gguf_path)
     tensors = {t.name: t for t in reader.tensors}
+    _refuse_vision(arch, tensors, gguf_path)
+    family = _family(arch, gguf_path)
     types = Counter(t.tensor_type.name for t in reader.tensors)
     bad = sorted(set(types) - set(SUPPORTED_TYPES))
     if bad:
@@ -229,6 +244,16 @@ def _family(arch: str, gguf_path: Path) -> Family:
     return family
 
 
+def _refuse_vision(arch: str, tensors: dict[str, Any], gguf_path: Path) -> None:
+    """A vision tower (llama.cpp's "clip" mmproj file, or ``v.*`` / ``mm.*`` tensors) is not a language model."""
+    vision = [n for n in tensors if n.startswith(("v.", "mm."))]
+    if arch == "clip" or vision:
+        what = f"its {len(vision)} vision-tower tensors (e.g. {vision[0]})" if vision else "architecture 'clip'"
+        raise UnsupportedArchitectureError(
+            f"Cannot export {gguf_path.name}: it is a vision encoder/projector file ({what}); edgelm exports the "
+            "text model only.", hint="Export the model's text GGUF (the file without 'mmproj' in its name).")
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -247,6 +272,12 @@ def _scalar(meta: dict[str, Any], key: str, gguf_path: Path, default: Any = None
     return value
 
 
+def _f32(value: Any) -> float:
+    """A float32 metadata value as the shortest decimal that is the same float32 (1e-05, not 9.99999974e-06):
+    the value the file's writer started from, so config.json reads as the original model's."""
+    return float(repr(np.float32(value)).removeprefix("np.float32(").removesuffix(")"))
+
+
 def _hf_config(meta: dict[str, Any], arch: str, family: Family, tensors: dict[str, Any],
                gguf_path: Path) -> dict[str, Any]:
     def key(name: str, default: Any = None) -> Any:
@@ -263,7 +294,7 @@ def _hf_config(meta: dict[str, Any], arch: str, family: Family, tensors: dict[st
         return {"architectures": [family.hf_architecture], "model_type": "gpt2", "vocab_size": vocab,
                 "n_embd": hidden, "n_layer": n_layer, "n_head": n_head, "n_positions": ctx, "n_ctx": ctx,
                 "n_inner": int(key("feed_forward_length", 4 * hidden)), "activation_function": "gelu_new",
-                "layer_norm_epsilon": float(key("attention.layer_norm_epsilon", 1e-5)),
+                "layer_norm_epsilon": _f32(key("attention.layer_norm_epsilon", 1e-5)),
                 "tie_word_embeddings": tied, "torch_dtype": "float32"}
     head_dim = int(key("attention.key_length", hidden // n_head))
     rot_dims = int(key("rope.dimension_count", head_dim))
@@ -272,8 +303,8 @@ def _hf_config(meta: dict[str, Any], arch: str, family: Family, tensors: dict[st
         "hidden_size": hidden, "intermediate_size": int(key("feed_forward_length")), "num_hidden_layers": n_layer,
         "num_attention_heads": n_head, "num_key_value_heads": int(key("attention.head_count_kv", n_head)),
         "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": ctx,
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(key("rope.freq_base", 10000.0)), "tie_word_embeddings": tied, "torch_dtype": "float32",
+        "rms_norm_eps": _f32(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": _f32(key("rope.freq_base", 10000.0)), "tie_word_embeddings": tied, "torch_dtype": "float32",
     }
     window = meta.get(f"{arch}.attention.sliding_window")
     if family.model_type == "phi3":
@@ -297,7 +328,61 @@ def _hf_config(meta: dict[str, Any], arch: str, family: Family, tensors: dict[st
         scaling = _rope_scaling(meta, arch, tensors, cfg, gguf_path)
         if scaling:
             cfg["rope_scaling"] = scaling
+        if arch in ("gemma2", "gemma3"):
+            _gemma_config(cfg, meta, arch, gguf_path)
+        elif arch == "smollm3":
+            # llama.cpp skips rotary on every 4th layer (its n_no_rope_layer_step is fixed, not in the file)
+            cfg.update(no_rope_layer_interval=4, no_rope_layers=[int((i + 1) % 4 != 0) for i in range(n_layer)],
+                       use_sliding_window=False, sliding_window=None)
     return cfg
+
+
+# llama.cpp's Gemma facts that the file does not carry (llama-model.cpp's hparams for each architecture): the
+# local/global layer pattern, Gemma 3's local rotary base, and which sizes scale queries by hidden / heads
+# rather than head_dim (the 27B models, told apart by their layer count).
+_GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0
+
+
+def _gemma_config(cfg: dict[str, Any], meta: dict[str, Any], arch: str, gguf_path: Path) -> None:
+    """Gemma 2 / Gemma 3 text fields on top of the rotary-decoder config, as llama.cpp computes the model."""
+    n_layer = cfg["num_hidden_layers"]
+    del cfg["hidden_act"]
+    cfg["hidden_activation"] = "gelu_pytorch_tanh"
+    big = n_layer == _GEMMA_27B_LAYERS[arch]
+    cfg["query_pre_attn_scalar"] = cfg["hidden_size"] // cfg["num_attention_heads"] if big else cfg["head_dim"]
+    # Local (sliding) layers: il % n < n - 1 in llama.cpp, i.e. every n-th layer is global -- the same layers as
+    # transformers' layer_types. A file may spell the pattern out (an int, or one flag per layer).
+    window = meta.get(f"{arch}.attention.sliding_window")
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", _GEMMA_SWA_PATTERN[arch])
+    if isinstance(pattern, np.ndarray) and pattern.size == n_layer:
+        local = [bool(x) for x in pattern.tolist()]
+    elif isinstance(pattern, (int, np.integer)) or (isinstance(pattern, np.ndarray) and pattern.size == 1):
+        n = int(np.asarray(pattern).flat[0])
+        local = [n == 0 or i % n < n - 1 for i in range(n_layer)]
+    else:
+        raise UnsupportedArchitectureError(f"{gguf_path.name}: {arch}.attention.sliding_window_pattern has "
+                                           f"{np.asarray(pattern).size} entries for {n_layer} layers.",
+                                           hint="The file is inconsistent; re-convert it with a current llama.cpp.")
+    if not window:
+        local = [False] * n_layer
+    cfg["sliding_window"] = int(window) if window else None
+    cfg["layer_types"] = ["sliding_attention" if x else "full_attention" for x in local]
+    final_cap = meta.get(f"{arch}.final_logit_softcapping")
+    if arch == "gemma2":
+        # llama.cpp's defaults when absent are Gemma 2's own (50 and 30); its converter always writes both
+        cfg["attn_logit_softcapping"] = _f32(meta.get(f"{arch}.attn_logit_softcapping", 50.0))
+        cfg["final_logit_softcapping"] = _f32(30.0 if final_cap is None else final_cap)
+    else:
+        if meta.get(f"{arch}.attn_logit_softcapping") is not None:
+            raise UnsupportedArchitectureError(f"{gguf_path.name}: Gemma 3 with attention logit soft-capping is not "
+                                               "a model transformers or edgelm compute.",
+                                               hint="Export the model's Hugging Face folder instead.")
+        cfg["final_logit_softcapping"] = None if final_cap is None else _f32(final_cap)
+        cfg["attn_logit_softcapping"] = None
+        # rope.freq_base is the global layers' base; rope scaling applies to them only
+        cfg["rope_local_base_freq"] = _f32(meta.get(f"{arch}.rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_BASE))
 
 
 def _rope_scaling(meta: dict[str, Any], arch: str, tensors: dict[str, Any], cfg: dict[str, Any],
@@ -311,9 +396,9 @@ def _rope_scaling(meta: dict[str, Any], arch: str, tensors: dict[str, Any], cfg:
     if kind in (None, "none") or (kind == "linear" and (factor is None or float(factor) == 1.0)):
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(factor)}
+        return {"rope_type": "linear", "factor": _f32(factor)}
     if kind == "yarn":
-        out = {"rope_type": "yarn", "factor": float(factor)}
+        out = {"rope_type": "yarn", "factor": _f32(factor)}
         if orig:
             out["original_max_position_embeddings"] = int(orig)
         for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
@@ -391,7 +476,10 @@ def _plan(family: Family, config: dict[str, Any], tensors: dict[str, Any], gguf_
             transform, shape = "T", shape[::-1]
         elif family.permute_qk and stem in ("attn_q", "attn_k"):
             transform = "permute_q" if stem == "attn_q" else "permute_k"
-        plan.append(_Tensor(t, hf, shape, transform))
+        elif family.norm_offset and stem.endswith("norm") and suffix == "weight":
+            transform = "norm_offset"
+        extra = {"offset": family.norm_offset} if transform == "norm_offset" else {}
+        plan.append(_Tensor(t, hf, shape, transform, extra))
     return plan
 
 
@@ -448,6 +536,8 @@ def _write_safetensors(plan: list[_Tensor], path: Path, config: dict[str, Any]) 
                 w = _unpermute(w, config["num_attention_heads"])
             elif t.transform == "permute_k":
                 w = _unpermute(w, config["num_key_value_heads"])
+            elif t.transform == "norm_offset":
+                w = w - np.float32(t.extra["offset"])
             f.write(np.ascontiguousarray(w, dtype="<f4").tobytes())
 
 

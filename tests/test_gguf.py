@@ -35,8 +35,11 @@ TEXTS = ["Hello world! In 2024 there were 365 days; pi is 3.14159.", "def f(x):\
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "phi3": gguf.MODEL_ARCH.PHI3,
-             "qwen3": gguf.MODEL_ARCH.QWEN3,
-             "gpt2": gguf.MODEL_ARCH.GPT2}
+             "qwen3": gguf.MODEL_ARCH.QWEN3, "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3": gguf.MODEL_ARCH.GEMMA3,
+             "smollm3": gguf.MODEL_ARCH.SMOLLM3, "gpt2": gguf.MODEL_ARCH.GPT2}
+GEMMA = ("gemma2", "gemma3")
+# Q/K rows reordered by llama.cpp's converter (its LlamaModel subclasses); Gemma keeps Hugging Face's order
+PERMUTED = ("llama", "smollm3")
 
 
 # --- writing GGUF files the way llama.cpp's converter does ---------------------------------------------------------
@@ -79,9 +82,28 @@ def _hf_model(arch: str, vocab: int, **extra):
            "phi3": lambda: transformers.Phi3Config(**common, pad_token_id=0),
            # (1024 positions: transformers' GGUF loader reads context_length into n_ctx only, keeping n_positions 1024)
            "gpt2": lambda: transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
-                                                   initializer_range=0.2)}[arch]()
+                                                   initializer_range=0.2),
+           # What llama.cpp can express: query_pre_attn_scalar = head_dim (it derives the scale from the size),
+           # every 2nd (Gemma 2) / 6th (Gemma 3) layer global, Gemma 3's local rotary base 10000. A window of 8
+           # and soft-caps strong enough to change the argmax make them matter.
+           "gemma2": lambda: transformers.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                                       attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+           "gemma3": lambda: transformers.Gemma3TextConfig(
+               **{**common, "num_hidden_layers": 6}, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+               rope_theta=1e6, rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+           # llama.cpp's fixed NoPE step is 4: layer 3 of 4 has no rotary
+           "smollm3": lambda: transformers.SmolLM3Config(**{**common, "num_hidden_layers": 4}, rope_theta=50000.0,
+                                                         no_rope_layer_interval=4, bos_token_id=1, eos_token_id=2,
+                                                         pad_token_id=0)}[arch]()
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # norms away from their init (Gemma's 0, i.e. a factor 1), so every offset is visible
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(torch.randn_like(param) * 0.3 + (0.0 if arch in GEMMA else 1.0))
+        if arch in GEMMA:  # the tied table times sqrt(hidden) would otherwise drown the blocks: greedy echoes input
+            model.model.embed_tokens.weight.mul_(0.03)
+    return model
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -107,15 +129,27 @@ def write_gguf(path: Path, arch: str, model, *, types=None, spm: bool = False, p
         w.add_feed_forward_length(cfg.intermediate_size)
         w.add_head_count_kv(cfg.num_key_value_heads)
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+        rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)  # Gemma 3: the global layers'
+        w.add_rope_freq_base(rope["rope_theta"])
+        if rope.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["factor"])
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         w.add_rope_dimension_count(head_dim)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    if arch in GEMMA:  # what llama.cpp's converter writes for them
+        w.add_sliding_window(cfg.sliding_window)
+        if cfg.final_logit_softcapping:
+            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+        if arch == "gemma2":
+            w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
     if spm:
         tokens, token_types, scores = _sentencepiece()
         w.add_tokenizer_model("llama")
         w.add_token_scores(scores)
+        if arch in GEMMA:
+            w.add_add_space_prefix(False)
         bos, eos, unk, pad = 1, 2, 0, 0  # (transformers cannot load a Phi-3 GGUF without a pad id)
     else:
         tokens, token_types, merges = _byte_bpe()
@@ -143,8 +177,10 @@ def write_gguf(path: Path, arch: str, model, *, types=None, spm: bool = False, p
         assert name, hf_name
         data = t.float().numpy()
         leaf = name.split(".")[-1]
-        if arch == "llama" and leaf in ("attn_q", "attn_k"):
+        if arch in PERMUTED and leaf in ("attn_q", "attn_k"):
             data = _permute(data, cfg.num_attention_heads if leaf == "attn_q" else cfg.num_key_value_heads)
+        if arch in GEMMA and leaf.endswith("norm"):
+            data = data + np.float32(1.0)  # llama.cpp multiplies by the stored weight: 1 + w
         if arch == "gpt2" and data.ndim == 2 and leaf != "token_embd" and leaf != "position_embd" and stem != "lm_head":
             data = data.T  # Conv1D [in, out] -> ggml [out, in]
         qtype = types.get(leaf, Q.F32) if data.ndim == 2 else Q.F32
@@ -203,7 +239,11 @@ def assert_same_as_transformers(path: Path, folder: Path, texts=TEXTS) -> float:
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
         assert tok_cfg[name] == getattr(ref_tok, name), name
     specials = sorted(t.content for t in tok.get_added_tokens_decoder().values() if t.special)
-    ref_specials = sorted(t.content for t in ref_tok.backend_tokenizer.get_added_tokens_decoder().values() if t.special)
+    # (transformers' Gemma tokenizer adds Gemma's named specials, <bos> <pad> <mask> ..., whether or not the file's
+    # vocabulary has them: only those that are token ids of the file can be compared)
+    vocab = tok.get_vocab()
+    ref_specials = sorted(t.content for t in ref_tok.backend_tokenizer.get_added_tokens_decoder().values()
+                          if t.special and t.content in vocab)
     assert specials == ref_specials
     return diff
 
@@ -214,7 +254,7 @@ MIXED = {"token_embd": Q.Q8_0, "attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q
 
 # --- (a) synthetic files: equal to transformers' GGUF loader --------------------------------------------------------
 @pytest.mark.parametrize("arch,spm", [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", False),
-                                      ("phi3", True), ("gpt2", False)])
+                                      ("phi3", True), ("gemma2", True), ("gemma3", True), ("gpt2", False)])
 def test_conversion_equals_transformers(tmp_path, torch_one_thread, arch, spm):
     from edgelm_export.archs import SUPPORTED
     from edgelm_export.gguf import FAMILIES
@@ -240,6 +280,91 @@ def test_f32_file_gives_back_the_original_weights(tmp_path, torch_one_thread):
     original = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     assert set(ours) == set(original)
     assert all(np.array_equal(ours[k], original[k]) for k in ours)
+
+
+# --- (a2) families transformers' GGUF loader cannot load (smollm3) or loads with the wrong hyper-parameters -----------
+# (Gemma: it keeps its config defaults for query_pre_attn_scalar and the soft-caps instead of what llama.cpp
+# computes). The reference is the original model: file -> our folder must give its tensors and config back.
+ROUND_TRIP = ("gemma2", "gemma3", "smollm3")
+CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "head_dim", "rms_norm_eps", "tie_word_embeddings", "layer_types", "sliding_window",
+                 "rope_parameters", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                 "hidden_activation", "no_rope_layers", "use_sliding_window")
+
+
+def _q8_0_bound(w: np.ndarray) -> float:
+    """Q8_0's worst error for ``w``: half a step of max|block| / 127, plus the fp16 rounding of each block scale."""
+    amax = float(np.abs(w).max())
+    return amax / 254 + amax * 2.0 ** -11
+
+
+@pytest.mark.parametrize("arch", ROUND_TRIP)
+@pytest.mark.parametrize("quant", ["F32", "Q8_0"])
+def test_round_trip_gives_back_the_original(tmp_path, torch_one_thread, arch, quant):
+    """Tiny random model -> GGUF as llama.cpp writes it -> our folder: every tensor equal to the original (F32:
+    exactly, except Gemma's norms, which lose the low bits of w in (1 + w) - 1; Q8_0: within its error bound),
+    the config fields that shape the computation equal, and (F32) logits over 40 positions (5 windows) equal."""
+    model = _hf_model(arch, _vocab_size(True))
+    types = {} if quant == "F32" else {leaf: Q.Q8_0 for leaf in ("token_embd", "attn_q", "attn_k", "attn_v",
+                                                                 "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    path = write_gguf(tmp_path / f"{arch}.gguf", arch, model, types=types, spm=True, add_bos=True)
+    info = gguf_to_hf_folder(path, tmp_path / "hf")
+    assert info["architecture"] == arch and info["quant_types"].get("Q8_0", 0) == (0 if quant == "F32" else 1 + 7 * model.config.num_hidden_layers)
+    ours = _state_dict(tmp_path / "hf")
+    original = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert set(ours) == set(original)
+    for name, want in original.items():
+        diff = float(np.abs(ours[name] - want).max())
+        if name.endswith("norm.weight") and arch in GEMMA:
+            assert diff <= 2.0 ** -23 * (1 + float(np.abs(want).max())), name  # one float32 step at |1 + w|
+        elif quant == "Q8_0" and want.ndim == 2:
+            assert 0 < diff <= _q8_0_bound(want), (name, diff, _q8_0_bound(want))
+        else:
+            assert diff == 0.0, name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    for field in CONFIG_FIELDS:
+        want = getattr(model.config, field, None)
+        if field == "head_dim" and want is None:  # SmolLM3's config derives it
+            want = model.config.hidden_size // model.config.num_attention_heads
+        assert getattr(hf.config, field, None) == want, field
+    if quant == "F32":  # (Q8_0's logits differ by its noise, which the tensor bounds above already limit)
+        ids = (torch.arange(40)[None] * 7 + 3) % model.config.vocab_size
+        with torch.no_grad():
+            got, want = hf(ids).logits, model(ids).logits
+        assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
+def test_gemma_metadata_overrides(tmp_path, torch_one_thread):
+    """A file that spells out what llama.cpp otherwise fixes (the local/global pattern, one flag per layer, and
+    Gemma 3's local rotary base) gets those values; the 27B layer count scales queries by hidden / heads."""
+    from edgelm_export.gguf import _hf_config, FAMILIES
+
+    model = _hf_model("gemma3", _vocab_size(True))
+    path = tmp_path / "g.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    for key, value in (("block_count", 6), ("context_length", 256), ("embedding_length", 64),
+                       ("feed_forward_length", 96), ("attention.head_count", 4), ("attention.head_count_kv", 2),
+                       ("attention.key_length", 16), ("attention.sliding_window", 8)):
+        w.add_uint32(f"gemma3.{key}", value)
+    w.add_float32("gemma3.rope.freq_base_swa", 100.0)
+    w.add_sliding_window_pattern([True, False] * 3)
+    w.add_tensor("token_embd.weight", model.model.embed_tokens.weight.detach().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader = gguf.GGUFReader(str(path))
+    from edgelm_export.gguf import _metadata
+
+    meta = _metadata(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = _hf_config(meta, "gemma3", FAMILIES["gemma3"], tensors, path)
+    assert cfg["layer_types"] == ["sliding_attention", "full_attention"] * 3 and cfg["rope_local_base_freq"] == 100.0
+    assert cfg["query_pre_attn_scalar"] == 16
+    meta["gemma3.block_count"] = 62
+    meta["gemma3.attention.sliding_window_pattern"] = np.array([6], np.uint32)
+    cfg = _hf_config(meta, "gemma3", FAMILIES["gemma3"], tensors, path)
+    assert cfg["query_pre_attn_scalar"] == 64 // 4 and cfg["layer_types"][:6] == ["sliding_attention"] * 5 + ["full_attention"]
 
 
 def test_llama3_rope_scaling_from_rope_freqs(tmp_path, torch_one_thread):
@@ -308,6 +433,28 @@ def test_fp32_export_matches_transformers_greedy(tmp_path, torch_one_thread, arc
         assert cut(got) == cut(want), text
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ROUND_TRIP)
+def test_round_trip_fp32_export_greedy_matches_original(tmp_path, torch_one_thread, arch):
+    """`export_model(file.gguf)` for the families transformers' loader cannot be the reference for: the fp32
+    folder's 40 greedy tokens (past Gemma's window of 8 five times) equal transformers' generate on the model the
+    file was written from."""
+    import edgelm
+    from edgelm_export.convert import export_model
+
+    model = _hf_model(arch, _vocab_size(True))
+    (tmp_path / "src").mkdir()
+    path = write_gguf(tmp_path / "src" / f"{arch}.gguf", arch, model, spm=True, add_bos=True)
+    export_model(str(path), str(tmp_path / "out"), quantize="none", progress=False, threads=1)
+    lm = edgelm.load(tmp_path / "out")
+    for ids in ([1, 40, 300, 77, 12], [1, 5, 6, 7]):
+        with torch.no_grad():
+            want = model.generate(torch.tensor([ids]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                                  pad_token_id=0)[0, len(ids):].tolist()
+        got = lm.generate(ids, max_new_tokens=40, temperature=0, ignore_eos=True).token_ids
+        assert len(set(want)) >= 10 and got == want, (ids, got, want)  # (a varied continuation, not one token)
+
+
 # --- (b) refusals: one typed line each -------------------------------------------------------------------------------
 def _one_line(exc: BaseException) -> str:
     text = str(exc)
@@ -335,6 +482,25 @@ def test_unsupported_architecture(tmp_path):
     with pytest.raises(UnsupportedArchitectureError) as err:
         gguf_to_hf_folder(_minimal(tmp_path / "m.gguf", arch="mamba"), tmp_path / "hf")
     assert "'mamba'" in _one_line(err.value) and "llama" in str(err.value)
+
+
+def test_vision_tower_file_is_refused(tmp_path):
+    """Gemma 3's mmproj file (architecture "clip") and a text file carrying v.* tensors: one line each."""
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        gguf_to_hf_folder(_minimal(tmp_path / "mmproj.gguf", arch="clip"), tmp_path / "hf")
+    assert "vision" in _one_line(err.value) and "'clip'" in str(err.value)
+    path = tmp_path / "g.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.ones((8, 64), np.float32))
+    w.add_tensor("v.blk.0.attn_q.weight", np.ones((64, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        gguf_to_hf_folder(path, tmp_path / "hf2")
+    assert "v.blk.0.attn_q.weight" in _one_line(err.value) and "text model only" in str(err.value)
 
 
 def test_unsupported_tensor_type(tmp_path):
