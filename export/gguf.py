@@ -9,7 +9,7 @@ quantization and quality gate as any Hugging Face model. The folder holds:
   marks them);
 * ``model.safetensors``: every tensor dequantized to float32 (``gguf.quants.dequantize``) and renamed to the
   Hugging Face name, with llama.cpp's layout changes undone (the Q/K row order for Llama-style rotary, GPT-2's
-  transposed Conv1D weights);
+  transposed Conv1D weights, the 1 added to Gemma's norm weights);
 * ``tokenizer.json`` / ``tokenizer_config.json``: the tokenizer rebuilt from ``tokenizer.ggml.*`` the way
   transformers' GGUF loader builds it (byte-level BPE with the file's merges and a pre-tokenizer chosen by
   ``tokenizer.ggml.pre``, or a SentencePiece-style BPE with byte fallback and merges derived from the scores), the
