@@ -8,7 +8,11 @@ Methods (``edgelm export --quantize``):
   per-call activation scale costs at most ``GEMM_MAX_RATIO`` times the block kernel's error, else ``int8-block``'s. Real
   pretrained models put huge activations on a few tokens and channels (SmolLM2-135M-Instruct's down_proj inputs
   reach 3,171 where 0.1 is typical); one scale per call then wipes out every other value, and an all-GEMM int8
-  cost +90 % perplexity there. Small TinyStories-style models keep most matrices on the GEMM.
+  cost +90 % perplexity there. Small TinyStories-style models keep most matrices on the GEMM. A MatMul whose input
+  comes straight from a norm (or any per-channel Mul) can also be *smoothed* first (:func:`smooth_scales`): each
+  input channel divided by s_k in the norm's weight and row k of W multiplied by s_k, exact in fp32 and free at
+  run time, which moves the outlier channels' range into the weights; calibration keeps it where that brings the
+  GEMM within the rule (SmolLM2-135M-Instruct: all 60 qkv and gate_up matrices).
 * ``int8-gemm`` -- every weight MatMul on ``DynamicQuantizeMatMul`` (the default before calibration): only for models
   whose activations have no outliers; the quality gate tells.
 * ``int8-block`` -- ``MatMulNBits`` with bits=8, symmetric, one fp32 scale per block of ``BLOCK_SIZE`` input
@@ -282,9 +286,11 @@ def _per_call_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def calibrate(src: str | os.PathLike, config: dict[str, Any], token_ids: list[int], *,
-              threads: int | None = None) -> dict[str, dict[str, float]]:
+              threads: int | None = None) -> dict[str, dict[str, Any]]:
     """Relative output errors of the two int8 kernels for every weight MatMul of the fp32 graph at ``src``:
-    {node: {"gemm": error, "block": error}}.
+    {node: {"gemm": error, "block": error}}, plus for the MatMuls that can be smoothed (:func:`smoothable`) the
+    GEMM's error after the best smoothing of :data:`SMOOTH_ALPHAS` ("smooth") and its scales ("smooth_scales",
+    float32 [K]).
 
     Runs one prefill of ``token_ids`` (batch 1, empty cache) with every MatMul's activation input exposed, then
     compares ``x @ W`` with what each kernel computes: "gemm" per-call uint8 activations times per-column int8
@@ -305,6 +311,7 @@ def calibrate(src: str | os.PathLike, config: dict[str, Any], token_ids: list[in
     model = onnx.load(str(src), load_external_data=False)
     nodes = weight_matmuls(model)
     inits = _initializers(model)
+    foldable = smoothable(model)
     for _, x, _ in nodes:
         model.graph.output.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, None))
     # onnxruntime reads external data only from the graph's own folder (symbolic links that leave it are refused),
@@ -350,7 +357,78 @@ def calibrate(src: str | os.PathLike, config: dict[str, Any], token_ids: list[in
         b, bscales, _ = quantize_blocks(w, 8, BLOCK_SIZE[8])
         block = _per_block_int8(x, BLOCK_SIZE[8]) @ dequantize_blocks(b, bscales, 8, w.shape[0])
         errors[name] = {"gemm": _row_error(gemm, ref), "block": _row_error(block, ref)}
+        if name in foldable:
+            tried = []
+            for alpha in SMOOTH_ALPHAS:
+                s = smooth_scales(x, w, alpha)
+                qs, ss = quantize_columns(w * s[:, None])
+                tried.append((_row_error(_per_call_uint8(x / s) @ (qs.astype(np.float32) * ss), ref), s))
+            err, s = min(tried, key=lambda t: t[0])
+            errors[name].update(smooth=err, smooth_scales=s)
     return errors
+
+
+# SmoothQuant's migration strength: s_k = max|x_k|^alpha / max|W_k|^(1 - alpha). Calibration tries each and keeps
+# the one with the smallest GEMM error per MatMul (SmolLM2-135M-Instruct's best alphas spread over all four).
+SMOOTH_ALPHAS = (0.5, 0.65, 0.8, 0.9)
+# Ops whose weight (and bias) inputs scale their output per channel, by input index: dividing them by s divides the
+# output channel k by s_k. (A Mul by a [K] initializer counts too: see smoothable.)
+_NORM_WEIGHTS = {"SimplifiedLayerNormalization": (1,), "SkipSimplifiedLayerNormalization": (2,),
+                 "LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}
+
+
+def smooth_scales(x: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
+    """Per-input-channel scales s [K] (float32) that balance the activations' range against the weights' (x [T, K]
+    calibration activations, w [K, N]): x / s is flatter, so one uint8 scale per call keeps more of each row, and
+    diag(s) W absorbs the range, where per-column int8 weights cope better. Channels never seen active keep 1."""
+    ax = np.abs(x).max(axis=0).astype(np.float64)
+    aw = np.abs(w).max(axis=1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = ax ** alpha / aw ** (1.0 - alpha)
+    return np.where(np.isfinite(s) & (s > 0), s, 1.0).astype(np.float32)
+
+
+def smoothable(model: Any) -> dict[str, list[str]]:
+    """Weight MatMuls whose input channels can be rescaled for free: node name -> the initializers (the norm's
+    weight and bias, or a Mul's [K] constant) to divide by s. Only where the MatMul's input is output 0 of a
+    per-channel op (a norm in _NORM_WEIGHTS, or a Mul by a [K] initializer) that nothing else reads, and those
+    initializers belong to that op alone -- so folding 1 / s into them changes this MatMul's input and nothing else."""
+    inits = _initializers(model)
+    uses = _consumers(model)
+    producer = {node.output[0]: node for node in model.graph.node if node.output}
+    out: dict[str, list[str]] = {}
+    for name, x, w_name in weight_matmuls(model):
+        k = inits[w_name].dims[0]
+        node = producer.get(x)
+        if node is None or uses.get(x) != 1:
+            continue
+        if node.op_type in _NORM_WEIGHTS:
+            names = [node.input[i] for i in _NORM_WEIGHTS[node.op_type] if i < len(node.input) and node.input[i]]
+        elif node.op_type == "Mul" and len(node.input) == 2:
+            names = [i for i in node.input if i in inits]
+            names = names if len(names) == 1 else []
+        else:
+            continue
+        if names and all(n in inits and uses.get(n) == 1 and list(inits[n].dims) == [k] for n in names):
+            out[name] = names
+    return out
+
+
+def _fold_smoothing(model: Any, smooth: dict[str, np.ndarray]) -> None:
+    """Apply a plan's smoothing in place: divide each node's norm weights by s, multiply its W's rows by s."""
+    from onnx import numpy_helper
+
+    foldable = smoothable(model)
+    inits = _initializers(model)
+    weight = {name: w for name, _, w in weight_matmuls(model)}
+    for name, s in smooth.items():
+        if name not in foldable:
+            raise ValueError(f"{name}: its input cannot be smoothed (see smoothable)")
+        s = np.asarray(s, np.float32)
+        for t in foldable[name]:
+            inits[t].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[t]) / s, t))
+        w = weight[name]
+        inits[w].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[w]) * s[:, None], w))
 
 
 def _per_block_int8(x: np.ndarray, block: int) -> np.ndarray:
@@ -370,10 +448,25 @@ def _row_error(got: np.ndarray, ref: np.ndarray) -> float:
     return float(rel.mean())
 
 
-def plan_int8(errors: dict[str, dict[str, float]], max_ratio: float = GEMM_MAX_RATIO) -> dict[str, str]:
-    """Per node: "gemm" (DynamicQuantizeMatMul) when its calibrated error is at most ``max_ratio`` times the
-    block-wise kernel's on the same activations, else "block"."""
-    return {name: ("gemm" if e["gemm"] <= max_ratio * e["block"] else "block") for name, e in errors.items()}
+class Int8Plan(dict):
+    """:func:`plan_int8`'s answer: node -> "gemm" | "block" like any plan, plus ``smooth``: node -> the scales
+    :func:`quantize_model` folds in before quantizing (GEMM nodes whose smoothed error is the lower one)."""
+
+    def __init__(self, kinds: dict[str, str], smooth: dict[str, np.ndarray] | None = None) -> None:
+        super().__init__(kinds)
+        self.smooth = dict(smooth or {})
+
+
+def plan_int8(errors: dict[str, dict[str, Any]], max_ratio: float = GEMM_MAX_RATIO) -> Int8Plan:
+    """Per node: "gemm" (DynamicQuantizeMatMul) when its calibrated error -- smoothed, where that is lower -- is
+    at most ``max_ratio`` times the block-wise kernel's on the same activations, else "block"."""
+    kinds, smooth = {}, {}
+    for name, e in errors.items():
+        best = min(e["gemm"], e.get("smooth", float("inf")))
+        kinds[name] = "gemm" if best <= max_ratio * e["block"] else "block"
+        if kinds[name] == "gemm" and best < e["gemm"]:
+            smooth[name] = e["smooth_scales"]
+    return Int8Plan(kinds, smooth)
 
 
 def _attr(node: Any, name: str) -> Any:
@@ -399,6 +492,9 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     src, dst = Path(src), Path(dst)
     info: dict[str, Any] = {"method": method, "keep_fp32": list(keep), "fp32_bytes": onnx_bytes(src)}
     model = onnx.load(str(src))
+    smooth = getattr(plan, "smooth", {}) if method == "int8" else {}
+    if smooth:
+        _fold_smoothing(model, smooth)
     if method == "int4":
         bits, block, asym = 4, int4_block, True
     else:
@@ -431,7 +527,8 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
         info.update(block_size=block, accuracy_level=ACCURACY_LEVEL)
     parts = []
     if n_gemm:
-        parts.append(f"{n_gemm} MatMuls int8 per output channel with int8 activations per call (DynamicQuantizeMatMul)")
+        parts.append(f"{n_gemm} MatMuls int8 per output channel with int8 activations per call (DynamicQuantizeMatMul"
+                     + (f"; {len(smooth)} of them smoothed into the norm before them)" if smooth else ")"))
     if n_block:
         parts.append(f"{n_block} MatMuls int{bits} {'asymmetric (zero points)' if asym else 'symmetric'}, blocks of "
                      f"{block} (MatMulNBits; activations int8 per block, accuracy level {ACCURACY_LEVEL})")
@@ -442,6 +539,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     if method == "int8":
         info["gemm_max_ratio"] = GEMM_MAX_RATIO
         info["block_nodes"] = sorted(name for name, kind in kinds.items() if kind != "gemm")
+        info["smoothed_nodes"] = sorted(smooth)
     info["embeddings"] = [] if "embeddings" in keep else _quantize_embeddings(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))

@@ -147,3 +147,88 @@ def test_plan_can_leave_a_matmul_in_fp32(tmp_path):
     q.quantize_model(src, tmp_path / "x.onnx", method="int8", plan={"quiet": "gemm", "loud": "fp32"})
     ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "x.onnx")).graph.node}
     assert ops["loud"] == "MatMul" and ops["quiet"] == "DynamicQuantizeMatMul"
+
+
+def _norm_matmul(tmp_path, w: np.ndarray, gamma: np.ndarray):
+    """ids -> Gather(table) -> Mul(gamma) -> MatMul(w): a norm's per-channel weight feeding a weight MatMul."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.random.default_rng(4).standard_normal((50, w.shape[0])).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["h"], name="embed"),
+             helper.make_node("Mul", ["h", "gamma"], ["x"], name="norm_weight"),
+             helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"]),
+                                       helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, "s"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(table, "table"), numpy_helper.from_array(gamma, "gamma"),
+                           numpy_helper.from_array(w, "W")])
+    path = tmp_path / "norm.onnx"
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _run(path, ids):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    return sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})[0]
+
+
+def test_smoothing_folds_an_outlier_channel_into_the_norm_and_keeps_the_gemm(tmp_path):
+    """A norm weight with loud channels (as real models have) sinks the plain GEMM; dividing those channels by s in
+    the norm and multiplying W's rows by s is exact in fp32 and brings the GEMM back within the rule."""
+    import onnx
+    from onnx import numpy_helper
+
+    gamma = np.ones(64, np.float32)
+    gamma[[7, 30]] = [300.0, -120.0]  # two loud channels on every token
+    src = _norm_matmul(tmp_path, _weights(64, 16, seed=5), gamma)
+    ids = list(range(40))
+    errors = q.calibrate(src, {"num_kv_heads": 1, "head_dim": 8}, ids)
+    e = errors["mm"]
+    assert e["gemm"] > q.GEMM_MAX_RATIO * e["block"] >= e["smooth"]  # plain GEMM fails the rule, smoothed passes
+    assert q.smoothable(onnx.load(str(src))) == {"mm": ["gamma"]}
+    plan = q.plan_int8(errors)
+    assert plan == {"mm": "gemm"} and set(plan.smooth) == {"mm"}
+    s = plan.smooth["mm"]
+    assert s.shape == (64,) and s[7] > 10 * np.median(s)  # the loud channel carries the largest scale
+
+    # the fold alone (fp32) computes the same function
+    model = onnx.load(str(src))
+    q._fold_smoothing(model, plan.smooth)
+    folded = tmp_path / "folded.onnx"
+    onnx.save_model(model, str(folded))
+    ref = _run(src, ids)
+    np.testing.assert_allclose(_run(folded, ids), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+    info = q.quantize_model(src, tmp_path / "int8.onnx", method="int8", plan=plan)
+    assert (info["gemm_matmuls"], info["block_matmuls"], info["smoothed_nodes"]) == (1, 0, ["mm"])
+    assert "smoothed" in info["weights"]
+    json.dumps(info)
+    out = onnx.load(str(tmp_path / "int8.onnx"))
+    assert [n.op_type for n in out.graph.node][-1] == "DynamicQuantizeMatMul"
+    got_gamma = next(numpy_helper.to_array(t) for t in out.graph.initializer if t.name == "gamma")
+    np.testing.assert_allclose(got_gamma, gamma / s, rtol=1e-6)
+    # through onnxruntime: the smoothed GEMM is as close to fp32 as calibration said, the plain one is not
+    plain = q.quantize_model(src, tmp_path / "gemm.onnx", method="int8-gemm")
+    assert plain["gemm_matmuls"] == 1
+    err = [q._row_error(_run(tmp_path / p, ids)[0], ref[0]) for p in ("int8.onnx", "gemm.onnx")]
+    assert err[0] <= 1.5 * e["smooth"] + 1e-3 and err[1] > 3 * err[0]
+
+
+def test_smoothing_needs_a_per_channel_op_of_its_own(tmp_path):
+    """No fold where 1 / s would leak: the norm output read by a second node, or its weight shared."""
+    import onnx
+    from onnx import helper
+
+    src = _norm_matmul(tmp_path, _weights(64, 16), np.ones(64, np.float32))
+    model = onnx.load(str(src))
+    model.graph.node.append(helper.make_node("Relu", ["x"], ["x2"], name="second_reader"))
+    assert q.smoothable(model) == {}
+    model = onnx.load(str(src))
+    model.graph.node.append(helper.make_node("Mul", ["gamma", "gamma"], ["g2"], name="shares_gamma"))
+    assert q.smoothable(model) == {}
+    with pytest.raises(ValueError, match="cannot be smoothed"):
+        q._fold_smoothing(model, {"mm": np.ones(64, np.float32)})

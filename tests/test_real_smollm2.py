@@ -5,7 +5,7 @@ fp32; checked against transformers on the same weights.
 
 Targets (issue 12) and what the assertions allow:
 * default int8 perplexity on public-domain prose (first 20,000 characters of carroll-alice.txt) within 1.0 % of
-  the fp32 export: asserted as is (measured +0.64 %);
+  the fp32 export: asserted as is (measured +0.44 % with smoothed GEMMs for qkv and gate_up, +0.64 % all block-wise);
 * BOS from the source's truth: SmolLM2's tokenizer adds none, so neither does edgelm; fp32 ``score()`` bits/byte
   equal to transformers' to 1e-4 and raw-text greedy continuations identical;
 * chat answers of the int8 model follow fp32's for >= 90 % of their length on average: MISSED (59 % measured, see
@@ -53,10 +53,14 @@ def test_default_int8_stays_within_one_percent_of_fp32(smollm2_int8):
     m = _manifest(smollm2_int8)
     q, metrics = m["quantization"], m["metrics"]
     assert q["method"] == "int8" and metrics["eval_text"] == "alice-20k.txt"
-    assert metrics["ppl_increase"] <= 0.010, metrics  # the issue's target, measured +0.64 %
-    # the calibration sent the outlier-fed matrices block-wise: SmolLM2's layer 11 down_proj above all
-    assert "layers.11.mlp.down_proj/MatMul" in q["block_nodes"] and q["gemm_matmuls"] == 0  # no GEMM-safe matrix
-    # 22 varied chat prompts: the share of fp32's answer reproduced (target 0.90 missed; measured 0.59)
+    assert metrics["ppl_increase"] <= 0.010, metrics  # the issue's target, measured +0.44 %
+    # the calibration sent the outlier-fed matrices block-wise: SmolLM2's layer 11 down_proj above all; every qkv
+    # and gate_up (inputs straight from a norm) keeps the int8 GEMM once smoothed, none without smoothing
+    assert "layers.11.mlp.down_proj/MatMul" in q["block_nodes"]
+    assert q["gemm_matmuls"] == len(q["smoothed_nodes"]) == 60
+    assert all(("qkv_proj" in n or "gate_up_proj" in n) for n in q["smoothed_nodes"])
+    # 22 varied chat prompts: the share of fp32's answer reproduced (target 0.90 missed; measured 0.52, 0.59 all
+    # block-wise: near-ties, see docs/models.md)
     assert metrics["chat_prompts"] >= 20 and metrics["chat_prefix_agreement"] >= 0.45, metrics
     assert m["source"]["gguf"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
