@@ -232,3 +232,16 @@ def test_smoothing_needs_a_per_channel_op_of_its_own(tmp_path):
     assert q.smoothable(model) == {}
     with pytest.raises(ValueError, match="cannot be smoothed"):
         q._fold_smoothing(model, {"mm": np.ones(64, np.float32)})
+
+
+def test_smoothing_only_rescues_a_gemm_that_fails_the_rule():
+    """A GEMM within the rule as it is stays unsmoothed even when smoothing would lower its calibrated error
+    (stories260K: smoothing those cost perplexity); a failing one is smoothed only if that makes it pass."""
+    s = np.full(8, 2.0, np.float32)
+    errors = {"passes": {"gemm": 0.015, "block": 0.01, "smooth": 0.005, "smooth_scales": s},
+              "rescued": {"gemm": 0.5, "block": 0.01, "smooth": 0.015, "smooth_scales": s},
+              "lost": {"gemm": 0.5, "block": 0.01, "smooth": 0.05, "smooth_scales": s},
+              "plain": {"gemm": 0.5, "block": 0.01}}
+    plan = q.plan_int8(errors)
+    assert plan == {"passes": "gemm", "rescued": "gemm", "lost": "block", "plain": "block"}
+    assert list(plan.smooth) == ["rescued"] and plan.smooth["rescued"] is s
