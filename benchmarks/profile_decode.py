@@ -17,6 +17,7 @@ import collections
 import glob
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -75,8 +76,14 @@ def split(lm, prompt: list[int], new_tokens: int, repeat: int = 3) -> dict[str, 
     return {"runs": rows, "best": best}
 
 
+# The weight matrices of a decoder layer (and the LM head) by node name, and the ops that multiply by them.
+MATRIX = re.compile(r"(qkv_proj|q_proj|k_proj|v_proj|o_proj|gate_up_proj|gate_proj|up_proj|down_proj|lm_head)")
+WEIGHT_OPS = ("MatMulNBits", "DynamicQuantizeMatMul", "MatMul", "MatMulInteger")
+
+
 def op_profile(onnx_path: str, cfg: dict[str, Any], threads: int, prompt_len: int, steps: int) -> dict[str, Any]:
-    """Kernel time per operator type over ``steps`` decode calls (onnxruntime's profiler), past = prompt_len."""
+    """Kernel time per operator type over ``steps`` decode calls (onnxruntime's profiler), past = prompt_len, and
+    of the weight matrices by kind (qkv_proj, gate_up_proj, lm_head, ...: the node names say which)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -126,12 +133,17 @@ def op_profile(onnx_path: str, cfg: dict[str, Any], threads: int, prompt_len: in
     with open(trace) as f:
         events = json.load(f)
     by_op: dict[str, float] = collections.defaultdict(float)
+    by_matrix: dict[str, float] = collections.defaultdict(float)
     node_names = set()
     model_run_us = []
     for ev in events:
         if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
-            by_op[ev["args"].get("op_name", "?")] += ev["dur"]
+            op = ev["args"].get("op_name", "?")
+            by_op[op] += ev["dur"]
             node_names.add(ev["name"])
+            kind = MATRIX.search(ev["name"])
+            if op in WEIGHT_OPS and kind:
+                by_matrix[kind.group(1)] += ev["dur"]
         elif ev.get("cat") == "Session" and ev.get("name") == "model_run":
             model_run_us.append(ev["dur"])
     nodes_after_optimisation = len(node_names)
@@ -147,6 +159,8 @@ def op_profile(onnx_path: str, cfg: dict[str, Any], threads: int, prompt_len: in
         "nodes_executed": nodes_after_optimisation,
         "by_op_ms_per_step": {k: v / max(runs, 1) / 1e3 for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
         "share": {k: v / total for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
+        "by_matrix_ms_per_step": {k: v / max(runs, 1) / 1e3
+                                  for k, v in sorted(by_matrix.items(), key=lambda kv: -kv[1])},
     }
 
 
@@ -240,7 +254,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph-experiments", action="store_true",
                     help="also time graph edits (no Identity copies of the cache) against the folder as exported")
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--busy-core", action="store_true",
+                    help="keep one core busy with a second process throughout (a laptop is never idle)")
     args = ap.parse_args(argv)
+    busy = None
+    if args.busy_core:
+        import subprocess
+
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(2)  # let it take its core before anything is measured
+    try:
+        return _profile(args)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+
+
+def _profile(args: argparse.Namespace) -> int:
 
     import edgelm
 
@@ -248,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = _prompt(lm, args.prompt_tokens)
     res: dict[str, Any] = {"model": str(Path(args.model).resolve()), "threads": args.threads,
                            "dtype": lm.config.get("dtype"), "kv_cache": lm.config.get("onnx", {}).get("kv_cache"),
-                           "loadavg_1min": os.getloadavg()[0]}
+                           "loadavg_1min": os.getloadavg()[0], "busy_core": args.busy_core}
     res["split"] = split(lm, prompt, args.new_tokens)
     b = res["split"]["best"]
     print(f"per decode token {b['per_token_ms']:.3f} ms: inside session.run {b['mean_in_run_ms']:.3f} ms, "
