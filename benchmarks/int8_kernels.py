@@ -39,7 +39,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 NAME = "int8-kernels-smollm2"
 HEAD = "lm_head/MatMul"
 # name: (block size of the layer matrices, block size of down_proj (K = 1536; None = the same), the LM head's
-# kernel (None = as the layers, "gemm" = DynamicQuantizeMatMul, an int = its own block size); what it tests).
+# kernel (None = as the layers, "gemm" = DynamicQuantizeMatMul, an int = its own block size; "calibrated" = the
+# exporter's own int8 plan, and ("calibrated", X) that plan with X: "gemm" or a block size for the LM head, or
+# {name part: block size} for the block-wise matrices whose node name contains it); what it tests).
 # Every other matrix has K = 576 = 9 x 64: blocks of 128 or 256 would pad it to 640 / 768 (11 % / 33 % more
 # bytes read per token, measured in the first run of this script), so 64 is the largest block they take.
 VARIANTS: dict[str, tuple[int | None, int | None, Any, str]] = {
@@ -51,7 +53,8 @@ VARIANTS: dict[str, tuple[int | None, int | None, Any, str]] = {
     "b32-head-gemm": (32, None, "gemm", "blocks of 32, LM head on DynamicQuantizeMatMul"),
     "b64-head-gemm": (64, None, "gemm", "blocks of 64, LM head on DynamicQuantizeMatMul"),
     "b64-down256-head-gemm": (64, 256, "gemm", "blocks of 64, down_proj 256, LM head DynamicQuantizeMatMul"),
-    "int8": (32, None, "calibrated", "`--quantize int8` as exported now: calibrated plan, smoothed GEMMs where they pass"),
+    "int8": (32, None, "calibrated",
+             "`--quantize int8` as exported now: calibrated plan, smoothed GEMMs where they pass"),
     "int8-head64": (32, None, ("calibrated", 64), "int8 as exported now, LM head blocks of 64"),
     "int8-head128": (32, None, ("calibrated", 128), "int8 as exported now, LM head blocks of 128 (K padded to 640)"),
     "int8-head-gemm": (32, None, ("calibrated", "gemm"), "int8 as exported now, LM head DynamicQuantizeMatMul"),
