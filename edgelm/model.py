@@ -167,16 +167,69 @@ def default_threads(model_bytes: int) -> int:
     return 1 if model_bytes < SINGLE_THREAD_BELOW_BYTES else physical_cores()
 
 
+# How long default_spin watches /proc/stat. The kernel counts CPU time in jiffies (1/100 s on most kernels), so
+# 50 ms gives ~5 ticks per core: enough to tell an idle core from a busy one, at 50 ms of load time.
+SPIN_SAMPLE_S = 0.05
+
+
+def _read_cpu_times(path: str = "/proc/stat") -> tuple[int, int] | None:
+    """(idle, total) jiffies summed over all cores, from the ``cpu`` line of Linux's /proc/stat; None elsewhere.
+
+    Idle counts ``idle + iowait`` (a core waiting on disk is free to run a worker); the total counts user, nice,
+    system, idle, iowait, irq, softirq and steal (guest time is already inside user)."""
+    try:
+        with open(path) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 6 or fields[0] != "cpu":
+        return None
+    try:
+        ticks = [int(x) for x in fields[1:9]]
+    except ValueError:
+        return None
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def _own_cpu_ticks() -> float:
+    """CPU time this process (all its threads) has used, in /proc/stat's jiffies."""
+    t = os.times()
+    return (t.user + t.system) * os.sysconf("SC_CLK_TCK")
+
+
+def idle_cores(sample_s: float = SPIN_SAMPLE_S) -> float | None:
+    """How many cores other processes left idle over the next ``sample_s`` seconds (idle share of all CPU time
+    x cpu count), read from /proc/stat twice; None where /proc/stat is missing or did not advance.
+
+    This process's own CPU time counts as idle: right after ``import onnxruntime`` one of its threads stays busy
+    for ~60 ms, which made a fast-loading small model see 1.2 of 2 cores idle on a quiet machine."""
+    before, own_before = _read_cpu_times(), _own_cpu_ticks()
+    if before is None:
+        return None
+    time.sleep(sample_s)
+    after, own_after = _read_cpu_times(), _own_cpu_ticks()
+    if after is None or after[1] <= before[1]:
+        return None
+    total = after[1] - before[1]
+    idle = min(total, after[0] - before[0] + max(0.0, own_after - own_before))
+    return idle / total * (os.cpu_count() or 1)
+
+
 def default_spin(threads: int) -> bool:
     """Whether onnxruntime's worker threads should spin-wait between kernels (``allow_spinning``).
 
     Spinning keeps a worker hot between the many short kernels of a decode step: on a quiet 2-vCPU machine it
-    made 2-thread decode 37-38 % faster (15M and 135M shapes). But a spinning worker burns a core that another
-    process may need, and when the cores are already busy it steals time from the thread doing the real work:
-    with a load average of ~9 it made 2-thread decode 5x slower (docs/performance.md). So the default looks at
-    the machine when the model loads: spin only with more than one thread and at least ``threads`` cores idle
-    (``cpu_count - 1-minute load average >= threads - 0.5``). ``$EDGELM_SPIN`` = 1 or 0 overrides it; so does
-    ``spin=`` on :func:`edgelm.load`. With one thread there are no workers and the setting does nothing.
+    made 2-thread decode 37-38 % faster (15M and 135M shapes, +38 % on SmolLM2-135M int8). But a spinning worker
+    burns a core that another process may need, and when the cores are already busy it steals time from the
+    thread doing the real work: with one core busy it made SmolLM2 decode 24 % slower, with a load average of ~9
+    5x slower (docs/performance.md). So the default looks at the machine as the model loads: spin only with
+    more than one thread and at least ``threads - 0.5`` cores idle. On Linux "idle" is measured now, from
+    /proc/stat sampled :data:`SPIN_SAMPLE_S` apart (see :func:`idle_cores`), not from the 1-minute load average:
+    that average still remembers a process that just exited (the previous benchmark run, a finished build) and
+    so turned spinning off on a quiet machine, 27 % slower. Where /proc/stat is missing the load average
+    decides (``cpu_count - load >= threads - 0.5``), and without one either (Windows) spinning stays on, as
+    onnxruntime's own default. ``$EDGELM_SPIN`` = 1 or 0 overrides all this; so does ``spin=`` on
+    :func:`edgelm.load`. With one thread there are no workers and the setting does nothing.
     """
     env = os.environ.get(ENV_SPIN, "").strip().lower()
     if env in ("1", "true", "yes", "on"):
@@ -185,11 +238,13 @@ def default_spin(threads: int) -> bool:
         return False
     if threads <= 1:
         return False
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # Windows: no load average; onnxruntime's own default is to spin
-        return True
-    return (os.cpu_count() or 1) - load >= threads - 0.5
+    idle = idle_cores()
+    if idle is None:
+        try:
+            idle = (os.cpu_count() or 1) - os.getloadavg()[0]
+        except (AttributeError, OSError):  # Windows: no load average; onnxruntime's own default is to spin
+            return True
+    return idle >= threads - 0.5
 
 
 def _default_model_path() -> Path:

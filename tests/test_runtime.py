@@ -310,6 +310,7 @@ def test_spin_default_follows_idle_cores_and_env(monkeypatch):
     from edgelm import model as m
 
     monkeypatch.delenv(m.ENV_SPIN, raising=False)
+    monkeypatch.setattr(m, "_read_cpu_times", lambda: None)  # no /proc/stat: the load average decides
     monkeypatch.setattr(m.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(m.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
     assert m.default_spin(2) is True and m.default_spin(4) is True
