@@ -89,3 +89,12 @@ def test_counter_that_did_not_advance_falls_back(machine, monkeypatch):
     machine(idle_ticks=0, busy_ticks=0)  # no tick in the sample window: no information
     monkeypatch.setattr(m.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     assert m.default_spin(2) is True
+
+
+def test_performance_doc_quotes_the_committed_results():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    table = (root / "benchmarks/results/spin-default.md").read_text(encoding="utf-8").split("\n\n", 1)[1]
+    assert table.strip() in (root / "docs/performance.md").read_text(encoding="utf-8"), \
+        "docs/performance.md's spin table differs from benchmarks/results/spin-default.md"
