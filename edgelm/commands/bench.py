@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
                         help="onnxruntime workers spin-wait (faster on idle cores, much slower on busy ones); "
-                             "default: decided from the load average, or $EDGELM_SPIN")
+                             "default: decided from the idle cores when the model loads, or $EDGELM_SPIN")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs after one warm-up (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (default 1)")
     parser.add_argument("--json", metavar="FILE", default=None,

@@ -25,7 +25,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
                         help="onnxruntime workers spin-wait (faster on idle cores, much slower on busy ones); "
-                             "default: decided from the load average, or $EDGELM_SPIN")
+                             "default: decided from the idle cores when the model loads, or $EDGELM_SPIN")
     parser.add_argument("--no-verify", action="store_true", help="skip the checksum check of the model files")
     from edgelm.hybrid import add_cli_arguments   # --cloud-url / --cloud-model / --route (no httpx until used)
     add_cli_arguments(parser)

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="onnxruntime intra-op threads per generation (default: the runtime's choice)")
     parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
                         help="onnxruntime workers spin-wait (faster on idle cores, much slower on busy ones); "
-                             "default: decided from the load average, or $EDGELM_SPIN")
+                             "default: decided from the idle cores when the model loads, or $EDGELM_SPIN")
     parser.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=server.DEFAULT_LOOKUP,
                         help="prompt-lookup decoding for greedy requests (docs/lookup.md; default: off)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def server_spin(workers: int, spin: bool | None) -> bool | None:
     """``--spin/--no-spin`` if given; else no spinning with several workers (parallel generations already keep
     the cores busy, and spinning pools then steal time from each other: up to 5x slower decode measured under
-    load, docs/performance.md); else None, the runtime's load-based default."""
+    load, docs/performance.md); else None, the runtime's default (idle cores when the model loads)."""
     if spin is not None:
         return spin
     return False if workers > 1 else None
