@@ -146,6 +146,20 @@ def _consumers(model: Any) -> dict[str, int]:
     return counts
 
 
+def lm_head_weight(model: Any) -> str | None:
+    """The LM head's weight initializer: ``lm_head.weight`` in our builder's graphs; in other exporters' graphs
+    (optimum names it after a node) the weight MatMul with the widest output, if it is a vocabulary projection
+    (far wider than its input). Found by shape so --keep-fp32 lm_head and int4's 8-bit head hold on every path."""
+    inits = _initializers(model)
+    found = [(int(inits[w].dims[1]), int(inits[w].dims[0]), w) for _, _, w in weight_matmuls(model)]
+    if any(w == LM_HEAD_WEIGHT for _, _, w in found):
+        return LM_HEAD_WEIGHT
+    if not found:
+        return None
+    n, k, w = max(found)
+    return w if n >= 4 * k else None
+
+
 def _replace_matmuls(model: Any, keep: Iterable[str], make: Any, desc: str, progress: bool = False) -> int:
     """Swap every MatMul with a 2-D initializer weight (used by that node only) for a quantized node, in place.
 
@@ -155,6 +169,7 @@ def _replace_matmuls(model: Any, keep: Iterable[str], make: Any, desc: str, prog
     from tqdm.auto import tqdm
 
     keep = set(keep)
+    head = lm_head_weight(model) if "lm_head" in keep else None
     inits = _initializers(model)
     uses = _consumers(model)
     new_nodes, drop = [], set()
@@ -162,7 +177,7 @@ def _replace_matmuls(model: Any, keep: Iterable[str], make: Any, desc: str, prog
         w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
         w = inits.get(w_name) if w_name else None
         if (w is None or len(w.dims) != 2 or uses.get(w_name, 0) != 1
-                or ("lm_head" in keep and w_name == LM_HEAD_WEIGHT)):
+                or w_name == head):
             new_nodes.append(node)
             continue
         made = make(node, w_name, numpy_helper.to_array(w))
@@ -509,12 +524,15 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     else:
         kinds = dict(plan or {})
 
+    head = lm_head_weight(model)
+
     def make(node: Any, w_name: str, w: np.ndarray) -> tuple[list, Any] | None:
-        if kinds.get(node.name) == "fp32":
+        kind = kinds.get(node.name)
+        if kind == "fp32":
             return None
-        if kinds.get(node.name) == "gemm":
+        if kind == "gemm":
             return _gemm_node(node, w_name, w)
-        if bits != 8 and (kinds.get(node.name) == "block8" or (w_name == LM_HEAD_WEIGHT and node.name not in kinds)):
+        if bits != 8 and (kind == "block8" or (kind is None and w_name == head)):
             # int4 keeps the LM head at 8 bits unless the plan says otherwise: its error lands on the logits
             # directly (SmolLM2-135M-Instruct: +33 % perplexity with a 4-bit head, +24 % with an 8-bit one).
             return _nbits_node(node, w_name, w, 8, BLOCK_SIZE[8], False)

@@ -245,3 +245,27 @@ def test_smoothing_only_rescues_a_gemm_that_fails_the_rule():
     plan = q.plan_int8(errors)
     assert plan == {"passes": "gemm", "rescued": "gemm", "lost": "block", "plain": "block"}
     assert list(plan.smooth) == ["rescued"] and plan.smooth["rescued"] is s
+
+
+def test_the_lm_head_is_found_by_shape_in_other_exporters_graphs(tmp_path):
+    """An optimum-style graph names its head after a node: int4 still keeps it at 8 bits, --keep-fp32 lm_head
+    still leaves it fp32 (the [hidden, vocab] MatMul is far wider than its input; a layer's is not)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    layer, head = (rng.standard_normal(s).astype(np.float32) * 0.05 for s in ((64, 64), (64, 512)))
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "onnx::MatMul_7"], ["h"], name="/layer/MatMul"),
+                           helper.make_node("MatMul", ["h", "onnx::MatMul_9"], ["logits"], name="/lm_head/MatMul")],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", 64])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 512])],
+                          [numpy_helper.from_array(layer, "onnx::MatMul_7"), numpy_helper.from_array(head, "onnx::MatMul_9")])
+    src = tmp_path / "g.onnx"
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    assert q.lm_head_weight(onnx.load(str(src))) == "onnx::MatMul_9"
+    q.quantize_model(src, tmp_path / "i4.onnx", method="int4")
+    bits = {n.name: q._attr(n, "bits") for n in onnx.load(str(tmp_path / "i4.onnx")).graph.node}
+    assert bits == {"/layer/MatMul": 4, "/lm_head/MatMul": 8}
+    q.quantize_model(src, tmp_path / "keep.onnx", method="int8-block", keep_fp32=["lm_head"])
+    ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "keep.onnx")).graph.node}
+    assert ops == {"/layer/MatMul": "MatMulNBits", "/lm_head/MatMul": "MatMul"}
