@@ -261,9 +261,17 @@ def _default_model_path() -> Path:
 
 
 def resolve_model_path(path: str | os.PathLike | None) -> Path:
-    """``path`` itself, or for None ``$EDGELM_MODEL`` / the shipped default model, which must exist."""
+    """``path`` itself, or for None ``$EDGELM_MODEL`` / the shipped default model, which must exist.
+
+    A string ``org/name`` that is not a local path is a model by name: edgelm's cache, else a download or a
+    first-use export into it (:func:`edgelm.hub.resolve`; a local folder of that name wins)."""
     if path is not None:
-        return Path(path).expanduser()
+        local = Path(path).expanduser()
+        if isinstance(path, str) and not local.exists():
+            from edgelm import hub
+            if hub.is_model_name(path):
+                return hub.resolve(path)
+        return local
     default = _default_model_path()
     if not default.is_dir():
         via = f"${ENV_MODEL}" if os.environ.get(ENV_MODEL) else "The default model"
@@ -275,13 +283,14 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
 
 def load(path: str | os.PathLike | None = None, *, threads: int | None = None, spin: bool | None = None,
          verify: bool = True) -> "Model":
-    """Open a model folder and return a ready :class:`Model`.
+    """Open a model folder (or a model by name, ``org/name``) and return a ready :class:`Model`.
 
     ``path`` None means ``$EDGELM_MODEL`` if set, else the shipped default model. ``threads`` defaults to one
     per physical core, or 1 for a small model (see :func:`default_threads`). ``spin``: whether onnxruntime's
     worker threads spin-wait (faster on idle cores, much slower on busy ones); None decides from the machine's
     load, see :func:`default_spin`. ``verify`` checks every file's sha256 against the manifest first (raises
-    :class:`~edgelm.errors.ChecksumError` naming the file). Nothing is ever fetched from the network.
+    :class:`~edgelm.errors.ChecksumError` naming the file). ``path`` may also be a Hugging Face name ``org/name``
+    (edgelm.hub): the only case that can reach the network, and only when the name is not cached yet.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}.",
