@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("edgelm.commands.info", "show a model folder's card, metrics and checksum status"),
     "serve": ("edgelm.commands.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "bench": ("edgelm.commands.bench", "measure load time, time to first token, tokens/s and memory"),
+    "list": ("edgelm.commands.list", "list the models in edgelm's cache (loaded by name: --model org/name)"),
     "export": ("edgelm_export.commands:EXPORT", "export a Hugging Face causal LM to an int8 ONNX model folder [export]"),
     "train-tokenizer": ("edgelm_export.commands:TRAIN_TOKENIZER",
                         "train a byte-level BPE tokenizer on a corpus [export]"),
