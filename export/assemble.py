@@ -7,6 +7,7 @@ A library module: it imports neither convert.py nor generic.py, so the two paths
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -332,6 +333,11 @@ def gate(fp32_dir: Path, final_dir: Path, work: Path, fp32_cfg: dict[str, Any], 
                                  max_ppl_increase=max_ppl_increase, threads=threads) from None
     if quant_info.get("auto"):
         metrics["auto"] = quant_info["auto"]
+    # The shipped weights' held-out nats/token: the runtime's router sets its prompt-score threshold relative to it
+    # (edgelm.hybrid.reference_nats_per_token, which derives the same number for folders written before this field).
+    bpb = metrics.get("quantized_bits_per_byte", metrics.get("fp32_bits_per_byte"))
+    if bpb is not None and metrics.get("eval_tokens"):
+        metrics["nats_per_token"] = bpb * metrics["eval_bytes"] * math.log(2) / metrics["eval_tokens"]
     return metrics
 
 
