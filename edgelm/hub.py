@@ -67,6 +67,8 @@ def resolve(name: str, *, progress: bool = True) -> Path:
     target = cache_path(name)
     if (target / MANIFEST).is_file():
         return target
+    if target.is_dir():  # no manifest: a folder damaged by hand (complete ones only ever appear by rename)
+        shutil.rmtree(target)
     hf = _import_hub()
     if hf is None:
         raise ModelNotFoundError(f"{name} is not a local folder nor in edgelm's cache ({target}), and fetching it "
@@ -87,6 +89,7 @@ def resolve(name: str, *, progress: bool = True) -> Path:
 def _import_hub() -> Any:
     try:
         import huggingface_hub
+        import huggingface_hub.constants  # a lazy package: the submodule is not an attribute until imported
     except ImportError:
         return None
     return huggingface_hub
@@ -160,17 +163,19 @@ def _install_published(hf: Any, name: str, manifest_file: Path, target: Path) ->
     except OSError as exc:  # the hub's errors (connection, HTTP, not cached offline) are all OSErrors
         raise ModelNotFoundError(f"Downloading {name}'s files failed ({type(exc).__name__}: {_first_line(exc)}).",
                                  hint="Retry when online (unset HF_HUB_OFFLINE); finished files are kept.") from None
-    try:  # the hub's own files, before anything is copied: an error then names the file to delete
-        verify_files(snapshot, manifest)
-    except ChecksumError as exc:
-        raise ChecksumError(f"{name}: {exc.message}", path=exc.path,
-                            hint=f"Delete the Hugging Face cache entry ({snapshot.parent.parent}) and retry to download "
-                                 "it again; nothing was added to edgelm's cache.") from None
     tmp = _staging_dir(target)
     try:
         for rel in [MANIFEST, *files]:
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy((snapshot / rel).resolve(), tmp / rel)
+            if (snapshot / rel).is_file():  # a missing one is reported by verify_files, below
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy((snapshot / rel).resolve(), tmp / rel)
+        try:  # the staged files are the hub's blobs (hard links), so an error is about the hub cache's file
+            verify_files(tmp, manifest)
+        except ChecksumError as exc:
+            raise ChecksumError(f"{name}: {exc.message.replace(str(tmp), str(snapshot))}",
+                                path=exc.path and exc.path.replace(str(tmp), str(snapshot)),
+                                hint=f"Delete the Hugging Face cache entry ({snapshot.parent.parent}) and retry to "
+                                     "download it again; nothing was added to edgelm's cache.") from None
         _write_source(tmp, name=name, kind="published", revision=revision)
         return _move_into_place(tmp, target)
     finally:
