@@ -176,11 +176,11 @@ def _check_args(prompt_tokens: int, new_tokens: int, repeat: int, warmup: int, t
                                        hint=f"Pass a {name.replace('_', '-')} of at least {low}.")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise InvalidArgumentError(f"threads must be a positive integer or None, got {threads!r}.",
-                                   hint="Pass --threads 1 or more (or leave it out for onnxruntime's default).")
+                                   hint="Pass --threads 1 or more (or leave it out for edgelm's default).")
 
 
 def run_bench(model: str | os.PathLike | None = None, *, prompt_tokens: int = 128, new_tokens: int = 128,
-              threads: int | None = 2, repeat: int = 5, warmup: int = 1, measure_import: bool = True,
+              threads: int | None = None, repeat: int = 5, warmup: int = 1, measure_import: bool = True,
               verify: bool = True, spin: bool | None = None) -> BenchResult:
     """Load ``model`` (a model folder; None for the shipped default) and measure it.
 
@@ -227,7 +227,7 @@ def run_bench(model: str | os.PathLike | None = None, *, prompt_tokens: int = 12
         model_path=str(path),
         dtype=lm.config.get("dtype"),
         model_size_bytes=folder_size_bytes(path) if path.exists() else 0,
-        threads=threads,
+        threads=lm.threads,  # what ran: None picks edgelm.load's default, as `edgelm generate` does
         spin=lm.spin,
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
@@ -238,7 +238,7 @@ def run_bench(model: str | os.PathLike | None = None, *, prompt_tokens: int = 12
         decode_tokens_per_s=Stat.of(decode),
         peak_rss_bytes=peak_rss_bytes(),
         import_s=import_s,
-        environment=_environment(threads),
+        environment=_environment(lm.threads),
     )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import os
 import sys
 
 # name -> (module, one-line help). Order is the order shown by `edgelm --help`.
@@ -29,6 +31,51 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# extra -> the modules it brings that edgelm imports. A ModuleNotFoundError for one of them, at import or while a
+# command runs, becomes one line naming the extra and how to install it (see missing_extra_message).
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "export": ("torch", "transformers", "onnx", "safetensors", "sentencepiece", "tqdm", "tomli"),
+    "server": ("starlette", "uvicorn"),
+    "cloud": ("httpx",),
+    "bench": ("matplotlib", "psutil"),
+}
+
+
+def extra_for(module: str) -> str | None:
+    """The extra that installs ``module`` (a dotted name; its top-level package decides), or None."""
+    top = module.split(".")[0]
+    return next((extra for extra, mods in EXTRAS.items() if top in mods), None)
+
+
+def install_hint(extra: str) -> str:
+    """How to install an extra, in both forms: from a package index and from a source checkout."""
+    hint = f'Install it with: pip install "edgelm[{extra}]" (in a source checkout: pip install ".[{extra}]")'
+    if extra == "export":  # torch from the default index is the CUDA build, gigabytes a CPU-only machine never uses
+        hint += ("; on a CPU-only machine get torch first: "
+                 "pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    return hint
+
+
+def require(module: str) -> None:
+    """Raise ModuleNotFoundError (which main() turns into the install line) unless ``module`` can be imported.
+    For checks before any work or output, where the import itself would only come later."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+
+def missing_extra_message(module: str) -> str | None:
+    """One line for a missing module that an extra provides; None for anything else (a real bug)."""
+    extra = extra_for(module)
+    if extra is None:
+        return None
+    return (f"this command needs {module.split('.')[0]}, which is not installed; it comes with the [{extra}] "
+            f"extra. {install_hint(extra)}")
+
+
 def _load(spec: str):
     """``module`` or ``module:ATTR`` -> the object with ``add_arguments`` and ``run``."""
     module_name, _, attr = spec.partition(":")
@@ -36,10 +83,8 @@ def _load(spec: str):
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:  # the [export]/[server] extra is missing
         missing = exc.name or str(exc)
-        extra = "export" if module_name.startswith("edgelm_export") else (
-            "server" if module_name.endswith("serve") else "bench" if module_name.endswith("bench") else None)
-        hint = f' Install it with: pip install "edgelm[{extra}]"' if extra else ""
-        raise SystemExit(f"edgelm: this command needs the package '{missing}', which is not installed.{hint}")
+        line = missing_extra_message(missing) or f"this command needs the package {missing!r}, which is not installed."
+        raise SystemExit(f"edgelm: {line}")
     return getattr(module, attr) if attr else module
 
 
@@ -72,6 +117,26 @@ def _version() -> str:
         return "0.1.0"
 
 
+def _quiet_progress() -> None:
+    """``--no-progress``: also silence the bars of transformers / huggingface_hub ("Loading weights", downloads).
+    They read HF_HUB_DISABLE_PROGRESS_BARS when imported; one already imported is switched off directly."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+
+
+def _closed_stdout() -> int:
+    """The reader went away (``edgelm info | head``): stop quietly, as a command killed by SIGPIPE would.
+    stdout is pointed at /dev/null so the interpreter's final flush does not fail a second time."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests capturing it): nothing to flush into
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
@@ -79,16 +144,26 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    if getattr(args, "no_progress", False):
+        _quiet_progress()
     from edgelm.errors import EdgeLMError
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _closed_stdout()
     except EdgeLMError as exc:
         if args.debug:
             raise
         print(f"edgelm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:  # an extra's module imported while the command runs
+        line = missing_extra_message(exc.name or "")
+        if args.debug or line is None:
+            raise
+        print(f"edgelm {args.command}: error: {line}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
         if args.debug:

@@ -1,11 +1,13 @@
-"""The `edgelm generate / chat / info` commands, run as real subprocesses."""
+"""The `edgelm generate / chat / info / bench` commands, run as real subprocesses (``python -m edgelm``)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import STORIES260K, needs_shared
 
 import edgelm
 
@@ -16,8 +18,38 @@ def cli(*args, stdin: str | None = None, env: dict | None = None) -> subprocess.
     import os
 
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "edgelm.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "edgelm", *args], capture_output=True, text=True,
                           input=stdin, env=full_env, timeout=120)
+
+
+# Runs the CLI with some top-level packages made unimportable, as on a machine without the extra that brings them.
+WITHOUT = """
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, Missing())
+from edgelm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def cli_without(blocked: set[str], *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT.format(blocked=blocked), *args], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def assert_install_line(r: subprocess.CompletedProcess, command: str, module: str, extra: str) -> None:
+    """One line, exit 1, no traceback, naming the module, the extra and both install commands."""
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    line = lines[0]
+    assert line.startswith(f"edgelm {command}: error:") and module in line
+    assert f'pip install "edgelm[{extra}]"' in line and f'pip install ".[{extra}]"' in line
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +67,7 @@ def test_generate_streams_the_same_text_as_the_api(stories_fp32, lm):
 
 def test_generate_seed_stop_and_escapes(stories_fp32, lm):
     args = ["generate", PROMPT, "--model", str(stories_fp32), "-n", "60", "--seed", "4", "--temperature", "0.9",
-            "--top-p", "0.9", "--top-k", "40", "--stop", "\\n", ".", "--no-echo", "-q", "--threads", "1"]
+            "--top-p", "0.9", "--top-k", "40", "--stop", "\\n", "--stop", ".", "--no-echo", "-q", "--threads", "1"]
     r = cli(*args)
     assert r.returncode == 0, r.stderr
     g = lm.generate(PROMPT, max_new_tokens=60, seed=4, temperature=0.9, top_p=0.9, top_k=40, stop=["\n", "."])
@@ -72,7 +104,7 @@ def test_generate_help():
 def test_info(stories_fp32):
     r = cli("info", str(stories_fp32))
     assert r.returncode == 0, r.stderr
-    for words in ("architecture llama", "5 layers", "context 512", "checksums   OK", "float32", "metrics"):
+    for words in ("architecture llama", "5 layers", "context 512", "checksums    OK", "float32", "bits/byte"):
         assert words in r.stdout
     r = cli("info", str(stories_fp32), "--json")
     info = json.loads(r.stdout)
@@ -87,7 +119,7 @@ def test_info_reports_a_corrupt_file(stories_fp32, model_copy):
     (folder / "model.onnx").write_bytes(bytes(data))
     r = cli("info", str(folder))
     assert r.returncode == 1
-    assert "checksums   FAILED" in r.stdout and "model.onnx" in r.stdout  # still shows the summary
+    assert "checksums    FAILED" in r.stdout and "model.onnx" in r.stdout  # still shows the summary
     assert "architecture llama" in r.stdout and "Traceback" not in r.stderr
 
 
@@ -123,3 +155,120 @@ def test_chat_drops_old_turns_when_the_context_is_full(stories_fp32):
             stdin=(line + "\n") * 12)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) >= 12  # every turn was answered, none refused for length
+
+
+# --- missing extras: one line naming the extra and how to install it (issue 16) ------------------------------------
+@needs_shared()
+def test_export_without_onnx_names_the_export_extra(tmp_path):
+    r = cli_without({"onnx"}, "export", str(STORIES260K), "--out", str(tmp_path / "out"), "--no-progress")
+    assert_install_line(r, "export", "onnx", "export")
+    assert "download.pytorch.org/whl/cpu" in r.stderr  # the CPU wheel, not gigabytes of CUDA libraries
+
+
+def test_train_without_torch_names_the_export_extra(tmp_path):
+    (tmp_path / "corpus.txt").write_text("Once upon a time.\n")
+    (tmp_path / "tok").mkdir()
+    r = cli_without({"torch"}, "train", "--corpus", str(tmp_path / "corpus.txt"), "--tokenizer",
+                    str(tmp_path / "tok"), "--out", str(tmp_path / "out"))
+    assert_install_line(r, "train", "torch", "export")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cloud_route_without_httpx_names_the_cloud_extra():
+    r = cli_without({"httpx"}, "generate", PROMPT, "--cloud-url", "http://127.0.0.1:9/v1", "--route", "cloud",
+                    "-n", "4")
+    assert_install_line(r, "generate", "httpx", "cloud")
+    assert r.stdout == ""  # refused before the prompt is echoed or anything generated
+    r = cli_without({"httpx"}, "generate", PROMPT, "--cloud-url", "http://127.0.0.1:9/v1", "--route", "local",
+                    "-n", "4", "-q")
+    assert r.returncode == 0, r.stderr  # --route local never sends, so it needs no httpx
+
+
+def test_python_dash_m_edgelm():
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("edgelm ")
+    r = cli("info", "--help")
+    assert r.returncode == 0 and "--card" in r.stdout
+
+
+# --- one consistent command line ------------------------------------------------------------------------------------
+def test_stop_takes_one_value_per_flag(stories_fp32, lm):
+    """`--stop . PROMPT` used to swallow the prompt as a second stop string."""
+    r = cli("generate", "--stop", ".", PROMPT, "--model", str(stories_fp32), "-n", "40", "-t", "0", "--no-echo",
+            "-q", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == lm.generate(PROMPT, max_new_tokens=40, temperature=0, stop=["."]).text + "\n"
+
+
+def test_context_error_names_the_cli_flag(stories_fp32):
+    r = cli("generate", "word " * 300, "--model", str(stories_fp32), "-n", "400")
+    assert r.returncode == 1 and r.stdout == ""
+    assert "--truncate-left" in r.stderr and "--max-new-tokens" in r.stderr and "truncate='left'" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_model_option_on_info_and_bench(stories_fp32):
+    positional, option = cli("info", str(stories_fp32)), cli("info", "-m", str(stories_fp32))
+    assert positional.returncode == option.returncode == 0 and positional.stdout == option.stdout
+    r = cli("info", str(stories_fp32), "--model", str(stories_fp32.parent))
+    assert r.returncode == 1 and "two models" in r.stderr
+    # bench with no --threads measures what generate runs: edgelm.load's default thread count
+    r = cli("bench", "--model", str(stories_fp32), "--prompt-tokens", "4", "--new-tokens", "2", "--repeat", "1",
+            "--warmup", "0", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["threads"] == edgelm.load(stories_fp32).threads
+    for command in ("generate", "bench"):
+        help_text = " ".join(cli(command, "--help").stdout.split())  # argparse wraps lines
+        assert "1 for a model under 64 MiB of weights" in help_text  # the default as it is, not "physical cores"
+
+
+def test_info_is_a_short_summary_and_card_prints_the_card(stories_fp32):
+    r = cli("info", str(stories_fp32))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) <= 12 and max(map(len, lines)) <= 120
+    assert "{" not in r.stdout and "[" not in r.stdout  # no dict or list dumps
+    manifest = json.loads((stories_fp32 / "edgelm.json").read_text())
+    build_path = manifest["source"]["path"]
+    assert build_path not in r.stdout  # where it was built is the builder's business
+    assert "stories260K (a local folder)" in r.stdout
+    r = cli("info", str(stories_fp32), "--card")
+    assert r.returncode == 0 and r.stdout == (stories_fp32 / "README.md").read_text().rstrip("\n") + "\n"
+    r = cli("info")  # the default model: the summary too, not its whole card
+    assert r.returncode == 0 and len(r.stdout.splitlines()) <= 12
+
+
+def test_info_into_a_closed_pipe_is_quiet(stories_fp32):
+    """`edgelm info | head`: the reader leaves early; no "Broken pipe" message or traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "edgelm", "info", str(stories_fp32), "--card"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before the child has written anything (it is still importing)
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141  # 128 + SIGPIPE, as a shell reports a writer whose reader left
+    assert "Broken pipe" not in err and "BrokenPipeError" not in err and "Traceback" not in err, err
+
+
+@needs_shared()
+def test_no_progress_silences_transformers_bars(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "edgelm", "export", str(STORIES260K), "--out", str(tmp_path / "out"),
+                        "--quantize", "none", "--threads", "1", "--no-progress"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Loading weights" not in r.stderr and "it/s" not in r.stderr, r.stderr
+
+
+# --- chat on a model without a chat template ------------------------------------------------------------------------
+def test_chat_without_a_template_says_so_once(stories_fp32, tmp_path):
+    r = cli("chat", "--model", str(stories_fp32), "-n", "5", "-t", "0", "--threads", "1", stdin="Hi\nHello\n")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if "no chat template" in line]
+    assert len(notes) == 1 and "instruct model" in notes[0]
+    # the same model with a template: no note
+    folder = tmp_path / "with-template"
+    shutil.copytree(stories_fp32, folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = cli("chat", "--model", str(folder), "--no-verify", "-n", "5", "-t", "0", "--threads", "1", stdin="Hi\n")
+    assert r.returncode == 0, r.stderr
+    assert "no chat template" not in r.stderr

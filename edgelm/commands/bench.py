@@ -1,4 +1,7 @@
-"""``edgelm bench [MODEL]``: load time, time to first token, prefill/decode tokens per second, peak memory."""
+"""``edgelm bench [MODEL]``: load time, time to first token, prefill/decode tokens per second, peak memory.
+
+Threads and spin-waiting default to what ``edgelm generate`` (``edgelm.load``) would choose for the model, so
+the numbers are the ones a plain ``generate`` gets."""
 from __future__ import annotations
 
 import argparse
@@ -7,13 +10,14 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None,
-                        help="model folder (default: the shipped default model)")
+    from edgelm.commands.generate import add_model_arguments, add_threads_argument
+
+    add_model_arguments(parser)
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
     parser.add_argument("--new-tokens", type=int, default=128,
                         help="tokens to generate per run; EOS is ignored so every run makes exactly this many "
                              "(default 128)")
-    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    add_threads_argument(parser)  # the same default as generate: bench measures what generate would run
     parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
                         help="onnxruntime workers spin-wait (faster on idle cores, much slower on busy ones); "
                              "default: decided from the idle cores when the model loads, or $EDGELM_SPIN")
@@ -28,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgelm.bench import format_table, plot_result, run_bench
+    from edgelm.commands.generate import model_argument
     from edgelm.errors import InvalidArgumentError
 
     if args.plot:  # fail before minutes of benchmarking, not after
@@ -36,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             raise InvalidArgumentError("--plot needs matplotlib, which is not installed.",
                                        hint='Install it with: pip install "edgelm[bench]", or drop --plot.')
-    result = run_bench(args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+    result = run_bench(model_argument(args), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                        threads=args.threads, repeat=args.repeat, warmup=args.warmup, verify=not args.no_verify,
                        spin=args.spin)
     if args.json == "-":

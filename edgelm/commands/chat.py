@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgelm.commands.generate import add_sampling_arguments, load_model, print_source, sampling_kwargs, stats_line
+from edgelm.commands.generate import (add_sampling_arguments, cli_context_error, load_model, print_source,
+                                     sampling_kwargs, stats_line)
 
 HELP = "commands: /reset (forget the conversation), /exit (quit), /help"
 
@@ -42,13 +43,29 @@ def fit_history(lm, messages: list[dict], max_new_tokens: int | None) -> list[di
     return system + turns
 
 
+def no_template_note(lm) -> str | None:
+    """One line for a model without a chat template (a base / story model): it continues the transcript rather
+    than answering, and nothing else would tell the user why the replies read like stories."""
+    local = getattr(lm, "local", lm)  # a Hybrid's local model
+    if not local.chat_template.is_fallback:
+        return None
+    return (f"edgelm chat: note: {local.path.name} has no chat template, so it continues the conversation as "
+            f"text instead of answering; for an assistant use an instruct model, e.g. "
+            f"--model HuggingFaceTB/SmolLM2-135M-Instruct (docs/models.md)")
+
+
 def run(args: argparse.Namespace) -> int:
+    from edgelm.errors import ContextLengthError
+
     lm = load_model(args)
     kwargs = sampling_kwargs(args)
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     if interactive:
         print(f"edgelm chat with {lm.path.name}. {HELP}", file=sys.stderr)
+    note = no_template_note(lm)
+    if note:
+        print(note, file=sys.stderr)
     while True:
         try:
             line = _read("> ", interactive)
@@ -74,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         history = fit_history(lm, history, kwargs["max_new_tokens"])
         # A single message longer than the context is cut from the left rather than refused.
-        stream = lm.chat_stream(history, truncate="left", **kwargs)
+        try:
+            stream = lm.chat_stream(history, truncate="left", **kwargs)
+        except ContextLengthError as exc:  # only when max_new_tokens alone fills the context
+            raise cli_context_error(exc) from None
         parts: list[str] = []
         try:
             for piece in stream:

@@ -20,15 +20,57 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lookup", action="store_true",
                         help="prompt lookup: verify tokens copied from the prompt several per model call (greedy "
                              "only, -t 0; ignored when sampling). Faster when the answer repeats its input")
-    parser.add_argument("--stop", action="extend", nargs="+", default=None, metavar="TEXT",
-                        help="stop before this text (repeatable); escapes like \\n are understood")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    # One value per flag: with nargs="+" a `--stop .` before the prompt would swallow the prompt as a second stop.
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="stop before this text; repeat the flag for several (--stop . --stop '\\n'); "
+                             "escapes like \\n are understood")
+    add_threads_argument(parser)
     parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
                         help="onnxruntime workers spin-wait (faster on idle cores, much slower on busy ones); "
                              "default: decided from the idle cores when the model loads, or $EDGELM_SPIN")
     parser.add_argument("--no-verify", action="store_true", help="skip the checksum check of the model files")
     from edgelm.hybrid import add_cli_arguments   # --cloud-url / --cloud-model / --route (no httpx until used)
     add_cli_arguments(parser)
+
+
+THREADS_HELP = ("onnxruntime threads (default: 1 for a model under 64 MiB of weights, where a second thread costs "
+                "more than it saves; else one per physical core)")
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """--threads with the runtime's default (edgelm.load's), shared by generate, chat and bench."""
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL for commands that take it as a positional (``edgelm info MODEL``), plus ``--model/-m`` as generate and
+    chat take it; :func:`model_argument` reads the one given."""
+    help_text = "model folder or name (default: $EDGELM_MODEL, else the shipped default model)"
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help=help_text)
+    parser.add_argument("--model", "-m", dest="model_option", default=None, metavar="MODEL",
+                        help="the same as MODEL, for symmetry with generate and chat")
+
+
+def model_argument(args: argparse.Namespace) -> str | None:
+    """The model named by MODEL or --model (InvalidArgumentError when both name different ones)."""
+    positional, option = args.model, args.model_option
+    if positional is not None and option is not None and positional != option:
+        from edgelm.errors import InvalidArgumentError
+        raise InvalidArgumentError(f"two models given: {positional!r} and --model {option!r}.",
+                                   hint="Name the model once, as MODEL or with --model.")
+    return option if option is not None else positional
+
+
+def cli_context_error(exc):
+    """The runtime's ContextLengthError in the command line's words (--truncate-left, not truncate='left')."""
+    from edgelm.errors import ContextLengthError
+    room = exc.max_new_tokens < exc.context_length
+    hint = "Shorten the prompt, lower --max-new-tokens (-n)" + (
+        ", or pass --truncate-left to drop the start of the prompt." if room else ".")
+    p, n, ctx = exc.prompt_tokens, exc.max_new_tokens, exc.context_length
+    return ContextLengthError(f"The prompt has {p} tokens and --max-new-tokens is {n}: {p + n} > the model's "
+                              f"context of {ctx} tokens.", hint=hint, prompt_tokens=exc.prompt_tokens,
+                              max_new_tokens=exc.max_new_tokens, context_length=exc.context_length)
 
 
 def unescape(text: str) -> str:
@@ -46,6 +88,9 @@ def load_model(args: argparse.Namespace):
     import edgelm
 
     from edgelm.hybrid import from_cli_args
+    if getattr(args, "cloud_url", None) and getattr(args, "route", "auto") != "local":
+        from edgelm.cli import require
+        require("httpx")  # the hand-off could never happen: say so now, not after the local answer
     return from_cli_args(edgelm.load(args.model, threads=args.threads, spin=args.spin,
                                      verify=not args.no_verify), args)
 
@@ -73,9 +118,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    from edgelm.errors import ContextLengthError
+
     lm = load_model(args)
     # stream() checks every argument before generating, so a bad option fails before any output.
-    stream = lm.stream(prompt, truncate="left" if args.truncate_left else None, **sampling_kwargs(args))
+    try:
+        stream = lm.stream(prompt, truncate="left" if args.truncate_left else None, **sampling_kwargs(args))
+    except ContextLengthError as exc:
+        raise cli_context_error(exc) from None
     out = sys.stdout
     if not args.no_echo:
         out.write(prompt)

@@ -1,4 +1,5 @@
-"""`edgelm info [MODEL]`: a model folder's summary: size, architecture, quantization, metrics, checksum status.
+"""`edgelm info [MODEL]`: a model folder's short summary (architecture, size, quality, source, checksum status);
+``--card`` prints its model card, ``--json`` every field.
 
 The folder is opened without trusting it: checksums are verified and reported (exit status 1 when a file does
 not match), rather than refusing to show anything.
@@ -7,16 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                        help="model folder (default: $EDGELM_MODEL, else the shipped default model)")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--card", action="store_true", help="also print the model card (README.md); the default model's card is always shown")
+    from edgelm.commands.generate import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print every field as JSON")
+    parser.add_argument("--card", action="store_true",
+                        help="print the model card (the folder's README.md: how it was built, quality, speed)")
 
 
 def _size(n: float) -> str:
@@ -25,15 +29,6 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} GB"
-
-
-def _flat(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(d, dict):
-        out = []
-        for k, v in d.items():
-            out.extend(_flat(v, f"{prefix}{k}." if not isinstance(v, dict) or v else f"{prefix}{k}"))
-        return out
-    return [(prefix.rstrip("."), d)]
 
 
 def summary(path: Path) -> dict[str, Any]:
@@ -69,48 +64,76 @@ def summary(path: Path) -> dict[str, Any]:
     }
 
 
+def _source(manifest: dict[str, Any]) -> str | None:
+    """Where the model came from, without the build machine's paths: a hub id as given, a local file or folder
+    by its name, a recipe build by its recipe."""
+    recipe = (manifest.get("build") or {}).get("recipe")
+    if recipe:
+        return f"built by the recipe {Path(recipe).name}"
+    source = manifest.get("source") or {}
+    src = source.get("model")
+    if not src:
+        return None
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", src) and not src.startswith("."):
+        return src  # org/name as passed to `edgelm export`
+    return f"{Path(src).name} (a local {'GGUF file' if source.get('gguf') else 'folder'})"
+
+
+def _quality(metrics: dict[str, Any]) -> str | None:
+    bpb = metrics.get("quantized_bits_per_byte", metrics.get("fp32_bits_per_byte"))
+    if not isinstance(bpb, (int, float)):
+        return None
+    line = f"{bpb:.3f} bits/byte"
+    if metrics.get("eval_text"):
+        line += f" on {Path(str(metrics['eval_text'])).name}"
+    if "quantized_bits_per_byte" in metrics and isinstance(metrics.get("fp32_bits_per_byte"), (int, float)):
+        line += f" (fp32 {metrics['fp32_bits_per_byte']:.3f})"
+    return line
+
+
+def summary_lines(info: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """The short human summary: one line per topic, no nested dumps."""
+    a = info["architecture"]
+    method = (info["quantization"] or {}).get("method")
+    rows = [
+        ("model", info["path"]),
+        ("architecture", f"{a['model_type']} ({a['source_architecture']}): {a['num_layers']} layers, hidden "
+                         f"{a['hidden_size']}, {a['num_attention_heads']} heads / {a['num_kv_heads']} KV heads of "
+                         f"{a['head_dim']}, vocab {a['vocab_size']}, context {a['context_length']}"),
+        ("parameters", f"{info['parameters']:,}" if info["parameters"] else None),
+        ("weights", f"{info['dtype']}{f' ({method})' if method and method != info['dtype'] else ''}, "
+                    f"{_size(info['size_bytes'])} on disk"),
+        ("quality", _quality(info["metrics"])),
+        ("source", _source(manifest)),
+        ("chat", "chat template" if info["chat_template"] else
+         "no chat template: `edgelm chat` continues the text rather than answering"),
+        ("defaults", ", ".join(f"{k}={v}" for k, v in info["generation_defaults"].items()) or None),
+        ("checksums", f"{'OK' if info['checksums']['ok'] else 'FAILED'} ({info['checksums']['files']} files)"),
+    ]
+    lines = [f"{k:<13}{v}" for k, v in rows if v is not None]
+    if not info["checksums"]["ok"]:
+        lines.append(f"  {info['checksums']['error']}")
+    lines.append("(--card: the model card; --json: every field)")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
+    from edgelm.commands.generate import model_argument
+    from edgelm.folder import open_folder
     from edgelm.model import resolve_model_path
 
-    info = summary(resolve_model_path(args.model))
+    path = resolve_model_path(model_argument(args))
+    info = summary(path)
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
-        a = info["architecture"]
-        q = info["quantization"] or {}
-        src = info["source"] or {}
-        lines = [
-            f"model       {info['path']}",
-            f"size        {_size(info['size_bytes'])} on disk (model.onnx {_size(info['onnx_bytes'] or 0)})",
-            f"architecture {a['model_type']} ({a['source_architecture']}): {a['num_layers']} layers, hidden "
-            f"{a['hidden_size']}, {a['num_attention_heads']} heads / {a['num_kv_heads']} KV heads of "
-            f"{a['head_dim']}, vocab {a['vocab_size']}, context {a['context_length']}",
-        ]
-        if info["parameters"]:
-            lines.append(f"parameters  {info['parameters']:,}")
-        qtext = ", ".join(f"{k}={v}" for k, v in _flat(q)) if q else "unknown"
-        lines.append(f"weights     {info['dtype']} ({qtext})")
-        if src:
-            lines.append(f"source      {src.get('model') or src.get('path') or src}")
-        lines.append(f"chat        {'chat template' if info['chat_template'] else 'plain fallback (no template)'}")
-        if info["generation_defaults"]:
-            lines.append("defaults    " + ", ".join(f"{k}={v}" for k, v in info["generation_defaults"].items()))
-        metrics = _flat(info["metrics"])
-        if metrics:
-            lines.append("metrics")
-            for k, v in metrics:
-                lines.append(f"  {k:<28} {v:.4f}" if isinstance(v, float) else f"  {k:<28} {v}")
-        c = info["checksums"]
-        lines.append(f"checksums   {'OK' if c['ok'] else 'FAILED'} ({c['files']} files)")
-        if not c["ok"]:
-            lines.append(f"  {c['error']}")
-        print("\n".join(lines))
-    # With no MODEL, `edgelm info` is "tell me about the model I get by default": show its card too.
-    if args.card or (args.model is None and not args.json):
+    elif args.card:
         card = Path(info["path"]) / "README.md"
-        if card.is_file():
-            print()
-            print(card.read_text(encoding="utf-8", errors="replace"))
+        if not card.is_file():
+            print(f"edgelm info: {info['path']} has no model card (README.md)", file=sys.stderr)
+            return 1
+        print(card.read_text(encoding="utf-8", errors="replace").rstrip("\n"))
+    else:
+        print("\n".join(summary_lines(info, open_folder(path, verify=False).manifest)))
     if not info["checksums"]["ok"]:
         print(f"edgelm info: checksum mismatch: {info['checksums']['error']}", file=sys.stderr)
         return 1
