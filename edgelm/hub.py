@@ -121,7 +121,8 @@ def _published_manifest(hf: Any, name: str, target: Path) -> str | None:
     except LocalEntryNotFoundError as exc:  # offline, or the hub did not answer, and edgelm.json is not cached
         if isinstance(hf.try_to_load_from_cache(name, "config.json"), str):
             return None  # a plain model downloaded earlier: it can be exported without the network
-        why = "HF_HUB_OFFLINE is set" if offline else f"the hub could not be reached: {_first_line(exc)}"
+        cause = f" ({_first_line(exc.__cause__)})" if exc.__cause__ else ""
+        why = "HF_HUB_OFFLINE is set" if offline else f"the hub could not be reached{cause}"
         raise ModelNotFoundError(f"{name} is not a local folder, not in edgelm's cache ({target}) nor in the Hugging "
                                  f"Face cache, and {why}.",
                                  hint=("Go online once and retry (unset HF_HUB_OFFLINE) to fetch it, " if offline else
@@ -136,7 +137,7 @@ def _published_manifest(hf: Any, name: str, target: Path) -> str | None:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
 
 
 def _manifest_files(manifest: dict[str, Any], where: str) -> list[str]:
