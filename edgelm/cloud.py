@@ -6,12 +6,21 @@ module) opens no connection and costs nothing.
 
 Design points, each with a test in tests/test_cloud.py:
 
-* **The API key never leaves the Authorization header.** It is not in ``repr``, log records or exception
-  messages; exceptions are raised ``from None`` so they do not carry httpx request objects (which hold the
-  headers), and any text a server sends back is scrubbed of the key before it goes into a message.
-* **One deadline per call.** ``timeout`` bounds the whole call - every attempt, every backoff sleep and, for
-  streams, every chunk - so a server that hangs or trickles bytes cannot hold the caller longer than that.
-  ``connect_timeout`` bounds each TCP/TLS connect.
+* **The API key never leaves the Authorization header.** It is checked when the client is made (surrounding
+  whitespace stripped; control and non-ASCII characters refused, without echoing it). It is not in ``repr``,
+  log records (httpx's and httpcore's included) or exception messages, args and chains: every error is raised
+  afresh, without ``__cause__``/``__context__`` or the failing frames (an httpx exception's request holds the
+  headers), and any text a server sends back is scrubbed of every rendering of the key (raw, escaped,
+  URL-encoded) before it goes into a message.
+* **Every failure is typed.** Whatever httpx, the socket or a hostile body raises becomes a
+  :class:`~edgelm.errors.CloudError` subclass, so :class:`edgelm.Hybrid` can fall back with a reason.
+* **One deadline per call.** ``timeout`` bounds the whole call - every attempt, every backoff sleep and every
+  read and write on the socket (each gets only the time left) - so a server that hangs, trickles bytes or
+  floods cannot hold the caller longer than that. ``connect_timeout`` bounds each TCP/TLS connect.
+* **Answers are capped.** A server that ignores ``max_tokens`` is cut off: by tokens (the server's count, else
+  a conservative one: text events, and text bytes / :data:`TEXT_BYTES_PER_TOKEN`), which ends the answer with
+  ``finish_reason="length"``, and by bytes read (``max_answer_bytes``), which raises. Reading stops and the
+  connection is closed at the cap, so memory stays bounded.
 * **Retries only where they can help**: connection errors, timeouts of one attempt, HTTP 429 and 5xx; with
   exponential backoff and jitter, honouring ``Retry-After`` (seconds or an HTTP date). Other 4xx answers mean
   the request itself is wrong, so they fail at once. A stream is retried only before its first piece.
@@ -29,11 +38,13 @@ import os
 import random
 import threading
 import time
+import weakref
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, quote_plus, urlsplit, urlunsplit
 
-from edgelm.errors import (CloudError, CloudHTTPError, CloudResponseError, CloudTimeoutError,
+from edgelm.errors import (CloudError, CloudHTTPError, CloudResponseError, CloudTimeoutError, EdgeLMError,
                            InvalidArgumentError)
 
 log = logging.getLogger("edgelm.cloud")
@@ -41,6 +52,15 @@ log = logging.getLogger("edgelm.cloud")
 API_KEY_ENV = ("EDGELM_CLOUD_API_KEY", "OPENAI_API_KEY")
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _MAX_BODY_IN_MESSAGE = 200
+
+# Answer caps, for servers that ignore max_tokens (a flood of tiny events must not grow memory or time).
+# The byte cap counts the decoded body as read from the wire; ``CloudClient(max_answer_bytes=N)`` replaces it.
+ANSWER_BYTES_BASE = 64 << 10        # bytes any answer may use, plus ...
+ANSWER_BYTES_PER_TOKEN = 4 << 10    # ... this per max_tokens (one token's SSE event is ~200-400 bytes)
+ANSWER_BYTES_UNCAPPED = 16 << 20    # the byte cap of a call that sets no max_tokens
+# Text past max_tokens x this many bytes is over the token cap even when the server sends few, large events
+# (a token's text averages ~4 bytes; 32 leaves room for long whitespace and CJK tokens).
+TEXT_BYTES_PER_TOKEN = 32
 
 
 @dataclass
@@ -131,6 +151,127 @@ def _parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+# Header names whose values are secrets as much as the API key (Azure's "api-key", cookies, tokens ...).
+_SECRET_HEADER_WORDS = ("auth", "key", "token", "secret", "cookie", "session", "password")
+
+
+class _Secrets:
+    """A client's secrets - the API key, secret-looking extra header values, the URL's password and query
+    values - and every rendering of them that could show up in text: raw, repr/bytes-escaped, JSON-escaped and
+    URL-encoded. Its repr shows none of them, so neither does a traceback frame's ``self`` or a debugger."""
+
+    def __init__(self, key: str | None, others: Sequence[str] = ()):
+        self.key = key
+        forms: set[str] = set()
+        for value in ([key] if key else []) + [v for v in others if len(v) >= 6]:  # shorter: not worth mangling text
+            forms.update({value, repr(value)[1:-1], json.dumps(value)[1:-1], quote(value, safe=""),
+                          quote_plus(value, safe=""), repr(value.encode("utf-8", "backslashreplace"))[2:-1]})
+        forms.discard("")
+        # Longest first: a rendering that contains another (the url-encoded key holds parts of the raw one)
+        # goes whole.
+        self._forms = sorted(forms, key=len, reverse=True)
+        self.longest = len(self._forms[0]) if self._forms else 0
+        if self._forms:
+            _LIVE_SECRETS.add(self)
+            _scrub_http_logs()
+
+    def scrub(self, text: str) -> str:
+        for form in self._forms:
+            if form in text:
+                text = text.replace(form, "***")
+        return text
+
+    def __repr__(self) -> str:
+        return "<secrets>"
+
+
+_LIVE_SECRETS: "weakref.WeakSet[_Secrets]" = weakref.WeakSet()
+# httpcore logs response headers at DEBUG (a hostile server can put the key there); httpx logs URLs at INFO.
+_SCRUBBED_LOGGERS = ("edgelm.cloud", "httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2",
+                     "httpcore.proxy", "httpcore.socks")
+
+
+class _LogScrubber(logging.Filter):
+    """Removes live clients' secrets from the records of the loggers above, before any handler sees them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = list(_LIVE_SECRETS)
+        if not secrets:
+            return True
+        try:
+            text = record.getMessage()
+        except Exception:  # a record whose args do not fit its format: leave it to logging's own error path
+            return True
+        clean = text
+        for s in secrets:
+            clean = s.scrub(clean)
+        if clean != text:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[1] is not None:
+            exc_text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            for s in secrets:
+                exc_text = s.scrub(exc_text)
+            record.exc_text = exc_text  # formatters use the cached text
+        return True
+
+
+_LOG_SCRUBBER = _LogScrubber()
+
+
+def _scrub_http_logs() -> None:
+    for name in _SCRUBBED_LOGGERS:
+        logger = logging.getLogger(name)
+        if _LOG_SCRUBBER not in logger.filters:
+            logger.addFilter(_LOG_SCRUBBER)
+
+
+def _checked_key(key: Any, source: str) -> tuple[str | None, InvalidArgumentError | None]:
+    """``key`` stripped of surrounding whitespace (a secret file's trailing newline), or the error to raise.
+
+    The error is returned, not raised, so the caller can drop its own reference to the key first: a raised
+    error's traceback keeps the frames' locals. It names where the key came from, never the key."""
+    if key is None:
+        return None, None
+    if not isinstance(key, str):
+        return None, InvalidArgumentError(f"api_key must be a string or None, got {type(key).__name__}.")
+    key = key.strip()
+    if not key:
+        return None, InvalidArgumentError(f"The API key ({source}) is empty.",
+                                          hint="Pass the key, or api_key=None for a server that needs none.")
+    bad = next((i for i, ch in enumerate(key) if not " " <= ch <= "~"), None)
+    if bad is not None:
+        return None, InvalidArgumentError(
+            f"The API key ({source}) has a control or non-ASCII character (position {bad + 1} of {len(key)}); "
+            "an HTTP header cannot carry it.", hint="Copy the key again from the provider; keys are plain ASCII.")
+    return key, None
+
+
+def _checked_headers(headers: Any) -> tuple[dict[str, str], list[str]]:
+    """Extra headers, checked so that h11 can send them; and the values that look secret (for scrubbing)."""
+    if headers is None:
+        return {}, []
+    if not isinstance(headers, dict):
+        raise InvalidArgumentError(f"headers must be a dict of strings, got {type(headers).__name__}.")
+    out, secret = {}, []
+    for name, value in headers.items():
+        if not isinstance(name, str) or not name or not all(33 <= ord(c) <= 126 and c not in '()<>@,;:\\"/[]?={}'
+                                                             for c in name):
+            raise InvalidArgumentError(f"Header name {name!r} is not a valid HTTP header name.")
+        if not isinstance(value, str) or not all(" " <= c <= "~" or c == "\t" for c in value):
+            raise InvalidArgumentError(f"The value of header {name!r} is not a string of printable ASCII "
+                                       "(control and non-ASCII characters cannot be sent).")
+        out[name] = value
+        if any(word in name.lower() for word in _SECRET_HEADER_WORDS):
+            secret.append(value.strip())
+    return out, secret
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The parts of a URL that _redact_url drops: the password and query values."""
+    parts = urlsplit(url)
+    return [v for v in [parts.password or "", *(v for _, v in parse_qsl(parts.query))] if v]
+
+
 class _Retryable(Exception):
     """Internal: one attempt failed in a way that another attempt may fix."""
 
@@ -143,15 +284,26 @@ class CloudStream:
     """Iterator over the text pieces of a streamed answer. After it is exhausted, ``reply`` holds the
     finished :class:`CloudReply` (text, finish_reason, usage if the server sent it)."""
 
-    def __init__(self, gen: Iterator[str]):
+    def __init__(self, gen: Iterator[str], failure: Any = None):
         self._gen = gen
+        self._failure = failure  # maps an unexpected exception to a CloudError (CloudClient._failure)
         self.reply: CloudReply | None = None
 
     def __iter__(self) -> "CloudStream":
         return self
 
     def __next__(self) -> str:
-        return next(self._gen)
+        err = None
+        try:
+            return next(self._gen)
+        except StopIteration:
+            raise
+        except EdgeLMError as exc:
+            err = exc
+        except Exception as exc:
+            err = self._failure(exc)[0] if self._failure is not None else CloudResponseError(
+                f"The cloud stream failed ({type(exc).__name__}).")
+        raise _detached(err)  # outside the except block, so the error has no __context__
 
     def close(self) -> None:
         self._gen.close()  # type: ignore[attr-defined]
@@ -173,12 +325,19 @@ class CloudClient:
         max_retry_after: the longest ``Retry-After`` honoured; a server asking for more is treated as
             "rate-limited past retries" and the call fails at once (so a fallback can answer instead).
         verify: True (system CAs) or the path of a CA bundle. TLS verification cannot be switched off.
+        headers: extra request headers (printable ASCII). Values of headers whose names look secret
+            (``api-key``, ``x-auth-token``, cookies ...) are kept out of messages and logs like the key.
+        max_answer_bytes: the most bytes one answer may bring (decoded body); past it reading stops and the call
+            raises :class:`~edgelm.errors.CloudResponseError`. None: ``ANSWER_BYTES_BASE +
+            ANSWER_BYTES_PER_TOKEN * max_tokens`` (64 KiB + 4 KiB per token), or ``ANSWER_BYTES_UNCAPPED``
+            (16 MiB) for a call without ``max_tokens``.
     """
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, *,
                  timeout: float = 60.0, connect_timeout: float = 5.0, max_retries: int = 2,
                  backoff: float = 0.5, backoff_max: float = 8.0, max_retry_after: float = 30.0,
-                 verify: bool | str = True, headers: dict[str, str] | None = None):
+                 verify: bool | str = True, headers: dict[str, str] | None = None,
+                 max_answer_bytes: int | None = None):
         if not isinstance(base_url, str) or urlsplit(base_url).scheme not in ("http", "https") \
                 or not urlsplit(base_url).hostname:
             raise InvalidArgumentError(f"base_url must be an http(s) URL, got {_safe_repr(base_url)}.",
@@ -194,10 +353,18 @@ class CloudClient:
             raise InvalidArgumentError(
                 "TLS verification cannot be switched off.",
                 hint="For a private certificate authority pass verify='/path/to/ca-bundle.pem'.")
+        if max_answer_bytes is not None and (not isinstance(max_answer_bytes, int) or isinstance(max_answer_bytes, bool)
+                                             or max_answer_bytes < 1):
+            raise InvalidArgumentError(f"max_answer_bytes must be a positive integer or None, got {max_answer_bytes!r}.")
+        extra_headers, secret_values = _checked_headers(headers)
+        source = "api_key"
         if api_key is None:
-            api_key = next((os.environ[k] for k in API_KEY_ENV if os.environ.get(k)), None)
-        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
-            raise InvalidArgumentError("api_key must be a non-empty string or None.")
+            source = next((k for k in API_KEY_ENV if os.environ.get(k, "").strip()), "")
+            api_key = os.environ[source] if source else None
+        key, problem = _checked_key(api_key, source)
+        api_key = None  # the error below keeps this frame's locals: no key in them
+        if problem is not None:
+            raise problem
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.timeout = float(timeout)
@@ -207,8 +374,10 @@ class CloudClient:
         self.backoff_max = float(backoff_max)
         self.max_retry_after = float(max_retry_after)
         self.verify = verify
-        self._api_key = api_key  # private on purpose: not in repr, never logged
-        self._extra_headers = dict(headers or {})
+        self.max_answer_bytes = max_answer_bytes
+        # The key lives only in here (repr "<secrets>"): not in repr(self), vars(self) or any log.
+        self._secrets = _Secrets(key, secret_values + _url_secrets(base_url))
+        self._extra_headers = extra_headers
         self._client = None      # httpx.Client, created on first use
         self._client_lock = threading.Lock()
         self._rng = random.Random()
@@ -216,11 +385,11 @@ class CloudClient:
     # --- public -----------------------------------------------------------------------------------
     @property
     def has_api_key(self) -> bool:
-        return self._api_key is not None
+        return self._secrets.key is not None
 
     def __repr__(self) -> str:
         return (f"CloudClient(base_url={_redact_url(self.base_url)!r}, model={self.model!r}, "
-                f"api_key={'<set>' if self._api_key else None}, timeout={self.timeout})")
+                f"api_key={'<set>' if self.has_api_key else None}, timeout={self.timeout})")
 
     def chat(self, messages: Sequence[dict[str, Any]], *, max_tokens: int | None = None,
              temperature: float | None = None, top_p: float | None = None, stop: str | Sequence[str] | None = None,
@@ -269,8 +438,16 @@ class CloudClient:
     def _call(self, path: str, body: dict[str, Any], timeout: float | None) -> CloudReply:
         deadline = time.monotonic() + (self.timeout if timeout is None else float(timeout))
         started = time.monotonic()
-        data, attempt = self._retrying(lambda: self._attempt_json(path, body, deadline), deadline)
-        return self._parse_reply(data, attempt, time.monotonic() - started, text_field=path == "/completions")
+        err: BaseException | None = None
+        try:
+            data, attempt = self._retrying(lambda: self._attempt_json(path, body, deadline), deadline)
+            return self._parse_reply(data, attempt, time.monotonic() - started, text_field=path == "/completions",
+                                     max_tokens=body.get("max_tokens"))
+        except EdgeLMError as exc:
+            err = exc
+        except Exception as exc:  # whatever else broke while talking to the endpoint: typed, so Hybrid falls back
+            err = self._failure(exc)[0]
+        raise _detached(err)  # outside the except block, so the error has no __context__
 
     def stream(self, messages: Sequence[dict[str, Any]], *, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None,
@@ -295,7 +472,7 @@ class CloudClient:
     def _start_stream(self, path: str, body: dict[str, Any], timeout: float | None) -> CloudStream:
         deadline = time.monotonic() + (self.timeout if timeout is None else float(timeout))
         holder: list[CloudStream] = []
-        stream = CloudStream(self._stream_gen(path, body, deadline, holder))
+        stream = CloudStream(self._stream_gen(path, body, deadline, holder), self._failure)
         holder.append(stream)
         return stream
 
@@ -344,63 +521,116 @@ class CloudClient:
             return self._http_locked()
 
     def _http_locked(self):
-        if self._client is None:
-            try:
-                import httpx
-            except ModuleNotFoundError:
-                raise CloudError("The cloud client needs httpx, which is not installed.",
-                                 hint='Install it with: pip install "edgelm[cloud]"') from None
-            headers = {"Accept": "application/json", **self._extra_headers}
-            if self._api_key:
-                headers["Authorization"] = f"Bearer {self._api_key}"
-            self._client = httpx.Client(verify=self.verify, headers=headers, follow_redirects=False)
-        return self._client
+        if self._client is not None:
+            return self._client
+        try:
+            import httpx
+        except ModuleNotFoundError:
+            httpx = None
+        if httpx is None:
+            raise CloudError("The cloud client needs httpx, which is not installed.",
+                             hint='Install it with: pip install "edgelm[cloud]"')
+        # identity: no compressed bodies to inflate (a server that compresses anyway is decoded by _Decoder,
+        # which bounds what one chunk may inflate to).
+        headers = {"Accept": "application/json", "Accept-Encoding": "identity", **self._extra_headers}
+        if self._secrets.key:
+            headers["Authorization"] = f"Bearer {self._secrets.key}"
+        problem = None
+        try:
+            client = httpx.Client(verify=self.verify, headers=headers, follow_redirects=False)
+        except Exception as exc:  # e.g. verify names a CA bundle that does not exist
+            problem = CloudError(f"Could not set up the HTTP client for {self._where()} ({type(exc).__name__}: "
+                                 f"{self._excerpt(_text_of(exc))}).",
+                                 hint="Check verify= (the CA bundle path) and headers=.")
+        headers = None  # noqa: F841 - the error below keeps this frame: no Authorization value in it
+        if problem is not None:
+            raise problem
+        if not _bound_by_deadline(client):
+            log.debug("httpx pools not found: reads are bounded per read and checked against the deadline per chunk")
+        self._client = client
+        return client
 
-    def _timeout(self, deadline: float):
-        import httpx
+    def _timeouts(self, deadline: float) -> dict[str, float]:
+        """httpcore's per-request timeouts, each carrying the call's deadline (see :class:`_Until`)."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise CloudTimeoutError(f"No answer from {self._where()} within {self.timeout:g} s.",
                                     hint="Raise the client's timeout or check the server.")
-        return httpx.Timeout(connect=min(self.connect_timeout, remaining), read=remaining, write=remaining,
-                             pool=remaining)
+        return {"connect": _Until(min(self.connect_timeout, remaining), deadline),
+                "read": _Until(remaining, deadline), "write": _Until(remaining, deadline),
+                "pool": _Until(remaining, deadline)}
+
+    def _byte_cap(self, max_tokens: Any) -> int:
+        if self.max_answer_bytes is not None:
+            return self.max_answer_bytes
+        if isinstance(max_tokens, int) and max_tokens > 0:
+            return ANSWER_BYTES_BASE + ANSWER_BYTES_PER_TOKEN * max_tokens
+        return ANSWER_BYTES_UNCAPPED
 
     def _where(self) -> str:
         return _redact_url(self.base_url)
 
     def _scrub(self, text: str) -> str:
-        """Remove the API key from any text a server sent back before it goes into a message."""
-        if self._api_key and self._api_key in text:
-            text = text.replace(self._api_key, "***")
-        return text
+        """Remove every rendering of the key (and other secrets) from text before it goes into a message."""
+        return self._secrets.scrub(text)
+
+    def _excerpt(self, text: str | bytes, n: int = _MAX_BODY_IN_MESSAGE) -> str:
+        """The first ``n`` characters of ``text``, scrubbed *before* cutting (a cut key would slip through),
+        whitespace runs folded."""
+        head = text[:n + 4 * self._secrets.longest + 16]
+        if isinstance(head, bytes):
+            head = head.decode("utf-8", "replace")
+        return " ".join(self._scrub(head).split())[:n]
+
+    def _failure(self, exc: BaseException) -> tuple[CloudError, bool]:
+        """Anything raised while talking to the endpoint, as a typed error; and whether another attempt may help.
+
+        The original exception is not kept (nor chained): an httpx exception's ``request`` holds the
+        Authorization header. Only its type name and scrubbed text go into the message."""
+        if isinstance(exc, CloudError):
+            return exc, False
+        import httpx
+        name, detail = type(exc).__name__, self._excerpt(_text_of(exc)) or "no detail"
+        where = self._where()
+        if isinstance(exc, httpx.TimeoutException):
+            return CloudTimeoutError(f"{where} did not answer in time ({name}).",
+                                     hint="Check that the server is up, or raise the client's timeout."), True
+        if isinstance(exc, (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.InvalidURL)):
+            return CloudError(f"The request to {where} could not be sent ({name}: {detail}).",
+                              hint="Check base_url and any extra headers."), False
+        if isinstance(exc, (httpx.TransportError, OSError)):
+            return CloudError(f"Could not reach {where} ({name}: {detail}).",
+                              hint="Check the URL and that the server is running and reachable."), True
+        if isinstance(exc, (httpx.HTTPError, httpx.StreamError, zlib.error, ValueError, RecursionError)):
+            return CloudResponseError(f"{where} sent an answer that cannot be read ({name}: {detail}).",
+                                      hint="Check that base_url points at an OpenAI-compatible API."), False
+        return CloudError(f"Unexpected {name} while talking to {where}: {detail}.",
+                          hint="The cloud call failed; the request may be retried."), False
 
     def _open(self, path: str, body: dict[str, Any], deadline: float):
         """Start one attempt; return an open httpx response with a 2xx status (the caller closes it)."""
-        import httpx
-        client = self._http()
-        url = self.base_url + path
+        err = retry = None
         try:
-            request = client.build_request("POST", url, json=body, timeout=self._timeout(deadline))
+            client = self._http()
+            request = client.build_request("POST", self.base_url + path, json=body)
+            request.extensions["timeout"] = self._timeouts(deadline)
             response = client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise _Retryable(CloudTimeoutError(
-                f"{self._where()} did not answer in time ({type(exc).__name__}).",
-                hint="Check that the server is up, or raise the client's timeout.")) from None
-        except (httpx.TransportError, OSError) as exc:
-            raise _Retryable(CloudError(
-                f"Could not reach {self._where()} ({type(exc).__name__}: {self._scrub(str(exc)) or 'no detail'}).",
-                hint="Check the URL and that the server is running and reachable.")) from None
+        except Exception as exc:
+            err, retry = self._failure(exc)
+        request = None  # noqa: F841 - its headers hold the key; the errors below keep this frame
+        if err is not None:
+            raise _Retryable(err) if retry else err
         if response.status_code < 300:
             return response
         # An error status: read a little of the body for the message, then decide whether to retry.
         try:
-            detail = self._read_capped(response, deadline, cap=4096).decode("utf-8", "replace")
+            detail = self._read_capped(response, deadline, cap=4096, truncate=True)
         except CloudError:
-            detail = ""
+            detail = b""
         finally:
             response.close()
         status = response.status_code
-        detail = self._scrub(" ".join(detail.split()))[:_MAX_BODY_IN_MESSAGE]
+        detail = self._excerpt(detail)
         message = f"{self._where()} answered HTTP {status}" + (f": {detail}" if detail else ".")
         if status == 429:
             err = CloudHTTPError(message, status_code=status,
@@ -418,43 +648,75 @@ class CloudClient:
             raise _Retryable(err, _parse_retry_after(response.headers.get("retry-after")))
         raise err
 
-    def _read_capped(self, response, deadline: float, cap: int = 16 << 20) -> bytes:
-        """Read a response body, enforcing the call's deadline between chunks (so trickling cannot stall)."""
-        import httpx
-        chunks: list[bytes] = []
+    def _chunks(self, response, deadline: float, cap: int, *, truncate: bool = False) -> Iterator[bytes]:
+        """The body, decoded, in chunks: at most ``cap`` bytes in all (past it: CloudResponseError, or a quiet
+        end with ``truncate``), and the deadline checked after every chunk received. httpx and socket errors
+        pass through (the caller maps them)."""
+        decoder = _Decoder(response.headers.get("content-encoding", ""))
         size = 0
+        bad = None
         try:
-            for chunk in response.iter_bytes():
-                chunks.append(chunk)
-                size += len(chunk)
-                if size >= cap:
-                    break
+            for raw in response.iter_raw():
+                for chunk in decoder.feed(raw):
+                    size += len(chunk)
+                    if size > cap:
+                        if truncate:
+                            yield chunk[:len(chunk) - (size - cap)]
+                            return
+                        raise CloudResponseError(
+                            f"{self._where()} sent more than {cap} bytes for one answer; stopped reading.",
+                            hint="The server ignored max_tokens or floods; raise max_answer_bytes if it is "
+                                 "legitimate.")
+                    yield chunk
                 if time.monotonic() > deadline:
-                    raise httpx.ReadTimeout("deadline passed while reading the body")
-        except httpx.TimeoutException:
-            raise CloudTimeoutError(f"{self._where()} did not finish its answer within {self.timeout:g} s.",
-                                    hint="Raise the client's timeout or check the server.") from None
-        except (httpx.TransportError, OSError) as exc:
-            raise CloudError(f"The connection to {self._where()} broke while reading ({type(exc).__name__}).",
-                             hint="Check the server; the request may be retried.") from None
+                    raise CloudTimeoutError(f"{self._where()} did not finish its answer within {self.timeout:g} s.",
+                                            hint="Raise the client's timeout or check the server.")
+            if decoder.unsupported:
+                raise CloudResponseError(f"{self._where()} sent a body with Content-Encoding "
+                                         f"{self._excerpt(decoder.unsupported, 40)!r}, which edgelm does not decode.",
+                                         hint="Configure the server (or proxy) to send uncompressed answers.")
+        except zlib.error:
+            bad = CloudResponseError(f"{self._where()} sent a body that is not valid {decoder.name} "
+                                     "(its Content-Encoding).",
+                                     hint="Check the server or any proxy in between.")
+        if bad is not None:
+            raise bad
+
+    def _read_capped(self, response, deadline: float, cap: int, *, truncate: bool = False) -> bytes:
+        """A whole (capped) body. Errors come back typed, timeouts as CloudTimeoutError."""
+        chunks: list[bytes] = []
+        err = None
+        try:
+            for chunk in self._chunks(response, deadline, cap, truncate=truncate):
+                chunks.append(chunk)
+        except Exception as exc:
+            err, retry = self._failure(exc)
+            if retry and not isinstance(err, CloudTimeoutError):
+                err = CloudError(f"The connection to {self._where()} broke while reading ({type(exc).__name__}).",
+                                 hint="Check the server; the request may be retried.")
+        if err is not None:
+            raise err
         return b"".join(chunks)
 
     def _attempt_json(self, path: str, body: dict[str, Any], deadline: float) -> Any:
         response = self._open(path, body, deadline)
         try:
-            raw = self._read_capped(response, deadline)
-        except CloudTimeoutError as exc:
-            raise _Retryable(exc) from None
-        except CloudError as exc:  # connection reset mid-body: worth another attempt
+            raw = self._read_capped(response, deadline, self._byte_cap(body.get("max_tokens")))
+        except (CloudResponseError, CloudHTTPError):
+            raise  # what the server sent is wrong: another attempt would get the same
+        except CloudError as exc:  # a timeout, or the connection reset mid-body: worth another attempt
             raise _Retryable(exc) from None
         finally:
             response.close()
+        data = err = None
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            excerpt = self._scrub(raw[:80].decode("utf-8", "replace"))
-            raise CloudResponseError(f"{self._where()} sent a body that is not JSON (starts {excerpt!r}).",
-                                     hint="Check that base_url points at an OpenAI-compatible API.") from None
+            data = json.loads(raw)
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, an int over 4300 digits, nesting too deep
+            err = CloudResponseError(f"{self._where()} sent a body that is not JSON (starts {self._excerpt(raw, 80)!r}).",
+                                     hint="Check that base_url points at an OpenAI-compatible API.")
+        if err is not None:
+            raise err
+        return data
 
     def _wait_or_raise(self, r: _Retryable, attempt: int, deadline: float) -> None:
         """Sleep before the next attempt, or raise the attempt's error if retrying cannot help in time."""
@@ -483,11 +745,12 @@ class CloudClient:
         return CloudResponseError(f"{self._where()} sent a malformed chat completion: {what}.",
                                   hint="Check that base_url points at an OpenAI-compatible chat-completions API.")
 
-    def _parse_reply(self, data: Any, attempts: int, elapsed: float, *, text_field: bool = False) -> CloudReply:
+    def _parse_reply(self, data: Any, attempts: int, elapsed: float, *, text_field: bool = False,
+                     max_tokens: int | None = None) -> CloudReply:
         if not isinstance(data, dict):
             raise self._bad("the body is not a JSON object")
         if "error" in data and "choices" not in data:
-            raise self._bad("it carries an error object: " + self._scrub(str(data["error"]))[:_MAX_BODY_IN_MESSAGE])
+            raise self._bad("it carries an error object: " + self._excerpt(str(data["error"])))
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise self._bad("no 'choices'")
@@ -507,25 +770,35 @@ class CloudClient:
                 content = ""
             if not isinstance(content, str):
                 raise self._bad("choices[0].message.content is not a string")
+        finish_reason = _str_or_none(choices[0].get("finish_reason"))
+        limit = max_tokens * TEXT_BYTES_PER_TOKEN if isinstance(max_tokens, int) else None
+        if limit is not None and len(content) > limit // 4 and len(content.encode("utf-8", "replace")) > limit:
+            # More text than max_tokens can be (see TEXT_BYTES_PER_TOKEN): the server ignored it. Cut, as a
+            # model that reached max_tokens would have stopped.
+            log.info("cloud answer past max_tokens=%d (%d characters); cut", max_tokens, len(content))
+            content = content.encode("utf-8", "replace")[:limit].decode("utf-8", "ignore")
+            finish_reason = "length"
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        return CloudReply(text=content, finish_reason=_str_or_none(choices[0].get("finish_reason")),
+        return CloudReply(text=content, finish_reason=finish_reason,
                           model=_str_or_none(data.get("model")), prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
                           completion_tokens=_int_or_none(usage.get("completion_tokens")), attempts=attempts,
                           total_time_s=elapsed, tool_calls=tool_calls)
 
     def _stream_gen(self, path: str, body: dict[str, Any], deadline: float,
                     holder: list[CloudStream]) -> Iterator[str]:
-        import httpx
         started = time.monotonic()
         # Retries only until the response is open with a 2xx status; a stream that breaks later is not retried.
         response, attempt = self._retrying(lambda: self._open(path, body, deadline), deadline)
+        max_tokens = body.get("max_tokens")
         pieces: list[str] = []
         calls: dict[int, dict[str, Any]] = {}  # tool calls by index, assembled from their fragments
         finish_reason = model = None
         usage: dict[str, Any] = {}
         done = False
+        outputs = out_bytes = 0  # events that carried text or tool-call fragments, and those bytes (the token cap)
+        err = None
         try:
-            for line in _lines(response, deadline):
+            for line in _lines(self._chunks(response, deadline, self._byte_cap(max_tokens))):
                 line = line.strip()
                 if not line or line.startswith(":"):  # blank separator or SSE comment (keep-alive)
                     continue
@@ -537,12 +810,14 @@ class CloudClient:
                     break
                 try:
                     event = json.loads(payload)
-                except json.JSONDecodeError:
-                    raise self._bad(f"a stream event is not JSON ({self._scrub(payload[:60])!r})") from None
+                except (ValueError, RecursionError):
+                    event = _NOT_JSON
+                if event is _NOT_JSON:
+                    raise self._bad(f"a stream event is not JSON ({self._excerpt(payload, 60)!r})")
                 if not isinstance(event, dict):
                     raise self._bad("a stream event is not a JSON object")
                 if "error" in event:
-                    raise self._bad("the stream carries an error: " + self._scrub(str(event["error"]))[:200])
+                    raise self._bad("the stream carries an error: " + self._excerpt(str(event["error"])))
                 if isinstance(event.get("usage"), dict):
                     usage = event["usage"]
                 model = event.get("model", model)
@@ -552,31 +827,39 @@ class CloudClient:
                 if not choices:
                     continue  # the usage-only event some servers send last
                 choice = choices[0] if isinstance(choices[0], dict) else {}
+                fragments = None
                 if path == "/completions":
                     piece = choice.get("text")
                 else:
                     delta = choice.get("delta")
                     if not isinstance(delta, dict):
                         raise self._bad("a stream event has no 'delta'")
-                    piece = delta.get("content")
-                    if delta.get("tool_calls") is not None:
-                        self._add_call_fragments(calls, delta["tool_calls"])
+                    piece, fragments = delta.get("content"), delta.get("tool_calls")
                 if piece is not None and not isinstance(piece, str):
                     raise self._bad("a stream event's text is not a string")
+                if piece or fragments:
+                    outputs += 1
+                    out_bytes += len(piece.encode("utf-8", "replace")) if piece else len(json.dumps(fragments))
+                    if max_tokens is not None and _past_cap(max_tokens, outputs, out_bytes, usage):
+                        # The server ignores max_tokens: end the answer where a model would have (this piece is
+                        # dropped) and stop reading; the finally below closes the connection.
+                        log.info("cloud stream past max_tokens=%d after %d pieces; stopped reading",
+                                 max_tokens, len(pieces))
+                        finish_reason, done = "length", True
+                        break
+                if fragments is not None:
+                    self._add_call_fragments(calls, fragments)
                 if choice.get("finish_reason"):
                     finish_reason = choice["finish_reason"]
                 if piece:
                     pieces.append(piece)
                     yield piece
-        except httpx.TimeoutException:
-            raise CloudTimeoutError(f"The stream from {self._where()} stalled past the {self.timeout:g} s deadline.",
-                                    hint="Raise the client's timeout or check the server.") from None
-        except (httpx.TransportError, OSError) as exc:
-            raise CloudResponseError(
-                f"The stream from {self._where()} broke after {len(pieces)} pieces ({type(exc).__name__}).",
-                hint="Retry the request; if it keeps happening, check the server or any proxy in between.") from None
+        except Exception as exc:
+            err = self._stream_failure(exc, len(pieces))
         finally:
             response.close()
+        if err is not None:
+            raise err
         if not done and finish_reason is None:
             raise CloudResponseError(
                 f"The stream from {self._where()} ended after {len(pieces)} pieces without finishing "
@@ -585,11 +868,26 @@ class CloudClient:
             text="".join(pieces), finish_reason=_str_or_none(finish_reason), model=_str_or_none(model),
             prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
             completion_tokens=_int_or_none(usage.get("completion_tokens")), attempts=attempt,
-            total_time_s=time.monotonic() - started, tool_calls=[calls[i] for i in sorted(calls)] or None)
+            total_time_s=time.monotonic() - started, tool_calls=_joined_calls(calls))
+
+    def _stream_failure(self, exc: BaseException, n: int) -> CloudError:
+        """An exception from an open stream, typed: it is not retried (pieces may have been given out)."""
+        if isinstance(exc, CloudError):
+            return exc
+        err, retry = self._failure(exc)
+        if isinstance(err, CloudTimeoutError):
+            return CloudTimeoutError(f"The stream from {self._where()} stalled past the {self.timeout:g} s deadline.",
+                                     hint="Raise the client's timeout or check the server.")
+        if retry:  # the connection broke
+            return CloudResponseError(
+                f"The stream from {self._where()} broke after {n} pieces ({type(exc).__name__}).",
+                hint="Retry the request; if it keeps happening, check the server or any proxy in between.")
+        return err if isinstance(err, CloudResponseError) else CloudResponseError(err.message, hint=err.hint)
 
     def _add_call_fragments(self, calls: dict[int, dict[str, Any]], fragments: Any) -> None:
         """Merge one stream event's ``delta.tool_calls``: the first fragment of a call (by ``index``) brings its
-        id, type and name, later ones more of its ``arguments`` string."""
+        id, type and name, later ones more of its ``arguments`` string (kept as lists of parts until the end, so
+        a flood of tiny fragments costs linear time)."""
         if not isinstance(fragments, list):
             raise self._bad("a stream event's delta.tool_calls is not a list")
         for frag in fragments:
@@ -599,29 +897,172 @@ class CloudClient:
             index = frag.get("index", len(calls))
             if not isinstance(index, int) or isinstance(index, bool):
                 raise self._bad("a stream event's tool call has no integer index")
-            call = calls.setdefault(index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            call = calls.setdefault(index, {"id": None, "type": "function", "function": {"name": [], "arguments": []}})
             for key in ("id", "type"):
                 if isinstance(frag.get(key), str):
                     call[key] = frag[key]
             for key in ("name", "arguments"):
                 if isinstance((fn or {}).get(key), str):
-                    call["function"][key] += fn[key]
+                    call["function"][key].append(fn[key])
 
 
-def _lines(response, deadline: float) -> Iterator[str]:
-    """Text lines of a streamed body. The deadline is checked after every chunk received (not every line),
-    so a server trickling bytes without a newline cannot stall the caller past it."""
-    import httpx
-    buffer = b""
-    for chunk in response.iter_bytes():
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            yield raw.decode("utf-8", "replace").rstrip("\r")
-        if time.monotonic() > deadline:
-            raise httpx.ReadTimeout("deadline passed during the stream")
-    if buffer:
-        yield buffer.decode("utf-8", "replace")
+_NOT_JSON = object()
+
+
+def _joined_calls(calls: dict[int, dict[str, Any]]) -> list[dict[str, Any]] | None:
+    out = []
+    for i in sorted(calls):
+        call = calls[i]
+        out.append({**call, "function": {k: "".join(v) for k, v in call["function"].items()}})
+    return out or None
+
+
+def _past_cap(max_tokens: int, outputs: int, out_bytes: int, usage: dict[str, Any]) -> bool:
+    """Whether a stream has gone past ``max_tokens``. Without the server's own count, a conservative one: each
+    event with output is at least one token, and so is every TEXT_BYTES_PER_TOKEN bytes of it (so an honest
+    server is never cut short, and one that ignores max_tokens is cut near it)."""
+    reported = _int_or_none(usage.get("completion_tokens")) or 0
+    return max(outputs, -(-out_bytes // TEXT_BYTES_PER_TOKEN), reported) > max_tokens
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[str]:
+    """Text lines of a streamed body. Only each new chunk is searched for line ends, so a long line arriving
+    in many chunks costs linear time (its length is bounded by the byte cap)."""
+    partial: list[bytes] = []
+    for chunk in chunks:
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            partial.append(chunk[start:end])
+            yield b"".join(partial).decode("utf-8", "replace").rstrip("\r")
+            partial, start = [], end + 1
+        if start < len(chunk):
+            partial.append(chunk[start:])
+    if partial:
+        yield b"".join(partial).decode("utf-8", "replace")
+
+
+class _Until(float):
+    """A timeout that carries the call's deadline down to the socket. httpx applies one timeout to each read,
+    so a server that trickles a byte just inside it could hold a call for ever; httpcore hands this value to
+    the network stream unchanged, and :class:`_DeadlineStream` gives each read, write and connect only the
+    time left. Its float value (the time left when the request was built) is what a plain backend would use."""
+
+    def __new__(cls, seconds: float, deadline: float) -> "_Until":
+        self = super().__new__(cls, seconds)
+        self.deadline = deadline
+        return self
+
+
+def _left(timeout: Any, kind: str) -> Any:
+    if not isinstance(timeout, _Until):
+        return timeout
+    left = timeout.deadline - time.monotonic()
+    if left <= 0:
+        import httpcore
+        raise getattr(httpcore, kind)("the call's deadline has passed")
+    return min(float(timeout), left)
+
+
+class _DeadlineStream:
+    """An httpcore network stream whose reads, writes and TLS handshake end at the call's deadline."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: Any = None) -> bytes:
+        return self._stream.read(max_bytes, _left(timeout, "ReadTimeout"))
+
+    def write(self, buffer: bytes, timeout: Any = None) -> None:
+        self._stream.write(buffer, _left(timeout, "WriteTimeout"))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: Any = None) -> "_DeadlineStream":
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, _left(timeout, "ConnectTimeout")))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend:
+    """An httpcore network backend whose streams are :class:`_DeadlineStream`s."""
+
+    def __init__(self, backend: Any):
+        self._backend = backend
+
+    def connect_tcp(self, host: str, port: int, timeout: Any = None, local_address: str | None = None,
+                    socket_options: Any = None) -> _DeadlineStream:
+        return _DeadlineStream(self._backend.connect_tcp(host, port, _left(timeout, "ConnectTimeout"), local_address,
+                                                         socket_options))
+
+    def connect_unix_socket(self, path: str, timeout: Any = None, socket_options: Any = None) -> _DeadlineStream:
+        return _DeadlineStream(self._backend.connect_unix_socket(path, _left(timeout, "ConnectTimeout"),
+                                                                 socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def _bound_by_deadline(client: Any) -> bool:
+    """Put :class:`_DeadlineBackend` under the connection pools of an ``httpx.Client`` (its own and any proxy
+    mounts). httpx does not take a network backend, so this reaches its pools' ``_network_backend``; when a
+    future httpx hides them, False (reads are then bounded one by one, and the deadline checked per chunk)."""
+    found = False
+    for transport in [getattr(client, "_transport", None), *getattr(client, "_mounts", {}).values()]:
+        pool = getattr(transport, "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        if backend is not None and callable(getattr(backend, "connect_tcp", None)):
+            if not isinstance(backend, _DeadlineBackend):
+                pool._network_backend = _DeadlineBackend(backend)
+            found = True
+    return found
+
+
+class _Decoder:
+    """Content-Encoding decoding whose output per step is bounded, so a compressed bomb inflates 64 KiB at a time
+    and meets the byte cap instead of memory. The client asks for identity; gzip and deflate are decoded for
+    servers that compress anyway (httpx's own decoder would inflate a whole chunk at once)."""
+
+    def __init__(self, encoding: str):
+        names = [e.strip().lower() for e in encoding.split(",")]
+        names = [e for e in names if e not in ("", "identity")]
+        self.name = names[0] if len(names) == 1 else "identity"
+        self.unsupported = encoding if len(names) > 1 or self.name not in ("identity", "gzip", "x-gzip",
+                                                                            "deflate") else ""
+        # 32 + MAX_WBITS: a zlib or gzip header, whichever comes.
+        self._z = zlib.decompressobj(32 + zlib.MAX_WBITS) if self.name != "identity" and not self.unsupported \
+            else None
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if self.unsupported:
+            return
+        if self._z is None:
+            if data:
+                yield data
+            return
+        while data and not self._z.eof:
+            out = self._z.decompress(data, 1 << 16)
+            data = self._z.unconsumed_tail
+            if out:
+                yield out
+
+
+def _detached(err: BaseException) -> BaseException:
+    """``err`` with no chain and no traceback yet, to be raised outside any except block: an httpx exception
+    (or its frames' locals) holds the request and its Authorization header, and ``raise ... from None`` only
+    hides ``__context__``."""
+    err.__cause__ = None
+    err.__context__ = None
+    err.__suppress_context__ = True
+    return err.with_traceback(None)
+
+
+def _text_of(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return ""
 
 
 def _rebuild(err: CloudError) -> CloudError:
