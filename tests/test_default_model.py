@@ -49,7 +49,10 @@ def test_int8_bits_per_byte_on_the_eval_file_beats_the_reference():
     assert abs(s.bits_per_byte - recorded) < 1e-3           # the card's number is what the runtime measures
 
 
-def test_info_without_a_model_prints_the_card():
-    out = subprocess.run([sys.executable, "-m", "edgelm.cli", "info"], capture_output=True, text=True, timeout=120)
+def test_info_without_a_model_describes_the_default_model():
+    out = subprocess.run([sys.executable, "-m", "edgelm", "info"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "checksums   OK" in out.stdout and "## How it was built" in out.stdout
+    assert "checksums    OK" in out.stdout and FOLDER.name in out.stdout
+    card = subprocess.run([sys.executable, "-m", "edgelm", "info", "--card"], capture_output=True, text=True,
+                          timeout=120)
+    assert card.returncode == 0 and "## How it was built" in card.stdout
