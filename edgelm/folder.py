@@ -37,18 +37,82 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+# JSON files of a folder (config, manifest, tokenizer/generation config) are small; anything bigger than this is
+# refused before it is parsed, so a hostile folder cannot make load() parse gigabytes.
+MAX_JSON_BYTES = 64 * 2**20
+
+
+def _unreadable(path: Path, exc: OSError) -> ModelError:
+    """A typed error for a file that exists but cannot be read (permissions, a directory in its place, I/O)."""
+    why = exc.strerror or type(exc).__name__
+    hint = (f"Make it readable by this user (e.g. chmod a+r {path})." if isinstance(exc, PermissionError)
+            else "Restore the file or re-export the model folder.")
+    return ModelError(f"{path} cannot be read ({why}).", hint=hint)
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
-        raise ModelNotFoundError(f"{path} is missing.", hint="Re-export the model folder or restore the file.")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFormatError(f"{path} is not valid JSON ({exc}).",
-                               hint="The file is corrupt; re-export the model folder or restore the file.")
+        raise ModelNotFoundError(f"{path} is missing.",
+                                 hint="Re-export the model folder or restore the file.") from None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise ModelFormatError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB, too large for a JSON file of a "
+                               "model folder.", hint="The file is corrupt; re-export the model folder.")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, or nesting deeper than the parser goes
+        raise ModelFormatError(f"{path} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]}).",
+                               hint="The file is corrupt; re-export the model folder or restore the file.") from None
     if not isinstance(data, dict):
         raise ModelFormatError(f"{path} must hold a JSON object.", hint="Re-export the model folder.")
     return data
+
+
+def _relative_name(name: Any, where: str) -> str:
+    """``name`` as a normalized relative POSIX path that stays inside the folder, else ModelFormatError.
+
+    Refuses what is not a plain path below the folder: absolute paths, ``..`` parts, backslashes and drive letters
+    (another OS's separators), NUL and empty names. Symlinks are checked separately (:func:`inside`)."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    ok = isinstance(name, str) and name.strip() and "\x00" not in name and "\\" not in name
+    if ok:
+        p = PurePosixPath(name)
+        ok = not p.is_absolute() and ".." not in p.parts and not PureWindowsPath(name).drive and p.parts != ()
+    if not ok:
+        raise ModelFormatError(f"{where} names the file {name!r}, which is not a relative path inside the model "
+                               "folder.", hint="The folder is corrupt or hostile: re-export it, or do not use it.")
+    return PurePosixPath(name).as_posix()
+
+
+def inside(root: Path, name: Any, where: str) -> Path:
+    """The path of folder file ``name`` (see :func:`_relative_name`), refusing a symlink that leads out of ``root``."""
+    rel = _relative_name(name, where)
+    p = root / rel
+    try:
+        real, top = p.resolve(), root.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise ModelFormatError(f"{p} cannot be resolved ({exc}).", hint="Remove the broken link.") from None
+    if real != top and top not in real.parents:
+        raise ModelFormatError(f"{p} (named in {where}) is a link to {real}, outside the model folder.",
+                               hint="Copy the file into the folder instead of linking it, then re-export or rewrite "
+                                    "the manifest.")
+    return p
+
+
+def onnx_file(config: dict[str, Any], root: Path) -> str:
+    """The graph's file name from config.json (``onnx.file``, default model.onnx), checked to stay in the folder."""
+    section = config.get("onnx")
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ModelFormatError(f"{root / CONFIG} has an 'onnx' entry that is not an object ({section!r}).",
+                               hint="Re-export the model folder.")
+    return _relative_name(section.get("file", "model.onnx"), f"{root / CONFIG} (onnx.file)")
 
 
 @dataclass(frozen=True)
@@ -63,7 +127,7 @@ class ModelFolder:
 
     @property
     def onnx_path(self) -> Path:
-        return self.path / self.config.get("onnx", {}).get("file", "model.onnx")
+        return self.path / onnx_file(self.config, self.path)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -74,8 +138,18 @@ class ModelFolder:
         return self.path / CARD
 
 
+_NOT_LISTED_HINT = ("Re-export the model folder (its manifest must list every file the runtime reads), or load it "
+                    "with verify=False if you trust it as it is.")
+
+
 def open_folder(path: str | os.PathLike, *, verify: bool = True) -> ModelFolder:
-    """Open a model folder, checking the sha256 and size of every file listed in its manifest."""
+    """Open a model folder, checking the sha256 and size of every file listed in its manifest.
+
+    With ``verify`` every file the runtime goes on to read must be listed there: config.json, tokenizer.json, the
+    graph and every external-data file the graph names (a ModelFormatError says which is not). Optional files
+    (tokenizer_config.json, generation_config.json) that the manifest does not list are ignored, never read, so a
+    file dropped into a verified folder later cannot change how it behaves. Paths never leave the folder.
+    """
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ModelNotFoundError(f"No model folder at {root}.",
@@ -92,15 +166,137 @@ def open_folder(path: str | os.PathLike, *, verify: bool = True) -> ModelFolder:
     if version != FORMAT_VERSION:
         raise ModelFormatError(f"{root / MANIFEST} has format_version {version!r}; this edgelm reads {FORMAT_VERSION}.",
                                hint="Upgrade edgelm or re-export the model with this version.")
-    if verify:
-        verify_files(root, manifest)
+    _check_manifest_fields(root, manifest)
+    listed = verify_files(root, manifest) if verify else None
+
+    def must_be_listed(name: str) -> None:
+        if listed is not None and name not in listed:
+            raise ModelFormatError(f"{root / name} is not listed in {root / MANIFEST}, so its checksum cannot be "
+                                   "verified.", hint=_NOT_LISTED_HINT)
+
+    def optional(name: str) -> dict[str, Any]:
+        usable = (root / name).is_file() and (listed is None or name in listed)
+        return read_json(root / name) if usable else {}
+
+    for name in (CONFIG, TOKENIZER):
+        must_be_listed(name)
     config = read_json(root / CONFIG)
-    gen = read_json(root / GENERATION_CONFIG) if (root / GENERATION_CONFIG).is_file() else {}
-    tok_cfg = read_json(root / TOKENIZER_CONFIG) if (root / TOKENIZER_CONFIG).is_file() else {}
-    folder = ModelFolder(root, config, manifest, gen, tok_cfg)
-    if not folder.onnx_path.is_file():
-        raise ModelNotFoundError(f"{folder.onnx_path} is missing.", hint="Re-export the model folder.")
+    folder = ModelFolder(root, config, manifest, optional(GENERATION_CONFIG), optional(TOKENIZER_CONFIG))
+    graph = onnx_file(config, root)
+    onnx_path = inside(root, graph, f"{root / CONFIG} (onnx.file)")
+    if not onnx_path.is_file():
+        raise ModelNotFoundError(f"{onnx_path} is missing.", hint="Re-export the model folder.")
+    must_be_listed(graph)
+    check_external_data(root, onnx_path, listed)
     return folder
+
+
+# The manifest's fields other than the file table, and the JSON types their readers (edgelm info, the hub) expect.
+_MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {"files": (dict,), "source": (dict,), "quantization": (dict,),
+                                                 "metrics": (dict,), "num_parameters": (int,), "created": (str,)}
+
+
+def _check_manifest_fields(root: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest whose known fields have the wrong JSON type (None / absent is fine): their readers would
+    otherwise fail later with a TypeError instead of a message naming the field."""
+    for key, types in _MANIFEST_FIELDS.items():
+        value = manifest.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            raise ModelFormatError(f"{root / MANIFEST} has a malformed {key!r}: {str(value)[:80]} (expected "
+                                   f"{' or '.join('an object' if t is dict else t.__name__ for t in types)}).",
+                                   hint="Re-export the model folder.")
+
+
+def check_external_data(root: Path, onnx_path: Path, listed: set[str] | None) -> None:
+    """Refuse a graph whose external-data files (which onnxruntime opens by the names written inside the graph)
+    lie outside the folder or, when ``listed`` is given, are not among the verified files."""
+    for location in sorted(external_data_locations(onnx_path)):
+        where = f"{onnx_path} (an external-data location)"
+        inside(root, location, where)
+        name = _relative_name(location, where)
+        if listed is not None and name not in listed:
+            raise ModelFormatError(f"{onnx_path} reads its weights from {name}, which {MANIFEST} does not list, so "
+                                   "verify=True cannot check them.", hint=_NOT_LISTED_HINT)
+
+
+# --- the few protobuf fields that can name an external-data file (onnx.proto; field numbers are stable) -----------
+# message -> {field number: message type of that (length-delimited) field}; "entry" is StringStringEntryProto.
+_ONNX_FIELDS: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "function": {7: "node", 11: "attribute"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {13: "entry"},
+}
+
+
+def external_data_locations(onnx_path: Path) -> set[str]:
+    """Every external-data ``location`` named anywhere in the graph file: initializers, Constant/attribute tensors,
+    sparse tensors, subgraphs and functions. Reads the protobuf wire format directly (the runtime does not depend
+    on the onnx package) and skips tensor payloads without copying them."""
+    try:
+        data = memoryview(onnx_path.read_bytes())
+    except OSError as exc:
+        raise _unreadable(onnx_path, exc) from None
+    found: set[str] = set()
+    try:
+        _walk(data, "model", found, 0)
+    except (IndexError, ValueError, UnicodeDecodeError):
+        raise ModelFormatError(f"{onnx_path} is not a valid ONNX protobuf.",
+                               hint="The graph is corrupt; re-export the model folder.") from None
+    return found
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _walk(buf: memoryview, kind: str, found: set[str], depth: int) -> None:
+    if depth > 64:
+        raise ValueError("graph nested too deep")
+    fields = _ONNX_FIELDS.get(kind, {})
+    key = value = None
+    i, n = 0, len(buf)
+    while i < n:
+        tag, i = _varint(buf, i)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            if i + size > n:
+                raise ValueError("truncated field")
+            part = buf[i:i + size]
+            i += size
+            if kind == "entry":
+                if field == 1:
+                    key = bytes(part).decode("utf-8")
+                elif field == 2:
+                    value = bytes(part).decode("utf-8")
+            elif field in fields:
+                _walk(part, fields[field], found, depth + 1)
+        else:
+            raise ValueError(f"wire type {wire}")
+    if i != n:
+        raise ValueError("truncated message")
+    if kind == "entry" and key == "location" and value is not None:
+        found.add(value)
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -138,24 +334,51 @@ def check_onnxruntime(folder: ModelFolder, installed: str) -> None:
                          hint=f'Upgrade it: pip install -U "onnxruntime>={need}".')
 
 
-def verify_files(root: Path, manifest: dict[str, Any]) -> None:
-    """Raise ChecksumError naming the first file whose size or sha256 differs from the manifest."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def verify_files(root: Path, manifest: dict[str, Any], *, contained: bool = True) -> set[str]:
+    """Check every file the manifest lists against its recorded size and sha256; return the verified names.
+
+    Raises ModelFormatError for a malformed manifest (a file entry that is not ``{"sha256": 64 hex digits,
+    "size": int}``, a name that is not a relative path inside the folder, or, with ``contained``, a symlink that
+    leads out of it; all checked before any file is opened), ModelError for a file that cannot be read, and
+    ChecksumError naming the first file that is missing or differs. ``contained=False`` allows links that leave the
+    folder (the Hugging Face hub cache's snapshot folders link into its blob store).
+    """
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
-        raise ModelFormatError(f"{root / MANIFEST} lists no files.", hint="Re-export the model folder.")
-    hint = "The file is corrupt or was changed; re-export or re-download the model (or load with verify=False)."
+        raise ModelFormatError(f"{root / MANIFEST} lists no files (its 'files' must be an object of "
+                               "name -> {sha256, size}).", hint="Re-export the model folder.")
+    checked: list[tuple[str, Path, int, str]] = []
     for name, meta in files.items():
-        p = root / name
+        where = f"{root / MANIFEST}"
+        rel = _relative_name(name, where)
+        path = inside(root, name, where) if contained else root / rel
+        size = meta.get("size") if isinstance(meta, dict) else None
+        digest = meta.get("sha256") if isinstance(meta, dict) else None
+        if (isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(digest, str)
+                or not _SHA256.fullmatch(digest)):
+            raise ModelFormatError(f"{where} has a malformed entry for {name!r}: {str(meta)[:120]} (each file needs "
+                                   '{"sha256": 64 hex digits, "size": bytes as an int}).',
+                                   hint="Re-export the model folder.")
+        checked.append((rel, path, size, digest))
+    hint = "The file is corrupt or was changed; re-export or re-download the model (or load with verify=False)."
+    for rel, p, expected, want in checked:
         if not p.is_file():
             raise ChecksumError(f"{p} is listed in {MANIFEST} but missing.", path=str(p), hint=hint)
-        size = p.stat().st_size
-        if size != meta.get("size"):
-            what = "truncated" if size < meta.get("size", 0) else "larger than recorded"
-            raise ChecksumError(f"{p} is {what}: {size} bytes, expected {meta.get('size')}.", path=str(p), hint=hint)
-        digest = sha256_file(p)
-        if digest != meta.get("sha256"):
+        try:
+            size = p.stat().st_size
+            if size != expected:
+                what = "truncated" if size < expected else "larger than recorded"
+                raise ChecksumError(f"{p} is {what}: {size} bytes, expected {expected}.", path=str(p), hint=hint)
+            digest = sha256_file(p)
+        except OSError as exc:
+            raise _unreadable(p, exc) from None
+        if digest != want:
             raise ChecksumError(f"{p} does not match its sha256 in {MANIFEST} (got {digest[:12]}..., "
-                                f"expected {str(meta.get('sha256'))[:12]}...).", path=str(p), hint=hint)
+                                f"expected {want[:12]}...).", path=str(p), hint=hint)
+    return {rel for rel, *_ in checked}
 
 
 def file_table(root: Path) -> dict[str, dict[str, Any]]:

@@ -40,6 +40,12 @@ ENV_SPIN = "EDGELM_SPIN"  # "1" / "0": force onnxruntime's spin-waiting on or of
 FINISH_REASONS = ("stop", "length", "eos")
 # Where a reply ends under the plain fallback chat template (see docs/runtime.md).
 FALLBACK_STOP = "\nUser:"
+# Idle key/value buffer sets a model keeps for reuse ("shared" graphs, see _SharedCache). Each live generation
+# (a running or suspended stream) holds one set; when it ends its set goes back to the pool unless the pool already
+# holds this many, so memory after a burst of N concurrent streams falls back to this many sets, not N. One set is
+# 2 x layers x kv_heads x context x head_dim x 4 bytes (SmolLM2-135M at context 4096: 189 MB; the default model:
+# 3.1 MB), paged in only where written. ``Model.kv_pool_max`` overrides it per model.
+KV_POOL_MAX = 4
 
 
 # --- results -------------------------------------------------------------------------------------------
@@ -260,12 +266,26 @@ def _default_model_path() -> Path:
     return edgelm_models.default_path()
 
 
+def _check_path_argument(path: Any) -> None:
+    """A model path must be a non-empty str or os.PathLike: ``Path("")`` is the current directory, which would
+    otherwise be opened as the model folder."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str):
+        raise InvalidArgumentError(f"The model path must be a str or os.PathLike, got {type(path).__name__} "
+                                   f"{str(path)[:80]!r}.", hint="Pass a model folder, e.g. load('models/my-model').")
+    if not path.strip():
+        raise InvalidArgumentError("The model path is empty.",
+                                   hint="Pass a model folder, or omit it (None) for the default model.")
+
+
 def resolve_model_path(path: str | os.PathLike | None) -> Path:
     """``path`` itself, or for None ``$EDGELM_MODEL`` / the shipped default model, which must exist.
 
     A string ``org/name`` that is not a local path is a model by name: edgelm's cache, else a download or a
     first-use export into it (:func:`edgelm.hub.resolve`; a local folder of that name wins)."""
     if path is not None:
+        _check_path_argument(path)
         local = Path(path).expanduser()
         if isinstance(path, str) and not local.exists():
             from edgelm import hub
@@ -381,6 +401,7 @@ class Model:
             raise ModelFormatError(f"{folder.onnx_path} has a 'shared' cache but no attention_mask input.",
                                    hint="Re-export the model folder.")
         self._kv_pool: list[Any] = []  # idle _SharedCache buffers, reused by the next generation
+        self.kv_pool_max: int = KV_POOL_MAX  # at most this many idle sets are kept (see KV_POOL_MAX)
         self._has_mask = "attention_mask" in inputs
         self._has_pos = "position_ids" in inputs
         self._output_names = ["logits"] + [n.replace("past_key_values.", "present.") for n in self._past_names]
@@ -676,7 +697,9 @@ class Model:
         try:
             gen = yield from self._decode(req, n_prompt, sampler, detok, matcher, eos, t_start, first, advance)
         finally:
-            if cache is not None:  # back to the pool (also when the caller closes the stream early)
+            # Back to the pool (also when the caller closes the stream early), unless it is full: then the buffers
+            # are freed with this generator.
+            if cache is not None and len(self._kv_pool) < self.kv_pool_max:
                 self._kv_pool.append(cache)
         if lookup is not None:
             gen.drafted_tokens, gen.accepted_tokens = lookup.drafted, lookup.accepted

@@ -81,6 +81,7 @@ class Tokenizer:
         """Token ids of ``text``. With ``add_bos`` (and a model that uses BOS) the ids start with exactly one BOS."""
         if not isinstance(text, str):
             raise InvalidArgumentError(f"text must be a str, got {type(text).__name__}.", hint="Pass a str.")
+        check_unicode(text, "text")
         want_bos = add_bos and self.add_bos_token and self.bos_token_id is not None
         # Let the post-processor add its special tokens only when it is the thing that adds BOS; a template that
         # adds e.g. EOS at the end would be wrong for a generation prompt.
@@ -116,6 +117,18 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, bos={self.bos_token_id}, " \
                f"eos={list(self.eos_token_ids)})"
+
+
+def check_unicode(text: str, what: str) -> None:
+    """Refuse text that is not valid Unicode: a lone surrogate (U+D800..U+DFFF, e.g. from JSON's ``"\\ud800"`` or a
+    bad ``surrogateescape`` decode) has no UTF-8 form, so no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(f"{what} contains a lone surrogate ({text[exc.start]!r} at index {exc.start}), "
+                                   "which is not valid Unicode.",
+                                   hint="Send valid UTF-8 text: pair the surrogates or replace them (e.g. "
+                                        "text.encode('utf-8', 'replace').decode()).") from None
 
 
 _WINDOW = 16  # tokens a StreamingDetokenizer decodes at most per step (see _emit)
@@ -235,6 +248,7 @@ def validate_stop(stop: Any) -> tuple[str, ...]:
                                        hint='Pass e.g. stop=["\\n\\n", "User:"].')
         if not s:
             raise InvalidArgumentError("stop strings must not be empty.", hint="Remove the empty string from stop.")
+        check_unicode(s, "stop")
     return tuple(stop)
 
 
@@ -262,10 +276,11 @@ def _template_data(value: Any, where: str) -> Any:
     sandbox does not know to be harmless; dataclasses and pydantic models (e.g. the OpenAI SDK's messages) become
     dicts. Anything else is refused, naming where it was found.
     """
-    if value is None or type(value) in (str, int, float, bool):
-        return value
     if isinstance(value, str):
-        return str.__str__(value)
+        check_unicode(value, where)
+        return value if type(value) is str else str.__str__(value)
+    if value is None or type(value) in (int, float, bool):
+        return value
     if isinstance(value, int):  # bool cannot be subclassed, so this is never a bool
         return int.__int__(value)
     if isinstance(value, float):
