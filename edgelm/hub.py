@@ -105,8 +105,9 @@ def _published_manifest(hf: Any, name: str, target: Path) -> str | None:
     """The path of the repo's edgelm.json (fetched or cached), or None when the repo is a plain Hugging Face model.
 
     Raises ModelNotFoundError when the repo does not exist, or cannot be reached and is not in the hub's cache."""
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
+    # huggingface_hub.utils re-exports these in every release since 0.1x (huggingface_hub.errors is newer).
+    from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError)
 
     offline = _offline(hf)
     try:
