@@ -3,9 +3,8 @@ lose an answer.
 
     >>> import edgelm
     >>> cloud = edgelm.CloudClient("https://api.example.com/v1", model="big-model")   # key from the environment
-    >>> router = edgelm.Router(min_mean_logprob=-2.0, rules=[edgelm.hybrid.Rule("cloud", keywords=["translate"])])
-    >>> hy = edgelm.Hybrid(edgelm.load(), cloud, router)
-    >>> r = hy.generate("Once upon a time")
+    >>> hy = edgelm.Hybrid(edgelm.load(), cloud)       # the default policy: see below
+    >>> r = hy.generate("What is the capital of France?")
     >>> r.text, r.source, r.reason             # where the answer came from, and why
 
 The router combines cheap signals, checked in a fixed order (the first that decides wins):
@@ -16,9 +15,18 @@ The router combines cheap signals, checked in a fixed order (the first that deci
 4. the app's rules (regex / keywords / task tags), in order
 5. the length rule: prompt longer than ``max_prompt_tokens``           -> cloud
 6. the prompt's score under the local model (``max_prompt_nats``)      -> cloud when the prompt looks unfamiliar
-7. the cascade (``min_mean_logprob``): generate locally, escalate when the answer's mean token log-probability
-   is below the threshold; if the cloud then fails, the local answer already made is returned (never regenerated)
+7. the cascade (``min_confidence``): generate locally, escalate when the answer's confidence (``uncertainty``
+   metric) is below the threshold; if the cloud then fails, the local answer already made is returned
 8. otherwise the default side (local)
+
+**The default policy** (``Router()``, nothing set): the prompt score and the cascade take thresholds relative to
+what the model folder knows about itself, its held-out nats/token from the export (:func:`reference_nats_per_token`):
+a prompt of at least ``MIN_SCORED_TOKENS`` scored tokens whose nats/token exceed ``AUTO_PROMPT_FACTOR`` times the
+model's goes to the cloud (text unlike anything the model was trained on), and a local answer whose mean token
+log-probability is below ``-AUTO_CONFIDENCE_FACTOR`` times it is escalated (``generate`` / ``chat`` only: a stream
+would have to hold its answer back until the end to be judged, so streams skip it unless ``min_confidence`` is set).
+A folder without metrics leaves both off; then a :class:`Hybrid` with a cloud warns once that only prompts too
+long for the local model would reach it.
 
 A cloud decision is then checked against the budget (calls / tokens per period); past it, everything stays
 local. Every outgoing message goes through the ``redact`` hook first; the local model sees the original text.
@@ -35,6 +43,7 @@ import math
 import re
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
@@ -52,6 +61,56 @@ _SIDES = ("local", "cloud")
 # Sampling options the OpenAI API understands; the others (top_k, min_p, ...) only steer the local model.
 _CLOUD_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed",
                   "max_new_tokens": "max_tokens"}
+
+# The default policy's thresholds, as multiples of the model's held-out nats/token (docs/hybrid.md has the
+# measurements behind them). Prompts open without context, so even in-domain openings score above held-out text
+# (the story model: median 1.1x, 95th percentile 1.8x on story openings; factual questions 1.8x-4.1x): 2x is
+# "twice as surprising per token as the text the model was trained on".
+AUTO_PROMPT_FACTOR = 2.0
+# Greedy answers score far above held-out text and sampled ones near it (T = 1: story answers down to -1.2x), so
+# 1.5x flags only answers much less likely than anything the model writes in its domain: a safety net.
+AUTO_CONFIDENCE_FACTOR = 1.5
+# A per-token mean over one or two tokens is mostly the first token's surprise (a story model gives "Mom" 6.6
+# nats after BOS): shorter prompts are not judged by the prompt score.
+MIN_SCORED_TOKENS = 4
+
+
+def reference_nats_per_token(model: Any) -> float | None:
+    """The model's held-out nats/token, as measured by the exporter: the manifest's ``metrics.nats_per_token``,
+    or for folders written before that field, ``bits_per_byte * eval_bytes * ln 2 / eval_tokens`` of the shipped
+    weights (quantized when there are quantized metrics, else fp32). None when the manifest has neither."""
+    manifest = getattr(getattr(model, "folder", None), "manifest", None)
+    m = manifest.get("metrics") if isinstance(manifest, dict) else None
+    if not isinstance(m, dict):
+        return None
+
+    def num(key: str) -> float | None:
+        v = m.get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        return float(v) if ok else None
+
+    if num("nats_per_token") is not None:
+        return num("nats_per_token")
+    bpb = num("quantized_bits_per_byte") or num("fp32_bits_per_byte")
+    nbytes, tokens = num("eval_bytes"), num("eval_tokens")
+    if bpb is None or nbytes is None or tokens is None:
+        return None
+    return bpb * nbytes * math.log(2) / tokens
+
+
+def _pair(a: float, b: float) -> tuple[str, str]:
+    """``a`` and ``b`` printed with the fewest decimals (2 to 6) that tell them apart, so a comparison never reads
+    like a tie it is not (``-0.9291 < -0.9289``, not ``-0.929 < -0.929``)."""
+    for d in range(2, 7):
+        sa, sb = f"{a:.{d}f}", f"{b:.{d}f}"
+        if sa != sb:
+            return sa, sb
+    return f"{a:.6g}", f"{b:.6g}"
+
+
+def _cmp(a: float, op: str, b: float) -> str:
+    sa, sb = _pair(a, b)
+    return f"{sa} {op} {sb}"
 
 
 # --- building blocks ---------------------------------------------------------------------------------
@@ -152,7 +211,8 @@ class Budget:
 class Decision:
     """Which side should answer and why. ``signal`` names the deciding check (``privacy``, ``no-cloud``,
     ``prefer``, ``context``, ``rule``, ``length``, ``prompt-score``, ``uncertainty``, ``default``,
-    ``budget``); ``value`` / ``threshold`` are the numbers behind a score-based decision."""
+    ``budget``, ``local-failed``); ``value`` / ``threshold`` are the numbers behind a score-based decision.
+    ``reason`` is one readable line; a local decision also says which checks the query passed."""
 
     target: Side
     signal: str
@@ -178,6 +238,7 @@ class HybridResult:
     generation: "Generation | None" = None   # the local Generation, whenever the local model ran
     cloud_reply: "CloudReply | None" = None  # the cloud's answer, when it gave one
     total_time_s: float = 0.0
+    cloud_endpoint: str | None = None          # "chat" or "completions": where the cloud was asked, when it was
 
     def __str__(self) -> str:
         return self.text
@@ -203,52 +264,90 @@ class HybridResult:
 
 @dataclass
 class CalibrationReport:
-    """What :meth:`Router.calibrate` chose and the split it produces on the calibration prompts."""
+    """What :meth:`Router.calibrate` chose and the split it produces on the calibration prompts.
+
+    ``mode`` is ``"share"`` (a target share of unlabelled traffic) or ``"labelled"`` (examples of each side). In
+    labelled mode ``auroc`` is the chance that a cloud example's signal points further to the cloud than a local
+    example's (1.0: the classes separate completely, 0.5: the signal says nothing), ``margin`` the gap between the
+    classes in the signal's units (> 0: a clean gap, whose middle holds the threshold; < 0: how far they overlap),
+    and ``local_to_cloud`` / ``cloud_kept_local`` the shares of each class the threshold routes the other way.
+    ``note`` says why the share reached differs from the target (ties, other checks), when it does.
+    """
 
     signal: str
     threshold: float
-    target_cloud_share: float
+    target_cloud_share: float | None
     cloud_share: float             # share of the calibration prompts that go to the cloud with this threshold
     counts: dict[str, int]         # prompts per deciding signal, e.g. {"uncertainty": 30, "default": 70}
     values: list[float] = field(repr=False, default_factory=list)   # the signal's value for each prompt
+    mode: Literal["share", "labelled"] = "share"
+    auroc: float | None = None
+    margin: float | None = None
+    local_to_cloud: float | None = None
+    cloud_kept_local: float | None = None
+    note: str | None = None
 
     def __str__(self) -> str:
         split = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
-        return (f"{self.signal} threshold {self.threshold:.4g}: {self.cloud_share:.1%} to the cloud "
-                f"(target {self.target_cloud_share:.1%}); decided by: {split}")
+        if self.mode == "labelled":
+            sep = (f"AUROC {self.auroc:.3f}, margin {self.margin:+.4g}" if self.auroc is not None
+                   else "one class is decided entirely by other checks")
+            head = (f"{self.signal} threshold {self.threshold:.4g} ({sep}): {self.local_to_cloud:.1%} of the local "
+                    f"examples go to the cloud, {self.cloud_kept_local:.1%} of the cloud examples stay local")
+        else:
+            head = (f"{self.signal} threshold {self.threshold:.4g}: {self.cloud_share:.1%} to the cloud "
+                    f"(target {self.target_cloud_share:.1%})")
+        return f"{head}; decided by: {split}" + (f" ({self.note})" if self.note else "")
+
+
+_AUTO = "auto"
+_UNSET: Any = object()
+_ATTR = {"uncertainty": "min_confidence", "prompt-score": "max_prompt_nats", "length": "max_prompt_tokens"}
 
 
 # --- the router ----------------------------------------------------------------------------------------
 class Router:
     """Decides per query whether the local model or the cloud answers (see the module docstring for the
-    order of checks). All thresholds are optional; with none set, only the context check and rules send
-    anything to the cloud.
+    order of checks and the default policy).
 
     Args:
         rules: :class:`Rule` list, first match wins.
         max_prompt_tokens: the length rule: prompts with more tokens go to the cloud.
-        max_prompt_nats: pre-generation score: a prompt whose mean negative log-likelihood per token under the
-            local model (``Model.score(prompt).nats_per_token``) is above this goes to the cloud.
-        min_mean_logprob: the cascade: a local answer whose ``uncertainty`` metric is below this is escalated.
+        max_prompt_nats: the prompt score: a prompt of at least ``MIN_SCORED_TOKENS`` scored tokens whose mean
+            negative log-likelihood under the local model (``Model.score(prompt).nats_per_token``) is above this
+            goes to the cloud. ``"auto"`` (default): ``AUTO_PROMPT_FACTOR`` x the model's held-out nats/token
+            (:func:`reference_nats_per_token`); None: off.
+        min_confidence: the cascade: a local answer whose ``uncertainty`` metric is below this is escalated.
+            ``"auto"`` (default): ``-AUTO_CONFIDENCE_FACTOR`` x the model's held-out nats/token, for the
+            ``"mean_logprob"`` metric in ``generate`` / ``chat`` only; None: off.
         uncertainty: the cascade metric: ``"mean_logprob"`` (mean token log-probability of the local answer),
             ``"min_logprob"`` (its least likely token) or a function ``Generation -> float`` (higher = surer).
         allow_cloud: False is privacy mode: nothing is ever sent (no connection is even opened).
         redact: ``str -> str`` applied to every outgoing message's content (and prompt).
         budget: a :class:`Budget`; past it everything stays local.
         default: the side for queries no check decides (normally "local").
+        min_mean_logprob: the former name of ``min_confidence`` (it holds the threshold of whichever metric
+            ``uncertainty`` names); still accepted.
     """
 
     def __init__(self, *, rules: Sequence[Rule] = (), max_prompt_tokens: int | None = None,
-                 max_prompt_nats: float | None = None, min_mean_logprob: float | None = None,
+                 max_prompt_nats: float | Literal["auto"] | None = _AUTO,
+                 min_confidence: float | Literal["auto"] | None = _AUTO,
                  uncertainty: str | Callable[["Generation"], float] = "mean_logprob", allow_cloud: bool = True,
-                 redact: Callable[[str], str] | None = None, budget: Budget | None = None, default: Side = "local"):
+                 redact: Callable[[str], str] | None = None, budget: Budget | None = None, default: Side = "local",
+                 min_mean_logprob: float | None = _UNSET):
+        if min_mean_logprob is not _UNSET:
+            if min_confidence != _AUTO:
+                raise InvalidArgumentError("Pass min_confidence or its former name min_mean_logprob, not both.")
+            min_confidence = min_mean_logprob
         if not all(isinstance(r, Rule) for r in rules):
             raise InvalidArgumentError("rules must be a list of edgelm.hybrid.Rule.")
         if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 0):
             raise InvalidArgumentError(f"max_prompt_tokens must be an integer >= 0, got {max_prompt_tokens!r}.")
-        for name, v in (("max_prompt_nats", max_prompt_nats), ("min_mean_logprob", min_mean_logprob)):
-            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v)):
-                raise InvalidArgumentError(f"{name} must be a number or None, got {v!r}.")
+        for name, v in (("max_prompt_nats", max_prompt_nats), ("min_confidence", min_confidence)):
+            if v is not None and v != _AUTO and (not isinstance(v, (int, float)) or isinstance(v, bool)
+                                                 or math.isnan(v)):
+                raise InvalidArgumentError(f"{name} must be a number, 'auto' or None, got {v!r}.")
         if not callable(uncertainty) and uncertainty not in _METRICS:
             raise InvalidArgumentError(f"uncertainty must be one of {sorted(_METRICS)} or a function, "
                                        f"got {uncertainty!r}.")
@@ -263,7 +362,7 @@ class Router:
         self.rules = list(rules)
         self.max_prompt_tokens = max_prompt_tokens
         self.max_prompt_nats = max_prompt_nats
-        self.min_mean_logprob = min_mean_logprob
+        self.min_confidence = min_confidence
         self.uncertainty = uncertainty
         self.allow_cloud = allow_cloud
         self.redact = redact
@@ -271,142 +370,218 @@ class Router:
         self.default: Side = default
         self._model: Model | None = None  # set by Hybrid, so calibrate() can be called without model=
 
+    @property
+    def min_mean_logprob(self) -> float | str | None:
+        """The former name of :attr:`min_confidence`."""
+        return self.min_confidence
+
+    @min_mean_logprob.setter
+    def min_mean_logprob(self, value: float | str | None) -> None:
+        self.min_confidence = value
+
     def __repr__(self) -> str:
         parts = [f"rules={len(self.rules)}"]
-        for name in ("max_prompt_tokens", "max_prompt_nats", "min_mean_logprob"):
-            if getattr(self, name) is not None:
-                parts.append(f"{name}={getattr(self, name):.4g}")
+        for name in ("max_prompt_tokens", "max_prompt_nats", "min_confidence"):
+            v = getattr(self, name)
+            if v is not None:
+                parts.append(f"{name}={v!r}" if isinstance(v, str) else f"{name}={v:.4g}")
+        if self.uncertainty != "mean_logprob":
+            parts.append(f"uncertainty={self.uncertainty if isinstance(self.uncertainty, str) else 'function'}")
         if not self.allow_cloud:
             parts.append("allow_cloud=False")
         return f"Router({', '.join(parts)})"
 
+    # --- thresholds ----------------------------------------------------------------------------------
+    def thresholds(self, model: "Model | None" = None) -> tuple[float | None, float | None]:
+        """``(max_prompt_nats, min_confidence)`` in effect for ``model``: numbers as set, ``"auto"`` resolved
+        against the model's held-out nats/token (None when the folder does not know it), None when off."""
+        model = model if model is not None else self._model
+        ref = reference_nats_per_token(model) if _AUTO in (self.max_prompt_nats, self.min_confidence) else None
+        prompt = self.max_prompt_nats
+        if prompt == _AUTO:
+            prompt = AUTO_PROMPT_FACTOR * ref if ref is not None else None
+        conf = self.min_confidence
+        if conf == _AUTO:
+            conf = -AUTO_CONFIDENCE_FACTOR * ref if ref is not None and self.uncertainty == "mean_logprob" else None
+        return prompt, conf
+
+    def _source(self, name: str, model: "Model | None") -> str:
+        """How a threshold was set, for reasons: ``" (2 x the model's held-out 2.29 nats/token)"`` for "auto"."""
+        if getattr(self, name) != _AUTO:
+            return ""
+        ref = reference_nats_per_token(model if model is not None else self._model)
+        factor = AUTO_PROMPT_FACTOR if name == "max_prompt_nats" else -AUTO_CONFIDENCE_FACTOR
+        return f" ({factor:g} x the model's held-out {ref:.2f} nats/token)"
+
+    def cloud_signals(self, model: "Model | None" = None) -> list[str]:
+        """The checks that can send a query to the cloud with ``model`` as the local side, besides the context
+        check and ``prefer`` (empty: only prompts too long for the local model would ever go)."""
+        if not self.allow_cloud:
+            return []
+        prompt, conf = self.thresholds(model)
+        return [name for name, on in (("default", self.default == "cloud"),
+                                      ("rule", any(r.route == "cloud" for r in self.rules)),
+                                      ("length", self.max_prompt_tokens is not None),
+                                      ("prompt-score", prompt is not None), ("uncertainty", conf is not None)) if on]
+
     # --- decisions ---------------------------------------------------------------------------------
     def before(self, model: "Model", text: str, *, max_new_tokens: int, prefer: Side | None = None,
-               tags: Sequence[str] = (), rule_text: str | None = None,
-               cloud_available: bool = True) -> Decision | None:
+               tags: Sequence[str] = (), rule_text: str | None = None, cloud_available: bool = True,
+               stream: bool = False) -> Decision | None:
         """Decide from the prompt alone. None means "generate locally, then ask :meth:`after`" (the cascade).
         ``text`` is what the local model would see; rules look at ``rule_text`` when given (for a chat, what
-        the user wrote rather than the template around it)."""
+        the user wrote rather than the template around it). ``stream=True`` leaves out the default policy's
+        cascade (a stream cannot hold its answer back to judge it)."""
+        return self._before(model, text, max_new_tokens=max_new_tokens, prefer=prefer, tags=tags,
+                            rule_text=rule_text, cloud_available=cloud_available, stream=stream)[0]
+
+    def _before(self, model: "Model", text: str, *, max_new_tokens: int, prefer: Side | None = None,
+                tags: Sequence[str] = (), rule_text: str | None = None, cloud_available: bool = True,
+                stream: bool = False) -> tuple[Decision | None, list[str]]:
+        """:meth:`before`, plus the checks the query passed (for the reason of a later local decision)."""
         if not cloud_available:
-            return Decision("local", "no-cloud", "no cloud endpoint configured")
+            return Decision("local", "no-cloud", "no cloud endpoint configured"), []
         if not self.allow_cloud:
-            return Decision("local", "privacy", "privacy mode (allow_cloud=False): nothing leaves the device")
+            return Decision("local", "privacy", "privacy mode (allow_cloud=False): nothing leaves the device"), []
         if prefer is not None:
-            return Decision(prefer, "prefer", f"prefer={prefer!r} for this call")
+            return Decision(prefer, "prefer", f"prefer={prefer!r} for this call"), []
         n = len(model.encode(text))
         ctx = int(model.context_length)
         if n + max_new_tokens > ctx:
             return Decision("cloud", "context", f"prompt {n} + max_new_tokens {max_new_tokens} tokens > local context "
-                            f"{ctx}", float(n + max_new_tokens), float(ctx))
-        return self._checks(model, text, text if rule_text is None else rule_text, n, tags)
+                            f"{ctx}", float(n + max_new_tokens), float(ctx)), []
+        return self._checks(model, text, text if rule_text is None else rule_text, n, tags, stream)
 
-    def _checks(self, model: "Model", text: str, rule_text: str, n: int, tags: Sequence[str]) -> Decision | None:
+    def _checks(self, model: "Model", text: str, rule_text: str, n: int, tags: Sequence[str],
+                stream: bool) -> tuple[Decision | None, list[str]]:
         for rule in self.rules:
             if rule.matches(rule_text, tags):
-                return Decision(rule.route, "rule", f"rule {rule.label}")
+                return Decision(rule.route, "rule", f"rule {rule.label}"), []
         if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
             return Decision("cloud", "length", f"length: prompt {n} tokens > {self.max_prompt_tokens}",
-                            float(n), float(self.max_prompt_tokens))
-        if self.max_prompt_nats is not None:
-            nats = model.score(text).nats_per_token
-            if nats > self.max_prompt_nats:
-                return Decision("cloud", "prompt-score", f"prompt score: {nats:.3f} nats/token > "
-                                f"{self.max_prompt_nats:.3f}", nats, self.max_prompt_nats)
-        if self.min_mean_logprob is not None:
-            return None
-        return Decision(self.default, "default", f"default route ({self.default})")
+                            float(n), float(self.max_prompt_tokens)), []
+        prompt_max, conf_min = self.thresholds(model)
+        passed: list[str] = []
+        if prompt_max is not None:
+            s = model.score(text)
+            nats, src = s.nats_per_token, self._source("max_prompt_nats", model)
+            if s.num_tokens < MIN_SCORED_TOKENS:
+                passed.append(f"prompt too short to score ({s.num_tokens} tokens < {MIN_SCORED_TOKENS})")
+            elif nats > prompt_max:
+                return Decision("cloud", "prompt-score", f"prompt score: {_cmp(nats, '>', prompt_max)} nats/token{src}",
+                                nats, prompt_max), passed
+            else:
+                passed.append(f"prompt score {_cmp(nats, '<=', prompt_max)} nats/token{src}")
+        if conf_min is not None:
+            if not (stream and self.min_confidence == _AUTO):
+                return None, passed
+            passed.append("no uncertainty check in a stream")
+        reason = f"default route ({self.default})" + (": " + "; ".join(passed) if passed else "")
+        return Decision(self.default, "default", reason), passed
 
     def metric(self, generation: "Generation") -> float:
         """The cascade's confidence in a local answer (higher = surer)."""
         fn = self.uncertainty if callable(self.uncertainty) else _METRICS[self.uncertainty]
         return float(fn(generation))
 
-    def after(self, generation: "Generation") -> Decision:
-        """The cascade's decision once the local answer exists."""
-        assert self.min_mean_logprob is not None
+    def after(self, generation: "Generation", model: "Model | None" = None, *,
+              passed: Sequence[str] = ()) -> Decision:
+        """The cascade's decision once the local answer exists; ``passed`` (the checks the prompt passed) is
+        added to the reason when the answer stays local."""
+        conf_min = self.thresholds(model)[1]
+        if conf_min is None:
+            raise InvalidArgumentError("after() needs a cascade threshold (min_confidence).")
         name = self.uncertainty if isinstance(self.uncertainty, str) else "confidence"
+        src = self._source("min_confidence", model)
+        extra = "".join(f"; {p}" for p in passed)
         value = self.metric(generation)
         if math.isnan(value):  # nothing generated: nothing to be unsure about, keep it
-            return Decision("local", "uncertainty", f"uncertainty: empty local answer kept")
-        if value < self.min_mean_logprob:
-            return Decision("cloud", "uncertainty", f"uncertainty: {name} {value:.3f} < {self.min_mean_logprob:.3f}",
-                            value, self.min_mean_logprob)
-        return Decision("local", "uncertainty", f"uncertainty: {name} {value:.3f} >= {self.min_mean_logprob:.3f}",
-                        value, self.min_mean_logprob)
+            return Decision("local", "uncertainty", f"uncertainty: empty local answer kept{extra}")
+        if value < conf_min:
+            return Decision("cloud", "uncertainty", f"uncertainty: {name} {_cmp(value, '<', conf_min)}{src}",
+                            value, conf_min)
+        return Decision("local", "uncertainty", f"uncertainty: {name} {_cmp(value, '>=', conf_min)}{src}{extra}",
+                        value, conf_min)
 
     # --- calibration -------------------------------------------------------------------------------
-    def calibrate(self, prompts: Sequence[str], target_cloud_share: float, *, signal: str = "uncertainty",
-                  model: "Model | None" = None, **generate_kwargs: Any) -> CalibrationReport:
-        """Set one threshold so that ``target_cloud_share`` of ``prompts`` (a sample of real traffic) goes to
-        the cloud, and report the split that results, rules and context checks included.
+    def calibrate(self, prompts: Sequence[str] | None = None, target_cloud_share: Any = None, *,
+                  local_prompts: Sequence[str] | None = None, cloud_prompts: Sequence[str] | None = None,
+                  signal: str | None = None, model: "Model | None" = None,
+                  **generate_kwargs: Any) -> CalibrationReport:
+        """Set one threshold from examples, and report the split it produces (rules and context checks included).
+        Runs only on the local model: nothing is sent. Two modes:
+
+        * ``calibrate(prompts, target_cloud_share)``: ``prompts`` is a sample of real traffic; the threshold sends
+          ``target_cloud_share`` of it to the cloud (RouteLLM-style). Default signal ``"uncertainty"``.
+        * ``calibrate(local_prompts, cloud_prompts)`` (or by keyword): examples of what the local model serves well
+          and what it cannot; the threshold goes in the middle of the gap between the two classes, or where the
+          fewest examples are misrouted when they overlap, and the report gives the separation (AUROC, margin).
+          Default signal ``"prompt-score"``.
 
         ``signal`` is ``"uncertainty"`` (generates each prompt locally with ``generate_kwargs``; sets
-        ``min_mean_logprob``), ``"prompt-score"`` (sets ``max_prompt_nats``) or ``"length"`` (sets
-        ``max_prompt_tokens``). Prompts that other checks already send to the cloud count toward the share.
+        ``min_confidence``), ``"prompt-score"`` (sets ``max_prompt_nats``) or ``"length"`` (sets
+        ``max_prompt_tokens``). Prompts that other checks already decide count as those checks route them.
         With sampling, pass ``seed`` for a reproducible calibration: prompt *i* is generated with ``seed + i``.
-        Runs only on the local model: nothing is sent.
         """
         model = model or self._model
         if model is None:
             raise InvalidArgumentError("calibrate needs the local model.",
                                        hint="Pass model=edgelm.load(...), or call it on hybrid.router.")
-        if signal not in ("uncertainty", "prompt-score", "length"):
-            raise InvalidArgumentError(f"signal must be 'uncertainty', 'prompt-score' or 'length', got {signal!r}.")
-        if not isinstance(target_cloud_share, (int, float)) or not 0.0 <= target_cloud_share <= 1.0:
-            raise InvalidArgumentError(f"target_cloud_share must be in [0, 1], got {target_cloud_share!r}.")
-        prompts = list(prompts)
-        if not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise InvalidArgumentError("prompts must be a non-empty list of non-empty strings.")
-        max_new = int(generate_kwargs.get("max_new_tokens") or model.generation_config.get("max_new_tokens") or 128)
-
-        # Which prompts do the fixed checks (context, rules, other thresholds) already decide?
-        attr = {"uncertainty": "min_mean_logprob", "prompt-score": "max_prompt_nats",
-                "length": "max_prompt_tokens"}[signal]
-        saved = {a: getattr(self, a) for a in ("min_mean_logprob", "max_prompt_nats", "max_prompt_tokens")}
-        fixed: list[Decision | None] = []
-        values: list[float] = []
-        try:
-            # Score each prompt under the candidate signal only (the other thresholds stay as configured,
-            # except that the cascade is disabled while measuring pre-generation signals).
-            setattr(self, attr, None)
-            if signal != "uncertainty":
-                self.min_mean_logprob = None
-            seed = generate_kwargs.pop("seed", None)
-            for i, p in enumerate(prompts):
-                fixed.append(self.before(model, p, max_new_tokens=max_new))
-                if signal == "uncertainty":
-                    # One seed for every prompt would give every sample the same random stream, which shifts
-                    # all the confidences together and biases the threshold: prompt i gets seed + i.
-                    kw = dict(generate_kwargs, seed=None if seed is None else seed + i)
-                    values.append(self.metric(model.generate(p, **kw)))
-                elif signal == "prompt-score":
-                    values.append(model.score(p).nats_per_token)
-                else:
-                    values.append(float(len(model.encode(p))))
-        finally:
-            for a, v in saved.items():
-                setattr(self, a, v)
-
-        # Signal direction: low confidence -> cloud for "uncertainty"; high value -> cloud for the others.
-        sign = -1.0 if signal == "uncertainty" else 1.0
-        already = sum(1 for d in fixed if d is not None and d.target == "cloud" and d.signal != "default")
-        open_idx = [i for i, d in enumerate(fixed) if d is None or d.signal == "default"]
-        want = max(0, round(target_cloud_share * len(prompts)) - already)
-        keyed = sorted((sign * values[i] for i in open_idx if not math.isnan(values[i])), reverse=True)
-        if want <= 0 or not keyed:
-            threshold_key = (keyed[0] if keyed else 0.0) + 1.0   # nothing (more) to the cloud
-        elif want >= len(keyed):
-            threshold_key = keyed[-1] - 1e-9 if keyed[-1] != 0 else -1e-9
+        labelled = local_prompts is not None or cloud_prompts is not None or not (
+            target_cloud_share is None or isinstance(target_cloud_share, (int, float)))
+        if labelled:
+            if local_prompts is None and cloud_prompts is None:  # the positional form calibrate(local, cloud)
+                local_prompts, cloud_prompts = prompts, target_cloud_share
+            elif prompts is not None or target_cloud_share is not None:
+                raise InvalidArgumentError("Pass either prompts and target_cloud_share, or local_prompts and "
+                                           "cloud_prompts.")
+            local_prompts, cloud_prompts = _prompt_list(local_prompts, "local_prompts"), _prompt_list(
+                cloud_prompts, "cloud_prompts")
+            prompts, signal = local_prompts + cloud_prompts, signal or "prompt-score"
         else:
-            # Midway between the last value sent and the first kept; ties can make the share differ slightly.
-            threshold_key = (keyed[want - 1] + keyed[want]) / 2
+            if isinstance(target_cloud_share, bool) or not isinstance(target_cloud_share, (int, float)) \
+                    or not 0.0 <= target_cloud_share <= 1.0:
+                raise InvalidArgumentError(f"target_cloud_share must be in [0, 1], got {target_cloud_share!r}.")
+            prompts, signal = _prompt_list(prompts, "prompts"), signal or "uncertainty"
+        if signal not in _ATTR:
+            raise InvalidArgumentError(f"signal must be 'uncertainty', 'prompt-score' or 'length', got {signal!r}.")
+        max_new = int(generate_kwargs.get("max_new_tokens") or model.generation_config.get("max_new_tokens") or 128)
+        fixed, values = self._measure(model, prompts, signal, max_new, generate_kwargs)
+
+        # Keys point to the cloud: low confidence -> cloud for "uncertainty"; high value -> cloud for the others.
+        sign = -1.0 if signal == "uncertainty" else 1.0
+        open_idx = [i for i, d in enumerate(fixed) if (d is None or d.signal == "default") and not math.isnan(values[i])]
+        note = auroc = margin = None
+        if labelled:
+            label = [0] * len(local_prompts) + [1] * len(cloud_prompts)
+            keys_l = sorted(sign * values[i] for i in open_idx if label[i] == 0)
+            keys_c = sorted(sign * values[i] for i in open_idx if label[i] == 1)
+            threshold_key, auroc, margin = _labelled_threshold(keys_l, keys_c)
+        else:
+            already = sum(1 for d in fixed if d is not None and d.target == "cloud" and d.signal != "default")
+            want = max(0, round(target_cloud_share * len(prompts)) - already)
+            keyed = sorted((sign * values[i] for i in open_idx), reverse=True)
+            if want <= 0 or not keyed:
+                threshold_key = (keyed[0] if keyed else 0.0) + 1.0   # nothing (more) to the cloud
+                if already > round(target_cloud_share * len(prompts)):
+                    note = f"other checks already send {already} of the {len(prompts)} prompts"
+            elif want >= len(keyed):
+                threshold_key = keyed[-1] - 1e-9 if keyed[-1] != 0 else -1e-9
+            else:
+                # Midway between the last value sent and the first kept. Equal values cannot be split by a
+                # threshold: all of them stay local then, and the note says so.
+                threshold_key = (keyed[want - 1] + keyed[want]) / 2
+                if keyed[want - 1] == keyed[want]:
+                    tied = sum(k == keyed[want] for k in keyed)
+                    note = (f"{tied} prompts tie at {signal} {sign * keyed[want]:g}, which no threshold can split; "
+                            "all of them stay local, so the share is below the target")
         threshold = sign * threshold_key
         if signal == "length":
             threshold = math.floor(threshold)
-        setattr(self, attr, int(threshold) if signal == "length" else threshold)
+        setattr(self, _ATTR[signal], int(threshold) if signal == "length" else threshold)
 
         counts: dict[str, int] = {}
-        n_cloud = 0
+        to_cloud: list[bool] = []
         for d, v in zip(fixed, values):
             if d is None or d.signal == "default":
                 hit = (not math.isnan(v)) and (v < threshold if signal == "uncertainty" else v > threshold)
@@ -415,11 +590,73 @@ class Router:
             else:
                 name, target = d.signal, d.target
             counts[name] = counts.get(name, 0) + 1
-            n_cloud += target == "cloud"
-        report = CalibrationReport(signal, float(threshold), float(target_cloud_share), n_cloud / len(prompts),
-                                   counts, values)
+            to_cloud.append(target == "cloud")
+        report = CalibrationReport(signal, float(threshold), None if labelled else float(target_cloud_share),
+                                   sum(to_cloud) / len(prompts), counts, values, mode="labelled" if labelled else "share",
+                                   auroc=auroc, margin=margin, note=note)
+        if labelled:
+            nl = len(local_prompts)
+            report.local_to_cloud = sum(to_cloud[:nl]) / nl
+            report.cloud_kept_local = 1.0 - sum(to_cloud[nl:]) / len(cloud_prompts)
         log.info("calibrated %s", report)
         return report
+
+    def _measure(self, model: "Model", prompts: list[str], signal: str, max_new: int,
+                 generate_kwargs: dict[str, Any]) -> tuple[list[Decision | None], list[float]]:
+        """Each prompt's decision by the other checks, and its value of ``signal`` (NaN: the signal does not
+        judge it, e.g. a prompt too short for the prompt score)."""
+        saved = {a: getattr(self, a) for a in _ATTR.values()}
+        fixed: list[Decision | None] = []
+        values: list[float] = []
+        try:
+            # Measure under the candidate signal only (the other thresholds stay as configured, except that
+            # the cascade is disabled while measuring pre-generation signals).
+            setattr(self, _ATTR[signal], None)
+            if signal != "uncertainty":
+                self.min_confidence = None
+            kwargs = dict(generate_kwargs)
+            seed = kwargs.pop("seed", None)
+            for i, p in enumerate(prompts):
+                fixed.append(self.before(model, p, max_new_tokens=max_new))
+                if signal == "uncertainty":
+                    # One seed for every prompt would give every sample the same random stream, which shifts
+                    # all the confidences together and biases the threshold: prompt i gets seed + i.
+                    values.append(self.metric(model.generate(p, **kwargs, seed=None if seed is None else seed + i)))
+                elif signal == "prompt-score":
+                    s = model.score(p)
+                    values.append(s.nats_per_token if s.num_tokens >= MIN_SCORED_TOKENS else float("nan"))
+                else:
+                    values.append(float(len(model.encode(p))))
+        finally:
+            for a, v in saved.items():
+                setattr(self, a, v)
+        return fixed, values
+
+
+def _prompt_list(prompts: Any, name: str) -> list[str]:
+    prompts = list(prompts) if prompts is not None and not isinstance(prompts, str) else None
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise InvalidArgumentError(f"{name} must be a non-empty list of non-empty strings.")
+    return prompts
+
+
+def _labelled_threshold(local: list[float], cloud: list[float]) -> tuple[float, float | None, float | None]:
+    """(threshold key, AUROC, margin) from the sorted cloud-ward keys of each class: the middle of the gap when
+    the classes separate, else the cut that misroutes the fewest examples (ties: the fewest local ones)."""
+    if not local or not cloud:  # one class is decided by other checks: keep the other on its side
+        return (cloud[0] - 1e-6 if cloud else (local[-1] if local else 0.0) + 1e-6), None, None
+    auroc = sum((c > x) + 0.5 * (c == x) for x in local for c in cloud) / (len(local) * len(cloud))
+    margin = cloud[0] - local[-1]
+    if margin > 0:
+        return (local[-1] + cloud[0]) / 2, auroc, margin
+    points = sorted(set(local + cloud))
+    cuts = [points[0] - 1.0] + [(a + b) / 2 for a, b in zip(points, points[1:])] + [points[-1] + 1.0]
+
+    def cost(t: float) -> tuple[int, int]:
+        wrong_local = sum(x > t for x in local)
+        return wrong_local + sum(c <= t for c in cloud), wrong_local
+
+    return min(cuts, key=cost), auroc, margin
 
 
 _METRICS: dict[str, Callable[[Any], float]] = {
@@ -458,17 +695,20 @@ class Hybrid:
     with the model's ``generate`` / ``stream`` / ``chat`` / ``chat_stream`` surface. Results are
     :class:`HybridResult` (``text``, ``source``, ``reason``, ``fallback``).
 
-    With ``cloud_endpoint="chat"`` (the default) a plain prompt is sent to the cloud as one user message;
-    ``"completions"`` uses the text-completions endpoint instead (for base models served by vLLM, llama.cpp
-    or ``edgelm serve``).
+    Chats always go to the cloud's ``/chat/completions``. A plain prompt (``generate`` / ``stream``) goes, with
+    ``cloud_endpoint="auto"`` (the default), to ``/completions`` when it is text to continue (a story opening)
+    and as one user message to ``/chat/completions`` when it reads as a request (:func:`looks_like_request`: a
+    question, or an instruction such as "Translate ..."); ``"chat"`` or ``"completions"`` sends every plain
+    prompt one way. ``HybridResult.cloud_endpoint`` says which was used.
     """
 
     def __init__(self, local: "Model", cloud: "CloudClient | None" = None, router: Router | None = None, *,
-                 cloud_endpoint: Literal["chat", "completions"] = "chat"):
+                 cloud_endpoint: Literal["auto", "chat", "completions"] = "auto"):
         if local is None or not hasattr(local, "generate"):
             raise InvalidArgumentError("Hybrid needs a local model (edgelm.load(...)).")
-        if cloud_endpoint not in ("chat", "completions"):
-            raise InvalidArgumentError(f"cloud_endpoint must be 'chat' or 'completions', got {cloud_endpoint!r}.")
+        if cloud_endpoint not in ("auto", "chat", "completions"):
+            raise InvalidArgumentError(f"cloud_endpoint must be 'auto', 'chat' or 'completions', "
+                                       f"got {cloud_endpoint!r}.")
         self.local = local
         self.cloud = cloud
         self.router = router if router is not None else Router()
@@ -479,6 +719,7 @@ class Hybrid:
         self.last_result: HybridResult | None = None
         self.stats = {"local": 0, "cloud": 0, "mixed": 0, "fallbacks": 0}
         self._stats_lock = threading.Lock()
+        self._warned = False
 
     # --- the Model surface -------------------------------------------------------------------------
     @property
@@ -560,12 +801,37 @@ class Hybrid:
                       documents=documents)
 
     # --- internals ---------------------------------------------------------------------------------
-    def _decide(self, q: "_Query") -> Decision | None:
+    def _decide(self, q: "_Query", stream: bool = False) -> tuple[Decision | None, list[str]]:
         if q.prefer is not None and q.prefer not in _SIDES:
             raise InvalidArgumentError(f"prefer must be 'local', 'cloud' or None, got {q.prefer!r}.")
-        max_new = int(q.kwargs.get("max_new_tokens") or self.local.generation_config.get("max_new_tokens") or 128)
-        return self.router.before(self.local, q.text, max_new_tokens=max_new, prefer=q.prefer, tags=q.tags,
-                                  rule_text=q.rule_text, cloud_available=self.cloud is not None)
+        self._warn_if_unused()
+        return self.router._before(self.local, q.text, max_new_tokens=self._max_new(q), prefer=q.prefer,
+                                   tags=q.tags, rule_text=q.rule_text, cloud_available=self.cloud is not None,
+                                   stream=stream)
+
+    def _max_new(self, q: "_Query") -> int:
+        return int(q.kwargs.get("max_new_tokens") or self.local.generation_config.get("max_new_tokens") or 128)
+
+    def _warn_if_unused(self) -> None:
+        """Warn once when a cloud is configured but nothing except an oversized prompt could ever reach it."""
+        if self._warned or self.cloud is None or not self.router.allow_cloud:
+            return
+        self._warned = True
+        if not self.router.cloud_signals(self.local):
+            msg = ("A cloud is configured, but this router can send it only prompts too long for the local model: "
+                   "the model folder records no held-out nats/token for the default thresholds, and no threshold, "
+                   "cloud rule or length limit is set.")
+            warnings.warn(f"{msg} Set max_prompt_nats / min_confidence, add Rule('cloud', ...), or calibrate the "
+                          "router (router.calibrate(local_prompts, cloud_prompts)).", UserWarning, stacklevel=4)
+            log.warning(msg)
+
+    def _endpoint(self, q: "_Query") -> str:
+        """Where the cloud is asked: chats -> "chat"; plain prompts as ``cloud_endpoint`` says (see the class)."""
+        if q.messages is not None:
+            return "chat"
+        if self.cloud_endpoint != "auto":
+            return self.cloud_endpoint
+        return "chat" if looks_like_request(q.prompt) else "completions"
 
     def _budget_ok(self, d: Decision) -> tuple[Decision, str | None]:
         """Reserve a cloud call, or turn the decision local with the budget as reason."""
@@ -631,16 +897,39 @@ class Hybrid:
 
     def _call_cloud(self, q: "_Query") -> "CloudReply":
         assert self.cloud is not None and self.router.allow_cloud  # privacy mode never reaches here
+        self._check_cloud_extra()
         messages, prompt = self._outgoing(q)
         kw = self._cloud_kwargs(q)
         if messages is not None:
             reply = self.cloud.chat(messages, **kw, **self._cloud_chat_extras(q))
-        elif self.cloud_endpoint == "completions":
+        elif self._endpoint(q) == "completions":
             reply = self.cloud.complete(prompt, **kw)
         else:
             reply = self.cloud.chat([{"role": "user", "content": prompt}], **kw)
         self._record_tokens(q, reply)
         return reply
+
+    def _open_cloud_stream(self, q: "_Query"):
+        self._check_cloud_extra()
+        messages, prompt = self._outgoing(q)
+        kw = self._cloud_kwargs(q)
+        if messages is not None:
+            return self.cloud.stream(messages, **kw, **self._cloud_chat_extras(q))
+        if self._endpoint(q) == "completions":
+            return self.cloud.stream_complete(prompt, **kw)
+        return self.cloud.stream([{"role": "user", "content": prompt}], **kw)
+
+    def _check_cloud_extra(self) -> None:
+        """edgelm's CloudClient needs httpx (the [cloud] extra); without it the call becomes a fallback."""
+        from edgelm.cloud import CloudClient
+
+        if isinstance(self.cloud, CloudClient):
+            try:
+                import httpx  # noqa: F401
+            except ImportError:
+                raise _CloudExtraMissing("The cloud client needs httpx, which is not installed.",
+                                         hint='pip install "edgelm[cloud]" (or pip install ".[cloud]" in a '
+                                              'checkout)') from None
 
     def _record_tokens(self, q: "_Query", reply: "CloudReply") -> None:
         if self.router.budget is not None:
@@ -660,11 +949,11 @@ class Hybrid:
 
     def _answer(self, q: "_Query") -> HybridResult:
         started = time.perf_counter()
-        d = self._decide(q)
+        d, passed = self._decide(q)
         gen: Generation | None = None
         if d is None:  # cascade: answer locally first, then judge the answer
             gen = self._local(q)
-            d = self.router.after(gen)
+            d = self.router.after(gen, self.local, passed=passed)
         budget_note = None
         if d.target == "cloud":
             d, budget_note = self._budget_ok(d)
@@ -692,7 +981,8 @@ class Hybrid:
             return self._finish(_local_result(gen, d, fallback), started)
         return self._finish(HybridResult(text=reply.text, source="cloud", reason=d.reason, signal=d.signal,
                                          value=d.value, threshold=d.threshold, finish_reason=reply.finish_reason,
-                                         generation=gen, cloud_reply=reply), started)
+                                         generation=gen, cloud_reply=reply, cloud_endpoint=self._endpoint(q)),
+                            started)
 
     def _rescue(self, q: "_Query", d: Decision, local_exc: EdgeLMError, budget_note: str | None) -> HybridResult:
         """The local model refused (e.g. the prompt does not fit): try the cloud if policy allows."""
@@ -703,7 +993,7 @@ class Hybrid:
             raise RoutingError(f"Neither side could answer: the local model refused ({local_exc}) and the cloud "
                                f"failed ({_cloud_failure(exc)}).", hint=local_exc.hint or "") from None
         return HybridResult(text=reply.text, source="cloud", reason=d2.reason, signal=d2.signal,
-                            finish_reason=reply.finish_reason, cloud_reply=reply)
+                            finish_reason=reply.finish_reason, cloud_reply=reply, cloud_endpoint=self._endpoint(q))
 
     def _rescue_decision(self, d: Decision, local_exc: EdgeLMError, budget_note: str | None) -> Decision:
         """After the local model refused: the decision to ask the cloud instead, or RoutingError if policy,
@@ -720,18 +1010,19 @@ class Hybrid:
         return d2
 
     def _stream(self, q: "_Query") -> HybridStream:
-        d = self._decide(q)  # checked now, so bad arguments raise before the first piece is asked for
+        d, passed = self._decide(q, stream=True)  # checked now, so bad arguments raise before the first piece
         holder: list[HybridStream] = []
-        s = HybridStream(self._stream_gen(q, d, holder))
+        s = HybridStream(self._stream_gen(q, d, passed, holder))
         holder.append(s)
         return s
 
-    def _stream_gen(self, q: "_Query", d: Decision | None, holder: list[HybridStream]) -> Iterator[str]:
+    def _stream_gen(self, q: "_Query", d: Decision | None, passed: list[str],
+                    holder: list[HybridStream]) -> Iterator[str]:
         started = time.perf_counter()
         gen: Generation | None = None
         if d is None:
             gen = self._local(q)
-            d = self.router.after(gen)
+            d = self.router.after(gen, self.local, passed=passed)
         budget_note = None
         if d.target == "cloud":
             d, budget_note = self._budget_ok(d)
@@ -750,16 +1041,9 @@ class Hybrid:
                 if ts.generation is not None:
                     holder[0].result = self._finish(_local_result(ts.generation, d, None), started)
                 return
-        messages, prompt = self._outgoing(q)
-        kw = self._cloud_kwargs(q)
         given: list[str] = []
         try:
-            if messages is not None:
-                cs = self.cloud.stream(messages, **kw, **self._cloud_chat_extras(q))
-            elif self.cloud_endpoint == "completions":
-                cs = self.cloud.stream_complete(prompt, **kw)
-            else:
-                cs = self.cloud.stream([{"role": "user", "content": prompt}], **kw)
+            cs = self._open_cloud_stream(q)
             for piece in cs:
                 given.append(piece)
                 yield piece
@@ -767,11 +1051,12 @@ class Hybrid:
             self._record_tokens(q, reply)
             holder[0].result = self._finish(HybridResult(
                 text=reply.text, source="cloud", reason=d.reason, signal=d.signal, value=d.value,
-                threshold=d.threshold, finish_reason=reply.finish_reason, generation=gen, cloud_reply=reply), started)
+                threshold=d.threshold, finish_reason=reply.finish_reason, generation=gen, cloud_reply=reply,
+                cloud_endpoint=self._endpoint(q)), started)
             return
         except CloudError as exc:
             fallback = _cloud_failure(exc)
-        if d.signal == "local-failed":
+        if d.signal == "local-failed" and not given:
             raise RoutingError(f"Neither side could answer: {d.reason}, and the cloud failed ({fallback}).")
         if not given:  # nothing shown yet: the local answer stands in whole
             if gen is not None:
@@ -788,11 +1073,25 @@ class Hybrid:
             if gen is not None:
                 holder[0].result = self._finish(_local_result(gen, d, fallback), started)
             return
-        # Part of the cloud answer is already on the user's screen: the local model continues it.
+        # Part of the cloud answer is already on the user's screen: the local model continues it, from as much of
+        # the prompt and the partial answer as fits its context (truncate="left"), with the tokens still owed --
+        # at most half its context, so that a request the local model could never take whole (the context check
+        # sent it out: max_new_tokens >= its context) still gets a continuation with half a context to go on.
         partial = "".join(given)
-        kwargs = dict(q.kwargs)
-        kwargs["truncate"] = "left"
-        ts = self.local.stream(q.text + partial, **kwargs)
+        owed = self._max_new(q) - len(self.local.encode(partial, add_bos=False))
+        cap = max(1, int(self.local.context_length) // 2)
+        kwargs = dict(q.kwargs, truncate="left", max_new_tokens=max(1, min(owed, cap)))
+        how = f"{fallback}; the local model finished the answer after {len(partial)} characters from the cloud"
+        if owed > cap:
+            how += f" (at most {cap} more tokens: half its context)"
+        try:
+            ts = self.local.stream(q.text + partial, **kwargs)
+        except EdgeLMError as local_exc:
+            err = RoutingError(f"The cloud stream broke after {len(partial)} characters ({fallback}) and the local "
+                               f"model cannot continue it ({local_exc.message}).",
+                               hint="The text shown so far is on this error's partial_text.")
+            err.partial_text = partial  # type: ignore[attr-defined]
+            raise err from None
         rest = []
         for piece in ts:
             rest.append(piece)
@@ -800,9 +1099,8 @@ class Hybrid:
         g2 = ts.generation
         holder[0].result = self._finish(HybridResult(
             text=partial + "".join(rest), source="mixed", reason=d.reason, signal=d.signal, value=d.value,
-            threshold=d.threshold, fallback=f"{fallback}; the local model finished the answer after "
-                                            f"{len(partial)} characters from the cloud",
-            finish_reason=g2.finish_reason if g2 else None, generation=g2), started)
+            threshold=d.threshold, fallback=how, finish_reason=g2.finish_reason if g2 else None, generation=g2,
+            cloud_endpoint=self._endpoint(q)), started)
 
 
 @dataclass(frozen=True)
@@ -829,6 +1127,8 @@ def _local_result(gen: "Generation", d: Decision, fallback: str | None) -> Hybri
 def _cloud_failure(exc: CloudError) -> str:
     """A short, key-free reason for a cloud failure (the CloudClient already keeps the key out)."""
     from edgelm.errors import CloudHTTPError, CloudResponseError, CloudTimeoutError
+    if isinstance(exc, _CloudExtraMissing):
+        return f"cloud extra not installed ({exc.hint})"
     if isinstance(exc, CloudTimeoutError):
         kind = "cloud timed out"
     elif isinstance(exc, CloudHTTPError):
@@ -838,6 +1138,29 @@ def _cloud_failure(exc: CloudError) -> str:
     else:
         kind = "cloud unreachable"
     return f"{kind}: {exc.message}"
+
+
+class _CloudExtraMissing(CloudError):
+    """The [cloud] extra (httpx) is not installed: a fallback reason, never raised to the caller."""
+
+
+# Words that open a request to an assistant rather than text to be continued (lower case, first word).
+_REQUEST_WORDS = frozenset("""what who whom whose which when where why how is are was were can could would should do does
+    did shall please explain describe write translate summarize summarise list give name tell define compare
+    calculate compute find show help suggest recommend convert fix rewrite correct classify answer solve generate
+    create draft outline""".split())
+
+
+def looks_like_request(prompt: str) -> bool:
+    """True when a plain prompt reads as a request to an assistant (a question, or an instruction such as
+    "Translate ..." / "Write ..."), False when it reads as text to continue ("Once upon a time, ...").
+    ``Hybrid(cloud_endpoint="auto")`` sends the first kind to ``/chat/completions`` and the second to
+    ``/completions``."""
+    text = prompt.strip()
+    if text.endswith("?"):
+        return True
+    first = re.match(r"[A-Za-z']+", text)
+    return first is not None and first.group(0).lower() in _REQUEST_WORDS
 
 
 def _check_prompt(prompt: Any) -> None:
@@ -889,11 +1212,13 @@ def add_cli_arguments(parser) -> None:
                    help="auto: the router decides; local: never send; cloud: always send (local on failure)")
     g.add_argument("--cloud-threshold", metavar="NATS", type=float, default=None,
                    help="with --route auto: escalate when the local answer's mean token log-probability is "
-                        "below this (e.g. -2.0); without it only prompts too long for the local model go out")
+                        "below this (e.g. -1.2); without it the default policy decides from the model's own "
+                        "held-out nats/token (docs/hybrid.md)")
     g.add_argument("--cloud-timeout", metavar="S", type=float, default=60.0, help="cloud timeout in seconds")
-    g.add_argument("--cloud-endpoint", choices=("chat", "completions"), default="chat",
-                   help="how plain prompts are sent: chat (one user message; hosted chat models) or "
-                        "completions (text continuation; base models on vLLM, llama.cpp, edgelm serve)")
+    g.add_argument("--cloud-endpoint", choices=("auto", "chat", "completions"), default="auto",
+                   help="how plain prompts are sent: auto (questions and instructions as a chat message, other "
+                        "text to /completions to be continued), chat (always one user message) or completions "
+                        "(always text continuation)")
 
 
 def from_cli_args(model: "Model", args) -> "Model | Hybrid":
@@ -908,9 +1233,12 @@ def from_cli_args(model: "Model", args) -> "Model | Hybrid":
         return model
     from edgelm.cloud import CloudClient
     cloud = CloudClient(url, model=getattr(args, "cloud_model", None), timeout=getattr(args, "cloud_timeout", 60.0))
+    threshold = getattr(args, "cloud_threshold", None)
+    auto = route == "auto"
     router = Router(allow_cloud=route != "local", default="cloud" if route == "cloud" else "local",
-                    min_mean_logprob=getattr(args, "cloud_threshold", None) if route == "auto" else None)
-    return Hybrid(model, cloud, router, cloud_endpoint=getattr(args, "cloud_endpoint", "chat") or "chat")
+                    max_prompt_nats="auto" if auto else None,
+                    min_confidence=(threshold if threshold is not None else "auto") if auto else None)
+    return Hybrid(model, cloud, router, cloud_endpoint=getattr(args, "cloud_endpoint", "auto") or "auto")
 
 
 def describe(result_or_stream: Any) -> str | None:
@@ -921,4 +1249,5 @@ def describe(result_or_stream: Any) -> str | None:
 
 
 __all__ = ["Hybrid", "HybridResult", "HybridStream", "Router", "Rule", "Budget", "Decision", "CalibrationReport",
-           "add_cli_arguments", "from_cli_args", "describe"]
+           "reference_nats_per_token", "looks_like_request", "add_cli_arguments", "from_cli_args", "describe",
+           "AUTO_PROMPT_FACTOR", "AUTO_CONFIDENCE_FACTOR", "MIN_SCORED_TOKENS"]

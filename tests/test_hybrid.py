@@ -26,6 +26,8 @@ from faults import (ConnectionSpy, FaultServer, broken_stream, echo, free_port_r
                     hang, malformed, ok, reset, status)
 
 KEY = "sk-hybrid-SECRET-9876543210"
+# The doubles carry no held-out metrics, so a Hybrid with a cloud and no thresholds warns (checked where it matters).
+pytestmark = pytest.mark.filterwarnings("ignore:A cloud is configured")
 
 
 class LocalDouble:
@@ -87,8 +89,8 @@ def cloud_for(srv_or_url, **kw) -> CloudClient:
 
 # --- decisions ---------------------------------------------------------------------------------------
 def test_default_is_local_and_sends_nothing():
-    with FaultServer(ok("cloud")) as srv:
-        hy = Hybrid(LocalDouble(), cloud_for(srv))
+    with FaultServer(ok("cloud")) as srv, pytest.warns(UserWarning, match="only prompts too long"):
+        hy = Hybrid(LocalDouble(), cloud_for(srv))  # a double without held-out metrics: no default thresholds
         r = hy.generate("Once upon a time")
     assert r.source == "local" and r.signal == "default" and r.fallback is None
     assert r.text == " local answer 1" and srv.connections == 0
@@ -152,7 +154,7 @@ def test_length_rule_and_prompt_score():
         hy = Hybrid(LocalDouble(), cloud_for(srv), Router(max_prompt_tokens=5, max_prompt_nats=3.0))
         short = hy.generate("a b c")
         longer = hy.generate("a b c d e f")
-        odd = hy.generate("zxq blorp")
+        odd = hy.generate("zxq blorp zxq")  # 4 scored tokens: MIN_SCORED_TOKENS
     assert short.source == "local"
     assert (longer.source, longer.signal, longer.value) == ("cloud", "length", 7.0)
     assert (odd.source, odd.signal, odd.value, odd.threshold) == ("cloud", "prompt-score", 5.0, 3.0)

@@ -51,7 +51,7 @@ def test_cloud_answers_come_from_the_served_model(pair):
 def test_calibrated_cascade_routes_the_least_confident_share(pair):
     local, big, srv = pair
     cloud = CloudClient(srv.url + "/v1", api_key=KEY, timeout=30)
-    router = Router()
+    router = Router(max_prompt_nats=None)  # the cascade alone
     hy = Hybrid(local, cloud, router, cloud_endpoint="completions")
     report = router.calibrate(PROMPTS, target_cloud_share=0.5, **GREEDY)
     assert report.cloud_share == pytest.approx(0.5) and report.counts == {"uncertainty": 6}

@@ -1,0 +1,200 @@
+"""The mixed workload for benchmarks/routing_eval.py, written for it (not taken from any data set).
+
+* ``STORIES``: in-domain prompts for the shipped story model: openings of children's stories, from two words to
+  three sentences, to be continued. The local model should keep these.
+* ``QUESTIONS``: out-of-domain prompts: short factual questions and instructions, each with the words a correct
+  answer contains (any one of them, matched case-insensitively on word boundaries). A story model cannot answer
+  them; a small instruct model answers many.
+
+Each list is split by ``split()`` into a calibration part (the first ``CALIBRATION`` items) and a disjoint test part.
+"""
+from __future__ import annotations
+
+import re
+
+CALIBRATION = 20
+
+STORIES: list[str] = [
+    # calibration (20)
+    "Once upon a time, there was a little girl named Lily.",
+    "Tom had a red ball.",
+    "The sun was hot and the dog was thirsty.",
+    "One day, a big bear found a tiny box in the woods.",
+    "Mom said",
+    "Sara and Ben went to the park to play with their kite.",
+    "There was a small bird who could not fly. Every day she watched the other birds in the sky.",
+    "Max was a happy puppy. He liked to run in the garden.",
+    "Once upon a time, a little boy named Tim wanted a new toy.",
+    "The cat sat on the mat and looked at the rain.",
+    "Anna found a shiny stone by the river.",
+    "It was a cold winter day. The snow was white and soft.",
+    "Once upon a time, there was a kind old man who lived in a small house.",
+    "Lucy loved to paint. She painted flowers, trees and the sun.",
+    "The little fish swam fast.",
+    "Jack and his dad built a big sandcastle at the beach.",
+    "Once upon a time, there was a frog who wanted to sing.",
+    "Mia had a blue dress. She wore it to the party.",
+    "The farmer had a cow, a pig and a hen.",
+    "One morning, Ben woke up and saw a big truck outside.",
+    # test (60)
+    "Once upon a time, there was a little dog named Spot.",
+    "Lily and her mom went to the store to buy some apples.",
+    "The boy saw a big tree. He wanted to climb it.",
+    "Once upon a time, in a small town, there lived a girl who loved to dance.",
+    "Tim was sad because his toy car was broken.",
+    "The sky was blue and the birds were singing.",
+    "Sam had a friend named Jane. They liked to play together every day.",
+    "Once upon a time, there was a big, friendly elephant.",
+    "The little girl wanted to help her dad in the garden.",
+    "One day, a cat found a ball of yarn.",
+    "Ben and Mia wanted to bake a cake for their mom.",
+    "There was a bunny who liked to hop. He hopped all day long. One day, he hopped too far.",
+    "Once upon a time, a princess lived in a tall castle.",
+    "The dog barked at the mailman.",
+    "Tom wanted to go outside, but it was raining.",
+    "Sue had a doll. She loved her doll very much.",
+    "Once upon a time, there was a little car named Zoom.",
+    "The bear was hungry. He looked for honey in the tree.",
+    "Lily saw a butterfly in the garden. It was yellow and pretty.",
+    "One day, Tim went to the zoo with his grandma.",
+    "The owl lived in a big tree. At night, he looked at the stars.",
+    "Once upon a time, there was a boy who did not like to share.",
+    "Mom gave Lucy a big hug.",
+    "The ducks swam in the pond.",
+    "Jack found a map in the old box. It showed a big X.",
+    "Once upon a time, there was a shy little mouse.",
+    "Anna wanted to make a card for her friend.",
+    "The wind blew the leaves off the trees.",
+    "One day, a little girl named Amy lost her shoe.",
+    "Ben had a toy boat. He played with it in the bath.",
+    "Once upon a time, there was a lion who was very proud.",
+    "The kids played tag in the yard. They ran and laughed.",
+    "Lily's mom made soup for dinner.",
+    "Once upon a time, a small ant carried a big leaf.",
+    "Tim and Sam built a fort out of blankets.",
+    "The sun went down and the moon came up.",
+    "There was a girl who had a magic pencil. Whatever she drew became real.",
+    "Once upon a time, there was a turtle who was very slow.",
+    "The baby bird was hungry. Its mom brought it a worm.",
+    "Sara liked to read books about animals.",
+    "One day, a big storm came to the village.",
+    "Max the dog found a bone in the yard. He was very happy.",
+    "Once upon a time, there was a little tree in a big forest.",
+    "Mia and her brother went to the farm.",
+    "The clown had a red nose and big shoes.",
+    "Once upon a time, there was a girl named Sue who liked to sing.",
+    "Tom saw a spider in his room. He was scared.",
+    "The little train went up the hill.",
+    "Dad took the kids to the lake to fish.",
+    "Once upon a time, there was a monkey who loved bananas.",
+    "Lucy had a new friend at school.",
+    "The rabbit and the fox were in the forest.",
+    "One day, Jane found a lost kitten. It was cold and wet.",
+    "Once upon a time, a boy named Leo had a big dream.",
+    "The pig rolled in the mud.",
+    "Grandpa told Tim a story about a brave knight.",
+    "Once upon a time, there was a small, red car.",
+    "Ben wanted to fly like a bird.",
+    "The girl picked a flower and gave it to her mom.",
+    "It was Lily's birthday. She was very excited.",
+]
+
+QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
+    # calibration (20)
+    ("What is the capital of France?", ("paris",)),
+    ("What is the capital of Japan?", ("tokyo",)),
+    ("How many days are there in a week?", ("seven", "7")),
+    ("What is the largest planet in our solar system?", ("jupiter",)),
+    ("Who wrote Romeo and Juliet?", ("shakespeare",)),
+    ("What do bees make?", ("honey",)),
+    ("Translate 'thank you' into French.", ("merci",)),
+    ("What is the chemical symbol for water?", ("h2o",)),
+    ("Which planet is known as the Red Planet?", ("mars",)),
+    ("How many legs does a spider have?", ("eight", "8")),
+    ("What is the boiling point of water in degrees Celsius?", ("100",)),
+    ("Explain what photosynthesis is in one sentence.", ("light", "sunlight")),
+    ("What does CPU stand for?", ("central processing unit",)),
+    ("Who painted the Mona Lisa?", ("leonardo", "da vinci")),
+    ("What is the largest ocean on Earth?", ("pacific",)),
+    ("What is the opposite of hot?", ("cold",)),
+    ("Name the author of the Harry Potter books.", ("rowling",)),
+    ("Which organ pumps blood through the human body?", ("heart",)),
+    ("What is the capital of Italy?", ("rome",)),
+    ("What gas do humans need to breathe to stay alive?", ("oxygen",)),
+    # test (60)
+    ("What is the capital of Germany?", ("berlin",)),
+    ("What is the capital of Spain?", ("madrid",)),
+    ("What is the capital of the United Kingdom?", ("london",)),
+    ("What is the capital of Egypt?", ("cairo",)),
+    ("What is the capital of Russia?", ("moscow",)),
+    ("What is the capital of China?", ("beijing",)),
+    ("What is the capital of Canada?", ("ottawa",)),
+    ("What language is spoken in Brazil?", ("portuguese",)),
+    ("What is the main language spoken in Mexico?", ("spanish",)),
+    ("What is the currency of Japan?", ("yen",)),
+    ("Who was the first president of the United States?", ("washington",)),
+    ("Who developed the theory of relativity?", ("einstein",)),
+    ("Who discovered penicillin?", ("fleming",)),
+    ("What is the tallest mountain in the world?", ("everest",)),
+    ("What is the fastest land animal?", ("cheetah",)),
+    ("What is the largest mammal on Earth?", ("whale",)),
+    ("How many continents are there on Earth?", ("seven", "7")),
+    ("How many hours are there in a day?", ("24", "twenty-four", "twenty four")),
+    ("How many sides does a triangle have?", ("three", "3")),
+    ("What is the freezing point of water in degrees Celsius?", ("0", "zero")),
+    ("Which planet is closest to the Sun?", ("mercury",)),
+    ("What is the chemical symbol for gold?", ("au",)),
+    ("Which element has the chemical symbol O?", ("oxygen",)),
+    ("What does DNA stand for?", ("deoxyribonucleic",)),
+    ("What is the hardest natural substance?", ("diamond",)),
+    ("What do you call a baby cat?", ("kitten",)),
+    ("What do you call a baby dog?", ("puppy",)),
+    ("Which musical instrument has 88 keys?", ("piano",)),
+    ("In which country is the Eiffel Tower?", ("france", "paris")),
+    ("What is the main ingredient of guacamole?", ("avocado",)),
+    ("What is the plural of mouse?", ("mice",)),
+    ("Give me a synonym for happy.", ("joyful", "glad", "cheerful", "content", "delighted", "pleased", "elated")),
+    ("Translate 'hello' into Spanish.", ("hola",)),
+    ("What is the square root of 81?", ("9", "nine")),
+    ("What is 12 divided by 4?", ("3", "three")),
+    ("Which gas do plants take in from the air for photosynthesis?", ("carbon dioxide", "co2")),
+    ("What is the largest desert in Africa?", ("sahara",)),
+    ("On which continent is Kenya?", ("africa",)),
+    ("What is the longest river in Africa?", ("nile",)),
+    ("Who wrote the play Hamlet?", ("shakespeare",)),
+    ("What is the smallest prime number?", ("2", "two")),
+    ("Which metal is liquid at room temperature?", ("mercury",)),
+    ("What is the capital city of Australia?", ("canberra",)),
+    ("What does HTML stand for?", ("hypertext markup language",)),
+    ("Write a Python function that returns the sum of two numbers.", ("def", "return")),
+    ("Which programming language is mainly used to style web pages?", ("css",)),
+    ("What is the name of our galaxy?", ("milky way",)),
+    ("How many minutes are in an hour?", ("60", "sixty")),
+    ("What color do you get when you mix blue and yellow?", ("green",)),
+    ("Which animal is known as the king of the jungle?", ("lion",)),
+    ("What is the natural satellite of the Earth called?", ("moon",)),
+    ("What is the primary source of energy for the Earth?", ("sun",)),
+    ("What is the largest country in the world by area?", ("russia",)),
+    ("Who invented the telephone?", ("bell",)),
+    ("What is the name of the ship that sank in 1912 after hitting an iceberg?", ("titanic",)),
+    ("List three primary colors.", ("red", "blue", "yellow")),
+    ("Summarize in one sentence: The meeting was moved from Monday to Wednesday because the manager was ill.",
+     ("wednesday",)),
+    ("What is the opposite of 'up'?", ("down",)),
+    ("Explain what a noun is.", ("person", "place", "thing")),
+    ("What is the capital of Greece?", ("athens",)),
+]
+
+
+def split(items: list) -> tuple[list, list]:
+    """(calibration, test): the first ``CALIBRATION`` items, then the rest."""
+    return items[:CALIBRATION], items[CALIBRATION:]
+
+
+def correct(answer: str, keywords: tuple[str, ...]) -> bool:
+    """True when ``answer`` contains any of ``keywords`` as whole words (case-insensitive)."""
+    low = answer.lower()
+    return any(re.search(r"(?<![a-z0-9])" + re.escape(k) + r"(?![a-z0-9])", low) for k in keywords)
+
+
+assert len(STORIES) == 80 and len(QUESTIONS) == 80, (len(STORIES), len(QUESTIONS))
