@@ -36,7 +36,9 @@ ENV_CACHE = "EDGELM_CACHE"
 SOURCE_FILE = ".edgelm-source.json"
 # A Hugging Face repo id: owner/name, letters, digits, '-', '_', '.'; the hub itself refuses '--' and '..'.
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-_INSTALL_HUB = 'pip install huggingface_hub (downloads published edgelm folders), or pip install "edgelm[export]"'
+_INSTALL_HUB = ('Install it: pip install huggingface_hub (published edgelm folders), or the [export] extra for any '
+                'model: pip install "edgelm[export]" (in a source checkout: pip install ".[export]"); or pass a model '
+                'folder.')
 
 
 def is_model_name(text: str) -> bool:
@@ -73,15 +75,16 @@ def resolve(name: str, *, progress: bool = True) -> Path:
     if hf is None:
         raise ModelNotFoundError(f"{name} is not a local folder nor in edgelm's cache ({target}), and fetching it "
                                  "from the Hugging Face hub needs huggingface_hub, which is not installed.",
-                                 hint=f"Install it ({_INSTALL_HUB}), or pass a model folder.")
+                                 hint=_INSTALL_HUB)
     manifest_file = _published_manifest(hf, name, target)
     if manifest_file is not None:
         return _install_published(hf, name, Path(manifest_file), target)
     if not _export_extra_installed():
+        from edgelm.cli import install_hint
         raise ModelNotFoundError(f"{name} on the Hugging Face hub is not a published edgelm folder (it has no "
-                                 f"{MANIFEST}), and exporting it needs the [export] extra, which is not installed.",
-                                 hint=f'pip install "edgelm[export]" to export it on first use, or run `edgelm export '
-                                      f'{name} --out DIR` where the extra is installed and pass DIR.')
+                                 f"{MANIFEST}), and exporting it on first use needs the [export] extra, which is not "
+                                 "installed.", hint=f"{install_hint('export')}; or run `edgelm export {name} --out DIR` "
+                                                    "where it is installed and pass DIR.")
     return _export_into_cache(name, target, progress)
 
 
