@@ -18,9 +18,13 @@ Methods (``edgelm export --quantize``):
 * ``int8-block`` -- ``MatMulNBits`` with bits=8, symmetric, one fp32 scale per block of ``BLOCK_SIZE`` input
   features, ``accuracy_level`` 4 (activations quantized per block inside the kernel): the most accurate int8,
   a little faster decode on very small models, 2-2.5x slower prefill.
-* ``int4`` -- MatMulNBits with bits=4, blocks of ``INT4_BLOCK`` and uint8 zero points (each block maps its own
-  [min, max] onto 0..15), the LM head at 8 bits: the smallest file and the largest quality loss. (Float zero points
-  would reproduce a Q4_1 GGUF's grid exactly, but onnxruntime 1.32 runs them ~100x slower: measured.)
+* ``int4`` -- "scale + min" 4-bit blocks of ``INT4_BLOCK``: each block of a column is w ~= d * q + m, q in 0..15,
+  with a float offset m (llama.cpp's Q4_1 layout; :func:`quantize_offset_blocks`), the LM head at 8 bits. The
+  kernel stays the fast one: ``MatMulNBits`` without zero points computes the d * q part, and the graph adds
+  sum_b m_b * (sum of x over block b) as a small fp32 MatMul of the activations' block sums (1/32 of the
+  weights' count; :func:`_offset_nodes`). Integer zero points (the former int4, ``offsets=False``) round m / d
+  to an integer, a second rounding of every weight of a Q4_1 source (SmolLM2-135M-Instruct: +23.9 % perplexity
+  against +0.46 % with offsets), and MatMulNBits' own float zero points run ~100x slower in onnxruntime 1.32.
 
 The token embedding table (a Gather, not a MatMul) is stored int8 with one scale per row and de-quantized
 for the gathered rows only, unless ``keep_fp32`` names "embeddings". ``keep_fp32`` "lm_head" leaves the output
@@ -87,6 +91,97 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int, *, asymmetric: bool = 
     if bits == 4:  # two values per byte, the first in the low nibble
         q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
     return np.ascontiguousarray(q), scale.reshape(-1), zeros
+
+
+# The offset fit's search (:func:`quantize_offset_blocks`): each block's range shrunk by these factors about its
+# centre, and grids of 1..3 levels fewer anchored at its min or at its max (a K-quant's sub-block need not use
+# every level), each refitted by least squares. The plain min/max fit is always a candidate, so a block already on
+# a full 2**bits-level grid (a Q4_1 source) keeps its exact fit.
+OFFSET_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
+OFFSET_FEWER_LEVELS = (1, 2, 3)
+
+
+def _fit_offset(wb: np.ndarray, levels: int, search: bool, real: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block (last axis of ``wb``): (d, m, q) with w ~= d * q + m, q in 0..levels, minimising the block's
+    squared error over the search's candidates; ``real`` (broadcast against ``wb``) is 0 at the padding, which
+    the fit ignores."""
+    lo = wb.min(axis=-1, keepdims=True)
+    hi = wb.max(axis=-1, keepdims=True)
+    span = hi - lo
+    live = span > 0
+
+    def assign(d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = np.clip(np.rint((wb - m) / d), 0, levels)
+        return q, (real * np.square(d * q + m - wb)).sum(axis=-1, keepdims=True)
+
+    def step(width: np.ndarray) -> np.ndarray:
+        return np.where(live, width, 1.0).astype(np.float32)
+
+    d, m = step(span / levels), lo.astype(np.float32)
+    q, err = assign(d, m)
+    if not search:
+        return _constant_blocks(d, m, q, live, lo)
+    n = real.sum(axis=-1, keepdims=True)
+    starts = [(step(f * span / levels), lo + (1.0 - f) * span / 2) for f in OFFSET_SHRINKS]
+    for j in OFFSET_FEWER_LEVELS:
+        cd = step(span / (levels - j))
+        starts += [(cd, lo), (cd, hi - levels * cd)]
+    for cd, cm in starts:
+        cq, _ = assign(cd, cm.astype(np.float32))
+        # least squares for (d, m) given those levels: w ~= d * q + m
+        sq, sw = (real * cq).sum(-1, keepdims=True), (real * wb).sum(-1, keepdims=True)
+        den = n * (real * np.square(cq)).sum(-1, keepdims=True) - sq * sq
+        fd = np.where(den > 0, (n * (real * cq * wb).sum(-1, keepdims=True) - sq * sw) / np.where(den > 0, den, 1),
+                      cd)
+        fd = np.where(fd > 0, fd, cd).astype(np.float32)
+        fm = ((sw - fd * sq) / n).astype(np.float32)
+        cq, cerr = assign(fd, fm)
+        better = cerr < err
+        d, m, q, err = (np.where(better, fd, d), np.where(better, fm, m), np.where(better, cq, q),
+                        np.where(better, cerr, err))
+    return _constant_blocks(d, m, q, live, lo)
+
+
+def _constant_blocks(d: np.ndarray, m: np.ndarray, q: np.ndarray, live: np.ndarray, lo: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A block holding one value (an all-zero column) gets step 0 and that value as its offset: a step of 1 would
+    make the kernel's term and the offset's cancel out in large numbers that round."""
+    return np.where(live, d, 0.0).astype(np.float32), np.where(live, m, lo).astype(np.float32), np.where(live, q, 0)
+
+
+def quantize_offset_blocks(w: np.ndarray, bits: int, block: int, *, search: bool = True
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block-wise "scale + min" quantization of ``w`` [K, N]: each block of ``block`` input features of a column is
+    w ~= d * q + m with q in 0..2**bits-1 and a float offset m (llama.cpp's Q4_1 layout), chosen by the block's
+    min/max refined by a small least-squares search (:data:`OFFSET_SHRINKS`). A weight on such a grid already
+    (a Q4_1 GGUF, dequantized) is reproduced exactly; integer zero points could not, since m/d is no integer.
+
+    Returns (B, scales, offsets): B and scales in MatMulNBits' layout *without* zero points, so the kernel computes
+    d * (q - 2**(bits-1)); offsets float32 [n_blocks, N] hold m + 2**(bits-1) * d, the part the graph adds back
+    as sum_b offsets[b] * (sum of x over block b) (:func:`_offset_nodes`). K is zero-padded to a multiple of
+    ``block``; the padded features contribute nothing (their x is 0 in the block sums too)."""
+    k, n = w.shape
+    n_blocks = -(-k // block)
+    pad = n_blocks * block - k
+    wt = np.ascontiguousarray(w.T.astype(np.float32))  # [N, K]
+    if pad:  # repeat the last real value: padding that widened the last block's range would coarsen its step
+        wt = np.concatenate([wt, np.repeat(wt[:, k - 1:k], pad, axis=1)], axis=1)
+    wb = wt.reshape(n, n_blocks, block)
+    real = (np.arange(n_blocks * block) < k).astype(np.float32).reshape(1, n_blocks, block)
+    d, m, q = _fit_offset(wb, 2 ** bits - 1, search, real)
+    q = q.astype(np.uint8)
+    if bits == 4:
+        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    offsets = (m + 2 ** (bits - 1) * d).reshape(n, n_blocks).T.astype(np.float32)
+    return np.ascontiguousarray(q), d.reshape(-1).astype(np.float32), np.ascontiguousarray(offsets)
+
+
+def dequantize_offset_blocks(b: np.ndarray, scales: np.ndarray, offsets: np.ndarray, bits: int, k: int
+                             ) -> np.ndarray:
+    """Inverse of :func:`quantize_offset_blocks`: w [K, N]."""
+    block = b.shape[2] * 8 // bits
+    return dequantize_blocks(b, scales, bits, k) + np.repeat(offsets, block, axis=0)[:k]
 
 
 def dequantize_blocks(b: np.ndarray, scales: np.ndarray, bits: int, k: int, zeros: np.ndarray | None = None
@@ -163,8 +258,8 @@ def lm_head_weight(model: Any) -> str | None:
 def _replace_matmuls(model: Any, keep: Iterable[str], make: Any, desc: str, progress: bool = False) -> int:
     """Swap every MatMul with a 2-D initializer weight (used by that node only) for a quantized node, in place.
 
-    ``make(node, w_name, w)`` (w the fp32 [K, N] array) returns (new initializers, new node), or None to leave
-    the node as it is. "lm_head" in ``keep`` leaves the LM head alone. Returns how many MatMuls were replaced."""
+    ``make(node, w_name, w)`` (w the fp32 [K, N] array) returns (new initializers, the new node or a list of new
+    nodes in order), or None to leave the node as it is. "lm_head" in ``keep`` leaves the LM head alone. Returns how many MatMuls were replaced."""
     from onnx import numpy_helper
     from tqdm.auto import tqdm
 
@@ -186,7 +281,7 @@ def _replace_matmuls(model: Any, keep: Iterable[str], make: Any, desc: str, prog
             continue
         tensors, replacement = made
         model.graph.initializer.extend(tensors)
-        new_nodes.append(replacement)
+        new_nodes.extend(replacement if isinstance(replacement, list) else [replacement])
         drop.add(w_name)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
@@ -209,6 +304,60 @@ def _nbits_node(node: Any, w_name: str, w: np.ndarray, bits: int, block: int, as
         inputs.append(z_name)
     return tensors, helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name, domain="com.microsoft",
                                      K=k, N=n, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
+
+
+class _BlockSums:
+    """The offset path's block sums of each activation, made once per (activation, block) and shared by every
+    MatMul that reads it (an optimum-style graph's separate q/k/v or gate/up projections)."""
+
+    def __init__(self, rank3: bool) -> None:
+        self.rank3 = rank3  # activations are [batch, seq, K] (a decoder whose input_ids are [batch, seq])
+        self.made: dict[tuple[str, int], str] = {}
+
+    def __call__(self, x: str, k: int, block: int) -> tuple[str, list, list]:
+        """(the sums' name, new initializers, new nodes): x [..., K] -> [..., ceil(K / block)]."""
+        from onnx import helper, numpy_helper
+
+        key = (x, block)
+        if key in self.made:
+            return self.made[key], [], []
+        name = self.made[key] = f"{x}/block_sums{block}"
+        n_blocks = -(-k // block)
+        if self.rank3 and k % block == 0:
+            # a free Reshape and a ReduceSum: [B, S, K] -> [B, S, K/block, block] -> [B, S, K/block]
+            shape, axes = f"{name}/shape", f"{name}/axes"
+            tensors = [numpy_helper.from_array(np.array([0, 0, n_blocks, block], np.int64), shape),
+                       numpy_helper.from_array(np.array([-1], np.int64), axes)]
+            return name, tensors, [helper.make_node("Reshape", [x, shape], [f"{name}/blocks"], name=f"{name}/reshape"),
+                                   helper.make_node("ReduceSum", [f"{name}/blocks", axes], [name], name=name,
+                                                    keepdims=0)]
+        # any rank, any K: x @ E with E[k, b] = 1 where feature k lies in block b (zero-padded K needs no padding)
+        ones = f"{name}/indicator"
+        e = np.zeros((k, n_blocks), np.float32)
+        e[np.arange(k), np.arange(k) // block] = 1.0
+        return name, [numpy_helper.from_array(e, ones)], [helper.make_node("MatMul", [x, ones], [name], name=name)]
+
+
+def _offset_nodes(node: Any, w_name: str, w: np.ndarray, bits: int, block: int, sums: _BlockSums,
+                  search: bool = True) -> tuple[list, list]:
+    """MatMul -> MatMulNBits without zero points (the fast kernel) plus the float offsets of
+    :func:`quantize_offset_blocks`: y = MatMulNBits(x) + (block sums of x) @ offsets [n_blocks, N]. The second
+    term is 1/block of the weights' count in fp32 (1 byte per 8 weights at blocks of 32) and a small MatMul."""
+    from onnx import helper, numpy_helper
+
+    k, n = w.shape
+    b, scales, offsets = quantize_offset_blocks(w, bits, block, search=search)
+    b_name, s_name, o_name = f"{w_name}.q{bits}", f"{w_name}.scales", f"{w_name}.offsets"
+    tensors = [numpy_helper.from_array(b, b_name), numpy_helper.from_array(scales, s_name),
+               numpy_helper.from_array(offsets, o_name)]
+    x, y = node.input[0], node.output[0]
+    sum_name, sum_tensors, sum_nodes = sums(x, k, block)
+    nodes = sum_nodes + [
+        helper.make_node("MatMulNBits", [x, b_name, s_name], [f"{y}/grid"], name=node.name, domain="com.microsoft",
+                         K=k, N=n, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL),
+        helper.make_node("MatMul", [sum_name, o_name], [f"{y}/offset"], name=f"{node.name}/offset"),
+        helper.make_node("Add", [f"{y}/grid", f"{y}/offset"], [y], name=f"{node.name}/add_offset")]
+    return tensors + sum_tensors, nodes
 
 
 def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -281,6 +430,10 @@ METHODS = ("int8", "int8-block", "int8-gemm", "int4")
 # gibberish; all 121 on the GEMM cost +90 %.
 GEMM_MAX_RATIO = 2.0
 INT4_BLOCK = 32
+# Which methods store their block-wise matrices as "scale + min" blocks with float offsets (quantize_offset_blocks)
+# by default. int4: on SmolLM2-135M-Instruct (a Q4_1 source) +0.46 % perplexity with offsets, +23.9 % with
+# integer zero points (docs/models.md).
+OFFSETS = {"int4": True}
 CALIBRATION_TOKENS = 256
 
 
@@ -495,12 +648,16 @@ def _attr(node: Any, name: str) -> Any:
 
 def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: str = "int8",
                    keep_fp32: Iterable[str] = (), plan: dict[str, str] | None = None,
-                   int4_block: int = INT4_BLOCK, progress: bool = False) -> dict[str, Any]:
+                   int4_block: int = INT4_BLOCK, offsets: bool | None = None, search: bool = True,
+                   progress: bool = False) -> dict[str, Any]:
     """Quantize the fp32 graph at ``src`` into ``dst`` (``method`` one of :data:`METHODS`); returns the settings
     for the manifest.
 
     ``plan`` (for "int8"): node name -> "gemm" | "block", from :func:`plan_int8` over :func:`calibrate`; nodes it
-    does not name get "block" (the safe choice). Without a plan, "int8" means every MatMul is block-wise."""
+    does not name get "block" (the safe choice). Without a plan, "int8" means every MatMul is block-wise.
+    ``offsets``: the method's block-wise matrices as "scale + min" blocks with float offsets
+    (:func:`quantize_offset_blocks`, ``search`` refining each block's fit) instead of integer zero points (int4) or
+    symmetric blocks (8 bits); None takes :data:`OFFSETS`'s default for the method."""
     import onnx
     from onnx import helper
 
@@ -517,6 +674,9 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
         bits, block, asym = 4, int4_block, True
     else:
         bits, block, asym = 8, BLOCK_SIZE[8], False
+    offsets = OFFSETS.get(method, False) if offsets is None else offsets
+    ids = next((i for i in model.graph.input if i.name == "input_ids"), None)
+    sums = _BlockSums(rank3=ids is not None and len(ids.type.tensor_type.shape.dim) == 2)
     if method == "int8-gemm":
         kinds = {name: "gemm" for name, _, _ in weight_matmuls(model)}
     elif method == "int8":
@@ -536,6 +696,8 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
             # int4 keeps the LM head at 8 bits unless the plan says otherwise: its error lands on the logits
             # directly (SmolLM2-135M-Instruct: +33 % perplexity with a 4-bit head, +24 % with an 8-bit one).
             return _nbits_node(node, w_name, w, 8, BLOCK_SIZE[8], False)
+        if offsets:
+            return _offset_nodes(node, w_name, w, bits, block, sums, search)
         return _nbits_node(node, w_name, w, bits, block, asym)
 
     info["matmuls"] = _replace_matmuls(model, keep, make, f"quantize {method}", progress)
@@ -551,8 +713,11 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
         parts.append(f"{n_gemm} MatMuls int8 per output channel with int8 activations per call (DynamicQuantizeMatMul"
                      + (f"; {len(smooth)} of them smoothed into the norm before them)" if smooth else ")"))
     if n_block:
-        parts.append(f"{n_block} MatMuls int{bits} {'asymmetric (zero points)' if asym else 'symmetric'}, blocks of "
+        form = ("scale + float offset per block (MatMulNBits + block sums @ offsets)" if offsets else
+                "asymmetric (zero points)" if asym else "symmetric")
+        parts.append(f"{n_block} MatMuls int{bits} {form}, blocks of "
                      f"{block} (MatMulNBits; activations int8 per block, accuracy level {ACCURACY_LEVEL})")
+        info["offsets"] = bool(offsets)
     if n_block8:
         parts.append(f"{n_block8} MatMuls int8 symmetric, blocks of {BLOCK_SIZE[8]} (MatMulNBits)")
         info["int8_matmuls"] = n_block8

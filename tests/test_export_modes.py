@@ -53,3 +53,50 @@ def test_the_most_accurate_mode_failing_points_at_fp32(tmp_path):
                      progress=False)
     assert "more than the allowed 0.00 %" in info.value.message and "Also measured" not in info.value.message
     assert "--quantize none" in info.value.hint and not (tmp_path / "out").exists()
+
+
+def _optimized_ops(path, tmp_path) -> dict[str, int]:
+    """Node counts of the graph onnxruntime actually runs (its optimizer at the runtime's level, all fusions)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(tmp_path / f"opt-{path.parent.name}-{path.name}")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return dict(collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath,
+                                                                  load_external_data=False).graph.node))
+
+
+def test_int4_offsets_leave_onnxruntime_fusions_intact(stories_fp32, tmp_path):
+    """int4's offset term on a real decoder graph: onnxruntime's optimizer still fuses what it fused with integer
+    zero points (norms, SiLU, every MatMulNBits kept), and the offset ops it adds are the ones in the file: a
+    Reshape + ReduceSum (or, where K is no multiple of 32 -- stories260K's down_proj, K = 172 -- one indicator
+    MatMul) for the block sums, then a MatMul and an Add per 4-bit matrix."""
+    import collections
+
+    import onnx
+
+    from edgelm_export.quantize import quantize_model
+
+    src = stories_fp32 / "model.onnx"
+    zp = quantize_model(src, tmp_path / "zp.onnx", method="int4", offsets=False)
+    off = quantize_model(src, tmp_path / "offsets.onnx", method="int4")
+    assert off["offsets"] is True and zp["block_matmuls"] == off["block_matmuls"] > 0
+
+    def diff(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+        return {op: b.get(op, 0) - a.get(op, 0) for op in sorted(set(a) | set(b)) if b.get(op, 0) != a.get(op, 0)}
+
+    def ops(name: str) -> dict[str, int]:
+        return dict(collections.Counter(n.op_type for n in onnx.load(str(tmp_path / name)).graph.node))
+
+    in_file = diff(ops("zp.onnx"), ops("offsets.onnx"))
+    n = off["block_matmuls"]
+    assert in_file["Add"] == n and in_file["ReduceSum"] == in_file["Reshape"] and in_file["MatMul"] >= n
+    assert in_file["ReduceSum"] + in_file["MatMul"] - n == n  # one block sum per matrix (each reads its own x)
+    a, b = _optimized_ops(tmp_path / "zp.onnx", tmp_path), _optimized_ops(tmp_path / "offsets.onnx", tmp_path)
+    assert diff(a, b) == in_file, (a, b)
+    assert b["MatMulNBits"] == a["MatMulNBits"] and b["SkipSimplifiedLayerNormalization"] > 0

@@ -65,11 +65,15 @@ def _one_matmul(tmp_path, w: np.ndarray):
     return path
 
 
-@pytest.mark.parametrize("method,op,rel", [("int8-gemm", "DynamicQuantizeMatMul", 0.03),
-                                           ("int8", "MatMulNBits", 0.03),  # no plan: every MatMul block-wise
-                                           ("int8-block", "MatMulNBits", 0.03),
-                                           ("int4", "MatMulNBits", 0.15)])
-def test_quantized_matmul_matches_fp32_in_onnxruntime(tmp_path, method, op, rel):
+# int4: MatMulNBits plus the offsets' term; a graph without [batch, seq] input_ids sums its blocks with a MatMul
+_INT4_OPS = ["MatMul", "MatMulNBits", "MatMul", "Add"]
+
+
+@pytest.mark.parametrize("method,ops,rel", [("int8-gemm", ["DynamicQuantizeMatMul"], 0.03),
+                                            ("int8", ["MatMulNBits"], 0.03),  # no plan: every MatMul block-wise
+                                            ("int8-block", ["MatMulNBits"], 0.03),
+                                            ("int4", _INT4_OPS, 0.15)])
+def test_quantized_matmul_matches_fp32_in_onnxruntime(tmp_path, method, ops, rel):
     import onnx
     import onnxruntime as ort
 
@@ -80,7 +84,7 @@ def test_quantized_matmul_matches_fp32_in_onnxruntime(tmp_path, method, op, rel)
     assert info["method"] == method and info["matmuls"] == 1 and info["bytes"] < src.stat().st_size
     json.dumps(info)  # goes into the manifest as is
     graph = onnx.load(str(dst)).graph
-    assert [node.op_type for node in graph.node] == [op]
+    assert [node.op_type for node in graph.node] == ops
     assert "W" not in {t.name for t in graph.initializer}  # the fp32 weight is gone
     x = np.random.default_rng(1).standard_normal((1, 7, 128)).astype(np.float32)  # prefill-like: 7 rows
     sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
@@ -264,8 +268,125 @@ def test_the_lm_head_is_found_by_shape_in_other_exporters_graphs(tmp_path):
     onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
     assert q.lm_head_weight(onnx.load(str(src))) == "onnx::MatMul_9"
     q.quantize_model(src, tmp_path / "i4.onnx", method="int4")
-    bits = {n.name: q._attr(n, "bits") for n in onnx.load(str(tmp_path / "i4.onnx")).graph.node}
+    bits = {n.name: q._attr(n, "bits") for n in onnx.load(str(tmp_path / "i4.onnx")).graph.node
+            if n.op_type == "MatMulNBits"}
     assert bits == {"/layer/MatMul": 4, "/lm_head/MatMul": 8}
     q.quantize_model(src, tmp_path / "keep.onnx", method="int8-block", keep_fp32=["lm_head"])
     ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "keep.onnx")).graph.node}
     assert ops == {"/layer/MatMul": "MatMulNBits", "/lm_head/MatMul": "MatMul"}
+
+
+# --- "scale + min" blocks with float offsets (int4's default) ------------------------------------------------------
+def _q4_1_grid(k: int, n: int, seed: int = 0, top: int = 15) -> np.ndarray:
+    """A weight [K, N] on llama.cpp's Q4_1 grid: per block of 32 (along K) d * q + m with fp16 d and m and q in
+    0..15 (both ends used, as Q4_1's min/max fit does; ``top`` < 15 leaves the highest levels unused)."""
+    rng = np.random.default_rng(seed)
+    nb = k // 32
+    d = (np.abs(rng.standard_normal((n, nb, 1))) * 0.01 + 1e-3).astype(np.float16).astype(np.float32)
+    m = (-rng.random((n, nb, 1)) * 0.1).astype(np.float16).astype(np.float32)
+    levels = rng.integers(0, top + 1, (n, nb, 32))
+    levels[..., 0], levels[..., 1] = 0, top
+    return np.ascontiguousarray((d * levels + m).reshape(n, k).T)
+
+
+@pytest.mark.parametrize("top", [15, 13])
+def test_offset_blocks_reproduce_a_q4_1_grid_exactly(top):
+    """A Q4_1 source, dequantized, goes back to 4 bits without a second rounding (top < 15: a K-quant-style block
+    that leaves levels unused is found by the search); integer zero points cannot do that, as m / d is no integer."""
+    w = _q4_1_grid(128, 48, top=top)
+    b, scales, offsets = q.quantize_offset_blocks(w, 4, 32)
+    assert b.shape == (48, 4, 16) and scales.shape == (48 * 4,) and offsets.shape == (4, 48)
+    back = q.dequantize_offset_blocks(b, scales, offsets, 4, 128)
+    assert np.abs(back - w).max() <= 1e-6 * np.abs(w).max()
+    b4, s4, z4 = q.quantize_blocks(w, 4, 32, asymmetric=True)
+    zp = q.dequantize_blocks(b4, s4, 4, 128, z4)
+    assert np.abs(zp - w).max() > 1e3 * np.abs(back - w).max()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_offset_fit_is_within_half_a_step_and_the_search_only_helps(bits):
+    w = _weights(80, 24)  # K = 80: the last block is padded (with its last value, so its range does not grow)
+    plain = q.quantize_offset_blocks(w, bits, 32, search=False)
+    searched = q.quantize_offset_blocks(w, bits, 32)
+    for b, scales, offsets in (plain, searched):
+        back = q.dequantize_offset_blocks(b, scales, offsets, bits, 80)
+        assert back.shape == w.shape
+        step = np.repeat(scales.reshape(24, -1).T, 32, axis=0)[:80]  # each weight's own block step
+        if b is plain[0]:
+            assert np.all(np.abs(back - w) <= step / 2 + 1e-6)
+    err = [np.square(q.dequantize_offset_blocks(*f, bits, 80) - w).reshape(-1) for f in (plain, searched)]
+    # per block never worse (min/max is always a candidate), and better in total on Gaussian weights
+    blocks = [np.square(q.dequantize_offset_blocks(*f, bits, 80) - w).T.reshape(24, -1) for f in (plain, searched)]
+    per_block = [np.add.reduceat(e, [0, 32, 64], axis=1) for e in blocks]
+    assert np.all(per_block[1] <= per_block[0] * (1 + 1e-5) + 1e-12)
+    assert err[1].sum() < 0.97 * err[0].sum()
+
+
+def _decoder_like_matmuls(tmp_path, ws: list[np.ndarray], k_in: int):
+    """input_ids [batch, seq] -> Gather -> x [batch, seq, K] -> one MatMul per weight in ``ws`` (all reading x)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.random.default_rng(7).standard_normal((50, k_in)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["x"], name="embed")]
+    nodes += [helper.make_node("MatMul", ["x", f"W{i}"], [f"y{i}"], name=f"mm{i}") for i in range(len(ws))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"])],
+                          [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(ws))],
+                          [numpy_helper.from_array(table, "table")]
+                          + [numpy_helper.from_array(w, f"W{i}") for i, w in enumerate(ws)])
+    path = tmp_path / "dec.onnx"
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path, table
+
+
+@pytest.mark.parametrize("bits,method", [(4, "int4"), (8, "int8-block")])
+def test_offset_graph_computes_the_numpy_reference(tmp_path, monkeypatch, bits, method):
+    """MatMulNBits (no zero points) + block sums @ offsets == x @ dequantized weights, through onnxruntime: exact
+    at accuracy level 0 (fp32 activations), within the activations' int8 rounding at the real level 4. Two
+    MatMuls reading the same activation share one Reshape + ReduceSum."""
+    import onnx
+    from onnx import numpy_helper
+
+    ws = [_q4_1_grid(96, 40, seed=1), _weights(96, 24, seed=2)]
+    src, table = _decoder_like_matmuls(tmp_path, ws, 96)
+    ids = [3, 1, 4, 1, 5, 9, 2]
+    for level, rel in ((0, 1e-5), (q.ACCURACY_LEVEL, 0.03)):
+        monkeypatch.setattr(q, "ACCURACY_LEVEL", level)
+        dst = tmp_path / f"{method}-{level}.onnx"
+        info = q.quantize_model(src, dst, method=method, offsets=True)
+        assert info["offsets"] is True and info["block_matmuls"] == 2 and "float offset" in info["weights"]
+        model = onnx.load(str(dst))
+        assert [n.op_type for n in model.graph.node] == ["Gather", "Reshape", "ReduceSum", "MatMulNBits", "MatMul",
+                                                         "Add", "MatMulNBits", "MatMul", "Add"]
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        for i, w in enumerate(ws):
+            node = next(n for n in model.graph.node if n.name == f"mm{i}")
+            assert len(node.input) == 3  # no zero points: the kernel's fast symmetric path
+            assert inits[f"W{i}.offsets"].shape == (3, w.shape[1]) and f"W{i}" not in inits
+            ref_w = q.dequantize_offset_blocks(inits[f"W{i}.q{bits}"].reshape(w.shape[1], 3, -1),
+                                               inits[f"W{i}.scales"], inits[f"W{i}.offsets"], bits, 96)
+            x = table[ids]
+            got = _run_all(dst, ids)[i][0]
+            np.testing.assert_allclose(got, x @ ref_w, rtol=0, atol=rel * np.abs(x @ ref_w).max())
+        # the Q4_1-grid weight itself comes back exactly, so its output is fp32's
+        if bits == 4 and level == 0:
+            np.testing.assert_allclose(_run_all(dst, ids)[0][0], table[ids] @ ws[0], rtol=0,
+                                       atol=1e-5 * np.abs(table[ids] @ ws[0]).max())
+
+
+def _run_all(path, ids):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input_ids": np.asarray([ids], np.int64)})
+
+
+def test_int4_without_offsets_keeps_integer_zero_points(tmp_path):
+    """offsets=False: the former int4 (kept for comparisons): zero points, no offset term."""
+    import onnx
+
+    src, _ = _decoder_like_matmuls(tmp_path, [_weights(64, 16)], 64)
+    info = q.quantize_model(src, tmp_path / "zp.onnx", method="int4", offsets=False)
+    nodes = onnx.load(str(tmp_path / "zp.onnx")).graph.node
+    assert [n.op_type for n in nodes] == ["Gather", "MatMulNBits"] and len(nodes[1].input) == 4
+    assert info["offsets"] is False and "zero points" in info["weights"]
