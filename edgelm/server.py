@@ -19,6 +19,14 @@ How a request flows, and why:
   disconnects or the server shuts down, so nobody pays for tokens that no one will read.
 * A streamed request waits for its first event before sending headers: errors the model raises before
   doing work (context overflow, bad settings) still get a proper 400 instead of a broken 200 stream.
+* Everything a client controls is bounded before it costs a worker anything (docs/server.md, "Limits"): the
+  body's size, nesting and text (no lone surrogates); the prompt's length in characters against what the
+  context can hold (so an oversized prompt is refused without being tokenized); how long a connection may take
+  to send its request head and body, sit idle, or leave a response unread; how many connections are open.
+* A local server is reachable from every web page the user opens, through the browser. So ``Host`` must be a
+  local name, an IP address or one the user allowed (DNS rebinding needs a name), a request with an ``Origin``
+  must come from an origin the user listed (CORS answers only those), and bodies must be JSON (the body types a
+  page may send cross-site without asking first are refused with 415).
 
 Nothing here is imported by ``import edgelm``; starlette and uvicorn are imported when this module is.
 """
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -55,6 +64,23 @@ DEFAULT_PORT = 8000
 DEFAULT_WORKERS = 2
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more text than any edge model's context holds
+# A prompt longer than context_length * this many characters cannot fit, so it is refused before tokenizing.
+# English averages about 4 characters per token; 16 leaves room for code and whitespace runs. The bound used is
+# never above the model's longest vocabulary entry, which no token can exceed (so tiny vocabularies get a
+# tighter bound that is still exact).
+DEFAULT_CHARS_PER_TOKEN = 16
+MAX_JSON_DEPTH = 64       # nesting of arrays/objects in a body; tool schemas use a handful of levels
+# Connections (seconds, and a count). A request head must arrive within HEADER_TIMEOUT of connecting (or of the
+# previous response), its body within BODY_TIMEOUT; an idle keep-alive connection closes after KEEP_ALIVE; a
+# response the client has stopped reading for SEND_TIMEOUT is dropped; connections beyond MAX_CONNECTIONS get 503.
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 30.0       # 1 MiB in 30 s is 35 kB/s
+DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0  # uvicorn's own default
+DEFAULT_SEND_TIMEOUT = 60.0
+DEFAULT_MAX_CONNECTIONS = 128
+# Host names always accepted (besides IP addresses and the address the server is bound to): DNS rebinding
+# cannot point them at another machine.
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 API_KEY_ENV = "EDGELM_API_KEY"
 # Prompt lookup for greedy requests (temperature 0; edgelm.lookup, docs/lookup.md). Off by default: on the int8
 # models it changes greedy output at near-ties (a multi-token call quantizes its activations together), and
@@ -132,7 +158,54 @@ def _field(body: Mapping[str, Any], name: str, kind: type, default: Any = None) 
     if not ok:
         raise APIError(400, f"'{name}' must be {_KIND_NAMES[kind]}, not {_type_name(value)}.", param=name,
                        code="invalid_type")
+    if kind is int and not -(1 << 63) <= value < (1 << 64):  # JSON allows any size; no setting needs more
+        raise APIError(400, f"'{name}' is out of range (it has {len(str(abs(value)))} digits).", param=name,
+                       code="invalid_value")
     return value
+
+
+def _scan_json(value: Any, max_depth: int, where: str = "The request body") -> None:
+    """Refuse what parses as JSON but breaks what comes after: nesting deeper than ``max_depth`` (recursive
+    code downstream, the chat template's ``tojson`` among it) and strings with a lone surrogate (``"\\ud800"``
+    is valid JSON but not text: the tokenizer and every encoder reject it). Iterative, so any depth is safe."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            strings = (item,)
+        elif isinstance(item, (dict, list)):
+            if depth > max_depth:
+                raise APIError(400, f"{where} is nested more than {max_depth} levels deep. Flatten it.",
+                               code="invalid_json")
+            if isinstance(item, dict):
+                strings = tuple(item)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                strings = ()
+                stack.extend((v, depth + 1) for v in item)
+        else:
+            continue
+        for text in strings:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise APIError(400, f"{where} holds a string with a lone surrogate (U+{ord(text[exc.start]):04X} "
+                               f"at offset {exc.start}), which is not text. Send valid Unicode: a \\uD800-\\uDBFF "
+                               f"escape must be followed by a \\uDC00-\\uDFFF one.", code="invalid_value") from None
+
+
+def _text_chars(value: Any) -> int:
+    """How many characters of text the string values in ``value`` hold (what a chat template renders)."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return total
 
 
 def _unsupported(name: str, why: str) -> APIError:
@@ -330,9 +403,11 @@ def _parse_tool_calls(calls: Any, param: str) -> list[dict[str, Any]] | None:
         if isinstance(args, str):  # OpenAI sends a JSON string; templates want the object (kept as text if not one)
             try:
                 decoded = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, a 4,300-digit number, or nested far too deep
                 decoded = None
-            args = decoded if isinstance(decoded, dict) else args
+            if isinstance(decoded, dict):
+                _scan_json(decoded, MAX_JSON_DEPTH, f"'{param}[{j}].function.arguments'")
+                args = decoded
         elif not isinstance(args, dict):
             raise APIError(400, f"'{param}[{j}].function.arguments' must be a JSON string, not {_type_name(args)}.",
                            param=f"{param}[{j}].function.arguments", code="invalid_type")
@@ -526,9 +601,13 @@ def _generation_work(model: Any, req: _Request, lookup: bool = False) -> Callabl
     stops its generation either way. The runtime's stream exposes the final Generation (``.generation``)
     once exhausted, which gives exact usage and finish_reason.
     """
+    # The runtime's Model caps a default max_new_tokens to the room the prompt leaves itself, tokenizing the
+    # prompt once; other models (a Hybrid) get the cap worked out here.
+    fit = (lambda: dict(req.gen_kwargs)) if _is_runtime_model(model) else (lambda: _fit_default_max_tokens(model, req))
+
     def work(job: _Job) -> bool:
         pieces: list[str] = []
-        kwargs = _fit_default_max_tokens(model, req)
+        kwargs = fit()
         if lookup:  # the model ignores it for sampled requests
             kwargs["lookup"] = True
         # Arguments are validated here, before any decoding; errors go back to the request as an "error".
@@ -565,6 +644,36 @@ def _generation_work(model: Any, req: _Request, lookup: bool = False) -> Callabl
         job.emit("done", outcome)
         return True
     return work
+
+
+def _is_runtime_model(model: Any) -> bool:
+    from edgelm.model import Model
+
+    return isinstance(model, Model)
+
+
+def _prompt_char_limit(model: Any, chars_per_token: int) -> int | None:
+    """The most characters of prompt text ``model``'s context can hold: ``context_length`` times the smaller of
+    ``chars_per_token`` and the longest entry of the vocabulary (no token covers more characters than its
+    entry; byte-level entries spell each byte as one character, so they overcount). None (no check) for what
+    is not the runtime's Model: a Hybrid may send a long prompt to its cloud."""
+    if not _is_runtime_model(model):
+        return None
+    tok = model.tokenizer
+    longest = 1
+    for i in range(int(tok.vocab_size)):
+        entry = tok.id_to_token(i)
+        if entry and len(entry) > longest:
+            longest = len(entry)
+            if longest >= chars_per_token:
+                break
+    return int(model.context_length) * min(chars_per_token, longest)
+
+
+def _positive_seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InvalidArgumentError(f"{name} must be a positive number of seconds, got {value!r}.")
+    return float(value)
 
 
 def _fit_default_max_tokens(model: Any, req: _Request) -> dict[str, Any]:
@@ -640,6 +749,11 @@ def _models_map(model_or_models: Any) -> dict[str, Any]:
     return models
 
 
+def _short(text: str, limit: int = 120) -> str:
+    """``text`` cut to ``limit`` characters: client-controlled text goes into messages and logs only this short."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _sse(payload: Any) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n"
@@ -653,11 +767,13 @@ class EdgeLMServer:
     """The state behind one app: models, the worker pool and the optional API key."""
 
     def __init__(self, model_or_models: Any, *, api_key: str | None, max_queue: int, workers: int,
-                 max_body_bytes: int, lookup: bool = DEFAULT_LOOKUP):
+                 max_body_bytes: int, lookup: bool = DEFAULT_LOOKUP, chars_per_token: int = DEFAULT_CHARS_PER_TOKEN,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT):
         for name, value, low in (("workers", workers, 1), ("max_queue", max_queue, 1),
-                                 ("max_body_bytes", max_body_bytes, 1)):
+                                 ("max_body_bytes", max_body_bytes, 1), ("chars_per_token", chars_per_token, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidArgumentError(f"{name} must be an integer >= {low}, got {value!r}.")
+        self.body_timeout = _positive_seconds("body_timeout", body_timeout)
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
             raise InvalidArgumentError("api_key must be a non-empty string (or None for no key).")
         if not isinstance(lookup, bool):
@@ -669,6 +785,8 @@ class EdgeLMServer:
         self.max_body_bytes = max_body_bytes
         self.engine = _Engine(workers, max_queue)
         self.created = int(time.time())
+        self.chars_per_token = chars_per_token
+        self._prompt_limits = {mid: _prompt_char_limit(m, chars_per_token) for mid, m in self.models.items()}
 
     # -- checks done on the event loop before any work --
     def check_auth(self, request: Request) -> None:
@@ -685,29 +803,61 @@ class EdgeLMServer:
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def read_json(self, request: Request) -> Any:
+        """The body as JSON, within the size, time, nesting and text limits (413 / 408 / 415 / 400)."""
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            # A web page may send text/plain, form and multipart bodies to any address without asking first
+            # (no CORS preflight), so accepting them would let any site the user visits drive this server.
+            raise APIError(415, f"The request body must be JSON, sent with 'Content-Type: application/json' "
+                           f"(got {_short(media) if media else 'no Content-Type'}).", code="unsupported_media_type",
+                           headers={"Connection": "close"})
         limit = self.max_body_bytes
         length = request.headers.get("content-length")
         too_big = APIError(413, f"The request body is larger than this server's limit of {limit} bytes. Send a "
                            f"shorter prompt, or start the server with a larger max_body_bytes.",
-                           code="request_too_large")
+                           code="request_too_large", headers={"Connection": "close"})
         if length is not None:
             try:
-                if int(length) > limit:
-                    raise too_big
+                declared = int(length)
             except ValueError:
-                raise APIError(400, "Invalid Content-Length header.", code="invalid_request") from None
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+                raise APIError(400, "Invalid Content-Length header.", code="invalid_request",
+                               headers={"Connection": "close"}) from None
+            if declared > limit:
                 raise too_big
-            chunks.append(chunk)
-        raw = b"".join(chunks)
+
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
+            return b"".join(chunks)
+
         try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise APIError(400, f"The request body is not valid JSON ({exc}). Send a JSON object with "
-                           f"'Content-Type: application/json'.", code="invalid_json") from None
+            raw = await asyncio.wait_for(read(), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"The request body did not arrive within {self.body_timeout:g} s.",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        try:
+            body = json.loads(raw)
+        except RecursionError:
+            body = None
+            problem = f"it is nested more than {MAX_JSON_DEPTH} levels deep"
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            body = None
+            problem = str(exc)
+        except ValueError:  # Python refuses to convert integers of more than 4,300 digits
+            body = None
+            problem = "a number has too many digits"
+        else:
+            problem = ""
+        del raw
+        if problem:
+            raise APIError(400, f"The request body is not valid JSON ({_short(problem)}). Send a JSON object with "
+                           f"'Content-Type: application/json'.", code="invalid_json")
+        _scan_json(body, MAX_JSON_DEPTH)
+        return body
 
     def lookup(self, model_id: str | None) -> tuple[str, Any]:
         if model_id is None:
@@ -720,6 +870,29 @@ class EdgeLMServer:
                            f"{sorted(self.models)} (GET /v1/models lists them).", param="model",
                            code="model_not_found")
         return model_id, self.models[model_id]
+
+    def check_prompt_size(self, model_id: str, model: Any, req: _Request) -> None:
+        """Refuse, before any tokenizing, a prompt that cannot fit the model's context: more token ids than the
+        context, or more characters than ``context_length`` tokens can hold (see :func:`_prompt_char_limit`).
+        Tokenizing a megabyte costs a worker about a second and the process 100 MB; counting costs nothing."""
+        limit = self._prompt_limits.get(model_id)
+        if limit is None:
+            return
+        ctx = int(model.context_length)
+        if isinstance(req.prompt, list) and req.kind == "completion":
+            if len(req.prompt) >= ctx:
+                raise APIError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
+                               f"{len(req.prompt)} token ids, which leaves no room for the completion. Send fewer "
+                               f"tokens.", param="prompt", code="context_length_exceeded")
+            return
+        chars = _text_chars(req.prompt) + _text_chars(req.chat_kwargs)
+        if chars > limit:
+            what = "messages" if req.kind == "chat" else "prompt"
+            verb = "hold" if req.kind == "chat" else "holds"
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens, but the {what} {verb} {chars} "
+                           f"characters, more than {ctx} tokens can hold ({limit} characters, at most "
+                           f"{limit // ctx} per token). Shorten the {what}.", param=what,
+                           code="context_length_exceeded")
 
     # -- endpoints --
     async def health(self, request: Request) -> Response:
@@ -754,7 +927,9 @@ class EdgeLMServer:
         except ClientDisconnect:  # gone before the body arrived: nothing to answer, nothing to log as an error
             return Response(status_code=499)
         req = _parse_request(body, kind)
+        del body  # the parsed request keeps what it needs
         model_id, model = self.lookup(req.model)
+        self.check_prompt_size(model_id, model, req)
         loop = asyncio.get_running_loop()
         job = _Job(loop, _generation_work(model, req, self.lookup_drafts))
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -883,21 +1058,131 @@ async def _next_event(job: _Job, watcher: asyncio.Future) -> tuple[str, Any]:
     raise _ClientGone()
 
 
+def _host_name(host: str) -> str:
+    """The name part of a ``Host`` header or of an address to listen on: no port, no brackets, lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _origin_name(origin: str) -> str:
+    return origin.strip().lower().rstrip("/")
+
+
+class _Guard:
+    """ASGI middleware: the cross-site checks in front of every request (403 before any route runs).
+
+    * ``Host`` must be a local name (``localhost``, ``*.localhost``, 127.0.0.1, ::1), an IP address, or a name in
+      ``allowed_hosts`` (the name the server was started on is added there). A DNS-rebinding page reaches the
+      server under its own name, so this stops it; an IP address cannot be rebound, so it is safe. ``"*"``
+      turns the check off. A request without ``Host`` (HTTP/1.0; browsers always send one) passes.
+    * A request carrying ``Origin`` (browsers add it to cross-site requests) must come from an origin in
+      ``cors_origins`` (``"*"``: any) or from the server's own origin. Only those get CORS headers, preflights
+      included; by default none does, so no web page can use the server.
+    """
+
+    def __init__(self, app: Any, *, allowed_hosts: Any = (), cors_origins: Any = ()):
+        hosts = {_host_name(h) for h in allowed_hosts if h and h.strip()}
+        self.any_host = "*" in hosts
+        self.hosts = frozenset(hosts | set(LOCAL_HOSTS))
+        origins = {_origin_name(o) for o in cors_origins if o and o.strip()}
+        self.any_origin = "*" in origins
+        self.origins = frozenset(origins)
+        self.app = app
+
+    def host_ok(self, host: str | None) -> bool:
+        if host is None or self.any_host:
+            return True
+        name = _host_name(host)
+        return bool(name) and (name in self.hosts or name.endswith(".localhost") or _is_ip(name))
+
+    def origin_ok(self, origin: str, host: str | None) -> bool:
+        name = _origin_name(origin)
+        if self.any_origin or name in self.origins:
+            return True
+        scheme, _, netloc = name.partition("://")  # same origin: a page this server's own address served
+        return host is not None and scheme in ("http", "https") and netloc == host.strip().lower()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from starlette.datastructures import Headers, MutableHeaders
+
+        headers = Headers(scope=scope)
+        host = headers.get("host")
+        if not self.host_ok(host):
+            log.warning("refused a request for the host %r (not local, not in --allowed-hosts)", _short(host or ""))
+            await APIError(403, f"The host {_short(host or '')!r} is not allowed. Use http://127.0.0.1 or "
+                           f"http://localhost, or start the server with --allowed-hosts naming it.",
+                           code="host_not_allowed").response()(scope, receive, send)
+            return
+        origin = headers.get("origin")
+        if origin is None:
+            await self.app(scope, receive, send)
+            return
+        if not self.origin_ok(origin, host):
+            log.warning("refused a request from the web origin %r (not in --cors-origins)", _short(origin))
+            await APIError(403, f"Requests from the web origin {_short(origin)!r} are not allowed. Start the server "
+                           f"with --cors-origins naming it to let that site use this server.",
+                           code="origin_not_allowed").response()(scope, receive, send)
+            return
+        cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                "Access-Control-Expose-Headers": "Retry-After"}
+        if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:  # a preflight
+            cors.update({"Access-Control-Allow-Methods": "GET, POST, OPTIONS", "Access-Control-Max-Age": "600",
+                         "Access-Control-Allow-Headers": headers.get("access-control-request-headers",
+                                                                     "Authorization, Content-Type")})
+            await Response(status_code=204, headers=cors)(scope, receive, send)
+            return
+
+        async def send_with_cors(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                out = MutableHeaders(scope=message)
+                for name, value in cors.items():
+                    out[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+
 def create_app(model_or_models: Any, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                workers: int = DEFAULT_WORKERS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               lookup: bool = DEFAULT_LOOKUP) -> Starlette:
+               lookup: bool = DEFAULT_LOOKUP, allowed_hosts: Any = (), cors_origins: Any = (),
+               chars_per_token: int = DEFAULT_CHARS_PER_TOKEN,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT) -> Starlette:
     """Build the ASGI app serving ``model_or_models`` (a Model, a list of Models, or a dict ``{id: Model}``).
 
     ``api_key``: when set, every ``/v1/*`` request needs ``Authorization: Bearer <api_key>`` (``/health``
     stays open). ``workers`` generation threads share each model; at most ``max_queue`` requests wait for a
-    worker before the server answers 503 with ``Retry-After``. Bodies over ``max_body_bytes`` get 413.
-    ``lookup``: greedy requests (temperature 0) use prompt lookup (``Model.generate(lookup=True)``).
-    The server state is at ``app.state.edgelm`` (an :class:`EdgeLMServer`).
+    worker before the server answers 503 with ``Retry-After``. Bodies over ``max_body_bytes`` get 413, bodies
+    slower than ``body_timeout`` seconds 408, and prompts longer than the context times ``chars_per_token``
+    characters 400 (before tokenizing). ``allowed_hosts``: host names accepted in ``Host`` besides local
+    names and IP addresses (``"*"``: any); ``cors_origins``: web origins that may call the server (none by
+    default; ``"*"``: any). ``lookup``: greedy requests (temperature 0) use prompt lookup
+    (``Model.generate(lookup=True)``). The server state is at ``app.state.edgelm`` (an :class:`EdgeLMServer`).
     """
     from contextlib import asynccontextmanager
 
+    from starlette.middleware import Middleware
+
+    for name, value in (("allowed_hosts", allowed_hosts), ("cors_origins", cors_origins)):
+        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            raise InvalidArgumentError(f"{name} must be a list of strings, got {value!r}.")
     state = EdgeLMServer(model_or_models, api_key=api_key, max_queue=max_queue, workers=workers,
-                         max_body_bytes=max_body_bytes, lookup=lookup)
+                         max_body_bytes=max_body_bytes, lookup=lookup, chars_per_token=chars_per_token,
+                         body_timeout=body_timeout)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -914,10 +1199,10 @@ def create_app(model_or_models: Any, *, api_key: str | None = None, max_queue: i
         status = getattr(exc, "status_code", 500)
         detail = getattr(exc, "detail", "") or "error"
         if status == 404:
-            detail = f"Unknown URL {request.method} {request.url.path}. This server has /v1/models, " \
+            detail = f"Unknown URL {request.method} {_short(request.url.path)}. This server has /v1/models, " \
                      f"/v1/completions, /v1/chat/completions and /health."
         elif status == 405:
-            detail = f"Method {request.method} is not allowed on {request.url.path}."
+            detail = f"Method {request.method} is not allowed on {_short(request.url.path)}."
         return APIError(status, detail, code={404: "not_found", 405: "method_not_allowed"}.get(status),
                         headers=getattr(exc, "headers", None)).response()
 
@@ -932,13 +1217,23 @@ def create_app(model_or_models: Any, *, api_key: str | None = None, max_queue: i
         Route("/v1/completions", state.completions, methods=["POST"]),
         Route("/v1/chat/completions", state.chat_completions, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
+    guard = Middleware(_Guard, allowed_hosts=tuple(allowed_hosts), cors_origins=tuple(cors_origins))
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[guard],
                     exception_handlers={APIError: api_error, HTTPException: http_error, Exception: internal_error})
     app.state.edgelm = state
     return app
 
 
 # --- running it -------------------------------------------------------------------------------------------
+def _bound_names(host: str) -> list[str]:
+    """The host names a server listening on ``host`` is reached by: ``host`` itself, and this machine's name
+    when it listens on every address (an IP address needs no entry: those are always accepted)."""
+    name = _host_name(host)
+    if name in ("", "0.0.0.0", "::"):
+        return [socket.gethostname()]
+    return [] if _is_ip(name) else [name]
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """Bind the listening socket ourselves, so ``port=0`` works and the printed URL has the real port."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -954,6 +1249,131 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _raw_error(status: int, reason: str, message: str, code: str) -> bytes:
+    """A whole HTTP/1.1 error response, for the connection layer (no request to answer through the app)."""
+    body = json.dumps(APIError(status, message, type="server_error" if status >= 500 else "invalid_request_error",
+                               code=code).body()).encode()
+    retry = "Retry-After: 1\r\n" if status == 503 else ""
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"{retry}Connection: close\r\n\r\n").encode() + body
+
+
+def _protocol_class(*, header_timeout: float, body_timeout: float, send_timeout: float, max_connections: int) -> type:
+    """uvicorn's h11 protocol with the limits it lacks: uvicorn closes idle keep-alive connections, but a
+    connection that sends its request head or body slowly (or nothing at all), or stops reading a response,
+    would stay open for ever, and it accepts any number of connections.
+
+    * Until a request head is complete (from connecting, or from the previous response): ``header_timeout``.
+    * From the head to the end of the body: ``body_timeout`` + 1 s (the app answers 408 at ``body_timeout``
+      when it is reading; this closes connections whose body nobody reads).
+    * While the client does not read what is sent (writing is paused): ``send_timeout``, then the connection
+      is dropped, which cancels its generation.
+    * Beyond ``max_connections`` open connections, a new one gets 503 and is closed.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    busy = _raw_error(503, "Service Unavailable", f"The server has {max_connections} connections open already. "
+                      f"Retry shortly, or start it with a larger --max-connections.", "too_many_connections")
+    late_head = _raw_error(408, "Request Timeout", f"The request head did not arrive within {header_timeout:g} s.",
+                           "request_timeout")
+
+    class Protocol(H11Protocol):
+        _phase: str | None = None
+        _timer: asyncio.TimerHandle | None = None
+        _stall: asyncio.TimerHandle | None = None
+        _got_bytes = False
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                log.warning("refused a connection: %d open (--max-connections)", max_connections)
+                transport.write(busy)
+                transport.close()
+                self._phase = "refused"
+                return
+            self._watch()
+
+        def data_received(self, data: bytes) -> None:
+            if self._phase == "refused":
+                return
+            self._got_bytes = True
+            super().data_received(data)
+            self._watch()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._arm(None)
+            if self._stall is not None:
+                self._stall.cancel()
+            super().connection_lost(exc)
+
+        def pause_writing(self) -> None:  # the client is not reading what is sent
+            super().pause_writing()
+            if self._stall is None:
+                self._stall = self.loop.call_later(send_timeout, self._drop)
+
+        def resume_writing(self) -> None:
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+            super().resume_writing()
+
+        def _drop(self) -> None:
+            log.info("dropped a connection that read nothing for %g s", send_timeout)
+            self.transport.abort()  # close() would wait for the unread data to be sent
+
+        def _watch(self) -> None:
+            """Arm the timer for what the client owes now: a request head, the rest of a body, or nothing."""
+            if self.transport is None or self.transport.is_closing():
+                return
+            state = self.conn.their_state
+            phase = "head" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
+            if phase != self._phase:
+                if phase == "head":
+                    self._got_bytes = False
+                self._arm(phase)
+
+        def _arm(self, phase: str | None) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._phase = phase
+            if phase is not None:
+                delay = header_timeout if phase == "head" else body_timeout + 1.0
+                self._timer = self.loop.call_later(delay, self._expired, phase)
+
+        def _expired(self, phase: str) -> None:
+            self._timer = None
+            if self.transport.is_closing():
+                return
+            log.info("closed a connection: request %s not received in time", phase)
+            if phase == "head" and self._got_bytes:  # a slow client, not an idle one: say why
+                self.transport.write(late_head)
+            self.transport.close()
+
+    return Protocol
+
+
+def _uvicorn_config(app: Starlette, *, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+                    keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT, send_timeout: float = DEFAULT_SEND_TIMEOUT,
+                    max_connections: int = DEFAULT_MAX_CONNECTIONS, **kwargs: Any) -> Any:
+    """The uvicorn config both :func:`serve` and :class:`BackgroundServer` run with (limits included)."""
+    import uvicorn
+
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+        raise InvalidArgumentError(f"max_connections must be an integer >= 1, got {max_connections!r}.")
+    protocol = _protocol_class(header_timeout=_positive_seconds("header_timeout", header_timeout),
+                               body_timeout=app.state.edgelm.body_timeout,
+                               send_timeout=_positive_seconds("send_timeout", send_timeout),
+                               max_connections=max_connections)
+    return uvicorn.Config(app, http=protocol, lifespan="on",
+                          timeout_keep_alive=_positive_seconds("keep_alive_timeout", keep_alive_timeout), **kwargs)
+
+
 def _banner(url: str, model_id: str, api_key: bool) -> str:
     auth = ' \\\n  -H "Authorization: Bearer $EDGELM_API_KEY"' if api_key else ""
     return (f"edgelm serve: {model_id} at {url}/v1 (OpenAI-compatible; Ctrl-C to stop)\n"
@@ -965,18 +1385,27 @@ def _banner(url: str, model_id: str, api_key: bool) -> str:
 def serve(model_or_models: Any, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, workers: int = DEFAULT_WORKERS,
           api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           graceful_timeout: float = 30.0, log_level: str = "info",
-          on_ready: Callable[[str], None] | None = None, lookup: bool = DEFAULT_LOOKUP) -> None:
+          on_ready: Callable[[str], None] | None = None, lookup: bool = DEFAULT_LOOKUP,
+          allowed_hosts: Any = (), cors_origins: Any = (), chars_per_token: int = DEFAULT_CHARS_PER_TOKEN,
+          header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+          keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT, send_timeout: float = DEFAULT_SEND_TIMEOUT,
+          max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
     """Run the server until Ctrl-C or SIGTERM (blocking). ``port=0`` picks a free port.
 
     On a stop signal the server stops accepting connections and lets in-flight requests finish for up to
     ``graceful_timeout`` seconds; streams still running then are ended with an error event and
     ``data: [DONE]`` (never cut mid-chunk). ``on_ready(url)`` is called once it accepts connections
-    (the default prints the URL and an example curl to stdout). ``lookup``: see :func:`create_app`.
+    (the default prints the URL and an example curl to stdout). ``host`` is added to ``allowed_hosts``; the
+    timeouts and ``max_connections`` are described in :func:`_protocol_class`; the rest: see :func:`create_app`.
     """
     import uvicorn
 
     app = create_app(model_or_models, api_key=api_key, max_queue=max_queue, workers=workers,
-                     max_body_bytes=max_body_bytes, lookup=lookup)
+                     max_body_bytes=max_body_bytes, lookup=lookup, allowed_hosts=[*allowed_hosts, *_bound_names(host)],
+                     cors_origins=cors_origins, chars_per_token=chars_per_token, body_timeout=body_timeout)
+    config = _uvicorn_config(app, header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout,
+                             send_timeout=send_timeout, max_connections=max_connections, log_level=log_level,
+                             timeout_graceful_shutdown=graceful_timeout, access_log=True)
     state: EdgeLMServer = app.state.edgelm
     sock = _bind(host, port)
     bound_port = sock.getsockname()[1]
@@ -1008,8 +1437,6 @@ def serve(model_or_models: Any, *, host: str = DEFAULT_HOST, port: int = DEFAULT
             else:  # a second Ctrl-C: stop now
                 state.engine.cancel_all("server shutting down")
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
-                            lifespan="on", access_log=True)
     server = _Server(config)
     # uvicorn re-raises the signal it caught once it has shut down (SIGINT -> KeyboardInterrupt, SIGTERM ->
     # killed). A stop request handled gracefully is a normal exit, so swallow that re-raise here.
@@ -1039,9 +1466,16 @@ class BackgroundServer:
     """
 
     def __init__(self, target: Any, *, host: str = DEFAULT_HOST, port: int = 0, log_level: str = "warning",
-                 start_timeout: float = 30.0, **app_kwargs: Any):
-        self.app = target if isinstance(target, Starlette) else create_app(target, **app_kwargs)
+                 start_timeout: float = 30.0, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+                 keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT, send_timeout: float = DEFAULT_SEND_TIMEOUT,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, **app_kwargs: Any):
+        if not isinstance(target, Starlette):
+            app_kwargs["allowed_hosts"] = [*app_kwargs.get("allowed_hosts", ()), *_bound_names(host)]
+            target = create_app(target, **app_kwargs)
+        self.app = target
         self.host, self.port, self.log_level, self.start_timeout = host, port, log_level, start_timeout
+        self.limits = dict(header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout,
+                           send_timeout=send_timeout, max_connections=max_connections)
         self.url = ""
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -1057,8 +1491,8 @@ class BackgroundServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{host}:{sock.getsockname()[1]}"
         # log_config=None: leave the host program's logging alone (uvicorn's records propagate to the root logger).
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level=self.log_level, lifespan="on",
-                                                     log_config=None))
+        self._server = uvicorn.Server(_uvicorn_config(self.app, log_level=self.log_level, log_config=None,
+                                                      **self.limits))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
                                         name="edgelm-server", daemon=True)
         self._thread.start()
