@@ -5,7 +5,7 @@ Each verb is a :class:`Verb` (``add_arguments(parser)`` + ``run(args) -> int``) 
 ``edgelm_export.commands:ATTR``. Flags, recipe defaults and printing live here; the work lives in the library
 modules, which never import this one, so they form one acyclic stack::
 
-    data <- tokenizer;  data <- train <- distill;  tokenizer, train, distill <- recipe;  all of them <- commands
+    corpus <- tokenizer;  corpus <- train <- distill;  tokenizer, train, distill <- recipe;  all of them <- commands
 
 Every training flag defaults to None, so :func:`resolve_options` can tell a flag that was given (it beats the
 recipe) from one that was not (the recipe's value, else the library default, stands).

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import TrainingError
-from edgelm_export.data import load_tokenizer, normalize_layout
+from edgelm_export.corpus import load_tokenizer, normalize_layout
 from edgelm_export.train import (build_llama, config_defaults, evenly_spaced_layers, resolve_device,
                                  resolve_model_config, train)
 
@@ -245,7 +245,7 @@ def sample_corpus(teacher: str | os.PathLike, out_path: str | os.PathLike, *, nu
 
     Each sample starts from BOS (plus ``prompt`` if given) and runs until EOS/BOS or ``max_new_tokens``
     (default: the teacher's context minus the prompt). Samples are normalised to ``layout`` and written one
-    per document, separated by ``separator`` lines, so :func:`edgelm_export.data.read_documents` reads them
+    per document, separated by ``separator`` lines, so :func:`edgelm_export.corpus.read_documents` reads them
     back as documents. The file is written to ``out_path + '.tmp'`` and renamed when done; ``max_time_s``
     stops early and keeps what was sampled. Batched generation with a KV cache; CUDA when available.
     """

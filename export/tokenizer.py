@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from edgelm.errors import TrainingError
-from edgelm_export.data import read_documents
+from edgelm_export.corpus import read_documents
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 # Fixed order, so ids are stable: <unk>=0, <s>=1, </s>=2, <pad>=3 (the Llama convention for the first three).

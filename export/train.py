@@ -41,8 +41,8 @@ from typing import Any, Callable
 import numpy as np
 
 from edgelm.errors import InvalidArgumentError, OutOfDiskError, TrainingError
-from edgelm_export.data import (BlockSampler, load_tokenizer, pack_documents, pack_stream, read_documents,
-                                read_eval_text, split_heldout, text_stream)
+from edgelm_export.corpus import (BlockSampler, load_tokenizer, pack_documents, pack_stream, read_documents,
+                                  read_eval_text, split_heldout, text_stream)
 
 # Llama shapes by name. head_dim is a multiple of 16 from "small" up (onnxruntime-genai's CPU attention
 # kernel needs that); the "tiny" preset is for tests only.
@@ -83,7 +83,7 @@ class TrainConfig:
     eval_text: str | None = None          # held-out text file (its layout is kept); else a split of the corpus
     eval_fraction: float = 0.01
     eval_max_tokens: int = 65536          # cap on held-out tokens evaluated every eval_every steps
-    layout: str = "keep"                  # see edgelm_export.data.LAYOUTS
+    layout: str = "keep"                  # see edgelm_export.corpus.LAYOUTS
     separator: str | None = "<|endoftext|>"
     text_field: str = "text"
     straight_quotes: bool = False
@@ -321,7 +321,7 @@ def score_bits_per_byte(model, tok, text: str, *, window: int | None = None, str
     """Bits per UTF-8 byte of ``text`` the way shared/tools/bpb_reference.py measures it.
 
     BOS once at the start, windows of the model's context (``window``) with a stride of half of it, every
-    token scored once. ``tok`` is a :class:`edgelm_export.data.TokenizerInfo` (or a folder path). Runs in
+    token scored once. ``tok`` is a :class:`edgelm_export.corpus.TokenizerInfo` (or a folder path). Runs in
     fp32, batched. Use it on the final model to check the number `edgelm export` will report.
     """
     import torch
@@ -629,7 +629,7 @@ class _Run:
     teacher: Any
     hidden_map: list[int] | None
     optimizer: Any
-    sampler: Any                 # edgelm_export.data.BlockSampler
+    sampler: Any                 # edgelm_export.corpus.BlockSampler
     device: Any
     amp_dtype: Any
     heldout: np.ndarray

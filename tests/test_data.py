@@ -10,7 +10,7 @@ from edgelm.errors import TrainingError
 
 pytest.importorskip("tokenizers")
 
-from edgelm_export import data  # noqa: E402
+from edgelm_export import corpus  # noqa: E402
 from edgelm_export.tokenizer import train_tokenizer  # noqa: E402
 
 STORY_A = "Tom had a red ball.\nHe liked to play with it.\nThe end."
@@ -46,25 +46,25 @@ def tok_dir(tmp_path_factory, corpus_file):
 # --- readers and layouts ---------------------------------------------------------------------------------------
 def test_split_on_separator_keeps_single_newlines_inside_documents():
     text = f"{STORY_A}\n<|endoftext|>\n{STORY_B}\n<|endoftext|>\n"
-    assert data.split_text(text) == [STORY_A, STORY_B]
+    assert corpus.split_text(text) == [STORY_A, STORY_B]
 
 
 def test_split_on_blank_lines_without_separator():
-    assert data.split_text(f"{STORY_A}\n\n\n{STORY_B}\n") == [STORY_A, STORY_B]
+    assert corpus.split_text(f"{STORY_A}\n\n\n{STORY_B}\n") == [STORY_A, STORY_B]
 
 
 def test_blank_line_layout_matches_the_eval_file_convention():
-    out = data.normalize_layout(STORY_A, "blank-line-paragraphs")
+    out = corpus.normalize_layout(STORY_A, "blank-line-paragraphs")
     assert out == "Tom had a red ball.\n\nHe liked to play with it.\n\nThe end.\n\n"
     # Idempotent, and concatenated documents stay in the same layout.
-    assert data.normalize_layout(out, "blank-line-paragraphs") == out
-    both = out + data.normalize_layout(STORY_B, "blank-line-paragraphs")
+    assert corpus.normalize_layout(out, "blank-line-paragraphs") == out
+    both = out + corpus.normalize_layout(STORY_B, "blank-line-paragraphs")
     assert all(block.count("\n") == 0 for block in both.strip("\n").split("\n\n"))
-    assert data.normalize_layout(out, "single-newline") == STORY_A
+    assert corpus.normalize_layout(out, "single-newline") == STORY_A
 
 
 def test_straight_quotes():
-    assert data.normalize_layout("\u201cHi,\u201d she said. It\u2019s", straight_quotes=True) == "\"Hi,\" she said. It's"
+    assert corpus.normalize_layout("\u201cHi,\u201d she said. It\u2019s", straight_quotes=True) == "\"Hi,\" she said. It's"
 
 
 def test_hard_wrapped_text_is_unwrapped_before_layout(tmp_path):
@@ -72,7 +72,7 @@ def test_hard_wrapped_text_is_unwrapped_before_layout(tmp_path):
             "laughed at him every\nday for it.\n\n")
     p = tmp_path / "wrapped.txt"
     p.write_text(para * 30, encoding="utf-8")
-    docs = data.read_documents([p], layout="blank-line-paragraphs")
+    docs = corpus.read_documents([p], layout="blank-line-paragraphs")
     assert len(docs) == 30
     assert docs[0].count("\n\n") == 1 and "was the kindest" in docs[0]
 
@@ -80,7 +80,7 @@ def test_hard_wrapped_text_is_unwrapped_before_layout(tmp_path):
 def test_read_jsonl_and_folders(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": STORY_A}) + "\n\n" + json.dumps({"text": STORY_B}) + "\n")
     (tmp_path / "b.txt").write_text("Hello there.\n")
-    docs = data.read_documents([tmp_path])
+    docs = corpus.read_documents([tmp_path])
     assert docs == [STORY_A, STORY_B, "Hello there."]
 
 
@@ -95,44 +95,44 @@ def test_bad_corpus_files(tmp_path, content, match):
     if content is not None:
         p.write_bytes(content)
     with pytest.raises(TrainingError, match=match):
-        data.read_documents([p])
+        corpus.read_documents([p])
 
 
 def test_bad_jsonl(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n{not json}\n')
     with pytest.raises(TrainingError, match="not valid JSON"):
-        data.read_documents([p])
+        corpus.read_documents([p])
     p.write_text('{"body": "ok"}\n')
     with pytest.raises(TrainingError, match="text-field"):
-        data.read_documents([p])
+        corpus.read_documents([p])
 
 
 def test_empty_folder_and_no_corpus(tmp_path):
     with pytest.raises(TrainingError, match="no .txt"):
-        data.read_documents([tmp_path])
+        corpus.read_documents([tmp_path])
     with pytest.raises(TrainingError, match="No corpus"):
-        data.read_documents([])
+        corpus.read_documents([])
 
 
 def test_hf_dataset_without_network_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(TrainingError, match="datasets|Hugging Face dataset"):
-        data.read_documents(["hf:roneneldan/TinyStories"])
+        corpus.read_documents(["hf:roneneldan/TinyStories"])
 
 
 # --- held-out split -------------------------------------------------------------------------------------------
 def test_heldout_split_is_deterministic_and_disjoint():
     docs = [f"doc {i}" for i in range(200)]
-    tr1, ho1 = data.split_heldout(docs, fraction=0.05, seed=3)
-    tr2, ho2 = data.split_heldout(docs, fraction=0.05, seed=3)
-    _, ho3 = data.split_heldout(docs, fraction=0.05, seed=4)
+    tr1, ho1 = corpus.split_heldout(docs, fraction=0.05, seed=3)
+    tr2, ho2 = corpus.split_heldout(docs, fraction=0.05, seed=3)
+    _, ho3 = corpus.split_heldout(docs, fraction=0.05, seed=4)
     assert (tr1, ho1) == (tr2, ho2)
     assert len(ho1) == 10 and not set(tr1) & set(ho1) and sorted(tr1 + ho1) == sorted(docs)
     assert ho1 != ho3
     with pytest.raises(TrainingError, match="too few"):
-        data.split_heldout(["only one"], fraction=0.5)
+        corpus.split_heldout(["only one"], fraction=0.5)
 
 
 # --- tokenizer ------------------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def test_tokenizer_folder_loads_everywhere(tok_dir):
     enc = tok.encode(text)
     assert enc.ids[0] == tok.token_to_id("<s>") and "<unk>" not in enc.tokens[1:]
     assert tok.decode(enc.ids, skip_special_tokens=True) == text
-    info = data.load_tokenizer(tok_dir)
+    info = corpus.load_tokenizer(tok_dir)
     assert (info.bos_id, info.eos_id, info.pad_id) == (1, 2, 3)
     transformers = pytest.importorskip("transformers")
     at = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
@@ -173,50 +173,50 @@ def test_tokenizer_bad_input(tmp_path, corpus_file):
 
 # --- packing and batch order ---------------------------------------------------------------------------------
 def test_packing_puts_bos_and_eos_around_documents(tok_dir):
-    tok = data.load_tokenizer(tok_dir)
+    tok = corpus.load_tokenizer(tok_dir)
     docs = [STORY_A, STORY_B] * 10
-    stream = data.tokenize_documents(docs, tok)
+    stream = corpus.tokenize_documents(docs, tok)
     expected = []
     for d in docs:
         expected += [tok.bos_id] + tok.encode(d) + [tok.eos_id]
     assert stream.tolist() == expected
-    blocks = data.pack_documents(docs, tok, 16)
+    blocks = corpus.pack_documents(docs, tok, 16)
     assert blocks.shape[1] == 16 and blocks.size == (len(expected) // 16) * 16
     assert blocks.reshape(-1).tolist() == expected[: blocks.size]
-    joined = data.pack_documents(docs, tok, 16, separator="text").reshape(-1).tolist()
+    joined = corpus.pack_documents(docs, tok, 16, separator="text").reshape(-1).tolist()
     assert joined[0] == tok.bos_id and tok.eos_id not in joined and joined.count(tok.bos_id) == 1
 
 
 def test_too_small_corpus_for_one_block(tok_dir):
-    tok = data.load_tokenizer(tok_dir)
+    tok = corpus.load_tokenizer(tok_dir)
     with pytest.raises(TrainingError, match="too small"):
-        data.pack_documents([STORY_A], tok, 4096)
+        corpus.pack_documents([STORY_A], tok, 4096)
 
 
 def test_block_order_is_shuffled_per_epoch_and_resumable():
-    s = data.BlockSampler(10, 3, seed=7)
+    s = corpus.BlockSampler(10, 3, seed=7)
     seen = [s.next_batch().tolist() for _ in range(7)]
     # Each epoch yields 3 full batches from one permutation; epochs differ.
     assert sorted(sum(seen[:3], [])) == sorted(set(sum(seen[:3], [])))
     assert s.epoch == 2 and seen[:3] != seen[3:6]
     # Resume at (epoch, index) from a saved state: same batches as carrying on.
-    r = data.BlockSampler(10, 3, seed=7)
+    r = corpus.BlockSampler(10, 3, seed=7)
     for _ in range(4):
         r.next_batch()
     state = r.state_dict()
-    fresh = data.BlockSampler(10, 3, seed=7)
+    fresh = corpus.BlockSampler(10, 3, seed=7)
     fresh.load_state_dict(state)
     assert [fresh.next_batch().tolist() for _ in range(3)] == seen[4:7]
     with pytest.raises(TrainingError, match="different data"):
-        data.BlockSampler(11, 3, seed=7).load_state_dict(state)
+        corpus.BlockSampler(11, 3, seed=7).load_state_dict(state)
     with pytest.raises(TrainingError, match="fewer than one batch"):
-        data.BlockSampler(2, 3)
+        corpus.BlockSampler(2, 3)
 
 
 def test_eval_text_stream_has_one_bos(tok_dir, tmp_path):
-    tok = data.load_tokenizer(tok_dir)
+    tok = corpus.load_tokenizer(tok_dir)
     p = tmp_path / "eval.txt"
     p.write_text("Tom ran.\n\nSue sat.\n\n")
-    ids = data.text_stream(data.read_eval_text(p), tok)
+    ids = corpus.text_stream(corpus.read_eval_text(p), tok)
     assert ids[0] == tok.bos_id and list(ids).count(tok.bos_id) == 1
     assert np.asarray(tok.encode("Tom ran.\n\nSue sat.\n\n")).tolist() == ids[1:].tolist()

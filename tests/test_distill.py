@@ -105,7 +105,7 @@ def test_kd_drives_student_toward_teacher(tmp_path, corpus, teacher):
 
     With the KD term broken (zero, detached, wrong sign) the student gets no signal at all and the KL stays put.
     """
-    from edgelm_export.data import load_tokenizer, pack_stream, read_eval_text, text_stream
+    from edgelm_export.corpus import load_tokenizer, pack_stream, read_eval_text, text_stream
 
     tok = load_tokenizer(STORIES260K)
     text = read_eval_text(EVAL)[:20_000]
@@ -149,7 +149,7 @@ def math_finite(x: float) -> bool:
 
 
 def test_sequence_level_samples_make_a_corpus(tmp_path):
-    from edgelm_export.data import read_documents
+    from edgelm_export.corpus import read_documents
 
     out = tmp_path / "samples.txt"
     res = sample_corpus(STORIES260K, out, num_tokens=300, batch_size=4, max_new_tokens=96, seed=1, progress=False,

@@ -1,6 +1,6 @@
 """The training side of export/ is a stack, not a web.
 
-The library modules (data, tokenizer, train, distill, recipe) import each other in one direction only and never
+The library modules (corpus, tokenizer, train, distill, recipe) import each other in one direction only and never
 import the command-line layer (``edgelm_export.commands``), which sits on top of all of them. Checked two ways:
 statically, over every import in the source (including the ones inside functions, which run only later), and by
 importing each module in a fresh interpreter and looking at what came with it.
@@ -22,12 +22,12 @@ EXPORT = ROOT / "export"
 # module -> the edgelm_export modules it may import. The exporter (convert) is used by recipe's export stage
 # and is not part of this stack.
 ALLOWED: dict[str, set[str]] = {
-    "data": set(),
-    "tokenizer": {"data"},
-    "train": {"data"},
-    "distill": {"data", "train"},
+    "corpus": set(),
+    "tokenizer": {"corpus"},
+    "train": {"corpus"},
+    "distill": {"corpus", "train"},
     "recipe": {"tokenizer", "train", "distill", "convert"},
-    "commands": {"data", "tokenizer", "train", "distill", "recipe", "convert", "assemble", "archs"},
+    "commands": {"corpus", "tokenizer", "train", "distill", "recipe", "convert", "assemble", "archs"},
 }
 LIBRARY = [m for m in ALLOWED if m != "commands"]
 

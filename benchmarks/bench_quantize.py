@@ -1,6 +1,6 @@
 """Measure decode-step and prefill time of the quantization methods on a random mid-size Llama.
 
-    python -m edgelm_export.bench_quantize [--threads 2] [--steps 200]
+    python benchmarks/bench_quantize.py [--threads 2] [--steps 200]
 
 Builds a random-weight Llama of the llama2.c "stories15M" shape (dim 288, 6 layers, 6 heads, MLP 768,
 vocab 32000, tied embeddings; ``--shape smollm135m`` for SmolLM-135M's), exports it with our builder, quantizes it every way, and times one decode step
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from . import quantize as q
-    from .archs import llama
+    from edgelm_export import quantize as q
+    from edgelm_export.archs import llama
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
