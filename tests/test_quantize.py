@@ -65,8 +65,9 @@ def _one_matmul(tmp_path, w: np.ndarray):
     return path
 
 
-# int4: MatMulNBits plus the offsets' term; a graph without [batch, seq] input_ids sums its blocks with a MatMul
-_INT4_OPS = ["MatMul", "MatMulNBits", "MatMul", "Add"]
+# int4: MatMulNBits plus the offsets' term (fp16 offsets cast to fp32); a graph without [batch, seq] input_ids sums
+# its blocks with a MatMul
+_INT4_OPS = ["MatMul", "Cast", "MatMulNBits", "MatMul", "Add"]
 
 
 @pytest.mark.parametrize("method,ops,rel", [("int8-gemm", ["DynamicQuantizeMatMul"], 0.03),
@@ -279,11 +280,13 @@ def test_the_lm_head_is_found_by_shape_in_other_exporters_graphs(tmp_path):
 # --- "scale + min" blocks with float offsets (int4's default) ------------------------------------------------------
 def _q4_1_grid(k: int, n: int, seed: int = 0, top: int = 15) -> np.ndarray:
     """A weight [K, N] on llama.cpp's Q4_1 grid: per block of 32 (along K) d * q + m with fp16 d and m and q in
-    0..15 (both ends used, as Q4_1's min/max fit does; ``top`` < 15 leaves the highest levels unused)."""
+    0..15 (both ends used, as Q4_1's min/max fit does; ``top`` < 15 leaves the highest levels unused). The blocks
+    straddle zero as trained weights do (m between -9 d and -6 d), which makes the stored offset m + 8 d exact in
+    fp16 (Sterbenz: a difference of two fp16 numbers within a factor 2 of each other; SmolLM2's are all exact)."""
     rng = np.random.default_rng(seed)
     nb = k // 32
     d = (np.abs(rng.standard_normal((n, nb, 1))) * 0.01 + 1e-3).astype(np.float16).astype(np.float32)
-    m = (-rng.random((n, nb, 1)) * 0.1).astype(np.float16).astype(np.float32)
+    m = (-d * rng.uniform(6, 9, (n, nb, 1))).astype(np.float16).astype(np.float32)
     levels = rng.integers(0, top + 1, (n, nb, 32))
     levels[..., 0], levels[..., 1] = 0, top
     return np.ascontiguousarray((d * levels + m).reshape(n, k).T)
@@ -356,15 +359,19 @@ def test_offset_graph_computes_the_numpy_reference(tmp_path, monkeypatch, bits, 
         info = q.quantize_model(src, dst, method=method, offsets=True)
         assert info["offsets"] is True and info["block_matmuls"] == 2 and "float offset" in info["weights"]
         model = onnx.load(str(dst))
-        assert [n.op_type for n in model.graph.node] == ["Gather", "Reshape", "ReduceSum", "MatMulNBits", "MatMul",
-                                                         "Add", "MatMulNBits", "MatMul", "Add"]
+        cast = ["Cast"] if bits == 4 else []  # 4-bit offsets are stored fp16
+        assert [n.op_type for n in model.graph.node] == (["Gather", "Reshape", "ReduceSum"] + cast
+                                                         + ["MatMulNBits", "MatMul", "Add"] + cast
+                                                         + ["MatMulNBits", "MatMul", "Add"])
         inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         for i, w in enumerate(ws):
             node = next(n for n in model.graph.node if n.name == f"mm{i}")
             assert len(node.input) == 3  # no zero points: the kernel's fast symmetric path
-            assert inits[f"W{i}.offsets"].shape == (3, w.shape[1]) and f"W{i}" not in inits
+            offsets = inits[f"W{i}.offsets"]
+            assert offsets.shape == (3, w.shape[1]) and f"W{i}" not in inits
+            assert offsets.dtype == (np.float16 if bits == 4 else np.float32)
             ref_w = q.dequantize_offset_blocks(inits[f"W{i}.q{bits}"].reshape(w.shape[1], 3, -1),
-                                               inits[f"W{i}.scales"], inits[f"W{i}.offsets"], bits, 96)
+                                               inits[f"W{i}.scales"], offsets.astype(np.float32), bits, 96)
             x = table[ids]
             got = _run_all(dst, ids)[i][0]
             np.testing.assert_allclose(got, x @ ref_w, rtol=0, atol=rel * np.abs(x @ ref_w).max())
