@@ -359,7 +359,8 @@ class Model:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.chat_template: ChatTemplate = ChatTemplate(chat_template_source(folder.tokenizer_config),
                                                         bos_token=self.tokenizer.bos_token,
-                                                        eos_token=self.tokenizer.eos_token)
+                                                        eos_token=self.tokenizer.eos_token,
+                                                        name=f"{self.path / 'tokenizer_config.json'}'s chat_template")
         if threads is None:
             onnx_path = folder.onnx_path
             size = sum(p.stat().st_size for p in onnx_path.parent.glob(onnx_path.name + "*") if p.is_file())

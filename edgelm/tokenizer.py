@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from edgelm.errors import InvalidArgumentError, ModelFormatError, TokenizerError
 
@@ -415,20 +415,15 @@ class ChatTemplate:
     message, then ``Assistant:`` to ask for the reply.
     """
 
-    def __init__(self, template: str | None, *, bos_token: str = "", eos_token: str = "") -> None:
+    def __init__(self, template: str | None, *, bos_token: str = "", eos_token: str = "",
+                 name: str = "The model's chat template") -> None:
         self.source = template
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self.name = name  # how errors name it, e.g. "models/x/tokenizer_config.json's chat_template"
         self._compiled = None
         if template:
-            from jinja2 import TemplateError
-
-            try:
-                self._compiled = _environment().from_string(template)
-            except TemplateError as exc:
-                raise ModelFormatError(f"The model's chat template does not compile ({exc}).",
-                                       hint="Fix chat_template in tokenizer_config.json or remove it to use the "
-                                            "plain fallback.") from None
+            self._compiled = _compile_bounded(template, name)
 
     @property
     def is_fallback(self) -> bool:
@@ -456,31 +451,55 @@ class ChatTemplate:
         from jinja2 import TemplateError
         from jinja2.exceptions import SecurityError, UndefinedError
 
+        size = _text_size((messages, tools, documents, variables), TEMPLATE_MAX_CHARS // 4 + 1)
+        if size > TEMPLATE_MAX_CHARS // 4:
+            raise InvalidArgumentError(f"The messages, tools and documents hold more than {TEMPLATE_MAX_CHARS // 4:,} "
+                                       "characters, more than a chat template is given to render.",
+                                       hint="Send less text (no model's context holds this much anyway).")
         # Special tokens the model has, then the caller's variables (which may override them), as transformers does.
         context = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token)) if v}
         context.update(variables)
+        fix = "Fix chat_template in tokenizer_config.json or remove it to use the plain fallback."
+        token = _BUDGET.set(_Budget())
         try:
-            return self._compiled.render(messages=messages, tools=tools, documents=documents,
-                                         add_generation_prompt=add_generation_prompt, **context)
+            parts, total = [], 0
+            for piece in self._compiled.generate(messages=messages, tools=tools, documents=documents,
+                                                 add_generation_prompt=add_generation_prompt, **context):
+                total += len(piece)
+                if total > TEMPLATE_MAX_CHARS:
+                    raise _TemplateLimit(f"its output passed {TEMPLATE_MAX_CHARS:,} characters")
+                parts.append(piece)
+            return "".join(parts)
         except _TemplateRaised as exc:
             raise InvalidArgumentError(f"The chat template refused these messages: {exc}",
                                        hint="Check the roles and their order (many templates want user/assistant "
                                             "turns alternating) and what the model supports (tools, tool calls).") \
                 from None
+        except _TemplateLimit as exc:
+            raise ModelFormatError(f"{self.name} stopped: {exc} (limits: {TEMPLATE_MAX_STEPS:,} loop iterations and "
+                                   f"calls, {TEMPLATE_MAX_CHARS:,} characters, {TEMPLATE_TIMEOUT_S:g} s).",
+                                   hint=f"The template loops or grows without bound. {fix}") from None
         except SecurityError as exc:
-            raise ModelFormatError(f"The chat template tried an unsafe operation ({exc}).",
-                                   hint="Fix chat_template in tokenizer_config.json.") from None
+            raise ModelFormatError(f"{self.name} tried an unsafe operation ({exc}).", hint=fix) from None
+        except (RecursionError, MemoryError, ArithmeticError) as exc:  # ArithmeticError: OverflowError, 1/0, ...
+            raise ModelFormatError(f"{self.name} failed to render ({type(exc).__name__}: {str(exc)[:200]}).",
+                                   hint=fix) from None
         except (UndefinedError, TypeError, ValueError, LookupError, AttributeError) as exc:
             # The template worked on the data it was given in a way that data does not support, e.g. `content + "x"`
             # on list content or on a message without content: the messages have a shape this template does not
             # take. (Checked before TemplateError, of which UndefinedError is one.)
             raise InvalidArgumentError(f"The chat template cannot render these messages ({type(exc).__name__}: "
-                                       f"{exc}).", hint="This model's template may not support this message shape "
-                                                        "(list content, tool calls, a role); use plain str "
-                                                        "content and the roles it documents.") from None
+                                       f"{str(exc)[:300]}).", hint="This model's template may not support this "
+                                                                   "message shape (list content, tool calls, a "
+                                                                   "role); use plain str content and the roles it "
+                                                                   "documents.") from None
         except TemplateError as exc:
-            raise ModelFormatError(f"The chat template failed to render ({exc}).",
-                                   hint="Fix chat_template in tokenizer_config.json.") from None
+            raise ModelFormatError(f"{self.name} failed to render ({exc}).", hint=fix) from None
+        except Exception as exc:  # anything else a template can provoke is the template's fault, never a crash
+            raise ModelFormatError(f"{self.name} failed to render ({type(exc).__name__}: {str(exc)[:200]}).",
+                                   hint=fix) from None
+        finally:
+            _BUDGET.reset(token)
 
 
 class _TemplateRaised(Exception):
@@ -520,6 +539,319 @@ class _DictGlobal:
         return dict.fromkeys(keys, value)
 
 
+# --- bounded rendering ---------------------------------------------------------------------------------------
+# A chat template is code that comes with the model folder. jinja2's sandbox keeps it away from Python internals,
+# but not from spending time or memory: two nested loops over range(100000) render for minutes, a string doubled in
+# a loop fills memory. Every render therefore runs against a budget, checked at each loop iteration, call,
+# attribute lookup and output: at most TEMPLATE_MAX_STEPS steps, TEMPLATE_MAX_CHARS characters in any one value
+# (twice that in all output together, set-blocks and macros included) and TEMPLATE_TIMEOUT_S seconds. Real
+# templates spend a few steps per message: the seven in tests/data/chat_templates take 30-74 steps for a 4-turn
+# chat and 7,500-17,000 (9-41 ms) for 1,000 turns, so the bounds sit far above them, and a runaway template stops
+# within about a second (two nested loops over range(100000): 0.1 s).
+TEMPLATE_MAX_STEPS = 200_000
+TEMPLATE_MAX_CHARS = 16 * 2**20
+TEMPLATE_TIMEOUT_S = 1.0
+# Methods and filters whose integer arguments are output sizes (padding, indentation).
+_PADDING = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs", "indent", "wordwrap", "tojson"})
+
+
+class _TemplateLimit(Exception):
+    """A render went over its budget (not an error of jinja2's: it must not be caught as one)."""
+
+
+class _Budget:
+    __slots__ = ("steps", "out", "deadline")
+
+    def __init__(self) -> None:
+        import time
+
+        self.steps = 0
+        self.out = 0
+        self.deadline = time.perf_counter() + TEMPLATE_TIMEOUT_S
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps > TEMPLATE_MAX_STEPS:
+            raise _TemplateLimit(f"it took more than {TEMPLATE_MAX_STEPS:,} steps")
+        if not self.steps & 255:
+            import time
+
+            if time.perf_counter() > self.deadline:
+                raise _TemplateLimit(f"it ran for more than {TEMPLATE_TIMEOUT_S:g} s")
+
+    def produced(self, n: int) -> None:
+        self.out += n
+        if self.out > 2 * TEMPLATE_MAX_CHARS:
+            raise _TemplateLimit(f"it produced more than {2 * TEMPLATE_MAX_CHARS:,} characters in all")
+
+
+import contextvars as _contextvars  # noqa: E402  (stdlib, cheap; kept beside its one use)
+
+_BUDGET: "_contextvars.ContextVar[_Budget | None]" = _contextvars.ContextVar("edgelm_template_budget", default=None)
+
+
+def _text_size(value: Any, limit: int, _memo: dict[int, int] | None = None, _depth: int = 0) -> int:
+    """About how many characters ``value`` renders to (str/tojson), counting a shared part each time it appears
+    (a list nested in itself 40 times renders to 2**40 copies) but measuring it once; stops past ``limit``."""
+    if isinstance(value, str):
+        return len(value)
+    if not isinstance(value, (Mapping, list, tuple, set, frozenset)):
+        return 24
+    if _depth > 200:
+        return limit + 1
+    memo = {} if _memo is None else _memo
+    known = memo.get(id(value))
+    if known is not None:
+        return known
+    items: Iterable[Any] = (x for kv in value.items() for x in kv) if isinstance(value, Mapping) else value
+    total = 2
+    for item in items:
+        total += 2 + _text_size(item, limit - total, memo, _depth + 1)
+        if total > limit:
+            return total
+    memo[id(value)] = total
+    return total
+
+
+def _check_size(value: Any, what: str = "a value") -> Any:
+    if isinstance(value, (str, list, tuple, dict)) and len(value) > TEMPLATE_MAX_CHARS:
+        raise _TemplateLimit(f"{what} grew past {TEMPLATE_MAX_CHARS:,} items")
+    return value
+
+
+def _check_rendering(value: Any) -> None:
+    """Refuse to turn ``value`` into text when the text would be too long (nested lists that double in a loop)."""
+    if not isinstance(value, str) and _text_size(value, TEMPLATE_MAX_CHARS) > TEMPLATE_MAX_CHARS:
+        raise _TemplateLimit(f"a value would render to more than {TEMPLATE_MAX_CHARS:,} characters")
+
+
+def _format_widths(fmt: str) -> tuple[int, bool]:
+    """(sum of the widths and precisions, whether one is ``*``) of the conversions in a %-format or
+    str.format string; the literal text between them does not count."""
+    import re
+    import string
+
+    total, star = 0, False
+    for m in re.finditer(r"%(?:\([^)]*\))?[#0 +-]*(\*|\d+)?(?:\.(\*|\d+))?", fmt):
+        for g in m.groups():
+            if g == "*":
+                star = True
+            elif g:
+                total += int(g) if len(g) < 12 else TEMPLATE_MAX_CHARS + 1
+    try:
+        specs = [spec for _, field, spec, _ in string.Formatter().parse(fmt) if field is not None and spec]
+    except ValueError:  # not a valid str.format string: it can only be a %-format, or fail
+        specs = []
+    for spec in specs:
+        for d in re.findall(r"\d+", spec):
+            total += int(d) if len(d) < 12 else TEMPLATE_MAX_CHARS + 1
+        star = star or "{" in spec
+    return total, star
+
+
+def _check_format(fmt: Any, args: Sequence[Any]) -> None:
+    """Widths and precisions in a %-format or str.format string are output sizes: refuse ones that add up to too
+    much (``"%999999999d"``, ``"{:>999999999}"``), and widths taken from the arguments that are too large."""
+    if isinstance(fmt, str):
+        total, star = _format_widths(fmt)
+        if total > TEMPLATE_MAX_CHARS:
+            raise _TemplateLimit(f"a format string asks for more than {TEMPLATE_MAX_CHARS:,} characters")
+        if star:
+            _check_sizes(args)
+    for a in args:
+        _check_rendering(a)
+
+
+def _check_sizes(args: Iterable[Any]) -> None:
+    for a in args:
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > TEMPLATE_MAX_CHARS:
+            raise _TemplateLimit(f"an output size of {a:,} was asked for (more than {TEMPLATE_MAX_CHARS:,})")
+
+
+def _precheck(name: str, target: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Before a call that could build a huge value in one go (in C, where no step is counted), check its size."""
+    if name in _PADDING:
+        _check_sizes(args)
+        _check_sizes(kwargs.values())
+    elif name in ("join", "replace") and isinstance(target, str):
+        if name == "join" and args and isinstance(args[0], (list, tuple)):
+            items = args[0]
+            est = len(target) * len(items) + sum(len(x) for x in items if isinstance(x, str))
+        elif name == "replace" and len(args) >= 2 and isinstance(args[1], str):
+            est = (len(target) + 1) * max(1, len(args[1]))
+        else:
+            est = 0
+        if est > TEMPLATE_MAX_CHARS:
+            raise _TemplateLimit(f"str.{name} would build more than {TEMPLATE_MAX_CHARS:,} characters")
+
+
+def _bounded_filter(name: str, fn: Any) -> Any:
+    """A filter that counts a step, checks sizes before (see _precheck) and after, within a render's budget."""
+    import functools
+
+    from jinja2.utils import _PassArg
+
+    passes = _PassArg.from_obj(fn) is not None  # context / eval context first: the value is the second argument
+
+    @functools.wraps(fn)  # keeps jinja's pass_context marks
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        budget = _BUDGET.get()
+        if budget is not None:
+            budget.step()
+            rest = args[1:] if passes else args
+            value, params = (rest[0], rest[1:]) if rest else (None, ())
+            if name in ("join", "replace"):
+                _precheck(name, params[0] if name == "join" and params else "" if name == "join" else value,
+                          [value] if name == "join" else params, kwargs)
+            elif name == "format":
+                _check_format(value, list(params) + list(kwargs.values()))
+            elif name in ("string", "tojson", "pprint", "e", "escape", "forceescape", "safe", "trim", "list"):
+                _check_rendering(value)
+            if name in _PADDING:
+                _check_sizes(params)
+                _check_sizes(kwargs.values())
+            if name == "tojson" and any(isinstance(v, int) and v > 64 for v in (*params[:1], kwargs.get("indent"))):
+                raise _TemplateLimit("tojson's indent is over 64")
+        return _check_size(fn(*args, **kwargs), f"the result of |{name}")
+    return bounded
+
+
+def _bounded_environment_class() -> Any:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox with every loop, call, lookup, operator and output counted against the render's budget."""
+
+        # Operators whose result can be far larger than their operands (the rest cannot).
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            budget = _BUDGET.get()
+            if budget is not None:
+                budget.step()
+                method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format at lookup
+                name, target = getattr(method, "__name__", ""), getattr(method, "__self__", None)
+                if name in ("format", "format_map") and isinstance(target, str):
+                    values = list(args[0].values()) if name == "format_map" and args and isinstance(args[0], Mapping) \
+                        else [*args, *kwargs.values()]
+                    _check_format(target, values)
+                else:
+                    _precheck(name, target, args, kwargs)
+            return _check_size(super().call(__context, __obj, *args, **kwargs), "a call's result")
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if _BUDGET.get() is not None:
+                _BUDGET.get().step()  # type: ignore[union-attr]
+                if operator == "*":
+                    seq, n = (left, right) if isinstance(right, int) else (right, left)
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
+                        raise _TemplateLimit(f"a repetition would build more than {TEMPLATE_MAX_CHARS:,} items")
+                elif operator == "**":
+                    if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and \
+                            right * max(1, abs(left).bit_length()) > 64 * 1024:
+                        raise _TemplateLimit(f"{left} ** {right} is too large a number")
+                elif operator == "+":
+                    if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) and \
+                            len(left) + len(right) > TEMPLATE_MAX_CHARS:
+                        raise _TemplateLimit(f"a sum would build more than {TEMPLATE_MAX_CHARS:,} items")
+                elif operator == "%" and isinstance(left, str):
+                    _check_format(left, right if isinstance(right, tuple) else [right])
+            return _check_size(super().call_binop(context, operator, left, right), "an operator's result")
+
+        def getattr(self, obj: Any, attribute: str) -> Any:
+            budget = _BUDGET.get()
+            if budget is not None:
+                budget.step()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj: Any, argument: Any) -> Any:
+            budget = _BUDGET.get()
+            if budget is not None:
+                budget.step()
+            return super().getitem(obj, argument)
+
+
+    return BoundedSandbox
+
+
+# The counting hooks _bound_ast puts into every compiled template. They are filters: a compiled template calls a
+# filter directly (no sandbox call check, so they cost little), and a template cannot rebind one the way `{% set %}`
+# shadows a global name.
+def _loop_filter(iterable: Any) -> Any:
+    budget = _BUDGET.get()
+    return iterable if budget is None else _counted(iterable, budget)
+
+
+def _counted(iterable: Any, budget: _Budget) -> Iterator[Any]:
+    for item in iterable:
+        budget.step()
+        yield item
+
+
+def _out_filter(value: Any) -> Any:
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.step()
+        _check_rendering(value)
+        budget.produced(len(value) if isinstance(value, str) else 24)
+    return value
+
+
+def _concat_filter(parts: Sequence[Any]) -> str:
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.step()
+        for part in parts:
+            _check_rendering(part)
+        if sum(len(p) if isinstance(p, str) else 24 for p in parts) > TEMPLATE_MAX_CHARS:
+            raise _TemplateLimit(f"a ~ concatenation would build more than {TEMPLATE_MAX_CHARS:,} characters")
+    from jinja2.runtime import markup_join
+
+    return markup_join(parts)
+
+
+_HOOKS = {"edgelm_loop": _loop_filter, "edgelm_out": _out_filter, "edgelm_concat": _concat_filter}
+
+
+def _bound_ast(tree: Any) -> Any:
+    """Route every for-loop's iterable, ``{{ output }}`` (literal text too: in a loop inside a macro or set-block it
+    adds up unseen) and ``~`` through the counting hooks above."""
+    from jinja2 import nodes
+
+    def via(hook: str, node: Any) -> Any:
+        return nodes.Filter(node, hook, [], [], None, None, lineno=node.lineno)
+
+    for node in list(tree.find_all(nodes.For)):
+        node.iter = via("edgelm_loop", node.iter)
+    for node in list(tree.find_all(nodes.Output)):
+        node.nodes = [via("edgelm_out", child) for child in node.nodes]
+    for node in list(tree.find_all(nodes.Concat)):
+        node.nodes = [via("edgelm_concat", nodes.Tuple(node.nodes, "load", lineno=node.lineno))]
+    return tree
+
+
+def _compile_bounded(source: str, name: str) -> Any:
+    """Compile a chat template for bounded rendering; refuse what no chat template can use (include, import,
+    extends: there is no loader, so they could only fail at render time with a TypeError)."""
+    from jinja2 import TemplateError, nodes
+
+    env = _environment()
+    fix = "Fix chat_template in tokenizer_config.json or remove it to use the plain fallback."
+    try:
+        tree = env.parse(source)
+        for kind, what in ((nodes.Include, "include"), (nodes.Import, "import"), (nodes.FromImport, "from-import"),
+                           (nodes.Extends, "extends")):
+            if next(tree.find_all(kind), None) is not None:
+                raise ModelFormatError(f"{name} uses {{% {what} %}}, which chat templates cannot (there is nothing "
+                                       "to load other templates from).", hint=fix)
+        code = env.compile(_bound_ast(tree), raw=False)
+        return env.template_class.from_code(env, code, env.make_globals(None), None)
+    except TemplateError as exc:
+        raise ModelFormatError(f"{name} does not compile ({exc}).", hint=fix) from None
+    except (RecursionError, MemoryError) as exc:  # a pathologically nested template
+        raise ModelFormatError(f"{name} does not compile ({type(exc).__name__}).", hint=fix) from None
+
+
 def _environment() -> Any:
     """The jinja2 environment chat templates compile in (one per process)."""
     global _ENV
@@ -527,7 +859,6 @@ def _environment() -> Any:
         from jinja2.ext import Extension, loopcontrols
         from jinja2.exceptions import SecurityError
         from jinja2.nodes import CallBlock
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
         from jinja2.utils import Namespace
 
         class GenerationTag(Extension):
@@ -561,9 +892,11 @@ def _environment() -> Any:
                 check_name(name)
                 Namespace.__setitem__(self, name, value)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[GenerationTag, loopcontrols])
+        env = _bounded_environment_class()(trim_blocks=True, lstrip_blocks=True,
+                                           extensions=[GenerationTag, loopcontrols])
         env.filters["tojson"] = _tojson
+        env.filters.update({k: _bounded_filter(k, f) for k, f in env.filters.items()})
+        env.filters.update(_HOOKS)
         env.globals.update(raise_exception=_raise_template_exception, strftime_now=_strftime_now,
                            dict=_DictGlobal(), namespace=SafeNamespace)
         _ENV = env
