@@ -809,13 +809,12 @@ class EdgeLMServer:
             # A web page may send text/plain, form and multipart bodies to any address without asking first
             # (no CORS preflight), so accepting them would let any site the user visits drive this server.
             raise APIError(415, f"The request body must be JSON, sent with 'Content-Type: application/json' "
-                           f"(got {_short(media) if media else 'no Content-Type'}).", code="unsupported_media_type",
-                           headers={"Connection": "close"})
+                           f"(got {_short(media) if media else 'no Content-Type'}).", code="unsupported_media_type")
         limit = self.max_body_bytes
         length = request.headers.get("content-length")
         too_big = APIError(413, f"The request body is larger than this server's limit of {limit} bytes. Send a "
                            f"shorter prompt, or start the server with a larger max_body_bytes.",
-                           code="request_too_large", headers={"Connection": "close"})
+                           code="request_too_large")
         if length is not None:
             try:
                 declared = int(length)

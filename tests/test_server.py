@@ -526,3 +526,239 @@ def test_a_served_hybrid_returns_its_clouds_tool_calls(tool_lm):
     # no rule matched: the local model answered, with text (its tool call, if any, is not parsed)
     assert local.choices[0].message.tool_calls is None
     assert local.choices[0].message.content == tool_lm.chat(ASK, tools=TOOLS, max_new_tokens=8, temperature=0).text
+
+
+# --- hostile input: 400 with an OpenAI error and no traceback (issue 15, fault 8) ----------------------------------
+def _assert_openai_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text[:300]
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+HOSTILE_BODIES = [
+    # (name, path, raw body, code)
+    ("lone surrogate in a prompt", "/v1/completions", b'{"prompt": "Once \\ud800 upon", "max_tokens": 2}',
+     "invalid_value"),
+    ("lone low surrogate in a message", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi \\udc00"}], "max_tokens": 2}', "invalid_value"),
+    ("surrogate as UTF-8 bytes", "/v1/completions", b'{"prompt": "a\xed\xa0\x80b", "max_tokens": 2}', "invalid_value"),
+    ("surrogate in a key", "/v1/completions", b'{"prompt": "a", "\\ud800": 1, "max_tokens": 2}', "invalid_value"),
+    ("surrogate in a tool call's arguments", "/v1/chat/completions",
+     json.dumps({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+         "name": "f", "arguments": '{"x": "\\ud800"}'}}]}, {"role": "user", "content": "hi"}],
+                 "max_tokens": 2}).encode(), "invalid_value"),
+    ("an integer of 5,000 digits", "/v1/completions", b'{"prompt": "a", "max_tokens": ' + b"7" * 5000 + b"}",
+     "invalid_json"),
+    ("an integer of 4,000 digits", "/v1/completions", b'{"prompt": "a", "seed": ' + b"7" * 4000 + b"}",
+     "invalid_value"),
+    ("nested 200,000 deep", "/v1/chat/completions", b"[" * 200_000 + b"]" * 200_000, "invalid_json"),
+    ("objects nested 150,000 deep", "/v1/completions", b'{"a":' * 150_000 + b"1" + b"}" * 150_000, "invalid_json"),
+    ("nested 100 deep in tools", "/v1/chat/completions",
+     json.dumps({"messages": MESSAGES, "tools": [{"type": "function", "function": {
+         "name": "f", "parameters": json.loads('{"a":' * 100 + "1" + "}" * 100)}}]}).encode(), "invalid_json"),
+    ("tool call arguments nested 100,000 deep", "/v1/chat/completions",
+     json.dumps({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+         "name": "f", "arguments": "[" * 100_000 + "]" * 100_000}}]}, {"role": "user", "content": "hi"}],
+                 "max_tokens": 2}).encode(), None),
+    ("NaN temperature", "/v1/completions", b'{"prompt": "a", "temperature": NaN}', "invalid_value"),
+    ("Infinity top_p", "/v1/completions", b'{"prompt": "a", "top_p": 1e999}', "invalid_value"),
+]
+
+
+@pytest.mark.slow
+def test_hostile_bodies_get_400_and_no_traceback(lm, caplog, capfd):
+    from edgelm.server import BackgroundServer
+    caplog.set_level(logging.DEBUG)
+    with BackgroundServer(lm, workers=1) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        for name, path, body, code in HOSTILE_BODIES:  # all under the default 1 MiB body limit
+            r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+            if code is None:  # arguments that are not a JSON object stay text, as OpenAI's docs allow
+                assert r.status_code in (200, 400), (name, r.text[:300])
+                continue
+            err = _assert_openai_error(r, 400, code)
+            assert len(err["message"]) < 400, (name, err["message"])
+        assert http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+    out, err = capfd.readouterr()
+    assert "Traceback" not in caplog.text + out + err
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text[-2000:]
+
+
+# --- cross-site use: Host, Origin, CORS, body types (issue 15, fault 5) --------------------------------------------
+def test_foreign_host_is_refused_and_local_names_pass(server):
+    port = server.url.rsplit(":", 1)[1]
+    body = {"prompt": PROMPT, "max_tokens": 2}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for host in ("evil.example", f"evil.example:{port}", "rebind.attacker.test", "localhost.evil.example"):
+            for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/health")):
+                r = http.request(method, path, json=body if method == "POST" else None, headers={"Host": host})
+                _assert_openai_error(r, 403, "host_not_allowed")
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", f"LocalHost.:{port}",
+                     f"app.localhost:{port}", f"10.1.2.3:{port}", f"[fe80::1]:{port}"):
+            r = http.post("/v1/completions", json=body, headers={"Host": host})
+            assert r.status_code == 200, (host, r.text)
+
+
+def test_allowed_hosts_and_cors_origins_are_opt_in(lm):
+    from edgelm.server import BackgroundServer
+    app_origin = "http://app.example:3000"
+    with BackgroundServer(lm, workers=1, allowed_hosts=["box.lan"], cors_origins=[app_origin]) as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            body = {"prompt": PROMPT, "max_tokens": 2}
+            assert http.post("/v1/completions", json=body, headers={"Host": "box.lan:8000"}).status_code == 200
+            _assert_openai_error(http.post("/v1/completions", json=body, headers={"Host": "other.lan"}), 403,
+                                 "host_not_allowed")
+            # the listed origin: preflight answered, the answer carries CORS headers
+            pre = http.options("/v1/chat/completions", headers={
+                "Origin": app_origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type"})
+            assert pre.status_code == 204
+            assert pre.headers["Access-Control-Allow-Origin"] == app_origin
+            assert "POST" in pre.headers["Access-Control-Allow-Methods"]
+            assert "content-type" in pre.headers["Access-Control-Allow-Headers"]
+            r = http.post("/v1/completions", json=body, headers={"Origin": app_origin})
+            assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"] == app_origin
+            assert "Origin" in r.headers["Vary"]
+            # any other origin: refused, preflight included, and never given CORS headers
+            for origin in ("https://evil.example", "null", "http://app.example:3001"):
+                pre = http.options("/v1/chat/completions", headers={"Origin": origin,
+                                                                     "Access-Control-Request-Method": "POST"})
+                _assert_openai_error(pre, 403, "origin_not_allowed")
+                assert "Access-Control-Allow-Origin" not in pre.headers
+                r = http.post("/v1/completions", json=body, headers={"Origin": origin})
+                _assert_openai_error(r, 403, "origin_not_allowed")
+            assert "Access-Control-Allow-Origin" not in http.post("/v1/completions", json=body).headers
+
+
+def test_no_origin_is_allowed_by_default_and_non_json_bodies_get_415(server):
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 2})
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        # A page on any site: a "simple" cross-site request needs no preflight, so it must be refused outright.
+        r = http.post("/v1/completions", content=body, headers={"Content-Type": "text/plain",
+                                                                 "Origin": "https://evil.example"})
+        _assert_openai_error(r, 403, "origin_not_allowed")
+        pre = http.options("/v1/completions", headers={"Origin": "http://localhost:3000",
+                                                       "Access-Control-Request-Method": "POST"})
+        assert pre.status_code == 403 and "Access-Control-Allow-Origin" not in pre.headers
+        # Without an Origin too (a form post, a script): only JSON bodies are read.
+        for ctype in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                      "multipart/form-data; boundary=x", None):
+            headers = {"Content-Type": ctype} if ctype else {}
+            r = http.post("/v1/completions", content=body.encode(), headers=headers)
+            err = _assert_openai_error(r, 415, "unsupported_media_type")
+            assert "application/json" in err["message"]
+        for ctype in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+            assert http.post("/v1/completions", content=body, headers={"Content-Type": ctype}).status_code == 200
+
+
+# --- slow and idle connections (issue 15: timeouts and a connection cap) -------------------------------------------
+def _connect(url: str):
+    import socket
+    host, port = url.split("://")[1].rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=10)
+    return s
+
+
+def _read_all(s) -> bytes:
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_idle_slow_and_surplus_connections_are_closed(lm):
+    from edgelm.server import BackgroundServer
+    with BackgroundServer(lm, workers=1, header_timeout=0.5, body_timeout=0.5, keep_alive_timeout=0.3,
+                          max_connections=4) as srv:
+        t0 = time.monotonic()
+        idle = _connect(srv.url)                                         # says nothing
+        slow_head = _connect(srv.url)                                    # a head that never ends
+        slow_head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        slow_body = _connect(srv.url)                                    # a body that never ends
+        slow_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+        kept = _connect(srv.url)                                         # idle after a request (keep-alive)
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"}"):  # the whole /health answer
+            answer += kept.recv(65536)
+        surplus = _connect(srv.url)                                      # one more than max_connections
+        assert _read_all(surplus).startswith(b"HTTP/1.1 503")
+        assert _read_all(idle) == b""
+        head = _read_all(slow_head)
+        assert head.startswith(b"HTTP/1.1 408") and b"request_timeout" in head
+        body = _read_all(slow_body)
+        assert body.startswith(b"HTTP/1.1 408") and b"request_timeout" in body
+        assert _read_all(kept) == b""
+        assert time.monotonic() - t0 < 20  # each closes after its timeout, not never
+        for s in (idle, slow_head, slow_body, kept, surplus):
+            s.close()
+        # and the server serves as before
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
+
+
+def test_a_client_that_stops_reading_is_dropped():
+    """The stall timer, driven directly: writing paused (the client reads nothing) for send_timeout -> the
+    connection is aborted; writing resumed in time -> it is kept."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from uvicorn.server import ServerState
+
+    from edgelm.server import _uvicorn_config
+
+    class App(Starlette):
+        pass
+
+    app = App()
+    app.state.edgelm = type("S", (), {"body_timeout": 30.0})()
+
+    class Transport:
+        def __init__(self):
+            self.aborted = self.closed = False
+
+        def get_extra_info(self, name, default=None):
+            return {"sockname": ("127.0.0.1", 1), "peername": ("127.0.0.1", 2)}.get(name, default)
+
+        def write(self, data):
+            pass
+
+        def close(self):
+            self.closed = True
+
+        def abort(self):
+            self.aborted = True
+
+        def is_closing(self):
+            return self.closed or self.aborted
+
+        def pause_reading(self):
+            pass
+
+        def resume_reading(self):
+            pass
+
+    async def run():
+        config = _uvicorn_config(app, send_timeout=0.1, header_timeout=30)
+        config.load()
+        results = []
+        for resume in (False, True):
+            proto = config.http_protocol_class(config=config, server_state=ServerState(), app_state={},
+                                               _loop=asyncio.get_running_loop())
+            transport = Transport()
+            proto.connection_made(transport)
+            proto.pause_writing()
+            if resume:
+                await asyncio.sleep(0.05)
+                proto.resume_writing()
+            await asyncio.sleep(0.3)
+            results.append(transport.aborted)
+            proto.connection_lost(None)
+        return results
+
+    assert asyncio.run(run()) == [True, False]

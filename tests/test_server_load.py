@@ -106,3 +106,73 @@ def test_200_requests_from_20_clients(stories_int8):
     print(f"\n{len(latencies)} requests in {elapsed:.2f} s: {len(latencies) / elapsed:.1f} req/s, "
           f"p50 {latencies[len(latencies) // 2] * 1000:.0f} ms, p95 {latencies[int(len(latencies) * 0.95)] * 1000:.0f} ms")
     assert elapsed < TIME_LIMIT_S
+
+
+# --- oversized prompts are refused by length, before any tokenizing (issue 15, fault 4) ---------------------------
+BIG_CHARS = 1_000_000  # under the default 1 MiB body limit, so only the prompt-length check can refuse it
+
+
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads RSS from /proc")
+def test_ten_megabyte_prompts_are_refused_without_tokenizing_and_do_not_hold_a_small_request(stories_int8):
+    """Ten ~1 MB prompts at once (chat and completion) get 400 context_length_exceeded from the event loop: no
+    worker ever runs them (the engine's completed count moves only for the small requests), a small request
+    sent meanwhile completes, and the server's RSS settles near where it started (a tokenized megabyte costs
+    about 100 MB)."""
+    from test_server_cli import ServeProcess
+
+    story = "Once upon a time, there was a little girl named Lily. She liked to play in the park. "
+    big = (story * (BIG_CHARS // len(story) + 1))[:BIG_CHARS]
+    sp = ServeProcess(str(stories_int8), "--port", "0", "--threads", "1", "--workers", "2")
+    try:
+        url = sp.wait_for_url()
+        small = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+        with httpx.Client(base_url=url, timeout=120) as http:
+            for _ in range(5):  # warm up: the first requests allocate what every later one reuses
+                assert http.post("/v1/completions", json=small).status_code == 200
+            before_rss = _rss_mb(sp.proc.pid)
+            before = http.get("/health").json()["completed"]
+
+        results: dict[int, httpx.Response] = {}
+
+        def send_big(i: int) -> None:
+            body = ({"messages": [{"role": "user", "content": big}]} if i % 2 else {"prompt": big})
+            path = "/v1/chat/completions" if i % 2 else "/v1/completions"
+            results[i] = httpx.post(url + path, json=body, timeout=120)
+
+        threads = [threading.Thread(target=send_big, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        t0 = time.perf_counter()
+        r_small = httpx.post(url + "/v1/completions", json=small, timeout=120)
+        small_s = time.perf_counter() - t0
+        for t in threads:
+            t.join(120)
+        time.sleep(0.5)
+        after_rss = _rss_mb(sp.proc.pid)
+        after = httpx.get(url + "/health", timeout=30).json()["completed"]
+    finally:
+        sp.kill()
+
+    print(f"\nsmall request {small_s * 1000:.0f} ms; RSS {before_rss:.0f} -> {after_rss:.0f} MB; "
+          f"{after - before} requests reached a worker")
+    assert r_small.status_code == 200, r_small.text
+    assert len(results) == 10
+    for i, r in results.items():
+        assert r.status_code == 400, (i, r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["code"] == "context_length_exceeded" and err["type"] == "invalid_request_error"
+        assert err["param"] == ("messages" if i % 2 else "prompt")
+        assert str(BIG_CHARS) in err["message"] or str(BIG_CHARS + 4) in err["message"], err["message"]
+    assert after - before == 1, "only the small request may reach a worker; the big ones are refused up front"
+    # A hang guard, not a speed target: the refused prompts cost the event loop milliseconds each.
+    assert small_s < 15, f"the small request waited {small_s:.1f} s behind the refused ones"
+    assert after_rss - before_rss < 40, f"RSS {before_rss:.0f} -> {after_rss:.0f} MB"
