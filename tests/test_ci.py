@@ -26,6 +26,22 @@ def test_ci_fails_without_the_shared_data(tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
+def _suite_with_project_hooks(folder: Path, allowed: dict[str, str]) -> None:
+    """A throwaway test folder whose conftest uses the project's skip hooks, with its own allow-list."""
+    (folder / "pytest.ini").write_text("[pytest]\n")
+    (folder / "conftest.py").write_text(textwrap.dedent(f"""
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("edgelm_conftest", {str(ROOT / "tests" / "conftest.py")!r})
+        project = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(project)
+        project.ALLOWED_SKIPS = {allowed!r}
+        pytest_runtest_makereport = project.pytest_runtest_makereport
+        pytest_make_collect_report = project.pytest_make_collect_report
+        pytest_terminal_summary = project.pytest_terminal_summary
+        pytest_sessionfinish = project.pytest_sessionfinish
+    """))
+
+
 def _run_pytest(folder: Path, ci: bool) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     if ci:
@@ -35,19 +51,7 @@ def _run_pytest(folder: Path, ci: bool) -> subprocess.CompletedProcess:
 
 
 def test_under_ci_an_unlisted_skip_fails(tmp_path):
-    # The project's conftest hooks, with an allow-list for this throwaway suite.
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    (tmp_path / "conftest.py").write_text(textwrap.dedent(f"""
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("edgelm_conftest", {str(ROOT / "tests" / "conftest.py")!r})
-        project = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(project)
-        project.ALLOWED_SKIPS = {{"test_suite.py::test_listed": "a reason"}}
-        pytest_runtest_makereport = project.pytest_runtest_makereport
-        pytest_make_collect_report = project.pytest_make_collect_report
-        pytest_terminal_summary = project.pytest_terminal_summary
-        pytest_sessionfinish = project.pytest_sessionfinish
-    """))
+    _suite_with_project_hooks(tmp_path, allowed={"test_suite.py::test_listed": "a reason"})
     (tmp_path / "test_suite.py").write_text(textwrap.dedent("""
         import pytest
 
@@ -85,16 +89,7 @@ def test_under_ci_an_unlisted_skip_fails(tmp_path):
 
 
 def test_without_ci_a_skip_stays_a_skip(tmp_path):
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    (tmp_path / "conftest.py").write_text(textwrap.dedent(f"""
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("edgelm_conftest", {str(ROOT / "tests" / "conftest.py")!r})
-        project = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(project)
-        pytest_runtest_makereport = project.pytest_runtest_makereport
-        pytest_make_collect_report = project.pytest_make_collect_report
-        pytest_sessionfinish = project.pytest_sessionfinish
-    """))
+    _suite_with_project_hooks(tmp_path, allowed={})
     (tmp_path / "test_suite.py").write_text("import pytest\n\ndef test_a():\n    pytest.skip('not here')\n")
     (tmp_path / "test_needs_missing.py").write_text("import pytest\npytest.importorskip('no_such_module_xyz')\n")
     r = _run_pytest(tmp_path, ci=False)  # a developer's machine without the shared data or an extra
