@@ -13,9 +13,12 @@ recipe) from one that was not (the recipe's value, else the library default, sta
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from edgelm.errors import TrainingError
 from edgelm_export.assemble import DEFAULT_MAX_CONTEXT as EXPORT_MAX_CONTEXT
@@ -272,6 +275,28 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """While exporting, turn SIGTERM (``kill``, a service manager, a container stopping) into SystemExit(143).
+
+    The exporter removes its temporary ``.OUT.edgelm-export-*`` / ``-gguf-*`` folders when an exception unwinds
+    through it, as it does for Ctrl-C's KeyboardInterrupt; SIGTERM's default action ends the process on the spot and
+    left them behind. The previous handler is put back afterwards (only the main thread can set one)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        print("\nedgelm export: terminated; removing the temporary files", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from edgelm_export.convert import export_model
 
@@ -282,11 +307,12 @@ def _run_export(args: argparse.Namespace) -> int:
     missing = [name for name, value in (("SRC", args.src), ("--out", args.out)) if not value]
     if missing:
         args._export_parser.error(f"the following arguments are required: {', '.join(missing)} (or --list)")
-    report = export_model(args.src, args.out, quantize=args.quantize, eval_text=args.eval_text,
-                          max_ppl_increase=args.max_ppl_increase, force=args.force, overwrite=args.overwrite,
-                          progress=not args.no_progress, keep_fp32=args.keep_fp32,
-                          context_length=args.context_length, threads=args.threads, via=args.via,
-                          onnx_file=args.onnx_file, optimum_python=args.optimum_python)
+    with _terminate_cleanly():
+        report = export_model(args.src, args.out, quantize=args.quantize, eval_text=args.eval_text,
+                              max_ppl_increase=args.max_ppl_increase, force=args.force, overwrite=args.overwrite,
+                              progress=not args.no_progress, keep_fp32=args.keep_fp32,
+                              context_length=args.context_length, threads=args.threads, via=args.via,
+                              onnx_file=args.onnx_file, optimum_python=args.optimum_python)
     m = report.metrics
     print(f"wrote {report.out}: {report.model_type} ({report.num_parameters:,} parameters), {report.quantization}, "
           f"model.onnx {report.model_bytes / 1e6:.2f} MB, fp32-vs-PyTorch max logit diff {report.max_logit_diff:.1e}")

@@ -399,8 +399,11 @@ def load_checkpoint(ckpt_dir: Path) -> dict | None:
         if not p.is_file():
             continue
         try:
-            return torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as exc:  # truncated / corrupt: fall back to the one before
+            # weights_only: a checkpoint is data, so unpickling it must not be able to run code (a .pt file copied
+            # from elsewhere could). Older checkpoints kept numpy's RNG state as an array: allowed by name.
+            with torch.serialization.safe_globals(_numpy_globals()):
+                return torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated / corrupt / not plain data: fall back to the one before
             errors.append(f"{name}: {exc}")
     if errors:
         raise TrainingError(f"No readable checkpoint in {ckpt_dir} ({'; '.join(errors)}).",
@@ -408,10 +411,22 @@ def load_checkpoint(ckpt_dir: Path) -> dict | None:
     return None
 
 
+def _numpy_globals() -> list:
+    """What unpickling a numpy array of numpy's RNG state (checkpoints before plain lists) needs, and no more."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy 2
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def _rng_state(device) -> dict:
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's state as plain values (its key array as a list), so the checkpoint loads with weights_only=True.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+             "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -421,7 +436,8 @@ def _set_rng_state(state: dict, device) -> None:
     import torch
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
