@@ -138,3 +138,85 @@ def test_serve_lookup_flag_reaches_the_server(monkeypatch):
     for argv, want in (([], server.DEFAULT_LOOKUP), (["--lookup"], True), (["--no-lookup"], False)):
         cmd.run(parser.parse_args(argv))
         assert seen["lookup"] is want
+
+
+# --- the [server] extra missing: one line, exit 1 (issue 16, item 1) ---------------------------------------------
+BLOCKER = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, Blocker())
+from edgelm.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("blocked", [("starlette",), ("uvicorn",), ("starlette", "uvicorn")])
+@pytest.mark.parametrize("argv", [["serve"], ["serve", "--help"], ["serve", "--model", "x", "--port", "0"]])
+def test_serve_without_the_server_extra_prints_one_line(blocked, argv):
+    code = BLOCKER.format(blocked=set(blocked), argv=argv)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "[server]" in lines[0] and blocked[0] in lines[0]
+    assert 'pip install "edgelm[server]"' in lines[0] and 'pip install ".[server]"' in lines[0]
+    assert done.stdout == ""
+
+
+# --- --model/-m as well as the positional form (issue 16, item 7); the limit flags reach serve() -----------------
+def _run_serve(monkeypatch, argv):
+    import argparse
+
+    import edgelm
+    from edgelm import server
+    from edgelm.commands import serve as cmd
+
+    loaded, served = [], {}
+    monkeypatch.setattr(edgelm, "load", lambda path, **k: loaded.append(path) or object())
+    monkeypatch.setattr(server, "serve", lambda model, **kw: served.update(kw))
+    parser = argparse.ArgumentParser()
+    cmd.add_arguments(parser)
+    assert cmd.run(parser.parse_args(argv)) == 0
+    return loaded, served
+
+
+@pytest.mark.parametrize("argv", [["models/x"], ["--model", "models/x"], ["-m", "models/x"],
+                                  ["models/x", "--model", "models/x"]])
+def test_serve_takes_the_model_positionally_or_with_model(monkeypatch, argv):
+    loaded, _ = _run_serve(monkeypatch, argv)
+    assert loaded == ["models/x"]
+
+
+def test_serve_refuses_two_different_models(monkeypatch):
+    from edgelm.errors import InvalidArgumentError
+    with pytest.raises(InvalidArgumentError, match="two models"):
+        _run_serve(monkeypatch, ["models/a", "--model", "models/b"])
+
+
+def test_serve_limit_flags_reach_the_server(monkeypatch):
+    from edgelm import server
+    _, served = _run_serve(monkeypatch, [])
+    assert served["allowed_hosts"] == [] and served["cors_origins"] == []  # nothing opened by default
+    assert (served["header_timeout"], served["body_timeout"], served["keep_alive_timeout"], served["send_timeout"],
+            served["max_connections"], served["chars_per_token"]) == (
+        server.DEFAULT_HEADER_TIMEOUT, server.DEFAULT_BODY_TIMEOUT, server.DEFAULT_KEEP_ALIVE_TIMEOUT,
+        server.DEFAULT_SEND_TIMEOUT, server.DEFAULT_MAX_CONNECTIONS, server.DEFAULT_CHARS_PER_TOKEN)
+    _, served = _run_serve(monkeypatch, [
+        "--allowed-hosts", "box.lan, other.lan", "--allowed-hosts", "third", "--cors-origins", "http://a:1",
+        "--header-timeout", "2", "--body-timeout", "3.5", "--keep-alive-timeout", "1", "--send-timeout", "9",
+        "--max-connections", "7", "--chars-per-token", "8"])
+    assert served["allowed_hosts"] == ["box.lan", "other.lan", "third"] and served["cors_origins"] == ["http://a:1"]
+    assert (served["header_timeout"], served["body_timeout"], served["keep_alive_timeout"], served["send_timeout"],
+            served["max_connections"], served["chars_per_token"]) == (2, 3.5, 1, 9, 7, 8)
+
+
+@pytest.mark.parametrize("flag,value", [("--header-timeout", "0"), ("--send-timeout", "-1"), ("--body-timeout", "inf"),
+                                        ("--max-connections", "0"), ("--chars-per-token", "0")])
+def test_serve_refuses_limits_that_are_not_positive(monkeypatch, flag, value):
+    from edgelm.errors import InvalidArgumentError
+    with pytest.raises(InvalidArgumentError, match=flag):
+        _run_serve(monkeypatch, [flag, value])
