@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", default=None,
                         help="also write the results as JSON to FILE ('-' for standard output only)")
     parser.add_argument("--plot", metavar="FILE.png", default=None,
-                        help="also write a PNG plot (needs matplotlib: pip install 'edgelm[bench]')")
+                        help="also write a PNG plot (needs matplotlib, the [bench] extra)")
     parser.add_argument("--no-verify", action="store_true", help="skip the checksum check when loading")
 
 
@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
+            from edgelm.cli import install_hint
             raise InvalidArgumentError("--plot needs matplotlib, which is not installed.",
-                                       hint='Install it with: pip install "edgelm[bench]", or drop --plot.')
+                                       hint=f"{install_hint('bench')}; or drop --plot.")
     result = run_bench(model_argument(args), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                        threads=args.threads, repeat=args.repeat, warmup=args.warmup, verify=not args.no_verify,
                        spin=args.spin)
