@@ -309,3 +309,79 @@ def test_model_chat_methods_pass_tools_and_template_variables(stories_fp32, mode
         lm.chat([USER2], chat_template_kwargs={"tools": TOOLS})
     with pytest.raises(InvalidArgumentError, match="template variables must be a dict"):
         lm.chat_stream([USER2], chat_template_kwargs=["enable_thinking"])
+
+
+# --- hostile templates (issue 15): bounded, and every failure a ModelFormatError naming the template ------------------
+HOSTILE = {
+    "nested loops": "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+    "loops without output": "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    "macro called twice per level": "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+                                    "{{ f(40) }}",
+    "recursive loop": "{% for x in range(100000) recursive %}{% if loop.depth < 3 %}{{ loop(range(100000)) }}"
+                      "{% endif %}{% endfor %}",
+    "literal text into a set-block": "{% set s %}{% for a in range(100000) %}{% for b in range(100) %}xxxxxxxxxxxxxxxx"
+                                     "{% endfor %}{% endfor %}{% endset %}{{ s|length }}",
+    "huge range": "{{ range(10**9)|list }}",
+    "endless recursion": "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+    "huge power": "{{ 9 ** 999999999 }}",
+    "float overflow": "{{ 9.0 ** 99999 }}",
+    "division by zero": "{{ 1 / 0 }}",
+    "repetition": "{{ 'x' * 10**10 }}",
+    "list repetition": "{{ messages * 10**9 }}",
+    "padding method": "{{ 'x'.ljust(10**10) }}",
+    "padding filter": "{{ 'x'|center(10**10) }}",
+    "indent filter": "{{ 'a\nb'|indent(10**10) }}",
+    "percent format width": "{{ '%999999999d' % 1 }}",
+    "percent format star": "{{ '%*d' % (10**10, 1) }}",
+    "str.format width": "{{ '{:>999999999}'.format(1) }}",
+    "doubling with ~": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+                       "{% endfor %}{{ ns.s|length }}",
+    "doubling with +": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+                       "{% endfor %}{{ ns.s|length }}",
+    "nested list printed": "{% set ns = namespace(s=[1]) %}{% for i in range(64) %}{% set ns.s = [ns.s, ns.s] %}"
+                           "{% endfor %}{{ ns.s }}",
+    "nested list as json": "{% set ns = namespace(s=[1]) %}{% for i in range(64) %}{% set ns.s = [ns.s, ns.s] %}"
+                           "{% endfor %}{{ ns.s|tojson }}",
+    "tojson indent": "{{ messages|tojson(indent=10**8) }}",
+    "join": "{{ ('x' * 1000000).join(range(100000)|map('string')|list) }}",
+    "replace": "{{ ('x' * 100000).replace('', 'y' * 1000) }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_templates_stop_fast_with_a_model_format_error(name):
+    import time
+
+    tpl = ChatTemplate(HOSTILE[name], name="models/x/tokenizer_config.json's chat_template")
+    start = time.perf_counter()
+    with pytest.raises(ModelFormatError, match=r"models/x/tokenizer_config.json's chat_template") as info:
+        tpl.render([USER])
+    # The bounds (200,000 steps, 1 s) stop each within about a second; unbounded, several rendered for minutes or
+    # filled memory. Generous here: CI cores are shared.
+    assert time.perf_counter() - start < 10, name
+    assert "Fix chat_template" in str(info.value)
+
+
+@pytest.mark.parametrize("what", ["include 'x.jinja'", "import 'x.jinja' as x", "from 'x.jinja' import y",
+                                  "extends 'base.jinja'"])
+def test_templates_that_load_other_templates_are_refused_when_loaded(what):
+    with pytest.raises(ModelFormatError, match=r"uses \{% (include|import|from-import|extends) %\}"):
+        ChatTemplate("{% " + what + " %}{{ messages[0].content }}")
+
+
+def test_a_deeply_nested_template_is_a_model_format_error():
+    with pytest.raises(ModelFormatError, match="does not compile"):
+        ChatTemplate("{{ " + "[" * 5000 + "]" * 5000 + " }}")
+
+
+def test_the_bounds_leave_long_real_conversations_alone(frozen_time):
+    src = (TEMPLATES / "mistral_nemo.jinja").read_text()  # the most steps per message of the seven
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " * 50} for i in range(2000)]
+    want, got = both(src, msgs)
+    assert isinstance(got, str) and got == want and len(got) > 1_000_000
+
+
+def test_oversized_messages_are_an_invalid_argument_not_a_template_fault():
+    with pytest.raises(InvalidArgumentError, match="more than a chat template is given"):
+        ChatTemplate("{{ messages[0].content }}").render(
+            [{"role": "user", "content": "x" * (tokmod.TEMPLATE_MAX_CHARS // 4 + 1)}])

@@ -388,3 +388,200 @@ def test_greedy_never_imports_numpy_random(stories_int8):
     out = subprocess.run([sys.executable, "-c", code, str(stories_int8)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "True", "True"]
+
+
+# --- hostile model folders and arguments (issue 15) ---------------------------------------------------------------
+# These use copies of the shipped default model: it has external weights (model.onnx.data) and a chat template.
+import edgelm_models  # noqa: E402
+from edgelm.errors import EdgeLMError, ModelError  # noqa: E402
+
+DEFAULT = edgelm_models.default_path()
+needs_default = pytest.mark.skipif(not (DEFAULT / "edgelm.json").is_file(), reason="default model not built")
+
+
+def _edit_manifest(folder, change):
+    manifest = json.loads((folder / "edgelm.json").read_text())
+    change(manifest)
+    (folder / "edgelm.json").write_text(json.dumps(manifest))
+
+
+@needs_default
+@pytest.mark.parametrize("name, match", [
+    ("model.onnx.data", r"reads its weights from model.onnx.data, which edgelm.json does not list"),
+    ("model.onnx", r"model.onnx is not listed in"),
+    ("config.json", r"config.json is not listed in"),
+    ("tokenizer.json", r"tokenizer.json is not listed in"),
+])
+def test_verify_covers_every_file_the_runtime_reads(model_copy, name, match):
+    folder = model_copy(DEFAULT)
+    _edit_manifest(folder, lambda m: m["files"].pop(name))
+    with pytest.raises(ModelFormatError, match=match) as info:
+        edgelm.load(folder)
+    assert "verify=False" in str(info.value)  # says what to do
+    assert edgelm.load(folder, verify=False).generate("Once", max_new_tokens=2).completion_tokens >= 1
+
+
+@needs_default
+def test_unlisted_optional_files_are_ignored_never_read(model_copy, monkeypatch):
+    folder = model_copy(DEFAULT)
+    _edit_manifest(folder, lambda m: [m["files"].pop(n) for n in ("tokenizer_config.json", "generation_config.json")])
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "PLANTED {{ messages[0].content }}"}))
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.0123}))
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    lm = edgelm.load(folder)
+    monkeypatch.undo()
+    assert not [f for f in opened if f.endswith(("tokenizer_config.json", "generation_config.json"))], opened
+    assert not lm.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("PLANTED")
+    assert lm.generation_config == {}
+    # Without verification the folder is taken as it is.
+    lm = edgelm.load(folder, verify=False)
+    assert lm.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("PLANTED hi")
+
+
+@needs_default
+@pytest.mark.parametrize("name", ["/etc/hostname", "../outside.txt", "sub/../../outside.txt", "C:/x", "a\\..\\b",
+                                  "", "link-out"])
+def test_manifest_paths_outside_the_folder_are_refused_before_anything_is_opened(model_copy, monkeypatch, tmp_path,
+                                                                                 name):
+    folder = model_copy(DEFAULT)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret")
+    (folder / "link-out").symlink_to(outside)
+    _edit_manifest(folder, lambda m: m["files"].update({name: {"sha256": "0" * 64, "size": 6}}))
+    hashed = []
+    monkeypatch.setattr("edgelm.folder.sha256_file", lambda p: hashed.append(p) or "0" * 64)
+    with pytest.raises(ModelFormatError, match="not a relative path inside|outside the model folder"):
+        edgelm.load(folder)
+    assert hashed == []  # refused while reading the manifest, before any file was hashed
+
+
+@needs_default
+def test_a_link_inside_the_folder_is_fine(model_copy):
+    from edgelm.folder import write_manifest
+
+    folder = model_copy(DEFAULT)
+    (folder / "LICENSE-stories260K.txt").rename(folder / "licence.txt")
+    (folder / "LICENSE-stories260K.txt").symlink_to("licence.txt")
+    write_manifest(folder, **{k: v for k, v in json.loads((folder / "edgelm.json").read_text()).items()
+                              if k not in ("files", "format_version", "created")})
+    assert edgelm.load(folder).path == folder
+
+
+@needs_default
+@pytest.mark.parametrize("location", ["../model.onnx.data", "/tmp/edgelm-outside.data", "sub/../../model.onnx.data"])
+def test_external_data_outside_the_folder_is_refused(model_copy, location):
+    onnx = pytest.importorskip("onnx")
+    from edgelm.folder import external_data_locations, write_manifest
+
+    folder = model_copy(DEFAULT)
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    moved = 0
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+                moved += 1
+    assert moved
+    onnx.save(graph, str(folder / "model.onnx"))
+    assert external_data_locations(folder / "model.onnx") == {location}
+    fields = {k: v for k, v in json.loads((folder / "edgelm.json").read_text()).items()
+              if k not in ("files", "format_version", "created")}
+    write_manifest(folder, **fields)  # checksums all match: only the location is wrong
+    for verify in (True, False):
+        with pytest.raises(ModelFormatError, match="not a relative path inside"):
+            edgelm.load(folder, verify=verify)
+
+
+@needs_default
+def test_external_data_locations_are_read_without_the_onnx_package():
+    from edgelm.folder import external_data_locations
+
+    assert external_data_locations(DEFAULT / "model.onnx") == {"model.onnx.data"}
+
+
+@needs_default
+@pytest.mark.parametrize("change, match", [
+    (lambda m: m["files"]["config.json"].update(size="12"), r"malformed entry for 'config.json'"),
+    (lambda m: m["files"]["config.json"].update(size=-1), r"malformed entry for 'config.json'"),
+    (lambda m: m["files"]["config.json"].update(size=True), r"malformed entry for 'config.json'"),
+    (lambda m: m["files"]["config.json"].update(sha256=123), r"malformed entry for 'config.json'"),
+    (lambda m: m["files"].update({"config.json": ["a", 1]}), r"malformed entry for 'config.json'"),
+    (lambda m: m.update(files=[{"config.json": {}}]), r"malformed 'files'"),
+    (lambda m: m.update(files={}), r"lists no files"),
+    (lambda m: m.update(source="somewhere"), r"malformed 'source'"),
+    (lambda m: m.update(num_parameters="5M"), r"malformed 'num_parameters'"),
+])
+def test_malformed_manifests_are_typed_errors(model_copy, change, match):
+    folder = model_copy(DEFAULT)
+    _edit_manifest(folder, change)
+    with pytest.raises(ModelFormatError, match=match):
+        edgelm.load(folder)
+
+
+@needs_default
+@pytest.mark.parametrize("name", ["config.json", "model.onnx.data", "edgelm.json"])
+def test_unreadable_files_are_typed_errors(model_copy, monkeypatch, name):
+    folder = model_copy(DEFAULT)
+    if os.geteuid() != 0:
+        os.chmod(folder / name, 0)
+    else:  # root reads anything: make open() refuse that one file as the kernel would
+        real_open = open
+
+        def refuse(f, *a, **k):
+            if str(f) == str(folder / name):
+                raise PermissionError(13, "Permission denied", str(f))
+            return real_open(f, *a, **k)
+        monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(ModelError, match=rf"{name} cannot be read \(Permission denied\)") as info:
+        edgelm.load(folder)
+    assert "chmod" in str(info.value)
+
+
+@pytest.mark.parametrize("path, match", [(123, "must be a str or os.PathLike, got int"), ("", "empty"),
+                                         ("   ", "empty"), (b"models", "got bytes"), (["x"], "got list")])
+def test_bad_model_paths(path, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "" once meant the current directory
+    with pytest.raises(InvalidArgumentError, match=match):
+        edgelm.load(path)
+
+
+@needs_default
+def test_lone_surrogates_are_invalid_arguments_everywhere():
+    lm = edgelm.load(DEFAULT)
+    bad = "Once \ud800 upon"
+    calls = [lambda: lm.generate(bad), lambda: lm.stream(bad), lambda: lm.score(bad), lambda: lm.encode(bad),
+             lambda: lm.tokenizer.encode(bad), lambda: lm.generate("Once", stop=["\udfff"]),
+             lambda: lm.chat([{"role": "user", "content": bad}]),
+             lambda: lm.chat_stream([{"role": "user", "content": [{"type": "text", "text": bad}]}]),
+             lambda: lm.chat([{"role": "user", "content": "hi"}], tools=[{"name": bad}])]
+    for call in calls:
+        with pytest.raises(InvalidArgumentError, match="lone surrogate"):
+            call()
+    assert lm.generate("Once \U0001F600 upon", max_new_tokens=2).completion_tokens >= 1  # a real pair is fine
+
+
+@needs_default
+def test_the_kv_buffer_pool_is_capped_after_many_suspended_streams():
+    from edgelm.model import KV_POOL_MAX
+
+    lm = edgelm.load(DEFAULT)
+    assert lm.kv_cache == "shared" and lm.kv_pool_max == KV_POOL_MAX
+    streams = [lm.stream("Once upon a time", max_new_tokens=8, temperature=0) for _ in range(3 * KV_POOL_MAX)]
+    firsts = [next(s) for s in streams]  # all suspended mid-generation, each holding a buffer set
+    assert len(lm._kv_pool) == 0
+    texts = [first + "".join(s) for first, s in zip(firsts, streams)]  # finished: every one gives its set back
+    assert len(lm._kv_pool) == KV_POOL_MAX
+    want = lm.generate("Once upon a time", max_new_tokens=8, temperature=0).text
+    assert texts == [want] * len(streams)  # reused or not, nothing was lost or mixed up
+    more = [lm.stream("Once", max_new_tokens=4) for _ in range(5)]
+    for s in more:
+        next(s)
+    for s in more:
+        s.close()  # closed early: the same cap
+    assert len(lm._kv_pool) == KV_POOL_MAX
+    lm.kv_pool_max = 1
+    for s in [lm.stream("Once", max_new_tokens=2) for _ in range(3)]:
+        list(s)
+    assert len(lm._kv_pool) <= KV_POOL_MAX
