@@ -709,7 +709,9 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
             # int4 keeps the LM head at 8 bits unless the plan says otherwise: its error lands on the logits
             # directly (SmolLM2-135M-Instruct: +33 % perplexity with a 4-bit head, +24 % with an 8-bit one).
             return _nbits_node(node, w_name, w, 8, BLOCK_SIZE[8], False)
-        if offsets:
+        if offsets and w_name != head:
+            # never the LM head: its offset term would be a [K/32, vocab] MatMul per token, and a GGUF's head
+            # (Q8_0, symmetric) is reproduced exactly by symmetric 8-bit blocks, not by 255-level offset ones
             return _offset_nodes(node, w_name, w, bits, block, sums, search)
         return _nbits_node(node, w_name, w, bits, block, asym)
 
@@ -725,12 +727,16 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     if n_gemm:
         parts.append(f"{n_gemm} MatMuls int8 per output channel with int8 activations per call (DynamicQuantizeMatMul"
                      + (f"; {len(smooth)} of them smoothed into the norm before them)" if smooth else ")"))
+    n_offset = sum(1 for n in model.graph.node if n.op_type == "Add" and n.name.endswith("/add_offset"))
     if n_block:
-        form = ("scale + float offset per block (MatMulNBits + block sums @ offsets)" if offsets else
-                "asymmetric (zero points)" if asym else "symmetric")
-        parts.append(f"{n_block} MatMuls int{bits} {form}, blocks of "
-                     f"{block} (MatMulNBits; activations int8 per block, accuracy level {ACCURACY_LEVEL})")
-        info["offsets"] = bool(offsets)
+        kernel = f", blocks of {block} (MatMulNBits; activations int8 per block, accuracy level {ACCURACY_LEVEL})"
+        if n_offset:
+            parts.append(f"{n_offset} MatMuls int{bits} as scale + float offset per block (MatMulNBits plus block "
+                         f"sums @ offsets){kernel}")
+        if n_block > n_offset:
+            parts.append(f"{n_block - n_offset} MatMuls int{bits} "
+                         f"{'asymmetric (zero points)' if asym and not offsets else 'symmetric'}{kernel}")
+        info.update(offsets=bool(offsets), offset_matmuls=n_offset)
     if n_block8:
         parts.append(f"{n_block8} MatMuls int8 symmetric, blocks of {BLOCK_SIZE[8]} (MatMulNBits)")
         info["int8_matmuls"] = n_block8
