@@ -156,12 +156,13 @@ _SECRET_HEADER_WORDS = ("auth", "key", "token", "secret", "cookie", "session", "
 
 
 class _Secrets:
-    """A client's secrets - the API key, secret-looking extra header values, the URL's password and query
-    values - and every rendering of them that could show up in text: raw, repr/bytes-escaped, JSON-escaped and
+    """A client's secrets - the API key, the extra headers (secret-looking values among them), the URL's
+    password and query values - and every rendering of them that could show up in text: raw, repr/bytes-escaped, JSON-escaped and
     URL-encoded. Its repr shows none of them, so neither does a traceback frame's ``self`` or a debugger."""
 
-    def __init__(self, key: str | None, others: Sequence[str] = ()):
+    def __init__(self, key: str | None, others: Sequence[str] = (), headers: dict[str, str] | None = None):
         self.key = key
+        self.headers = dict(headers or {})  # the extra request headers: some hold secrets too
         forms: set[str] = set()
         for value in ([key] if key else []) + [v for v in others if len(v) >= 6]:  # shorter: not worth mangling text
             forms.update({value, repr(value)[1:-1], json.dumps(value)[1:-1], quote(value, safe=""),
@@ -246,24 +247,25 @@ def _checked_key(key: Any, source: str) -> tuple[str | None, InvalidArgumentErro
     return key, None
 
 
-def _checked_headers(headers: Any) -> tuple[dict[str, str], list[str]]:
-    """Extra headers, checked so that h11 can send them; and the values that look secret (for scrubbing)."""
+def _checked_headers(headers: Any) -> tuple[dict[str, str], list[str], InvalidArgumentError | None]:
+    """Extra headers, checked so that h11 can send them; the values that look secret (for scrubbing); or the
+    error to raise (returned, like :func:`_checked_key`'s, and naming the header, never its value)."""
     if headers is None:
-        return {}, []
+        return {}, [], None
     if not isinstance(headers, dict):
-        raise InvalidArgumentError(f"headers must be a dict of strings, got {type(headers).__name__}.")
+        return {}, [], InvalidArgumentError(f"headers must be a dict of strings, got {type(headers).__name__}.")
     out, secret = {}, []
     for name, value in headers.items():
         if not isinstance(name, str) or not name or not all(33 <= ord(c) <= 126 and c not in '()<>@,;:\\"/[]?={}'
                                                              for c in name):
-            raise InvalidArgumentError(f"Header name {name!r} is not a valid HTTP header name.")
+            return {}, [], InvalidArgumentError(f"Header name {name!r} is not a valid HTTP header name.")
         if not isinstance(value, str) or not all(" " <= c <= "~" or c == "\t" for c in value):
-            raise InvalidArgumentError(f"The value of header {name!r} is not a string of printable ASCII "
-                                       "(control and non-ASCII characters cannot be sent).")
+            return {}, [], InvalidArgumentError(f"The value of header {name!r} is not a string of printable ASCII "
+                                                "(control and non-ASCII characters cannot be sent).")
         out[name] = value
         if any(word in name.lower() for word in _SECRET_HEADER_WORDS):
             secret.append(value.strip())
-    return out, secret
+    return out, secret, None
 
 
 def _url_secrets(url: str) -> list[str]:
@@ -356,14 +358,15 @@ class CloudClient:
         if max_answer_bytes is not None and (not isinstance(max_answer_bytes, int) or isinstance(max_answer_bytes, bool)
                                              or max_answer_bytes < 1):
             raise InvalidArgumentError(f"max_answer_bytes must be a positive integer or None, got {max_answer_bytes!r}.")
-        extra_headers, secret_values = _checked_headers(headers)
+        extra_headers, secret_values, problem = _checked_headers(headers)
         source = "api_key"
         if api_key is None:
             source = next((k for k in API_KEY_ENV if os.environ.get(k, "").strip()), "")
             api_key = os.environ[source] if source else None
-        key, problem = _checked_key(api_key, source)
-        api_key = None  # the error below keeps this frame's locals: no key in them
-        if problem is not None:
+        key, key_problem = _checked_key(api_key, source)
+        problem = problem or key_problem
+        if problem is not None:  # the error keeps this frame's locals: no secret left in them
+            api_key = headers = extra_headers = secret_values = key = None
             raise problem
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -376,8 +379,7 @@ class CloudClient:
         self.verify = verify
         self.max_answer_bytes = max_answer_bytes
         # The key lives only in here (repr "<secrets>"): not in repr(self), vars(self) or any log.
-        self._secrets = _Secrets(key, secret_values + _url_secrets(base_url))
-        self._extra_headers = extra_headers
+        self._secrets = _Secrets(key, secret_values + _url_secrets(base_url), extra_headers)
         self._client = None      # httpx.Client, created on first use
         self._client_lock = threading.Lock()
         self._rng = random.Random()
@@ -385,11 +387,12 @@ class CloudClient:
     # --- public -----------------------------------------------------------------------------------
     @property
     def has_api_key(self) -> bool:
-        return self._secrets.key is not None
+        return getattr(self, "_secrets", None) is not None and self._secrets.key is not None
 
-    def __repr__(self) -> str:
-        return (f"CloudClient(base_url={_redact_url(self.base_url)!r}, model={self.model!r}, "
-                f"api_key={'<set>' if self.has_api_key else None}, timeout={self.timeout})")
+    def __repr__(self) -> str:  # getattr: also for a client whose __init__ refused its arguments (tracebacks)
+        return (f"CloudClient(base_url={_redact_url(getattr(self, 'base_url', ''))!r}, "
+                f"model={getattr(self, 'model', None)!r}, api_key={'<set>' if self.has_api_key else None}, "
+                f"timeout={getattr(self, 'timeout', None)})")
 
     def chat(self, messages: Sequence[dict[str, Any]], *, max_tokens: int | None = None,
              temperature: float | None = None, top_p: float | None = None, stop: str | Sequence[str] | None = None,
@@ -532,7 +535,7 @@ class CloudClient:
                              hint='Install it with: pip install "edgelm[cloud]"')
         # identity: no compressed bodies to inflate (a server that compresses anyway is decoded by _Decoder,
         # which bounds what one chunk may inflate to).
-        headers = {"Accept": "application/json", "Accept-Encoding": "identity", **self._extra_headers}
+        headers = {"Accept": "application/json", "Accept-Encoding": "identity", **self._secrets.headers}
         if self._secrets.key:
             headers["Authorization"] = f"Bearer {self._secrets.key}"
         problem = None

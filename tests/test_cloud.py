@@ -5,10 +5,13 @@ not assumptions about the client's internals. Backoffs are tiny so the whole fil
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import time
 import traceback
+import zlib
+from pathlib import Path
 
 import pytest
 
@@ -18,10 +21,11 @@ from edgelm.cloud import CloudClient, _parse_retry_after  # noqa: E402
 from edgelm.errors import (CloudError, CloudHTTPError, CloudResponseError, CloudTimeoutError,  # noqa: E402
                            InvalidArgumentError)
 
-from faults import (ConnectionSpy, FaultServer, broken_stream, echo, free_port_refusing, garbage_stream,  # noqa: E402
-                    hang, malformed, ok, reset, status)
+from faults import (ConnectionSpy, FaultServer, broken_stream, completion_json, echo, free_port_refusing,  # noqa: E402
+                    garbage_stream, hang, malformed, ok, reset, status)
 
 KEY = "sk-test-SECRET-0123456789abcdef"
+TESTS = Path(__file__).resolve().parent
 MSGS = [{"role": "user", "content": "Tell me a story."}]
 
 
@@ -349,3 +353,354 @@ def test_bad_tools_and_messages_are_refused_before_any_connection():
         with pytest.raises(InvalidArgumentError):  # content may be left out only beside tool calls
             c.chat([{"role": "assistant", "content": None}])
     assert spy.connects == []
+
+
+# --- issue 15: hostile endpoints (faults 1, 2, 3, 12) ---------------------------------------------------
+def no_key_anywhere(exc: BaseException, key: str = KEY) -> None:
+    """The key is in no text, argument, attribute, chained exception or traceback frame of ``exc``."""
+    assert exc.__context__ is None and exc.__cause__ is None  # fault 12: not even hidden by `from None`
+    texts = [str(exc), repr(exc), "".join(traceback.format_exception(exc)), repr(exc.args), repr(vars(exc))]
+    tb = exc.__traceback__
+    while tb is not None:  # every library frame's locals, and one level into objects (a client's attributes)
+        if not tb.tb_frame.f_code.co_filename.startswith(str(TESTS)):  # the test's own frames hold the fakes
+            for value in tb.tb_frame.f_locals.values():
+                texts.append(repr(value))
+                if hasattr(value, "__dict__"):
+                    texts.append(repr(vars(value)))
+        tb = tb.tb_next
+    for text in texts:
+        assert key not in text
+        assert repr(key)[1:-1] not in text
+
+
+def gzip_lie(body: bytes = b'{"choices": []}') -> object:
+    """A 200 that says Content-Encoding: gzip and sends a body that is not gzip (httpx: DecodingError)."""
+    def behave(conn, req):
+        conn.respond(200, body, headers={"Content-Encoding": "gzip"})
+    return behave
+
+
+def raw_reply(data: bytes) -> object:
+    """Write ``data`` as the whole answer, status line and all, then close."""
+    def behave(conn, req):
+        conn.send(data)
+    return behave
+
+
+def sse_flood(piece: str = "x", events_per_send: int = 200) -> object:
+    """An SSE stream of tiny events that never ends on its own (it stops when the client goes away);
+    ``sent`` counts the events it managed to send."""
+    state = {"sent": 0}
+
+    def behave(conn, req):
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+        event = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": piece}}]}).encode() + b"\n\n"
+        while not conn.stopping.is_set():
+            conn.send(event * events_per_send)
+            state["sent"] += events_per_send
+    behave.state = state
+    return behave
+
+
+@pytest.mark.parametrize("behaviour, kind", [
+    (gzip_lie(), CloudResponseError),
+    (raw_reply(b"NOT HTTP AT ALL\r\n\r\n"), CloudError),                                      # RemoteProtocolError
+    (raw_reply(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{\"choices\""), CloudError),   # body cut short
+    (raw_reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"), CloudError),  # bad chunk size
+    (raw_reply(b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\n{}"), CloudResponseError),
+], ids=["gzip-lie", "garbage-status", "short-body", "bad-chunk", "unknown-encoding"])
+def test_broken_http_from_the_server_is_a_typed_cloud_error(behaviour, kind, caplog):
+    caplog.set_level(logging.DEBUG)
+    for stream in (False, True):
+        with FaultServer(behaviour) as srv, client(srv.url, max_retries=1) as c:
+            with pytest.raises(kind) as info:
+                list(c.stream(MSGS)) if stream else c.chat(MSGS)
+        no_key_anywhere(info.value)
+    assert KEY not in caplog.text
+
+
+def _httpx_exceptions():
+    """Every exception class httpx exports, built the way httpx builds them, with a request that carries the
+    Authorization header and a message that quotes the key (as h11's errors do), raw and escaped."""
+    import httpx
+
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions",
+                            headers={"Authorization": f"Bearer {KEY}"})
+    message = f"Illegal header value b'Bearer {KEY}\\n' ({KEY!r})"
+    out = []
+    for name in httpx.__all__:
+        cls = getattr(httpx, name)
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            continue
+        for make in (lambda: cls(message, request=request),
+                     lambda: cls(message, request=request, response=httpx.Response(500, request=request)),
+                     lambda: cls(message), lambda: cls()):
+            try:
+                out.append(make())
+                break
+            except TypeError:
+                continue
+    assert len(out) >= 25, [type(e).__name__ for e in out]  # httpx 0.28 exports 29
+    return out
+
+
+@pytest.mark.parametrize("where", ["send", "body", "stream"])
+def test_every_httpx_exception_becomes_a_typed_cloud_error(where, monkeypatch, caplog):
+    """Fault 1, the whole class: whatever httpx raises, at whatever point of a call, comes out as a CloudError
+    without the key - so Hybrid falls back instead of losing the answer."""
+    import httpx
+
+    caplog.set_level(logging.DEBUG)
+    current: list[BaseException] = []
+    real_send, real_iter_raw = httpx.Client.send, httpx.Response.iter_raw
+
+    def send(self, request, **kw):
+        if where == "send":
+            raise current[0]
+        return real_send(self, request, **kw)
+
+    def iter_raw(self, *a, **kw):
+        for chunk in real_iter_raw(self, *a, **kw):
+            yield chunk[:5]  # a first bit of the body, then the failure
+            raise current[0]
+
+    monkeypatch.setattr(httpx.Client, "send", send)
+    monkeypatch.setattr(httpx.Response, "iter_raw", iter_raw)
+    kinds = set()
+    with FaultServer(ok("fine")) as srv, client(srv.url, max_retries=0) as c:
+        for exc in _httpx_exceptions() + [RuntimeError(KEY), ValueError(KEY), RecursionError(), OSError(5, KEY)]:
+            current[:] = [exc]
+            with pytest.raises(CloudError) as info:
+                list(c.stream(MSGS)) if where == "stream" else c.chat(MSGS)
+            no_key_anywhere(info.value)
+            kinds.add(type(info.value))
+    assert CloudTimeoutError in kinds and CloudResponseError in kinds  # timeouts and bad answers keep their kind
+    assert KEY not in caplog.text
+
+
+def test_hostile_bodies_in_json_answers_are_response_errors():
+    deep = b"[" * 100_000 + b"]" * 100_000
+    huge_int = b'{"choices": [{"message": {"content": "x"}, "index": ' + b"9" * 5000 + b"}]}"
+    for body in (deep, huge_int, b"\xff\xfe not utf-8", gzip.compress(deep)):
+        with FaultServer(malformed(body)) as srv, client(srv.url) as c:
+            with pytest.raises(CloudResponseError):
+                c.chat(MSGS)
+    with FaultServer(garbage_stream_with(b"data: " + deep + b"\n\n")) as srv, client(srv.url) as c:
+        with pytest.raises(CloudResponseError):
+            list(c.stream(MSGS))
+
+
+def garbage_stream_with(event: bytes) -> object:
+    def behave(conn, req):
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + event)
+    return behave
+
+
+def test_a_gzipped_answer_is_still_read():
+    """Servers that compress although the client asks for identity are decoded (gzip, deflate)."""
+    body = completion_json("squeezed")
+    for encoding, data in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        def behave(conn, req, data=data, encoding=encoding):
+            conn.respond(200, data, headers={"Content-Encoding": encoding})
+        with FaultServer(behave) as srv, client(srv.url) as c:
+            assert c.chat(MSGS).text == "squeezed"
+        assert srv.requests[0].headers["accept-encoding"] == "identity"
+
+
+# --- fault 2: keys ----------------------------------------------------------------------------------------
+def test_a_key_from_a_secret_file_has_its_newline_stripped(monkeypatch):
+    for given in (KEY + "\n", f"  {KEY}\r\n", "\t" + KEY):
+        with FaultServer(ok("fine")) as srv, client(srv.url, api_key=given) as c:
+            assert c.chat(MSGS).text == "fine"
+        assert srv.requests[0].headers["authorization"] == f"Bearer {KEY}"
+    monkeypatch.setenv("EDGELM_CLOUD_API_KEY", KEY + "\n")
+    with FaultServer(ok("fine")) as srv, CloudClient(srv.url, timeout=5) as c:
+        assert c.chat(MSGS).text == "fine"
+    assert srv.requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize("bad", [KEY + "é", KEY[:10] + "\n" + KEY[10:], KEY + "\x00", "ключ-" + KEY, KEY + "\x7f",
+                                 KEY[:5] + "\u2028" + KEY[5:], KEY + "😀"])
+def test_a_key_no_header_can_carry_is_refused_at_construction_without_echoing_it(bad, monkeypatch):
+    with ConnectionSpy() as spy:
+        with pytest.raises(InvalidArgumentError) as info:
+            CloudClient("http://127.0.0.1:9/v1", api_key=bad)
+        raised = [info.value]
+        if "\x00" not in bad:  # the environment cannot hold a NUL
+            monkeypatch.setenv("EDGELM_CLOUD_API_KEY", bad)
+            with pytest.raises(InvalidArgumentError) as from_env:
+                CloudClient("http://127.0.0.1:9/v1")
+            assert "EDGELM_CLOUD_API_KEY" in str(from_env.value)
+            raised.append(from_env.value)
+    assert spy.connects == []
+    for exc in raised:
+        assert "non-ASCII" in str(exc)
+        no_key_anywhere(exc, bad)
+        no_key_anywhere(exc, KEY[:10])  # not even a part of it
+
+
+def test_every_rendering_of_the_key_is_scrubbed(caplog):
+    """A key with characters that escape differently; a server that echoes it raw, repr-escaped, JSON-escaped,
+    URL-encoded and in a response header (which httpcore logs at DEBUG)."""
+    from urllib.parse import quote, quote_plus
+
+    key = 'sk-a/b+c"d\\e=f\'g'
+    forms = [key, repr(key)[1:-1], json.dumps(key)[1:-1], quote(key, safe=""), quote_plus(key)]
+    caplog.set_level(logging.DEBUG)
+    for form in forms:
+        body = ("ERR " + form + " ERR").encode()
+
+        def behave(conn, req, body=body, form=form):
+            conn.respond(500, body, headers={"X-Echo": quote(form, safe="")})
+        with FaultServer(behave) as srv, client(srv.url, api_key=key, max_retries=0) as c:
+            with pytest.raises(CloudHTTPError) as info:
+                c.chat(MSGS)
+        assert "ERR *** ERR" in str(info.value)
+        for f in forms:
+            no_key_anywhere(info.value, f)
+    for f in forms:
+        assert f not in caplog.text and f not in "".join(r.getMessage() for r in caplog.records)
+
+
+def test_a_key_cut_by_an_excerpt_is_still_scrubbed():
+    """Messages quote the start of a bad body; the key straddling the cut must not leave a prefix behind."""
+    for body in ((b"x" * 70 + KEY.encode() + b" not json"), b"data: " + b"y" * 50 + KEY.encode() + b" {\n\n"):
+        behaviour = malformed(body) if not body.startswith(b"data:") else garbage_stream_with(body)
+        with FaultServer(behaviour) as srv, client(srv.url) as c:
+            with pytest.raises(CloudResponseError) as info:
+                list(c.stream(MSGS)) if body.startswith(b"data:") else c.chat(MSGS)
+        no_key_anywhere(info.value, KEY[:8])
+
+
+def test_extra_headers_are_checked_and_secret_ones_scrubbed():
+    with pytest.raises(InvalidArgumentError) as info:
+        CloudClient("http://127.0.0.1:9/v1", headers={"api-key": KEY + "\n"})
+    no_key_anywhere(info.value)
+    with pytest.raises(InvalidArgumentError):
+        CloudClient("http://127.0.0.1:9/v1", headers={"bad name": "v"})
+    with FaultServer(status(400, body=b"echo " + KEY.encode())) as srv:
+        with CloudClient(srv.url, headers={"api-key": KEY}, timeout=5) as c:
+            with pytest.raises(CloudHTTPError) as info:
+                c.chat(MSGS)
+    assert srv.requests[0].headers["api-key"] == KEY
+    no_key_anywhere(info.value)
+
+
+# --- fault 3: floods and the one deadline ------------------------------------------------------------------
+def test_a_flood_of_tiny_events_is_cut_at_max_tokens_and_reading_stops():
+    flood = sse_flood()
+    with FaultServer(flood) as srv, client(srv.url, timeout=10) as c:
+        t0 = time.monotonic()
+        s = c.stream(MSGS, max_tokens=20)
+        pieces = list(s)
+        elapsed = time.monotonic() - t0
+        sent_at_close = flood.state["sent"]
+        time.sleep(0.3)  # the client closed the connection: the server's sends fail and it stops
+        assert flood.state["sent"] - sent_at_close <= 400
+    assert len(pieces) == 20 and s.reply.finish_reason == "length"
+    assert elapsed < 2.0  # not the 10 s deadline: reading stopped at the cap
+
+
+def test_few_huge_pieces_are_cut_by_text_size():
+    """Without the server's own count, a piece's bytes count too (TEXT_BYTES_PER_TOKEN per token)."""
+    from edgelm.cloud import TEXT_BYTES_PER_TOKEN
+
+    with FaultServer(sse_flood(piece="y" * 50_000, events_per_send=1)) as srv, client(srv.url) as c:
+        s = c.stream(MSGS, max_tokens=20)
+        text = "".join(s)
+    assert len(text) <= 20 * TEXT_BYTES_PER_TOKEN and s.reply.finish_reason == "length"
+    big = ok("word " * 5000)  # a JSON answer far past max_tokens: cut the same way
+    with FaultServer(big) as srv, client(srv.url, max_answer_bytes=1 << 20) as c:
+        reply = c.chat(MSGS, max_tokens=20)
+    assert len(reply.text.encode()) <= 20 * TEXT_BYTES_PER_TOKEN and reply.finish_reason == "length"
+
+
+def test_an_honest_answer_of_max_tokens_is_not_cut():
+    text = " ".join(["abcdefghijklmnopqrstuvwxyz0123"] * 20)  # 20 pieces of 30-31 bytes: just inside the cap
+    with FaultServer(ok(text)) as srv, client(srv.url) as c:
+        s = c.stream(MSGS, max_tokens=20)
+        assert "".join(s) == text and s.reply.finish_reason == "stop"
+        assert c.chat(MSGS, max_tokens=20).text == text
+
+
+def test_the_byte_cap_stops_a_huge_body_and_is_configurable():
+    from edgelm.cloud import ANSWER_BYTES_BASE, ANSWER_BYTES_PER_TOKEN
+
+    def endless_json(conn, req):  # a JSON answer whose string never ends
+        conn.send(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n'
+                  b'{"choices": [{"message": {"content": "')
+        while not conn.stopping.is_set():
+            conn.send(b"z" * 65536)
+
+    def keepalive_flood(conn, req):  # events that carry nothing: only the byte cap (or the deadline) ends it
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+        while not conn.stopping.is_set():
+            conn.send(b": ping\n" * 10000)
+
+    cap = ANSWER_BYTES_BASE + ANSWER_BYTES_PER_TOKEN * 20
+    for behaviour, call in ((endless_json, lambda c: c.chat(MSGS, max_tokens=20)),
+                            (keepalive_flood, lambda c: list(c.stream(MSGS, max_tokens=20)))):
+        with FaultServer(behaviour) as srv, client(srv.url, timeout=10) as c:
+            t0 = time.monotonic()
+            with pytest.raises(CloudResponseError) as info:
+                call(c)
+        assert f"more than {cap} bytes" in str(info.value) and time.monotonic() - t0 < 3
+    with FaultServer(ok("a" * 3000)) as srv, client(srv.url, max_answer_bytes=1000) as c:
+        with pytest.raises(CloudResponseError, match="more than 1000 bytes"):
+            c.chat(MSGS)
+    with pytest.raises(InvalidArgumentError):
+        CloudClient("http://127.0.0.1:9/v1", max_answer_bytes=0)
+
+
+def test_a_flood_does_not_grow_memory():
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with FaultServer(sse_flood()) as srv, client(srv.url) as c:
+            list(c.stream(MSGS, max_tokens=500))
+        with FaultServer(sse_flood(piece="q" * 4000, events_per_send=4)) as srv, client(srv.url) as c:
+            list(c.stream(MSGS))  # no max_tokens: the 16 MiB byte cap ends it
+    except CloudResponseError:
+        pass
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 48 << 20, peak  # the uncapped stream above would have grown until the deadline
+
+
+@pytest.mark.parametrize("phase", ["headers", "body", "stream"])
+def test_trickling_cannot_stretch_the_one_deadline(phase):
+    """A server that sends a byte now and then, each well inside a per-read timeout: the call still ends at
+    its one deadline (the timeout is total, not per read)."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+    sse_head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+
+    def trickle(conn, req):
+        if phase == "body":
+            conn.send(head)
+        elif phase == "stream":
+            conn.send(sse_head)
+        until = time.monotonic() + 4  # (bounded, so a client without one deadline fails instead of hanging)
+        while not conn.stopping.is_set() and time.monotonic() < until:
+            conn.send(b"H" if phase == "headers" else b" " if phase == "body" else b": \n")
+            time.sleep(0.15)
+
+    with FaultServer(trickle) as srv, client(srv.url, timeout=1.0, max_retries=3) as c:
+        t0 = time.monotonic()
+        with pytest.raises(CloudTimeoutError) as info:
+            list(c.stream(MSGS)) if phase == "stream" else c.chat(MSGS)
+        elapsed = time.monotonic() - t0
+    assert 0.9 <= elapsed < 1.6, elapsed
+    no_key_anywhere(info.value)
+
+
+def test_errors_carry_no_chain_for_every_failure_kind():
+    """Fault 12: not even a hidden __context__, for each path an error can come from."""
+    faults = [status(500), status(400), hang(), reset(), malformed(b"nope"), gzip_lie(), broken_stream(after=1)]
+    for behaviour in faults:
+        for stream in (False, True):
+            with FaultServer(behaviour) as srv, client(srv.url, timeout=0.5, max_retries=1) as c:
+                with pytest.raises(CloudError) as info:
+                    list(c.stream(MSGS)) if stream else c.chat(MSGS)
+            no_key_anywhere(info.value)
