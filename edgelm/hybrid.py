@@ -314,8 +314,8 @@ class Router:
         rules: :class:`Rule` list, first match wins.
         max_prompt_tokens: the length rule: prompts with more tokens go to the cloud.
         max_prompt_nats: the prompt score: a prompt of at least ``MIN_SCORED_TOKENS`` scored tokens whose mean
-            negative log-likelihood under the local model (``Model.score(prompt).nats_per_token``) is above this
-            goes to the cloud. ``"auto"`` (default): ``AUTO_PROMPT_FACTOR`` x the model's held-out nats/token
+            negative log-likelihood under the local model (``Model.score(prompt).nats_per_token``; for a chat,
+            the last user message's) is above this goes to the cloud. ``"auto"`` (default): ``AUTO_PROMPT_FACTOR`` x the model's held-out nats/token
             (:func:`reference_nats_per_token`); None: off.
         min_confidence: the cascade: a local answer whose ``uncertainty`` metric is below this is escalated.
             ``"auto"`` (default): ``-AUTO_CONFIDENCE_FACTOR`` x the model's held-out nats/token, for the
@@ -462,8 +462,10 @@ class Router:
                             float(n), float(self.max_prompt_tokens)), []
         prompt_max, conf_min = self.thresholds(model)
         passed: list[str] = []
-        if prompt_max is not None:
-            s = model.score(text)
+        # A chat is scored on what the user wrote (rule_text), not on the chat template around it: the template is
+        # the same for every query and says nothing about whether the request is in the model's domain.
+        if prompt_max is not None and rule_text.strip():
+            s = model.score(rule_text)
             nats, src = s.nats_per_token, self._source("max_prompt_nats", model)
             if s.num_tokens < MIN_SCORED_TOKENS:
                 passed.append(f"prompt too short to score ({s.num_tokens} tokens < {MIN_SCORED_TOKENS})")

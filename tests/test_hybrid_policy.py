@@ -83,6 +83,7 @@ def test_default_policy_sends_unfamiliar_prompts_out_and_keeps_the_rest_with_its
     with FaultServer(ok("from the cloud")) as srv:
         hy = Hybrid(local, cloud_for(srv))  # no options at all
         odd, story, edge, unsure = (hy.generate(p) for p in ("What is odd?", "story", "edge", "unsure"))
+        chat = hy.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is odd?"}])
     thr = AUTO_PROMPT_FACTOR * REF
     assert (odd.source, odd.signal, odd.value, odd.threshold) == ("cloud", "prompt-score", 2.5 * REF, thr)
     assert odd.reason == "prompt score: 5.00 > 4.00 nats/token (2 x the model's held-out 2.00 nats/token)"
@@ -93,7 +94,10 @@ def test_default_policy_sends_unfamiliar_prompts_out_and_keeps_the_rest_with_its
                             "nats/token); prompt score 2.40 <= 4.00 nats/token (2 x the model's held-out 2.00 "
                             "nats/token)")
     assert (unsure.source, unsure.signal, unsure.value) == ("cloud", "uncertainty", -3.5)
-    assert [r.path for r in srv.requests] == ["/v1/chat/completions", "/v1/completions", "/v1/completions"]
+    # a chat is scored on what the user wrote, not on the template around it
+    assert (chat.source, chat.signal, chat.value) == ("cloud", "prompt-score", 2.5 * REF)
+    assert [r.path for r in srv.requests] == ["/v1/chat/completions", "/v1/completions", "/v1/completions",
+                                              "/v1/chat/completions"]
 
 
 def test_default_policy_streams_skip_the_uncertainty_check_and_short_prompts_skip_the_score():
