@@ -313,6 +313,7 @@ class _BlockSums:
     def __init__(self, rank3: bool) -> None:
         self.rank3 = rank3  # activations are [batch, seq, K] (a decoder whose input_ids are [batch, seq])
         self.made: dict[tuple[str, int], str] = {}
+        self.indicators: set[str] = set()
 
     def __call__(self, x: str, k: int, block: int) -> tuple[str, list, list]:
         """(the sums' name, new initializers, new nodes): x [..., K] -> [..., ceil(K / block)]."""
@@ -331,11 +332,15 @@ class _BlockSums:
             return name, tensors, [helper.make_node("Reshape", [x, shape], [f"{name}/blocks"], name=f"{name}/reshape"),
                                    helper.make_node("ReduceSum", [f"{name}/blocks", axes], [name], name=name,
                                                     keepdims=0)]
-        # any rank, any K: x @ E with E[k, b] = 1 where feature k lies in block b (zero-padded K needs no padding)
-        ones = f"{name}/indicator"
-        e = np.zeros((k, n_blocks), np.float32)
-        e[np.arange(k), np.arange(k) // block] = 1.0
-        return name, [numpy_helper.from_array(e, ones)], [helper.make_node("MatMul", [x, ones], [name], name=name)]
+        # any rank, any K: x @ E with E[k, b] = 1 where feature k lies in block b (one E per shape, shared)
+        ones = f"block_indicator.{k}x{block}"
+        tensors = []
+        if ones not in self.indicators:
+            e = np.zeros((k, n_blocks), np.float32)
+            e[np.arange(k), np.arange(k) // block] = 1.0
+            tensors.append(numpy_helper.from_array(e, ones))
+            self.indicators.add(ones)
+        return name, tensors, [helper.make_node("MatMul", [x, ones], [name], name=name)]
 
 
 # 4-bit offsets are stored fp16 and cast to fp32 in the graph (onnxruntime folds the Cast into an fp32 initializer

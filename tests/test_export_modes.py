@@ -98,6 +98,9 @@ def test_int4_offsets_leave_onnxruntime_fusions_intact(stories_fp32, tmp_path):
     n = off["block_matmuls"]
     assert in_file["Add"] == n and in_file["ReduceSum"] == in_file["Reshape"] and in_file["MatMul"] >= n
     assert in_file["ReduceSum"] + in_file["MatMul"] - n == n  # one block sum per matrix (each reads its own x)
+    indicators = [t for t in onnx.load(str(tmp_path / "offsets.onnx")).graph.initializer
+                  if t.name.startswith("block_indicator")]
+    assert len(indicators) == 1 and list(indicators[0].dims) == [172, 6]  # one, shared by the five down_proj
     assert in_file.pop("Cast") == n  # fp16 offsets: folded into fp32 initializers when the session loads
     a, b = _optimized_ops(tmp_path / "zp.onnx", tmp_path), _optimized_ops(tmp_path / "offsets.onnx", tmp_path)
     assert diff(a, b) == in_file, (a, b)

@@ -8,6 +8,8 @@ Targets (issue 12) and what the assertions allow:
   the fp32 export: asserted as is (measured +0.44 % with smoothed GEMMs for qkv and gate_up, +0.64 % all block-wise);
 * BOS from the source's truth: SmolLM2's tokenizer adds none, so neither does edgelm; fp32 ``score()`` bits/byte
   equal to transformers' to 1e-4 and raw-text greedy continuations identical;
+* int4 perplexity within 6 %: asserted with margin (measured +0.46 % with scale + min blocks, which reproduce the
+  Q4_1 source's 4-bit matrices exactly; +23.9 % with integer zero points);
 * chat answers of the int8 model follow fp32's for >= 90 % of their length on average: MISSED (59 % measured, see
   docs/models.md: every 8-bit mode lands between 55 and 67 %, fp16-rounded weights at 100 %). The test pins the
   measured level with a margin so a regression shows, and the number stays in the manifest for the docs.
@@ -101,3 +103,30 @@ def test_fp32_raw_greedy_equals_transformers(smollm2_fp32, reference):
         ref = model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
     got = edgelm.load(str(smollm2_fp32)).generate(RAW_PROMPT, max_new_tokens=32, temperature=0, ignore_eos=True)
     assert list(got.token_ids) == ref
+
+
+def test_int4_reproduces_the_q4_1_source(smollm2_fp32, tmp_path):
+    """int4's scale + min blocks put every 4-bit matrix back on the GGUF's own Q4_1 grid (the fp32 export holds its
+    dequantized weights), so what is left is the int8 rounding of activations inside MatMulNBits, the 8-bit LM head
+    and embeddings: perplexity far within the issue's 6 % (integer zero points rounded each weight again: +23.9 %)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from edgelm_export.assemble import quantized_variant
+    from edgelm_export.quantize import dequantize_offset_blocks
+
+    cfg = json.loads((smollm2_fp32 / "config.json").read_text())
+    q_dir, info = quantized_variant(smollm2_fp32, tmp_path, cfg, {"model": "test"}, "int4", (), None, False)
+    assert info["offsets"] is True and info["block_matmuls"] == 120 and info["int8_matmuls"] == 1  # the head
+    name = "layers.11.mlp.down_proj.weight"
+    w = numpy_helper.to_array(next(t for t in onnx.load(str(smollm2_fp32 / "model.onnx"), load_external_data=False)
+                                   .graph.initializer if t.name == name), base_dir=str(smollm2_fp32))
+    got = {t.name: numpy_helper.to_array(t, base_dir=str(q_dir)) for t in
+           onnx.load(str(q_dir / "model.onnx"), load_external_data=False).graph.initializer if t.name.startswith(name)}
+    back = dequantize_offset_blocks(got[f"{name}.q4"], got[f"{name}.scales"],
+                                    got[f"{name}.offsets"].astype(np.float32), 4, w.shape[0])
+    assert np.abs(back - w).max() <= 1e-6 * np.abs(w).max()  # exact, fp16 offsets included
+    fp32_ppl = _manifest(smollm2_fp32)["metrics"]["fp32_perplexity"]
+    ppl = edgelm.load(str(q_dir)).score(classics_eval_text().read_text(encoding="utf-8")).perplexity
+    assert ppl / fp32_ppl - 1 <= 0.02, (ppl, fp32_ppl)  # the issue's target is 6 %; measured +0.46 %
