@@ -10,7 +10,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from edgelm.errors import QualityGateError  # noqa: E402
-from edgelm_export.assemble import AUTO_ORDER, FALLBACKS  # noqa: E402
+from edgelm_export.assemble import AUTO_ORDER, FALLBACKS, fallbacks  # noqa: E402
 from edgelm_export.convert import export_model  # noqa: E402
 
 pytestmark = [needs_shared(), pytest.mark.slow]
@@ -53,6 +53,15 @@ def test_the_most_accurate_mode_failing_points_at_fp32(tmp_path):
                      progress=False)
     assert "more than the allowed 0.00 %" in info.value.message and "Also measured" not in info.value.message
     assert "--quantize none" in info.value.hint and not (tmp_path / "out").exists()
+
+
+def test_a_4bit_gguf_source_adds_int4_to_the_fallbacks():
+    """int4 reproduces a Q4_x source's matrices, so a refused 8-bit mode also measures int4 there; not elsewhere."""
+    q4_1 = {"gguf": {"quant_types": {"F32": 61, "Q4_1": 210, "Q8_0": 1}}}
+    assert fallbacks("int8", q4_1) == FALLBACKS["int8"] + ("int4",)
+    assert fallbacks("int8-block", q4_1) == ("int4",) and fallbacks("int4", q4_1) == FALLBACKS["int4"]
+    for other in ({"gguf": {"quant_types": {"Q8_0": 201, "F32": 61}}}, {"model": "hf-folder"}):
+        assert {m: fallbacks(m, other) for m in FALLBACKS} == FALLBACKS
 
 
 def _optimized_ops(path, tmp_path) -> dict[str, int]:
