@@ -185,6 +185,53 @@ QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("What is the capital of Greece?", ("athens",)),
 ]
 
+# Written after the default policy's factors (edgelm.hybrid.AUTO_PROMPT_FACTOR, MIN_SCORED_TOKENS) were fixed, which
+# was done looking at all the prompts above: these 40 are the only ones the default policy was never tuned on.
+FRESH_STORIES: list[str] = [
+    "Once upon a time, a little girl named Zoe found a key under her bed.",
+    "Pete the penguin did not like the cold.",
+    "The sun was shining, so Mom took Ella to the beach.",
+    "Once upon a time, there was a happy cow who lived on a hill.",
+    "Nina had a big box of crayons. She wanted to draw a house.",
+    "The old dog slept by the fire.",
+    "One day, Ben and Lily found a shell in the sand.",
+    "Once upon a time, a small boat sailed on the sea.",
+    "Sam was hungry. He wanted a sandwich.",
+    "The little bee flew from flower to flower.",
+    "Kate lost her red mitten in the snow.",
+    "Once upon a time, there was a girl who liked to jump in puddles.",
+    "The squirrel had many nuts. He hid them in a hole.",
+    "Tim's grandma gave him a teddy bear.",
+    "Once upon a time, there was a sad little cloud.",
+    "The kids went to the park after school.",
+    "Lily wanted to be a doctor when she grew up.",
+    "A big green frog sat on a log.",
+    "Once upon a time, a prince found a magic ring.",
+    "Jack liked to help his mom cook dinner.",
+]
+FRESH_QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
+    ("What is the capital of Portugal?", ("lisbon",)),
+    ("What is the capital of Norway?", ("oslo",)),
+    ("How many wheels does a bicycle have?", ("two", "2")),
+    ("What is the chemical symbol for iron?", ("fe",)),
+    ("Who wrote the novel Pride and Prejudice?", ("austen",)),
+    ("What is the largest planet's biggest moon called?", ("ganymede",)),
+    ("Which ocean lies between Europe and North America?", ("atlantic",)),
+    ("How many months are there in a year?", ("twelve", "12")),
+    ("Translate 'cat' into French.", ("chat",)),
+    ("What is the opposite of 'big'?", ("small", "little", "tiny")),
+    ("Which planet has the most famous rings?", ("saturn",)),
+    ("What language is mainly spoken in Argentina?", ("spanish",)),
+    ("What is the boiling point of water in Fahrenheit?", ("212",)),
+    ("Who was the first person to walk on the Moon?", ("armstrong",)),
+    ("What is the square root of 64?", ("8", "eight")),
+    ("Name a mammal that can fly.", ("bat", "bats")),
+    ("What does a thermometer measure?", ("temperature",)),
+    ("Which country gave the Statue of Liberty to the United States?", ("france",)),
+    ("Explain what gravity is in one sentence.", ("force", "mass", "attract", "attraction", "pull")),
+    ("What is the largest continent?", ("asia",)),
+]
+
 
 def split(items: list) -> tuple[list, list]:
     """(calibration, test): the first ``CALIBRATION`` items, then the rest."""
@@ -197,4 +244,4 @@ def correct(answer: str, keywords: tuple[str, ...]) -> bool:
     return any(re.search(r"(?<![a-z0-9])" + re.escape(k) + r"(?![a-z0-9])", low) for k in keywords)
 
 
-assert len(STORIES) == 80 and len(QUESTIONS) == 80, (len(STORIES), len(QUESTIONS))
+assert len(STORIES) == 80 and len(QUESTIONS) == 80 and len(FRESH_STORIES) == len(FRESH_QUESTIONS) == 20
