@@ -364,17 +364,18 @@ def _offset_nodes(node: Any, w_name: str, w: np.ndarray, bits: int, block: int, 
     tensors = [numpy_helper.from_array(b, b_name), numpy_helper.from_array(scales, s_name),
                numpy_helper.from_array(offsets.astype(np.float16) if fp16 else offsets, o_name)]
     x, y = node.input[0], node.output[0]
+    base = node.name or y  # other exporters may leave nodes unnamed; the new nodes' names must still be unique
     sum_name, sum_tensors, sum_nodes = sums(x, k, block)
     nodes = list(sum_nodes)
     if fp16:
-        nodes.append(helper.make_node("Cast", [o_name], [f"{o_name}/fp32"], name=f"{node.name}/offsets_fp32",
+        nodes.append(helper.make_node("Cast", [o_name], [f"{o_name}/fp32"], name=f"{base}/offsets_fp32",
                                       to=TensorProto.FLOAT))
         o_name = f"{o_name}/fp32"
     nodes += [
         helper.make_node("MatMulNBits", [x, b_name, s_name], [f"{y}/grid"], name=node.name, domain="com.microsoft",
                          K=k, N=n, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL),
-        helper.make_node("MatMul", [sum_name, o_name], [f"{y}/offset"], name=f"{node.name}/offset"),
-        helper.make_node("Add", [f"{y}/grid", f"{y}/offset"], [y], name=f"{node.name}/add_offset")]
+        helper.make_node("MatMul", [sum_name, o_name], [f"{y}/offset"], name=f"{base}/offset"),
+        helper.make_node("Add", [f"{y}/grid", f"{y}/offset"], [y], name=f"{base}/add_offset")]
     return tensors + sum_tensors, nodes
 
 

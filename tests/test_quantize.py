@@ -398,3 +398,20 @@ def test_int4_without_offsets_keeps_integer_zero_points(tmp_path):
     nodes = onnx.load(str(tmp_path / "zp.onnx")).graph.node
     assert [n.op_type for n in nodes] == ["Gather", "MatMulNBits"] and len(nodes[1].input) == 4
     assert info["offsets"] is False and "zero points" in info["weights"]
+
+
+def test_offset_nodes_get_unique_names_when_the_source_leaves_them_unnamed(tmp_path):
+    """Other exporters' graphs may have unnamed MatMuls: each offset term still gets names of its own (onnxruntime
+    refuses a graph with two nodes of one name)."""
+    import onnx
+    import onnxruntime as ort
+
+    src, _ = _decoder_like_matmuls(tmp_path, [_weights(64, 16, seed=1), _weights(64, 16, seed=2)], 64)
+    model = onnx.load(str(src))
+    for node in model.graph.node:
+        node.name = ""
+    onnx.save_model(model, str(src))
+    q.quantize_model(src, tmp_path / "i4.onnx", method="int4")
+    names = [n.name for n in onnx.load(str(tmp_path / "i4.onnx")).graph.node if n.name]
+    assert len(names) == len(set(names)) and len(names) >= 6
+    ort.InferenceSession(str(tmp_path / "i4.onnx"), providers=["CPUExecutionProvider"])
