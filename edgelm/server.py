@@ -153,7 +153,11 @@ def _field(body: Mapping[str, Any], name: str, kind: type, default: Any = None) 
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok and not math.isfinite(value):
+        try:
+            finite = ok and math.isfinite(value)
+        except OverflowError:  # an integer beyond any float
+            finite = False
+        if ok and not finite:
             raise APIError(400, f"'{name}' must be a finite number.", param=name, code="invalid_value")
     if not ok:
         raise APIError(400, f"'{name}' must be {_KIND_NAMES[kind]}, not {_type_name(value)}.", param=name,
@@ -1320,6 +1324,12 @@ def _protocol_class(*, header_timeout: float, body_timeout: float, send_timeout:
                 self._stall.cancel()
                 self._stall = None
             super().resume_writing()
+
+        def send_400_response(self, msg: str) -> None:
+            """A request h11 cannot parse: uvicorn's plain-text 400, as an OpenAI error like every other one."""
+            self.transport.write(_raw_error(400, "Bad Request", f"{msg.rstrip('.')}: not valid HTTP/1.1.",
+                                            "invalid_request"))
+            self.transport.close()
 
         def _drop(self) -> None:
             log.info("dropped a connection that read nothing for %g s", send_timeout)
