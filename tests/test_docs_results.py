@@ -1,17 +1,23 @@
-"""docs/models.md quotes committed results files verbatim (benchmarks/real_models.py docs splices them in)."""
+"""Docs quote committed results files verbatim: docs/models.md (benchmarks/real_models.py docs splices them in),
+the README's example output (benchmarks/readme_run.py docs) and its quality numbers (the default model's manifest)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _real_models():
-    spec = importlib.util.spec_from_file_location("real_models", ROOT / "benchmarks" / "real_models.py")
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _real_models():
+    return _load("real_models", ROOT / "benchmarks" / "real_models.py")
 
 
 def test_models_md_tables_are_the_results_files():
@@ -21,3 +27,39 @@ def test_models_md_tables_are_the_results_files():
         text = (mod.RESULTS / name).read_text(encoding="utf-8")
         assert mod.splice(doc, name, text) == doc, f"docs/models.md is out of date with results/{name}: run " \
                                                    "python benchmarks/real_models.py docs"
+
+
+def test_readme_output_block_is_the_recorded_run():
+    mod = _load("readme_run", ROOT / "benchmarks" / "readme_run.py")
+    result = json.loads(mod.RESULTS.read_text(encoding="utf-8"))
+    readme = mod.README.read_text(encoding="utf-8")
+    assert mod.render(result) in readme and mod.splice(readme, result) == readme, \
+        "README.md's output block is not benchmarks/results/readme-run.json: run python benchmarks/readme_run.py docs"
+    assert result["stats"] in readme
+
+
+def test_readme_quality_numbers_are_the_default_models_manifest():
+    manifest = json.loads((ROOT / "models" / "tinystories-edge-int8" / "edgelm.json").read_text(encoding="utf-8"))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    bpb = manifest["metrics"]["quantized_bits_per_byte"]
+    ref = manifest["build"]["bits_per_byte"]["stories260K"]
+    assert f"{bpb:.3f} bits/byte" in readme, f"README should quote the shipped model's {bpb:.3f} bits/byte"
+    assert f"scores {ref:.3f}" in readme, f"README should quote stories260K's {ref:.3f} bits/byte"
+
+
+def test_default_model_card_prose_is_generated_from_the_build_logs():
+    """The card's build prose (build time, sample size, % fewer steps, layout) is what the logs say today."""
+    from importlib.machinery import SourceFileLoader
+
+    loader = SourceFileLoader("finish_default_model", str(ROOT / "scripts" / "finish-default-model"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    card = (ROOT / "models" / "tinystories-edge-int8" / "README.md").read_text(encoding="utf-8")
+    for paragraph in mod.build_prose(mod.build_facts(ROOT / "artifacts" / "tinystories-edge")):
+        assert paragraph in card, f"card out of date with artifacts/tinystories-edge/logs: run " \
+                                  f"python scripts/finish-default-model --reuse-speed\n{paragraph}"
+    build = json.loads((ROOT / "models" / "tinystories-edge-int8" / "edgelm.json").read_text())["build"]
+    ours, ref = build["single_newline_eval"]["bits_per_byte"].values()
+    assert f"**{ours:.4f}** bits/byte" in card and f"stories260K's {ref:.4f}" in card
+    assert len(build["eval_sha256"]["eval/tinystories-v1-valid-a.txt"]) == 64
