@@ -81,6 +81,11 @@ def _relative_name(name: Any, where: str) -> str:
 
     ok = isinstance(name, str) and name.strip() and "\x00" not in name and "\\" not in name
     if ok:
+        try:
+            name.encode("utf-8")  # a lone surrogate (JSON "\ud800") names no file on any filesystem
+        except UnicodeEncodeError:
+            ok = False
+    if ok:
         p = PurePosixPath(name)
         ok = not p.is_absolute() and ".." not in p.parts and not PureWindowsPath(name).drive and p.parts != ()
     if not ok:
@@ -95,7 +100,7 @@ def inside(root: Path, name: Any, where: str) -> Path:
     p = root / rel
     try:
         real, top = p.resolve(), root.resolve()
-    except (OSError, RuntimeError) as exc:  # a symlink loop
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop
         raise ModelFormatError(f"{p} cannot be resolved ({exc}).", hint="Remove the broken link.") from None
     if real != top and top not in real.parents:
         raise ModelFormatError(f"{p} (named in {where}) is a link to {real}, outside the model folder.",

@@ -322,12 +322,32 @@ def load(path: str | os.PathLike | None = None, *, threads: int | None = None, s
     return Model(folder, threads=threads, spin=spin)
 
 
-def _config_int(config: dict[str, Any], key: str, path: Path) -> int:
+# Upper bounds on config.json's sizes: far above any model edgelm runs (vocabularies reach ~260k, contexts ~1M),
+# low enough that a corrupt or hostile config cannot make load() allocate without limit before the graph is checked.
+MAX_CONFIG_VALUE = 1 << 24
+
+
+def _config_int(config: dict[str, Any], key: str, path: Path, maximum: int = MAX_CONFIG_VALUE) -> int:
     value = config.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ModelFormatError(f"{path / 'config.json'} has no valid {key!r} (got {value!r}).",
-                               hint="Re-export the model folder with `edgelm export`.")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        raise ModelFormatError(f"{path / 'config.json'} has no valid {key!r} (got {str(value)[:80]!r}; expected an "
+                               f"int from 0 to {maximum:,}).", hint="Re-export the model folder with `edgelm export`.")
     return value
+
+
+def _token_ids(config: dict[str, Any], path: Path, vocab_size: int) -> tuple[int | None, list[int]]:
+    """config.json's bos_token_id (an id or null) and eos_token_ids (an id or a list of ids), checked."""
+    def ok(i: Any) -> bool:
+        return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
+
+    bos = config.get("bos_token_id")
+    eos = config.get("eos_token_ids", [])
+    eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+    if (bos is not None and not ok(bos)) or not isinstance(eos, list) or not all(ok(i) for i in eos):
+        raise ModelFormatError(f"{path / 'config.json'} has invalid bos_token_id / eos_token_ids "
+                               f"({str(bos)[:40]!r} / {str(eos)[:80]!r}; expected ids below the vocabulary size "
+                               f"{vocab_size}).", hint="Re-export the model folder with `edgelm export`.")
+    return bos, eos
 
 
 class Model:
@@ -351,9 +371,8 @@ class Model:
         self.num_layers = _config_int(cfg, "num_layers", self.path)
         self.context_length: int = _config_int(cfg, "context_length", self.path)
         self.vocab_size: int = _config_int(cfg, "vocab_size", self.path)
-        eos = cfg.get("eos_token_ids", [])
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self.tokenizer: Tokenizer = Tokenizer(folder.tokenizer_path, bos_token_id=cfg.get("bos_token_id"),
+        bos, eos = _token_ids(cfg, self.path, self.vocab_size)
+        self.tokenizer: Tokenizer = Tokenizer(folder.tokenizer_path, bos_token_id=bos,
                                               eos_token_ids=eos, add_bos_token=cfg.get("add_bos_token"),
                                               tokenizer_config=folder.tokenizer_config)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
@@ -386,6 +405,9 @@ class Model:
                                         "(or load with verify=True to check its checksums).") from None
 
         inputs = {i.name: i for i in self._session.get_inputs()}
+        if self.num_layers > len(inputs):
+            raise ModelFormatError(f"{self.path / 'config.json'} says {self.num_layers} layers, but {folder.onnx_path} "
+                                   f"has only {len(inputs)} inputs.", hint="Re-export the model folder.")
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         missing = [n for n in ["input_ids", *self._past_names] if n not in inputs]
         if missing:
