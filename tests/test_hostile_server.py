@@ -196,47 +196,30 @@ def _json_bytes(body: dict) -> bytes:
     return json.dumps(body).encode()  # ensure_ascii: lone surrogates become \udXXX escapes
 
 
-@pytest.mark.slow
-def test_fuzzed_completion_requests(served):
+def _fuzz(served, send, **strategies) -> None:
+    """Run ``send(url, **example)`` on FUZZ examples of ``strategies``, then check the server's log and RSS."""
     url, sp, rss_start = served
     since = len(sp.lines)
-
-    @FUZZ
-    @given(body=completion_bodies(), hdrs=headers())
-    def run(body, hdrs):
-        _send(url, "/v1/completions", _json_bytes(body), hdrs)
-
-    run()
+    FUZZ(given(**strategies)(lambda **example: send(url, **example)))()
     _log_and_rss_are_clean(sp, since, rss_start)
+
+
+@pytest.mark.slow
+def test_fuzzed_completion_requests(served):
+    _fuzz(served, lambda url, body, hdrs: _send(url, "/v1/completions", _json_bytes(body), hdrs),
+          body=completion_bodies(), hdrs=headers())
 
 
 @pytest.mark.slow
 def test_fuzzed_chat_requests(served):
-    url, sp, rss_start = served
-    since = len(sp.lines)
-
-    @FUZZ
-    @given(body=chat_bodies(), hdrs=headers())
-    def run(body, hdrs):
-        _send(url, "/v1/chat/completions", _json_bytes(body), hdrs)
-
-    run()
-    _log_and_rss_are_clean(sp, since, rss_start)
+    _fuzz(served, lambda url, body, hdrs: _send(url, "/v1/chat/completions", _json_bytes(body), hdrs),
+          body=chat_bodies(), hdrs=headers())
 
 
 @pytest.mark.slow
 def test_fuzzed_raw_bodies(served):
-    url, sp, rss_start = served
-    since = len(sp.lines)
-
-    @FUZZ
-    @given(body=raw_bodies, path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/models",
-                                                  "/health", "/v1/nowhere"]), hdrs=headers())
-    def run(body, path, hdrs):
-        _send(url, path, body, hdrs)
-
-    run()
-    _log_and_rss_are_clean(sp, since, rss_start)
+    _fuzz(served, _send, body=raw_bodies, hdrs=headers(),
+          path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/v1/nowhere"]))
 
 
 # Request heads httpx would never send: control characters, bad framing, odd methods and versions.
@@ -260,13 +243,8 @@ def test_fuzzed_raw_requests_over_a_socket(served):
     """Malformed HTTP gets an HTTP answer under 500 (OpenAI-shaped when it is an error) or a closed connection."""
     import socket
 
-    url, sp, rss_start = served
-    host, port = url.split("://")[1].rsplit(":", 1)
-    since = len(sp.lines)
-
-    @FUZZ
-    @given(line=head_lines, hdrs=raw_headers, body=st.binary(max_size=200) | raw_bodies)
-    def run(line, hdrs, body):
+    def send(url, line, hdrs, body):
+        host, port = url.split("://")[1].rsplit(":", 1)
         request = line + b"\r\n" + b"".join(h + b"\r\n" for h in hdrs) + b"\r\n" + body
         with socket.create_connection((host, int(port)), timeout=30) as s:
             try:
@@ -288,5 +266,4 @@ def test_fuzzed_raw_requests_over_a_socket(served):
             err = json.loads(body_bytes.split(b"HTTP/1.1 ")[0])["error"]  # the first answer's body
             assert set(err) == {"message", "type", "param", "code"}, err
 
-    run()
-    _log_and_rss_are_clean(sp, since, rss_start)
+    _fuzz(served, send, line=head_lines, hdrs=raw_headers, body=st.binary(max_size=200) | raw_bodies)
