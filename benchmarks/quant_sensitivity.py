@@ -113,7 +113,7 @@ def main() -> None:
     if old.get("eval_text") == args.eval_text.name and abs(old.get("fp32_perplexity", 0) - base) < 1e-6 * base:
         # a run of some variants updates those rows and keeps the others (same fp32 model and text)
         done = {r["variant"]: r for r in old["rows"]} | {r["variant"]: r for r in rows}
-        rows = [done[v] for v in VARIANTS if v in done]
+        rows = [dict(done[v], what=VARIANTS[v][2]) for v in VARIANTS if v in done]
     data = {"fp32": str(args.fp32), "eval_text": args.eval_text.name, "fp32_perplexity": base, "rows": rows}
     out.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     md = [f"fp32 perplexity {base:.4f} on {args.eval_text.name}; chat answers: share of each fp32 greedy answer (22 "
