@@ -551,6 +551,11 @@ class _DictGlobal:
 TEMPLATE_MAX_STEPS = 200_000
 TEMPLATE_MAX_CHARS = 16 * 2**20
 TEMPLATE_TIMEOUT_S = 1.0
+# Lists, tuples and dicts: at most this many items each. And all strings and containers a render builds, added
+# up: without this, a loop that keeps a new 16 MiB string per iteration would fill memory well within the steps and
+# the second (a 1,000-turn conversation that re-concatenates its whole prompt every turn builds ~140 M).
+TEMPLATE_MAX_ITEMS = 1_000_000
+TEMPLATE_MAX_BUILT = 16 * TEMPLATE_MAX_CHARS
 # Methods and filters whose integer arguments are output sizes (padding, indentation).
 _PADDING = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs", "indent", "wordwrap", "tojson"})
 
@@ -560,13 +565,14 @@ class _TemplateLimit(Exception):
 
 
 class _Budget:
-    __slots__ = ("steps", "out", "deadline")
+    __slots__ = ("steps", "out", "built", "deadline")
 
     def __init__(self) -> None:
         import time
 
         self.steps = 0
         self.out = 0
+        self.built = 0
         self.deadline = time.perf_counter() + TEMPLATE_TIMEOUT_S
 
     def step(self) -> None:
@@ -578,6 +584,11 @@ class _Budget:
 
             if time.perf_counter() > self.deadline:
                 raise _TemplateLimit(f"it ran for more than {TEMPLATE_TIMEOUT_S:g} s")
+
+    def build(self, n: int) -> None:
+        self.built += n
+        if self.built > TEMPLATE_MAX_BUILT:
+            raise _TemplateLimit(f"it built more than {TEMPLATE_MAX_BUILT:,} characters and items in all")
 
     def produced(self, n: int) -> None:
         self.out += n
@@ -613,9 +624,19 @@ def _text_size(value: Any, limit: int, _memo: dict[int, int] | None = None, _dep
     return total
 
 
+def _limit(value: Any) -> int:
+    return TEMPLATE_MAX_CHARS if isinstance(value, str) else TEMPLATE_MAX_ITEMS
+
+
 def _check_size(value: Any, what: str = "a value") -> Any:
-    if isinstance(value, (str, list, tuple, dict)) and len(value) > TEMPLATE_MAX_CHARS:
-        raise _TemplateLimit(f"{what} grew past {TEMPLATE_MAX_CHARS:,} items")
+    """``value`` (a result just built), refused when it is too large; its size counts toward the render's total."""
+    if isinstance(value, (str, list, tuple, dict)):
+        n, limit = len(value), _limit(value)
+        if n > limit:
+            raise _TemplateLimit(f"{what} grew past {limit:,} {'characters' if isinstance(value, str) else 'items'}")
+        budget = _BUDGET.get()
+        if budget is not None:
+            budget.build(n)
     return value
 
 
@@ -673,6 +694,11 @@ def _precheck(name: str, target: Any, args: Sequence[Any], kwargs: Mapping[str, 
     if name in _PADDING:
         _check_sizes(args)
         _check_sizes(kwargs.values())
+    elif name in ("split", "rsplit") and isinstance(target, str):
+        sep = args[0] if args else kwargs.get("sep")
+        parts = target.count(sep) + 1 if isinstance(sep, str) and sep else len(target) // 2 + 1
+        if parts > TEMPLATE_MAX_ITEMS:
+            raise _TemplateLimit(f"str.{name} would build more than {TEMPLATE_MAX_ITEMS:,} items")
     elif name in ("join", "replace") and isinstance(target, str):
         if name == "join" and args and isinstance(args[0], (list, tuple)):
             items = args[0]
@@ -744,16 +770,16 @@ def _bounded_environment_class() -> Any:
                 _BUDGET.get().step()  # type: ignore[union-attr]
                 if operator == "*":
                     seq, n = (left, right) if isinstance(right, int) else (right, left)
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
-                        raise _TemplateLimit(f"a repetition would build more than {TEMPLATE_MAX_CHARS:,} items")
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _limit(seq):
+                        raise _TemplateLimit(f"a repetition would build more than {_limit(seq):,} items")
                 elif operator == "**":
                     if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and \
                             right * max(1, abs(left).bit_length()) > 64 * 1024:
                         raise _TemplateLimit(f"{left} ** {right} is too large a number")
                 elif operator == "+":
                     if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) and \
-                            len(left) + len(right) > TEMPLATE_MAX_CHARS:
-                        raise _TemplateLimit(f"a sum would build more than {TEMPLATE_MAX_CHARS:,} items")
+                            len(left) + len(right) > _limit(left):
+                        raise _TemplateLimit(f"a sum would build more than {_limit(left):,} items")
                 elif operator == "%" and isinstance(left, str):
                     _check_format(left, right if isinstance(right, tuple) else [right])
             return _check_size(super().call_binop(context, operator, left, right), "an operator's result")
@@ -803,8 +829,10 @@ def _concat_filter(parts: Sequence[Any]) -> str:
         budget.step()
         for part in parts:
             _check_rendering(part)
-        if sum(len(p) if isinstance(p, str) else 24 for p in parts) > TEMPLATE_MAX_CHARS:
+        size = sum(len(p) if isinstance(p, str) else 24 for p in parts)
+        if size > TEMPLATE_MAX_CHARS:
             raise _TemplateLimit(f"a ~ concatenation would build more than {TEMPLATE_MAX_CHARS:,} characters")
+        budget.build(size)
     from jinja2.runtime import markup_join
 
     return markup_join(parts)

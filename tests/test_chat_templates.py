@@ -345,6 +345,10 @@ HOSTILE = {
     "tojson indent": "{{ messages|tojson(indent=10**8) }}",
     "join": "{{ ('x' * 1000000).join(range(100000)|map('string')|list) }}",
     "replace": "{{ ('x' * 100000).replace('', 'y' * 1000) }}",
+    "keeping many big strings": "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}"
+                                "{% set ns.l = ns.l + [('x' * 16000000) ~ i] %}{% endfor %}{{ ns.l|length }}",
+    "split into millions": "{{ ('a ' * 8000000).split()|length }}",
+    "long list": "{{ ([1] * 10000000)|length }}",
 }
 
 
