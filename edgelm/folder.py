@@ -242,16 +242,28 @@ def external_data_locations(onnx_path: Path) -> set[str]:
     """Every external-data ``location`` named anywhere in the graph file: initializers, Constant/attribute tensors,
     sparse tensors, subgraphs and functions. Reads the protobuf wire format directly (the runtime does not depend
     on the onnx package) and skips tensor payloads without copying them."""
+    import mmap
+
+    found: set[str] = set()
+    bad = False
     try:
-        data = memoryview(onnx_path.read_bytes())
+        with open(onnx_path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                bad = True
+            else:  # mapped, not read: an older folder keeps its weights in the graph file, and they are skipped
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    view = memoryview(mapped)
+                    try:
+                        _walk(view, "model", found, 0)
+                    except (IndexError, ValueError, UnicodeDecodeError):
+                        bad = True
+                    finally:
+                        view.release()
     except OSError as exc:
         raise _unreadable(onnx_path, exc) from None
-    found: set[str] = set()
-    try:
-        _walk(data, "model", found, 0)
-    except (IndexError, ValueError, UnicodeDecodeError):
+    if bad:
         raise ModelFormatError(f"{onnx_path} is not a valid ONNX protobuf.",
-                               hint="The graph is corrupt; re-export the model folder.") from None
+                               hint="The graph is corrupt; re-export the model folder.")
     return found
 
 
