@@ -471,7 +471,7 @@ class ChatTemplate:
                 parts.append(piece)
             return "".join(parts)
         except _TemplateRaised as exc:
-            raise InvalidArgumentError(f"The chat template refused these messages: {exc}",
+            raise InvalidArgumentError(f"The chat template refused these messages: {str(exc)[:500]}",
                                        hint="Check the roles and their order (many templates want user/assistant "
                                             "turns alternating) and what the model supports (tools, tool calls).") \
                 from None
