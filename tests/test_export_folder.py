@@ -101,5 +101,9 @@ def test_weights_live_beside_the_graph(tmp_path):
     assert report.model_bytes == (out / "model.onnx").stat().st_size + (out / "model.onnx.data").stat().st_size
     manifest = json.loads((out / "edgelm.json").read_text())
     assert "model.onnx.data" in manifest["files"] and manifest["metrics"]["ppl_increase"] < 0.05
+    # Every file the runtime reads is listed, so verify=True covers it (issue 15): the graph's external data too.
+    from edgelm.folder import external_data_locations
+    assert external_data_locations(out / "model.onnx") == {"model.onnx.data"}
+    assert {p.name for p in out.iterdir()} - {"edgelm.json"} == set(manifest["files"])
     lm = edgelm.load(out)
     assert lm.generate("Once upon a time", max_new_tokens=8, temperature=0).completion_tokens == 8
