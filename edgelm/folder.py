@@ -102,7 +102,10 @@ def inside(root: Path, name: Any, where: str) -> Path:
         real, top = p.resolve(), root.resolve()
     except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop
         raise ModelFormatError(f"{p} cannot be resolved ({exc}).", hint="Remove the broken link.") from None
-    if real != top and top not in real.parents:
+    # A Hugging Face hub snapshot (.../snapshots/<revision>/) links each file to the same repo's .../blobs/<hash>:
+    # that layout is allowed, the blob still has to match the manifest.
+    hub_blob = top.parent.name == "snapshots" and real.parent == top.parent.parent / "blobs"
+    if real != top and top not in real.parents and not hub_blob:
         raise ModelFormatError(f"{p} (named in {where}) is a link to {real}, outside the model folder.",
                                hint="Copy the file into the folder instead of linking it, then re-export or rewrite "
                                     "the manifest.")

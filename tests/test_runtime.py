@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -467,6 +468,23 @@ def test_a_link_inside_the_folder_is_fine(model_copy):
     write_manifest(folder, **{k: v for k, v in json.loads((folder / "edgelm.json").read_text()).items()
                               if k not in ("files", "format_version", "created")})
     assert edgelm.load(folder).path == folder
+
+
+@needs_default
+def test_a_hugging_face_hub_snapshot_with_links_into_its_blobs_loads(tmp_path):
+    # huggingface_hub's cache: snapshots/<revision>/<file> -> ../../blobs/<hash>. Allowed; any other way out is not.
+    snapshot, blobs = tmp_path / "models--org--name" / "snapshots" / "abc123", tmp_path / "models--org--name" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for f in DEFAULT.iterdir():
+        shutil.copyfile(f, blobs / f"hash-{f.name}")
+        (snapshot / f.name).symlink_to(f"../../blobs/hash-{f.name}")
+    assert edgelm.load(snapshot).generate("Once", max_new_tokens=2).completion_tokens >= 1
+    (tmp_path / "elsewhere.json").write_bytes((DEFAULT / "config.json").read_bytes())
+    (snapshot / "config.json").unlink()
+    (snapshot / "config.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(ModelFormatError, match="outside the model folder"):
+        edgelm.load(snapshot)
 
 
 @needs_default
