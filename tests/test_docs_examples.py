@@ -44,7 +44,7 @@ REASONS = {
     "synopsis": "a signature or usage listing, not code to run",
 }
 # Documents whose examples export or train models: minutes, not seconds.
-SLOW = {"docs/distillation.md", "docs/export.md", "README.md"}
+SLOW = {"docs/distillation.md", "docs/export.md", "docs/models.md", "README.md"}
 SKIP_RE = re.compile(r"<!--\s*edgelm-docs:\s*skip\s+reason=(\w+)(.*?)-->")
 BLOCK_TIMEOUT_S = 600
 # Commands that change the machine or run for long: an example using one must carry a skip marker (checked
@@ -193,7 +193,8 @@ def _list_skipped(request):
             terminalreporter.section("docs examples skipped by their marker")
             for ex in _SKIPPED:
                 reason, note = ex.skip
-                terminalreporter.write_line(f"{ex.name}: {reason} {note}".rstrip())
+                first = ex.code.strip().splitlines()[0][:60]
+                terminalreporter.write_line(f"{ex.name} [{first}]: {reason} {note}".rstrip())
 
     plugin = _Summary()
     if request.config.pluginmanager.get_plugin("edgelm-docs-skipped") is None:
