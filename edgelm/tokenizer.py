@@ -938,6 +938,7 @@ def chat_template_source(tokenizer_config: Mapping[str, Any]) -> str | None:
     """The jinja2 source of the model's chat template, or None. Handles the list-of-named-templates form."""
     tpl = tokenizer_config.get("chat_template")
     if isinstance(tpl, list):  # [{"name": "default", "template": "..."}, ...]
-        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, Mapping)}
+        named = {t.get("name"): t.get("template") for t in tpl
+                 if isinstance(t, Mapping) and isinstance(t.get("name"), str)}
         tpl = named.get("default") or next(iter(named.values()), None)
     return tpl if isinstance(tpl, str) and tpl.strip() else None

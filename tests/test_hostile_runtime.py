@@ -150,7 +150,9 @@ def _mutations(original):
 
 
 MANIFEST = json.loads((DEFAULT / "edgelm.json").read_text()) if (DEFAULT / "edgelm.json").is_file() else {"x": 1}
-CONFIG = json.loads((DEFAULT / "config.json").read_text()) if (DEFAULT / "config.json").is_file() else {"x": 1}
+CONFIGS = {name: json.loads((DEFAULT / name).read_text()) if (DEFAULT / name).is_file() else {"x": 1}
+           for name in ("config.json", "tokenizer_config.json", "generation_config.json")}
+CONFIGS["tokenizer_config.json"].setdefault("chat_template", "{{ messages }}")
 EXTRA_FILES = st.dictionaries(st.one_of(TEXT, st.sampled_from(["/etc/hostname", "../x", "model.onnx.data/..", "."])),
                               JSON, max_size=2)
 
@@ -182,25 +184,34 @@ def test_damaged_manifests_give_typed_errors(scratch, changes, extra):
         shutil.copyfile(DEFAULT / "edgelm.json", scratch / "edgelm.json")
 
 
-@FUZZ
-@given(changes=_mutations(CONFIG))
-def test_damaged_configs_give_typed_errors(scratch, changes):
-    config = json.loads(json.dumps(CONFIG))
-    try:
-        for path, value in changes:
-            _set_path(config, path, value)
-    except (KeyError, IndexError, TypeError):
-        pass
-    (scratch / "config.json").write_text(json.dumps(config))
-    try:
-        lm = _load_typed(scratch, verify=False)  # verify=True would stop at the checksum: go past it
-        if lm is not None:
-            try:
-                lm.generate("Once", max_new_tokens=2)
-            except EdgeLMError:
-                pass
-    finally:
-        shutil.copyfile(DEFAULT / "config.json", scratch / "config.json")
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_damaged_configs_give_typed_errors(scratch, name):
+    original = CONFIGS[name]
+
+    @FUZZ
+    @given(changes=_mutations(original))
+    def check(changes):
+        config = json.loads(json.dumps(original))
+        try:
+            for path, value in changes:
+                _set_path(config, path, value)
+        except (KeyError, IndexError, TypeError):
+            pass
+        (scratch / name).write_text(json.dumps(config))
+        try:
+            lm = _load_typed(scratch, verify=False)  # verify=True would stop at the checksum: go past it
+            if lm is not None:
+                for call in (lambda: lm.generate("Once", max_new_tokens=2),
+                             lambda: lm.chat([{"role": "user", "content": "hi"}], max_new_tokens=2)):
+                    try:
+                        call()
+                    except EdgeLMError:
+                        pass
+        finally:
+            if (DEFAULT / name).is_file():
+                shutil.copyfile(DEFAULT / name, scratch / name)
+
+    check()
 
 
 # --- `edgelm info` on a damaged folder: one line, no traceback ----------------------------------------------------
