@@ -263,3 +263,58 @@ def test_info_on_an_unreadable_file_prints_one_line(tmp_path, capsys, monkeypatc
     assert len(err.strip().splitlines()) == 1 and "config.json cannot be read" in err, err
     with pytest.raises(ModelError):
         edgelm.load(folder)
+
+
+# --- hostile chat templates: memory comes back, and one render's budget is its own ---------------------------------
+MEMORY_HOGS = [
+    "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}{% set ns.l = ns.l + [('x' * 16000000) ~ i] %}"
+    "{% endfor %}{{ ns.l|length }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{{ ('a ' * 8000000).split()|length }}",
+    "{% set s %}{% for i in range(100000) %}{{ 'y' * 1000000 }}{% endfor %}{% endset %}{{ s|length }}",
+]
+
+
+def _rss_mb() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="reads RSS from /proc")
+def test_memory_hungry_templates_are_stopped_and_their_memory_returned():
+    import gc
+
+    from edgelm.errors import ModelFormatError
+    from edgelm.tokenizer import ChatTemplate
+
+    gc.collect()
+    start = _rss_mb()
+    for src in MEMORY_HOGS * 2:
+        with pytest.raises(ModelFormatError, match="stopped"):
+            ChatTemplate(src).render([{"role": "user", "content": "hi"}])
+    gc.collect()
+    assert _rss_mb() - start < 64, f"RSS {start:.0f} -> {_rss_mb():.0f} MB"
+
+
+def test_a_runaway_template_does_not_stop_another_threads_render():
+    import threading
+
+    from edgelm.errors import ModelFormatError
+    from edgelm.tokenizer import ChatTemplate
+
+    runaway = ChatTemplate("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}")
+    normal = ChatTemplate("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    results = []
+
+    def renders():
+        for _ in range(200):
+            results.append(normal.render([{"role": "user", "content": "hi"}] * 20))
+
+    thread = threading.Thread(target=renders)
+    thread.start()
+    with pytest.raises(ModelFormatError, match="stopped"):
+        runaway.render([{"role": "user", "content": "hi"}])
+    thread.join()
+    assert results == ["<user>hi" * 20] * 200
