@@ -537,14 +537,18 @@ def _start_busy(n: int) -> list[subprocess.Popen]:
 
 
 def compare(models: list[str], engines: list[str], repeat: int, prompt_tokens: int, new_tokens: int,
-            threads: int, timeout: float, ceiling: dict[str, Any] | None, busy: int = 0) -> dict[str, Any]:
+            threads: int, timeout: float, ceiling: dict[str, Any] | None, busy: int = 0,
+            reuse_stale: bool = False) -> dict[str, Any]:
     prompt = prompt_ids(prompt_tokens)
     for m in models:  # edgelm's own files follow the exporter in this checkout: (re)build them when stale
-        if (MODELS_DIR / m / "hf").is_dir():
+        if (MODELS_DIR / m / "hf").is_dir() and not reuse_stale:
             for e in engines:
                 if e.startswith("edgelm-"):
                     _prepare_one(m, e, MODELS_DIR / m / "hf", *ENGINES[e], timeout=1800)
     status = {m: {e: artifact_status(m, e) for e in engines} for m in models}
+    if reuse_stale:  # measured anyway; the results say which exporter made them
+        status = {m: {e: "ok (" + st + ")" if st.startswith("stale") else st for e, st in row.items()}
+                  for m, row in status.items()}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {e: [] for e in engines} for m in models}
     burners = _start_busy(busy)
     try:
@@ -574,6 +578,9 @@ def compare(models: list[str], engines: list[str], repeat: int, prompt_tokens: i
             sz = _artifact_size(MODELS_DIR / m / ENGINES[e][1])
             if sz:
                 entry["size_bytes"] = sz
+            stamp = (MODELS_DIR / m / ENGINES[e][1]).with_name(ENGINES[e][1] + ".fingerprint")
+            if stamp.is_file():
+                entry["exporter_fingerprint"] = stamp.read_text().strip()
             bpt = bytes_per_token(MODELS_DIR / m / ENGINES[e][1])
             if bpt:
                 entry["bytes_per_token"] = bpt
@@ -812,6 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--new-tokens", type=int, default=128)
     p_run.add_argument("--threads", type=int, default=2)
     p_run.add_argument("--busy", type=int, default=0, help="keep this many cores busy with another process")
+    p_run.add_argument("--reuse-stale", action="store_true",
+                       help="measure edgelm artifacts made by an older exporter instead of rebuilding them")
     p_run.add_argument("--no-ceiling", action="store_true", help="skip measuring the machine's ceiling")
     p_run.add_argument("--out", type=Path, default=RESULTS_DIR / "compare", help="output stem (.json/.md/.png)")
     p_rep = sub.add_parser("report", help="rewrite the markdown and plot from a results JSON")
@@ -844,7 +853,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ceiling = measure(args.threads, quick=True)
     data = compare(args.models, args.engines, args.repeat, args.prompt_tokens, args.new_tokens, args.threads,
-                   args.timeout, ceiling, busy=args.busy)
+                   args.timeout, ceiling, busy=args.busy,
+                   reuse_stale=args.reuse_stale)
     write_outputs(data, args.out)
     print(markdown(data))
     return 0
