@@ -22,7 +22,7 @@ from edgelm.errors import (CloudError, CloudHTTPError, CloudResponseError, Cloud
                            InvalidArgumentError)
 
 from faults import (ConnectionSpy, FaultServer, broken_stream, completion_json, echo, free_port_refusing,  # noqa: E402
-                    garbage_stream, hang, malformed, ok, reset, status)
+                    garbage_stream, hang, malformed, ok, reset, sse_event, status)
 
 KEY = "sk-test-SECRET-0123456789abcdef"
 TESTS = Path(__file__).resolve().parent
@@ -394,7 +394,7 @@ def sse_flood(piece: str = "x", events_per_send: int = 200) -> object:
 
     def behave(conn, req):
         conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
-        event = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": piece}}]}).encode() + b"\n\n"
+        event = sse_event(piece, chat=req.path.endswith("/chat/completions"))  # either endpoint's shape
         while not conn.stopping.is_set():
             conn.send(event * events_per_send)
             state["sent"] += events_per_send
@@ -671,27 +671,27 @@ def test_a_flood_does_not_grow_memory():
 
 @pytest.mark.parametrize("phase", ["headers", "body", "stream"])
 def test_trickling_cannot_stretch_the_one_deadline(phase):
-    """A server that sends a byte now and then, each well inside a per-read timeout: the call still ends at
-    its one deadline (the timeout is total, not per read)."""
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
-    sse_head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+    """A server that sends a byte just before each read would time out: the call still ends at its one
+    deadline (the timeout is total, not per read). A per-read timeout would let this run to ~2x the
+    deadline (body, stream) or for as long as the server likes (headers)."""
+    deadline = 2.0
+    head = {"headers": b"",
+            "body": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n",
+            "stream": b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"}[phase]
 
     def trickle(conn, req):
-        if phase == "body":
-            conn.send(head)
-        elif phase == "stream":
-            conn.send(sse_head)
-        until = time.monotonic() + 4  # (bounded, so a client without one deadline fails instead of hanging)
+        conn.send(head)
+        until = time.monotonic() + 3 * deadline  # (bounded, so a client without one deadline fails, not hangs)
         while not conn.stopping.is_set() and time.monotonic() < until:
+            time.sleep(0.9 * deadline)
             conn.send(b"H" if phase == "headers" else b" " if phase == "body" else b": \n")
-            time.sleep(0.15)
 
-    with FaultServer(trickle) as srv, client(srv.url, timeout=1.0, max_retries=3) as c:
+    with FaultServer(trickle) as srv, client(srv.url, timeout=deadline, max_retries=3) as c:
         t0 = time.monotonic()
         with pytest.raises(CloudTimeoutError) as info:
             list(c.stream(MSGS)) if phase == "stream" else c.chat(MSGS)
         elapsed = time.monotonic() - t0
-    assert 0.9 <= elapsed < 1.6, elapsed
+    assert deadline - 0.1 <= elapsed < deadline + 1.2, elapsed
     no_key_anywhere(info.value)
 
 
