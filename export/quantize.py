@@ -20,11 +20,12 @@ Methods (``edgelm export --quantize``):
   a little faster decode on very small models, 2-2.5x slower prefill.
 * ``int4`` -- "scale + min" 4-bit blocks of ``INT4_BLOCK``: each block of a column is w ~= d * q + m, q in 0..15,
   with a float offset m (llama.cpp's Q4_1 layout; :func:`quantize_offset_blocks`), the LM head at 8 bits. The
-  kernel stays the fast one: ``MatMulNBits`` without zero points computes the d * q part, and the graph adds
-  sum_b m_b * (sum of x over block b) as a small fp32 MatMul of the activations' block sums (1/32 of the
-  weights' count; :func:`_offset_nodes`). Integer zero points (the former int4, ``offsets=False``) round m / d
-  to an integer, a second rounding of every weight of a Q4_1 source (SmolLM2-135M-Instruct: +23.9 % perplexity
-  against +0.46 % with offsets), and MatMulNBits' own float zero points run ~100x slower in onnxruntime 1.32.
+  kernel stays the fast one: ``MatMulNBits`` with the nearest integer zero point z = round(-m / d) computes
+  d * (q - z), and the graph adds the fraction it misses, sum_b (m_b + z_b d_b) * (sum of x over block b), as a
+  small MatMul of the activations' block sums (1/32 of the weights' count; :func:`_offset_nodes`). Integer zero
+  points alone (the former int4, ``offsets=False``) round m / d to an integer, a second rounding of every weight
+  of a Q4_1 source (SmolLM2-135M-Instruct: +23.9 % perplexity), and MatMulNBits' own float zero points run ~100x
+  slower in onnxruntime 1.32.
 
 The token embedding table (a Gather, not a MatMul) is stored int8 with one scale per row and de-quantized
 for the gathered rows only, unless ``keep_fp32`` names "embeddings". ``keep_fp32`` "lm_head" leaves the output
@@ -150,16 +151,22 @@ def _constant_blocks(d: np.ndarray, m: np.ndarray, q: np.ndarray, live: np.ndarr
     return np.where(live, d, 0.0).astype(np.float32), np.where(live, m, lo).astype(np.float32), np.where(live, q, 0)
 
 
-def quantize_offset_blocks(w: np.ndarray, bits: int, block: int, *, search: bool = True
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_offset_blocks(w: np.ndarray, bits: int, block: int, *, search: bool = True, zero_points: bool = True
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Block-wise "scale + min" quantization of ``w`` [K, N]: each block of ``block`` input features of a column is
     w ~= d * q + m with q in 0..2**bits-1 and a float offset m (llama.cpp's Q4_1 layout), chosen by the block's
     min/max refined by a small least-squares search (:data:`OFFSET_SHRINKS`). A weight on such a grid already
-    (a Q4_1 GGUF, dequantized) is reproduced exactly; integer zero points could not, since m/d is no integer.
+    (a Q4_1 GGUF, dequantized) is reproduced exactly; integer zero points alone could not, since m/d is no integer.
 
-    Returns (B, scales, offsets): B and scales in MatMulNBits' layout *without* zero points, so the kernel computes
-    d * (q - 2**(bits-1)); offsets float32 [n_blocks, N] hold m + 2**(bits-1) * d, the part the graph adds back
-    as sum_b offsets[b] * (sum of x over block b) (:func:`_offset_nodes`). K is zero-padded to a multiple of
+    Returns (B, scales, offsets, zero points): B, scales and zero points in MatMulNBits' layout (as
+    :func:`quantize_blocks`), so the kernel computes d * (q - z); offsets float32 [n_blocks, N] hold m + z * d, the
+    part the graph adds back as sum_b offsets[b] * (sum of x over block b) (:func:`_offset_nodes`). With
+    ``zero_points`` each block's z is round(-m / d), the integer zero point nearest its float one, which leaves the
+    offset term only the fraction, |m + z d| <= d / 2 for a block that straddles 0. Why that matters: the kernel
+    multiplies its weights by activations rounded to int8 per block, while the offset term sees the exact
+    activations, so a large offset adds its own error where an outlier coarsens a block's rounding (SmolLM2: z = 8
+    for every block, no zero points, flipped "What is the capital of France?" to French gibberish). Without
+    ``zero_points`` (None returned) z is 2**(bits-1), MatMulNBits' default. K is zero-padded to a multiple of
     ``block``; the padded features contribute nothing (their x is 0 in the block sums too)."""
     k, n = w.shape
     n_blocks = -(-k // block)
@@ -169,19 +176,31 @@ def quantize_offset_blocks(w: np.ndarray, bits: int, block: int, *, search: bool
         wt = np.concatenate([wt, np.repeat(wt[:, k - 1:k], pad, axis=1)], axis=1)
     wb = wt.reshape(n, n_blocks, block)
     real = (np.arange(n_blocks * block) < k).astype(np.float32).reshape(1, n_blocks, block)
-    d, m, q = _fit_offset(wb, 2 ** bits - 1, search, real)
+    levels = 2 ** bits - 1
+    d, m, q = _fit_offset(wb, levels, search, real)
     q = q.astype(np.uint8)
     if bits == 4:
         q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    offsets = (m + 2 ** (bits - 1) * d).reshape(n, n_blocks).T.astype(np.float32)
-    return np.ascontiguousarray(q), d.reshape(-1).astype(np.float32), np.ascontiguousarray(offsets)
+    zeros = None
+    if zero_points:
+        z = np.where(d > 0, np.clip(np.rint(-m / np.where(d > 0, d, 1.0)), 0, levels), 0).astype(np.float32)
+        zp = z.reshape(n, n_blocks).astype(np.uint8)
+        if bits == 4:
+            if n_blocks % 2:
+                zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+            zp = zp[:, 0::2] | (zp[:, 1::2] << 4)
+        zeros = np.ascontiguousarray(zp.reshape(-1))
+    else:
+        z = np.float32(2 ** (bits - 1))
+    offsets = (m + z * d).reshape(n, n_blocks).T.astype(np.float32)
+    return np.ascontiguousarray(q), d.reshape(-1).astype(np.float32), np.ascontiguousarray(offsets), zeros
 
 
-def dequantize_offset_blocks(b: np.ndarray, scales: np.ndarray, offsets: np.ndarray, bits: int, k: int
-                             ) -> np.ndarray:
+def dequantize_offset_blocks(b: np.ndarray, scales: np.ndarray, offsets: np.ndarray, bits: int, k: int,
+                             zeros: np.ndarray | None = None) -> np.ndarray:
     """Inverse of :func:`quantize_offset_blocks`: w [K, N]."""
     block = b.shape[2] * 8 // bits
-    return dequantize_blocks(b, scales, bits, k) + np.repeat(offsets, block, axis=0)[:k]
+    return dequantize_blocks(b, scales, bits, k, zeros) + np.repeat(offsets, block, axis=0)[:k]
 
 
 def dequantize_blocks(b: np.ndarray, scales: np.ndarray, bits: int, k: int, zeros: np.ndarray | None = None
@@ -344,9 +363,9 @@ class _BlockSums:
 
 
 # 4-bit offsets are stored fp16 and cast to fp32 in the graph (onnxruntime folds the Cast into an fp32 initializer
-# when the session loads: half the file bytes, the same compute). A Q4_1 source's m + 8 d is exact in fp16 (fp16 d
-# and m: measured on SmolLM2-135M-Instruct, zero error); for other sources fp16 moves an offset by at most 2**-11 of
-# itself, a few hundredths of a 4-bit step, but up to 1/8 of an 8-bit step, so 8-bit offsets stay fp32.
+# when the session loads: half the file bytes, the same compute). With zero points the offset is only the fraction
+# m + z d (at most d / 2 in a block that straddles 0), so fp16 moves it by at most ~d / 4096, and a Q4_1 source's
+# (fp16 d and m) is exact; 8-bit offsets (no zero points, m + 128 d) could move by 1/8 of a step, so they stay fp32.
 OFFSET_FP16_BITS = (4,)
 
 
@@ -358,11 +377,15 @@ def _offset_nodes(node: Any, w_name: str, w: np.ndarray, bits: int, block: int, 
     from onnx import TensorProto, helper, numpy_helper
 
     k, n = w.shape
-    b, scales, offsets = quantize_offset_blocks(w, bits, block, search=search)
+    b, scales, offsets, zeros = quantize_offset_blocks(w, bits, block, search=search, zero_points=bits == 4)
     b_name, s_name, o_name = f"{w_name}.q{bits}", f"{w_name}.scales", f"{w_name}.offsets"
     fp16 = bits in OFFSET_FP16_BITS and np.abs(offsets).max(initial=0.0) < 6e4
     tensors = [numpy_helper.from_array(b, b_name), numpy_helper.from_array(scales, s_name),
                numpy_helper.from_array(offsets.astype(np.float16) if fp16 else offsets, o_name)]
+    kernel_inputs = [node.input[0], b_name, s_name]
+    if zeros is not None:
+        tensors.append(numpy_helper.from_array(zeros, f"{w_name}.zeros"))
+        kernel_inputs.append(f"{w_name}.zeros")
     x, y = node.input[0], node.output[0]
     base = node.name or y  # other exporters may leave nodes unnamed; the new nodes' names must still be unique
     sum_name, sum_tensors, sum_nodes = sums(x, k, block)
@@ -372,7 +395,7 @@ def _offset_nodes(node: Any, w_name: str, w: np.ndarray, bits: int, block: int, 
                                       to=TensorProto.FLOAT))
         o_name = f"{o_name}/fp32"
     nodes += [
-        helper.make_node("MatMulNBits", [x, b_name, s_name], [f"{y}/grid"], name=node.name, domain="com.microsoft",
+        helper.make_node("MatMulNBits", kernel_inputs, [f"{y}/grid"], name=node.name, domain="com.microsoft",
                          K=k, N=n, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL),
         helper.make_node("MatMul", [sum_name, o_name], [f"{y}/offset"], name=f"{base}/offset"),
         helper.make_node("Add", [f"{y}/grid", f"{y}/offset"], [y], name=f"{base}/add_offset")]
@@ -737,8 +760,8 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     if n_block:
         kernel = f", blocks of {block} (MatMulNBits; activations int8 per block, accuracy level {ACCURACY_LEVEL})"
         if n_offset:
-            parts.append(f"{n_offset} MatMuls int{bits} as scale + float offset per block (MatMulNBits plus block "
-                         f"sums @ offsets){kernel}")
+            parts.append(f"{n_offset} MatMuls int{bits} as scale + float offset per block (MatMulNBits"
+                         f"{' with zero points' if bits == 4 else ''} plus block sums @ offsets){kernel}")
         if n_block > n_offset:
             parts.append(f"{n_block - n_offset} MatMuls int{bits} "
                          f"{'asymmetric (zero points)' if asym and not offsets else 'symmetric'}{kernel}")

@@ -297,10 +297,15 @@ def test_offset_blocks_reproduce_a_q4_1_grid_exactly(top):
     """A Q4_1 source, dequantized, goes back to 4 bits without a second rounding (top < 15: a K-quant-style block
     that leaves levels unused is found by the search); integer zero points cannot do that, as m / d is no integer."""
     w = _q4_1_grid(128, 48, top=top)
-    b, scales, offsets = q.quantize_offset_blocks(w, 4, 32)
-    assert b.shape == (48, 4, 16) and scales.shape == (48 * 4,) and offsets.shape == (4, 48)
-    back = q.dequantize_offset_blocks(b, scales, offsets, 4, 128)
+    b, scales, offsets, zeros = q.quantize_offset_blocks(w, 4, 32)
+    assert b.shape == (48, 4, 16) and scales.shape == (48 * 4,) and offsets.shape == (4, 48) and zeros.shape == (96,)
+    back = q.dequantize_offset_blocks(b, scales, offsets, 4, 128, zeros)
     assert np.abs(back - w).max() <= 1e-6 * np.abs(w).max()
+    # the offsets keep only the fraction the integer zero points miss: at most half a step
+    assert np.all(np.abs(offsets) <= scales.reshape(48, 4).T / 2 * (1 + 1e-6))
+    # stored fp16 in the graph: exact for Q4_1's own min/max fit, within float rounding after the search's refit
+    step = scales.reshape(48, 4).T
+    assert np.abs(offsets.astype(np.float16).astype(np.float32) - offsets).max() <= (0 if top == 15 else 1e-5 * step.max())
     b4, s4, z4 = q.quantize_blocks(w, 4, 32, asymmetric=True)
     zp = q.dequantize_blocks(b4, s4, 4, 128, z4)
     assert np.abs(zp - w).max() > 1e3 * np.abs(back - w).max()
@@ -311,15 +316,18 @@ def test_offset_fit_is_within_half_a_step_and_the_search_only_helps(bits):
     w = _weights(80, 24)  # K = 80: the last block is padded (with its last value, so its range does not grow)
     plain = q.quantize_offset_blocks(w, bits, 32, search=False)
     searched = q.quantize_offset_blocks(w, bits, 32)
-    for b, scales, offsets in (plain, searched):
-        back = q.dequantize_offset_blocks(b, scales, offsets, bits, 80)
+    for b, scales, offsets, zeros in (plain, searched):
+        back = q.dequantize_offset_blocks(b, scales, offsets, bits, 80, zeros)
         assert back.shape == w.shape
         step = np.repeat(scales.reshape(24, -1).T, 32, axis=0)[:80]  # each weight's own block step
         if b is plain[0]:
             assert np.all(np.abs(back - w) <= step / 2 + 1e-6)
-    err = [np.square(q.dequantize_offset_blocks(*f, bits, 80) - w).reshape(-1) for f in (plain, searched)]
+    def sq_err(f):
+        return np.square(q.dequantize_offset_blocks(*f[:3], bits, 80, f[3]) - w)
+
+    err = [sq_err(f).reshape(-1) for f in (plain, searched)]
     # per block never worse (min/max is always a candidate), and better in total on Gaussian weights
-    blocks = [np.square(q.dequantize_offset_blocks(*f, bits, 80) - w).T.reshape(24, -1) for f in (plain, searched)]
+    blocks = [sq_err(f).T.reshape(24, -1) for f in (plain, searched)]
     per_block = [np.add.reduceat(e, [0, 32, 64], axis=1) for e in blocks]
     assert np.all(per_block[1] <= per_block[0] * (1 + 1e-5) + 1e-12)
     assert err[1].sum() < 0.97 * err[0].sum()
@@ -367,12 +375,14 @@ def test_offset_graph_computes_the_numpy_reference(tmp_path, monkeypatch, bits, 
         inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         for i, w in enumerate(ws):
             node = next(n for n in model.graph.node if n.name == f"mm{i}")
-            assert len(node.input) == 3  # no zero points: the kernel's fast symmetric path
+            # 4 bits: integer zero points + the fraction as offsets; 8 bits: no zero points (z = 128)
+            assert len(node.input) == (4 if bits == 4 else 3)
             offsets = inits[f"W{i}.offsets"]
             assert offsets.shape == (3, w.shape[1]) and f"W{i}" not in inits
             assert offsets.dtype == (np.float16 if bits == 4 else np.float32)
             ref_w = q.dequantize_offset_blocks(inits[f"W{i}.q{bits}"].reshape(w.shape[1], 3, -1),
-                                               inits[f"W{i}.scales"], offsets.astype(np.float32), bits, 96)
+                                               inits[f"W{i}.scales"], offsets.astype(np.float32), bits, 96,
+                                               inits.get(f"W{i}.zeros"))
             x = table[ids]
             got = _run_all(dst, ids)[i][0]
             np.testing.assert_allclose(got, x @ ref_w, rtol=0, atol=rel * np.abs(x @ ref_w).max())

@@ -125,7 +125,7 @@ def test_int4_reproduces_the_q4_1_source(smollm2_fp32, tmp_path):
     got = {t.name: numpy_helper.to_array(t, base_dir=str(q_dir)) for t in
            onnx.load(str(q_dir / "model.onnx"), load_external_data=False).graph.initializer if t.name.startswith(name)}
     back = dequantize_offset_blocks(got[f"{name}.q4"], got[f"{name}.scales"],
-                                    got[f"{name}.offsets"].astype(np.float32), 4, w.shape[0])
+                                    got[f"{name}.offsets"].astype(np.float32), 4, w.shape[0], got[f"{name}.zeros"])
     assert np.abs(back - w).max() <= 1e-6 * np.abs(w).max()  # exact, fp16 offsets included
     fp32_ppl = _manifest(smollm2_fp32)["metrics"]["fp32_perplexity"]
     ppl = edgelm.load(str(q_dir)).score(classics_eval_text().read_text(encoding="utf-8")).perplexity
