@@ -78,12 +78,7 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int, *, asymmetric: bool = 
         scale = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float32)
         zp = np.clip(np.rint(-lo / scale), 0, levels)
         q = np.clip(np.rint(wb / scale) + zp, 0, levels).astype(np.uint8)
-        zp = zp.reshape(n, n_blocks).astype(np.uint8)
-        if bits == 4:
-            if n_blocks % 2:
-                zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
-            zp = zp[:, 0::2] | (zp[:, 1::2] << 4)
-        zeros = np.ascontiguousarray(zp.reshape(-1))
+        zeros = _pack_zeros(zp.reshape(n, n_blocks), bits)
     else:
         qmax = 2 ** (bits - 1) - 1  # 127 / 7: symmetric, so -qmax..qmax
         amax = np.abs(wb).max(axis=-1, keepdims=True)
@@ -184,12 +179,7 @@ def quantize_offset_blocks(w: np.ndarray, bits: int, block: int, *, search: bool
     zeros = None
     if zero_points:
         z = np.where(d > 0, np.clip(np.rint(-m / np.where(d > 0, d, 1.0)), 0, levels), 0).astype(np.float32)
-        zp = z.reshape(n, n_blocks).astype(np.uint8)
-        if bits == 4:
-            if n_blocks % 2:
-                zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
-            zp = zp[:, 0::2] | (zp[:, 1::2] << 4)
-        zeros = np.ascontiguousarray(zp.reshape(-1))
+        zeros = _pack_zeros(z.reshape(n, n_blocks), bits)
     else:
         z = np.float32(2 ** (bits - 1))
     offsets = (m + z * d).reshape(n, n_blocks).T.astype(np.float32)
@@ -201,6 +191,17 @@ def dequantize_offset_blocks(b: np.ndarray, scales: np.ndarray, offsets: np.ndar
     """Inverse of :func:`quantize_offset_blocks`: w [K, N]."""
     block = b.shape[2] * 8 // bits
     return dequantize_blocks(b, scales, bits, k, zeros) + np.repeat(offsets, block, axis=0)[:k]
+
+
+def _pack_zeros(zp: np.ndarray, bits: int) -> np.ndarray:
+    """Zero points [N, n_blocks] in MatMulNBits' layout: uint8 [N * ceil(n_blocks * bits / 8)], two per byte for 4
+    bits (the first block in the low nibble)."""
+    zp = zp.astype(np.uint8)
+    if bits == 4:
+        if zp.shape[1] % 2:
+            zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
+        zp = zp[:, 0::2] | (zp[:, 1::2] << 4)
+    return np.ascontiguousarray(zp.reshape(-1))
 
 
 def dequantize_blocks(b: np.ndarray, scales: np.ndarray, bits: int, k: int, zeros: np.ndarray | None = None
