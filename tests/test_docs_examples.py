@@ -258,4 +258,5 @@ def test_doc_examples_run(doc, tmp_path):
     r = subprocess.run([sys.executable, str(driver / "driver.py"), str(driver / "examples.json")], cwd=repo,
                        env=_env(tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, timeout=BLOCK_TIMEOUT_S * (len(examples) + 1))
+    print(r.stdout)                    # shown with -rP / -s: what each example printed and how long it took
     assert r.returncode == 0, f"examples in {doc} failed:\n{r.stdout[-12000:]}"
