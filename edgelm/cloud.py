@@ -442,9 +442,9 @@ class CloudClient:
         deadline = time.monotonic() + (self.timeout if timeout is None else float(timeout))
         started = time.monotonic()
         err: BaseException | None = None
-        try:
-            data, attempt = self._retrying(lambda: self._attempt_json(path, body, deadline), deadline)
-            return self._parse_reply(data, attempt, time.monotonic() - started, text_field=path == "/completions",
+        try:  # (one call, so the server's data is in no local of this frame, which the error keeps)
+            return self._parse_reply(*self._retrying(lambda: self._attempt_json(path, body, deadline), deadline),
+                                     time.monotonic() - started, text_field=path == "/completions",
                                      max_tokens=body.get("max_tokens"))
         except EdgeLMError as exc:
             err = exc

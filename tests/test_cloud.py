@@ -17,6 +17,7 @@ import pytest
 
 pytest.importorskip("httpx")
 
+import edgelm  # noqa: E402
 from edgelm.cloud import CloudClient, _parse_retry_after  # noqa: E402
 from edgelm.errors import (CloudError, CloudHTTPError, CloudResponseError, CloudTimeoutError,  # noqa: E402
                            InvalidArgumentError)
@@ -25,7 +26,7 @@ from faults import (ConnectionSpy, FaultServer, broken_stream, completion_json, 
                     garbage_stream, hang, malformed, ok, reset, sse_event, status)
 
 KEY = "sk-test-SECRET-0123456789abcdef"
-TESTS = Path(__file__).resolve().parent
+EDGELM = str(Path(edgelm.__file__).resolve().parent)
 MSGS = [{"role": "user", "content": "Tell me a story."}]
 
 
@@ -361,8 +362,8 @@ def no_key_anywhere(exc: BaseException, key: str = KEY) -> None:
     assert exc.__context__ is None and exc.__cause__ is None  # fault 12: not even hidden by `from None`
     texts = [str(exc), repr(exc), "".join(traceback.format_exception(exc)), repr(exc.args), repr(vars(exc))]
     tb = exc.__traceback__
-    while tb is not None:  # every library frame's locals, and one level into objects (a client's attributes)
-        if not tb.tb_frame.f_code.co_filename.startswith(str(TESTS)):  # the test's own frames hold the fakes
+    while tb is not None:  # edgelm's frames' locals, and one level into objects (a client's attributes)
+        if tb.tb_frame.f_code.co_filename.startswith(EDGELM):  # (the tests' own frames hold the fake servers)
             for value in tb.tb_frame.f_locals.values():
                 texts.append(repr(value))
                 if hasattr(value, "__dict__"):
