@@ -841,8 +841,11 @@ class CloudClient:
                 if piece is not None and not isinstance(piece, str):
                     raise self._bad("a stream event's text is not a string")
                 if piece or fragments:
-                    outputs += 1
-                    out_bytes += len(piece.encode("utf-8", "replace")) if piece else len(json.dumps(fragments))
+                    # A text event is at least one token. Tool-call fragments count by their bytes only:
+                    # servers split arguments into pieces smaller than a token.
+                    outputs += bool(piece)
+                    out_bytes += len(piece.encode("utf-8", "replace")) if piece else 0
+                    out_bytes += _fragment_bytes(fragments)
                     if max_tokens is not None and _past_cap(max_tokens, outputs, out_bytes, usage):
                         # The server ignores max_tokens: end the answer where a model would have (this piece is
                         # dropped) and stop reading; the finally below closes the connection.
@@ -920,10 +923,24 @@ def _joined_calls(calls: dict[int, dict[str, Any]]) -> list[dict[str, Any]] | No
     return out or None
 
 
+def _fragment_bytes(fragments: Any) -> int:
+    """The text bytes (id, name, arguments) that tool-call fragments bring."""
+    if not isinstance(fragments, list):
+        return 0
+    n = 0
+    for frag in fragments:
+        fn = frag.get("function") if isinstance(frag, dict) else None
+        for v in ([frag.get("id")] if isinstance(frag, dict) else []) + \
+                ([fn.get("name"), fn.get("arguments")] if isinstance(fn, dict) else []):
+            if isinstance(v, str):
+                n += len(v.encode("utf-8", "replace"))
+    return n
+
+
 def _past_cap(max_tokens: int, outputs: int, out_bytes: int, usage: dict[str, Any]) -> bool:
     """Whether a stream has gone past ``max_tokens``. Without the server's own count, a conservative one: each
-    event with output is at least one token, and so is every TEXT_BYTES_PER_TOKEN bytes of it (so an honest
-    server is never cut short, and one that ignores max_tokens is cut near it)."""
+    text event is at least one token, and so is every TEXT_BYTES_PER_TOKEN bytes of text and tool-call
+    fragments (so an honest server is not cut short, and one that ignores max_tokens is cut near it)."""
     reported = _int_or_none(usage.get("completion_tokens")) or 0
     return max(outputs, -(-out_bytes // TEXT_BYTES_PER_TOKEN), reported) > max_tokens
 

@@ -705,3 +705,29 @@ def test_errors_carry_no_chain_for_every_failure_kind():
                 with pytest.raises(CloudError) as info:
                     list(c.stream(MSGS)) if stream else c.chat(MSGS)
             no_key_anywhere(info.value)
+
+
+def test_a_flood_of_tool_call_fragments_is_capped_too():
+    """Tool-call arguments in endless tiny fragments: cut by their bytes (no quadratic joining); fragments that
+    carry nothing meet the byte cap."""
+    from edgelm.cloud import TEXT_BYTES_PER_TOKEN
+
+    def fragments(arguments):
+        def behave(conn, req):
+            conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+            first = {"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}
+            conn.send(b"data: " + json.dumps({"choices": [{"delta": {"tool_calls": [first]}}]}).encode() + b"\n\n")
+            more = {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]}}]}
+            while not conn.stopping.is_set():
+                conn.send((b"data: " + json.dumps(more).encode() + b"\n\n") * 500)
+        return behave
+
+    with FaultServer(fragments("abcde")) as srv, client(srv.url, timeout=10) as c:
+        t0 = time.monotonic()
+        s = c.stream(MSGS, max_tokens=20, tools=TOOLS)
+        assert list(s) == [] and s.reply.finish_reason == "length"
+    (call,) = s.reply.tool_calls
+    assert len(call["function"]["arguments"]) <= 20 * TEXT_BYTES_PER_TOKEN and time.monotonic() - t0 < 3
+    with FaultServer(fragments("")) as srv, client(srv.url, timeout=10) as c:
+        with pytest.raises(CloudResponseError, match="bytes"):
+            list(c.stream(MSGS, max_tokens=20, tools=TOOLS))
