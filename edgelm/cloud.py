@@ -173,7 +173,8 @@ class _Secrets:
         self._forms = sorted(forms, key=len, reverse=True)
         self.longest = len(self._forms[0]) if self._forms else 0
         if self._forms:
-            _LIVE_SECRETS.add(self)
+            with _LIVE_LOCK:
+                _LIVE_SECRETS.add(self)
             _scrub_http_logs()
 
     def scrub(self, text: str) -> str:
@@ -187,6 +188,7 @@ class _Secrets:
 
 
 _LIVE_SECRETS: "weakref.WeakSet[_Secrets]" = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()  # a WeakSet cannot be listed while another thread adds to it
 # httpcore logs response headers at DEBUG (a hostile server can put the key there); httpx logs URLs at INFO.
 _SCRUBBED_LOGGERS = ("edgelm.cloud", "httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2",
                      "httpcore.proxy", "httpcore.socks")
@@ -196,7 +198,8 @@ class _LogScrubber(logging.Filter):
     """Removes live clients' secrets from the records of the loggers above, before any handler sees them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        secrets = list(_LIVE_SECRETS)
+        with _LIVE_LOCK:
+            secrets = list(_LIVE_SECRETS)
         if not secrets:
             return True
         try:
@@ -220,6 +223,8 @@ _LOG_SCRUBBER = _LogScrubber()
 
 
 def _scrub_http_logs() -> None:
+    """Put the scrubber on the HTTP stack's loggers (idempotent; a logger's filter sees only its own records,
+    so each is named)."""
     for name in _SCRUBBED_LOGGERS:
         logger = logging.getLogger(name)
         if _LOG_SCRUBBER not in logger.filters:

@@ -297,3 +297,14 @@ def test_cli_falls_back_without_a_traceback_or_the_key():
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr and "[local]" in out.stderr and "malformed" in out.stderr
     assert KEY not in out.stdout + out.stderr
+
+
+def test_cli_refuses_a_key_no_header_can_carry_with_one_clear_error():
+    bad = KEY[:12] + "é" + KEY[12:]
+    env = {**os.environ, "EDGELM_CLOUD_API_KEY": bad, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-m", "edgelm.cli", "generate", "Once upon a time", "-n", "4",
+                          "--threads", "1", "--cloud-url", "http://127.0.0.1:9/v1", "--route", "cloud"],
+                         capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "EDGELM_CLOUD_API_KEY" in out.stderr and "non-ASCII" in out.stderr
+    assert bad not in out.stderr and KEY[:12] not in out.stderr + out.stdout
