@@ -157,8 +157,9 @@ _SECRET_HEADER_WORDS = ("auth", "key", "token", "secret", "cookie", "session", "
 
 class _Secrets:
     """A client's secrets - the API key, the extra headers (secret-looking values among them), the URL's
-    password and query values - and every rendering of them that could show up in text: raw, repr/bytes-escaped, JSON-escaped and
-    URL-encoded. Its repr shows none of them, so neither does a traceback frame's ``self`` or a debugger."""
+    password and query values - and every rendering of them that could show up in text: raw, repr- and
+    bytes-escaped, JSON-escaped, URL-encoded. Its repr shows none of them, so neither does a traceback frame's
+    ``self`` or a debugger."""
 
     def __init__(self, key: str | None, others: Sequence[str] = (), headers: dict[str, str] | None = None):
         self.key = key
@@ -247,7 +248,7 @@ def _checked_key(key: Any, source: str) -> tuple[str | None, InvalidArgumentErro
     bad = next((i for i, ch in enumerate(key) if not " " <= ch <= "~"), None)
     if bad is not None:
         return None, InvalidArgumentError(
-            f"The API key ({source}) has a control or non-ASCII character (position {bad + 1} of {len(key)}); "
+            f"The API key ({source}) has a control or non-ASCII character (position {bad + 1}); "
             "an HTTP header cannot carry it.", hint="Copy the key again from the provider; keys are plain ASCII.")
     return key, None
 
@@ -362,7 +363,8 @@ class CloudClient:
                 hint="For a private certificate authority pass verify='/path/to/ca-bundle.pem'.")
         if max_answer_bytes is not None and (not isinstance(max_answer_bytes, int) or isinstance(max_answer_bytes, bool)
                                              or max_answer_bytes < 1):
-            raise InvalidArgumentError(f"max_answer_bytes must be a positive integer or None, got {max_answer_bytes!r}.")
+            raise InvalidArgumentError(
+                f"max_answer_bytes must be a positive integer or None, got {max_answer_bytes!r}.")
         extra_headers, secret_values, problem = _checked_headers(headers)
         source = "api_key"
         if api_key is None:
@@ -720,8 +722,9 @@ class CloudClient:
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError):  # not JSON, not UTF-8, an int over 4300 digits, nesting too deep
-            err = CloudResponseError(f"{self._where()} sent a body that is not JSON (starts {self._excerpt(raw, 80)!r}).",
-                                     hint="Check that base_url points at an OpenAI-compatible API.")
+            err = CloudResponseError(
+                f"{self._where()} sent a body that is not JSON (starts {self._excerpt(raw, 80)!r}).",
+                hint="Check that base_url points at an OpenAI-compatible API.")
         if err is not None:
             raise err
         return data
