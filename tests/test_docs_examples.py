@@ -260,3 +260,17 @@ def test_doc_examples_run(doc, tmp_path):
                        stderr=subprocess.STDOUT, text=True, timeout=BLOCK_TIMEOUT_S * (len(examples) + 1))
     print(r.stdout)                    # shown with -rP / -s: what each example printed and how long it took
     assert r.returncode == 0, f"examples in {doc} failed:\n{r.stdout[-12000:]}"
+
+
+def test_the_parser_reads_languages_markers_and_console_commands(tmp_path):
+    md = tmp_path / "x.md"
+    md.write_text("Intro.\n\n<!-- edgelm-docs: skip reason=gpu (needs CUDA) -->\n```python\nimport torch\n```\n\n"
+                  "```console\n$ edgelm info \\\n    --card\noutput line\n$ echo hi\nhi\n```\n\n"
+                  "````text\n```python\nnot an example\n```\n````\n", encoding="utf-8")
+    fences = _fences(md)
+    assert [(line, lang) for line, lang, _b, _a in fences] == [(4, "python"), (8, "console"), (16, "text")]
+    assert fences[2][2] == "```python\nnot an example\n```\n"          # a longer fence holds a shorter one
+    m = SKIP_RE.search(fences[0][3])
+    assert (m.group(1), m.group(2).strip()) == ("gpu", "(needs CUDA)")
+    assert SKIP_RE.search(fences[1][3]) is None                        # a marker covers only the next fence
+    assert _console_commands(fences[1][2]) == "edgelm info \\\n    --card\necho hi\n"
