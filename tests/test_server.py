@@ -503,7 +503,9 @@ def test_a_served_hybrid_returns_its_clouds_tool_calls(tool_lm):
 
     with FaultServer(tool_answer(CALLS)) as cloud_srv:
         hy = Hybrid(tool_lm, CloudClient(cloud_srv.url, api_key="k", timeout=10),
-                    Router(rules=[Rule("cloud", keywords=["weather"])]))
+                    # rules only: the default prompt-score and confidence checks would send this random-weight
+                    # model's every prompt to the cloud
+                    Router(rules=[Rule("cloud", keywords=["weather"])], max_prompt_nats=None, min_confidence=None))
         with BackgroundServer({"m": hy}, workers=1) as srv:
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
             ask = [{"role": "user", "content": "weather in Paris and Oslo?"}]
