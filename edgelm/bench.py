@@ -292,8 +292,10 @@ def plot_result(r: BenchResult, path: str | os.PathLike) -> Path:
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
     except ImportError as exc:
+        from edgelm.cli import install_hint
+
         raise InvalidArgumentError("--plot needs matplotlib, which is not installed.",
-                                   hint='Install it with: pip install "edgelm[bench]"') from exc
+                                   hint=install_hint("bench")) from exc
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     runs = list(range(1, r.repeat + 1))
     a.bar(runs, r.decode_tokens_per_s.values, color="#4477aa")

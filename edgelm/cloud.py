@@ -538,8 +538,9 @@ class CloudClient:
         except ModuleNotFoundError:
             httpx = None
         if httpx is None:
-            raise CloudError("The cloud client needs httpx, which is not installed.",
-                             hint='Install it with: pip install "edgelm[cloud]"')
+            from edgelm.cli import install_hint
+
+            raise CloudError("The cloud client needs httpx, which is not installed.", hint=install_hint("cloud"))
         # identity: no compressed bodies to inflate (a server that compresses anyway is decoded by _Decoder,
         # which bounds what one chunk may inflate to).
         headers = {"Accept": "application/json", "Accept-Encoding": "identity", **self._secrets.headers}

@@ -36,9 +36,9 @@ ENV_CACHE = "EDGELM_CACHE"
 SOURCE_FILE = ".edgelm-source.json"
 # A Hugging Face repo id: owner/name, letters, digits, '-', '_', '.'; the hub itself refuses '--' and '..'.
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-_INSTALL_HUB = ('Install it: pip install huggingface_hub (published edgelm folders), or the [export] extra for any '
-                'model: pip install "edgelm[export]" (in a source checkout: pip install ".[export]"); or pass a model '
-                'folder.')
+_INSTALL_HUB = ('Install it: pip install "edgelm[hub]" (in a source checkout: pip install ".[hub]") for published '
+                'edgelm folders, or the [export] extra for any model: pip install "edgelm[export]" (in a source '
+                'checkout: pip install ".[export]"); or pass a model folder.')
 
 
 def is_model_name(text: str) -> bool:

@@ -176,7 +176,7 @@ def test_offline_miss_is_one_line_saying_what_and_how(offline):
 
 def test_without_huggingface_hub_the_message_says_what_to_install(offline, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
-    with pytest.raises(ModelNotFoundError, match="pip install huggingface_hub"):
+    with pytest.raises(ModelNotFoundError, match=r'pip install "edgelm\[hub\]"'):
         edgelm.load(PUBLISHED)
     assert not hub.cache_path(PUBLISHED).exists()
 
