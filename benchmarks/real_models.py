@@ -1,7 +1,7 @@
 """Every quantization mode on a real pretrained chat model: quality (from each export's own gate) and speed.
 
     python benchmarks/real_models.py prepare    # export SmolLM2-135M-Instruct once per mode (~2 min each)
-    python benchmarks/real_models.py run --rounds 3 --threads 1 2 [--name real-smollm2-busy]
+    python benchmarks/real_models.py run --rounds 3 --threads 1 2 [--name OTHER]
     python benchmarks/real_models.py table      # results/real-smollm2.md from results/real-smollm2.json
     python benchmarks/real_models.py cputime --extra int4-zp=DIR   # 1 thread, CPU time: for a busy machine
     python benchmarks/real_models.py answers    # results/real-smollm2-answers.md: unedited greedy chat answers
@@ -207,8 +207,7 @@ def answers(modes: list[str]) -> None:
 
 
 DOC = ROOT / "docs" / "models.md"
-SPLICED = ("real-smollm2.md", "real-smollm2-busy.md", "real-smollm2-cputime.md", "real-smollm2-answers.md",
-           "quant-sensitivity-smollm2.md")
+SPLICED = ("real-smollm2.md", "real-smollm2-cputime.md", "real-smollm2-answers.md", "quant-sensitivity-smollm2.md")
 
 
 def splice(doc: str, name: str, text: str) -> str:
