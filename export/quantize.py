@@ -478,7 +478,7 @@ METHODS = ("int8", "int8-block", "int8-gemm", "int4")
 GEMM_MAX_RATIO = 2.0
 INT4_BLOCK = 32
 # Which methods store their block-wise matrices as "scale + min" blocks with float offsets (quantize_offset_blocks)
-# by default. int4: on SmolLM2-135M-Instruct (a Q4_1 source) +0.46 % perplexity with offsets, +23.9 % with
+# by default. int4: on SmolLM2-135M-Instruct (a Q4_1 source) +0.27 % perplexity with offsets, +23.9 % with
 # integer zero points (docs/models.md).
 OFFSETS = {"int4": True}
 CALIBRATION_TOKENS = 256

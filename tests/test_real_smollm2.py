@@ -8,7 +8,7 @@ Targets (issue 12) and what the assertions allow:
   the fp32 export: asserted as is (measured +0.44 % with smoothed GEMMs for qkv and gate_up, +0.64 % all block-wise);
 * BOS from the source's truth: SmolLM2's tokenizer adds none, so neither does edgelm; fp32 ``score()`` bits/byte
   equal to transformers' to 1e-4 and raw-text greedy continuations identical;
-* int4 perplexity within 6 %: asserted with margin (measured +0.46 % with scale + min blocks, which reproduce the
+* int4 perplexity within 6 %: asserted with margin (measured +0.27 % with scale + min blocks, which reproduce the
   Q4_1 source's 4-bit matrices exactly; +23.9 % with integer zero points);
 * chat answers of the int8 model follow fp32's for >= 90 % of their length on average: MISSED (59 % measured, see
   docs/models.md: every 8-bit mode lands between 55 and 67 %, fp16-rounded weights at 100 %). The test pins the
@@ -129,4 +129,4 @@ def test_int4_reproduces_the_q4_1_source(smollm2_fp32, tmp_path):
     assert np.abs(back - w).max() <= 1e-6 * np.abs(w).max()  # exact, fp16 offsets included
     fp32_ppl = _manifest(smollm2_fp32)["metrics"]["fp32_perplexity"]
     ppl = edgelm.load(str(q_dir)).score(classics_eval_text().read_text(encoding="utf-8")).perplexity
-    assert ppl / fp32_ppl - 1 <= 0.02, (ppl, fp32_ppl)  # the issue's target is 6 %; measured +0.46 %
+    assert ppl / fp32_ppl - 1 <= 0.02, (ppl, fp32_ppl)  # the issue's target is 6 %; measured +0.27 %
