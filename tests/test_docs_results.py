@@ -63,3 +63,18 @@ def test_default_model_card_prose_is_generated_from_the_build_logs():
     ours, ref = build["single_newline_eval"]["bits_per_byte"].values()
     assert f"**{ours:.4f}** bits/byte" in card and f"stories260K's {ref:.4f}" in card
     assert len(build["eval_sha256"]["eval/tinystories-v1-valid-a.txt"]) == 64
+
+
+def test_performance_md_summary_is_the_compare_results():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # compare.py imports its sibling shapes.py
+    try:
+        mod = _load("compare_bench", ROOT / "benchmarks" / "compare.py")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    text = mod.summary()
+    assert (mod.RESULTS_DIR / "compare-summary.md").read_text(encoding="utf-8") == text
+    doc = mod.DOC.read_text(encoding="utf-8")
+    assert mod.splice(doc, "compare-summary.md", text) == doc, \
+        "docs/performance.md is out of date with the compare results: run python benchmarks/compare.py docs"
