@@ -314,7 +314,7 @@ def load(path: str | os.PathLike | None = None, *, threads: int | None = None, s
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}.",
-                                   hint="Omit it to use one thread per physical core.")
+                                   hint="Omit it for the default: 1 thread below 64 MiB of weights, else one per physical core.")
     if spin is not None and not isinstance(spin, bool):
         raise InvalidArgumentError(f"spin must be True, False or None, got {spin!r}.",
                                    hint="Omit it to decide from the machine's load.")
