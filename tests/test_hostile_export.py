@@ -35,9 +35,12 @@ def test_a_signal_mid_export_removes_the_temporary_folder(tmp_path, sig, code):
     src, out = tmp_path / "src", tmp_path / "models" / "tiny"
     _tiny_llama(src)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # A background job of a non-interactive shell (CI) inherits SIGINT ignored, and Python then never turns it into
+    # KeyboardInterrupt: give the export the default disposition a user's terminal gives it.
     proc = subprocess.Popen([sys.executable, "-m", "edgelm.cli", "export", str(src), "--out", str(out),
                              "--no-progress", "--threads", "1"], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not list(out.parent.glob(".tiny.edgelm-export-*")):  # the export's work folder: it is under way
