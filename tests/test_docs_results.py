@@ -78,3 +78,13 @@ def test_performance_md_summary_is_the_compare_results():
     doc = mod.DOC.read_text(encoding="utf-8")
     assert mod.splice(doc, "compare-summary.md", text) == doc, \
         "docs/performance.md is out of date with the compare results: run python benchmarks/compare.py docs"
+
+
+def test_raspberry_pi_memory_table_is_the_rss_results():
+    mod = _load("rss_shapes", ROOT / "benchmarks" / "rss_shapes.py")
+    text = mod.RESULTS.with_suffix(".md").read_text(encoding="utf-8")
+    doc = mod.DOC.read_text(encoding="utf-8")
+    assert mod.splice(doc, text) == doc, "docs/raspberry-pi.md's memory table is out of date: run " \
+                                         "python benchmarks/rss_shapes.py docs"
+    rows = json.loads(mod.RESULTS.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
+    assert set(rows) == set(mod.SHAPES) and all(r["import"] < r["load"] <= r["peak"] for r in rows.values())
