@@ -88,3 +88,19 @@ def test_raspberry_pi_memory_table_is_the_rss_results():
                                          "python benchmarks/rss_shapes.py docs"
     rows = json.loads(mod.RESULTS.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
     assert set(rows) == set(mod.SHAPES) and all(r["import"] < r["load"] <= r["peak"] for r in rows.values())
+
+
+def test_raspberry_pi_emulation_table_is_the_committed_smoke_output():
+    import re
+
+    doc = (ROOT / "docs" / "raspberry-pi.md").read_text(encoding="utf-8")
+    runs = sorted((ROOT / "benchmarks" / "results").glob("arm64-smoke-stories260K-*"))
+    assert len(runs) == 3
+    for run in runs:
+        summary = (run / "summary.txt").read_text(encoding="utf-8")
+        host, arm = [float(x) for x in re.findall(r"decode ([\d.]+) tok/s", summary)]
+        delta = float(re.search(r"max \|top-1 logit delta\| ([\d.e+-]+)", summary).group(1))
+        assert "identical: True" in summary
+        row = next(ln for ln in doc.splitlines() if f"(`{run.name.split('-', 3)[-1]}`)" in ln)
+        assert f"{arm:,.0f} tokens/s" in row and f"{host:,.0f} tokens/s" in row, row
+        assert (f"{delta:.2f}" if delta >= 0.01 else f"{delta:.1e}") in row, row
