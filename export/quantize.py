@@ -27,10 +27,11 @@ Methods (``edgelm export --quantize``):
   of a Q4_1 source (SmolLM2-135M-Instruct: +23.9 % perplexity), and MatMulNBits' own float zero points run ~100x
   slower in onnxruntime 1.32.
 
-The token embedding table (a Gather, not a MatMul) is stored int8 with one scale per row and de-quantized
-for the gathered rows only, unless ``keep_fp32`` names "embeddings". ``keep_fp32`` "lm_head" leaves the output
-projection fp32. Our graphs always carry the LM head as its own [hidden, vocab] initializer (never
-Transpose(embedding)), so tied models do not fall into the de-quantize-the-whole-table-per-token trap.
+The token embedding table (a Gather, not a MatMul; found by the graph's structure, whatever the exporter named it:
+:func:`embedding_tables`) is stored int8 with one scale per row and de-quantized for the gathered rows only,
+unless ``keep_fp32`` names "embeddings". ``keep_fp32`` "lm_head" leaves the output projection fp32. Our graphs
+always carry the LM head as its own [hidden, vocab] initializer (never Transpose(embedding)), so tied models do not
+fall into the de-quantize-the-whole-table-per-token trap; a table another node also reads is left fp32.
 """
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ BLOCK_SIZE = {8: 32, 4: 32}
 # onnxruntime 1.32 (~60x slower decode); level 4 is the fast kernel. Measured: docs/export.md.
 ACCURACY_LEVEL = 4
 LM_HEAD_WEIGHT = "lm_head.weight"
-EMBEDDING_WEIGHTS = ("embed_tokens.weight", "wte.weight")
+# Ops an embedding's indices may pass through on their way from the graph input ``input_ids`` (data input 0, the
+# values unchanged): optimum's OPT graph reshapes them, other exporters cast them to int32 or add a batch axis.
+EMBEDDING_INDEX_OPS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity")
 
 
 def quantize_blocks(w: np.ndarray, bits: int, block: int, *, asymmetric: bool = False
@@ -429,35 +432,85 @@ def _gemm_node(node: Any, w_name: str, w: np.ndarray) -> tuple[list, Any]:
                              name=node.name, domain="com.microsoft"))
 
 
-def _quantize_embeddings(model: Any) -> list[str]:
-    """int8 embedding rows with a per-row scale: Gather(q) -> Cast -> Mul(Gather(scale)). Returns tables done."""
+def embedding_tables(model: Any, vocab_size: int | None = None) -> dict[str, list[Any]]:
+    """The token embedding tables, found by structure rather than by name (our builder says ``embed_tokens.weight``,
+    optimum ``model.embed_tokens.weight``, ``transformer.wte.weight``, ``gpt_neox.embed_in.weight``, others
+    ``onnx::Gather_...``): table name -> its Gather nodes. A table is a 2-D float32 initializer [vocab, hidden] read
+    by Gathers on axis 0 only, whose indices come from the graph input ``input_ids`` directly or through
+    :data:`EMBEDDING_INDEX_OPS`. So a position table (indices from ``position_ids`` or the mask) or a Gather on an
+    activation never qualifies, nor a table something else also reads (a tied head's Transpose): quantizing it would
+    leave that reader without its fp32 table. The table's rows must equal ``vocab_size``: by default the static last
+    dimension of the ``logits`` output, else the LM head's width (:func:`lm_head_weight`, while it is still a
+    MatMul); a graph that tells neither has no table taken (it keeps fp32, as a graph with no decoder's outputs
+    should: an id lookup there need not be the token embedding)."""
+    from onnx import TensorProto
+
+    inits = _initializers(model)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    if vocab_size is None:
+        logits = next((o for o in model.graph.output if o.name == "logits"), None)
+        dims = logits.type.tensor_type.shape.dim if logits is not None else []
+        vocab_size = (dims[-1].dim_value or None) if dims else None
+        head = lm_head_weight(model) if vocab_size is None else None
+        vocab_size = vocab_size or (int(inits[head].dims[1]) if head else None)
+
+    def from_input_ids(name: str) -> bool:
+        for _ in range(len(producer) + 1):  # (a bound: a malformed graph with a cycle must not hang the export)
+            node = producer.get(name)
+            if node is None:
+                return name == "input_ids"
+            if node.op_type not in EMBEDDING_INDEX_OPS:
+                return False
+            name = node.input[0]
+        return False
+
+    readers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in inits:
+                readers.setdefault(name, []).append(node)
+    found = {}
+    for name, nodes in readers.items():
+        t = inits[name]
+        # (hidden > 1: a quantized graph's [vocab, 1] row scales are gathered by input_ids too)
+        if (len(t.dims) == 2 and t.dims[1] > 1 and t.data_type == TensorProto.FLOAT
+                and t.dims[0] == vocab_size
+                and all(n.op_type == "Gather" and n.input[0] == name != n.input[1] and not _attr(n, "axis")
+                        and from_input_ids(n.input[1]) for n in nodes)):
+            found[name] = nodes
+    return found
+
+
+def _quantize_embeddings(model: Any, vocab_size: int | None = None) -> list[str]:
+    """int8 embedding rows with a per-row scale: Gather(q) -> Cast -> Mul(Gather(scale)), for every table
+    :func:`embedding_tables` finds. Returns the tables done."""
     from onnx import TensorProto, helper, numpy_helper
 
     inits = _initializers(model)
-    new_nodes, drop, done = [], set(), []
-    for node in model.graph.node:
-        table = node.input[0] if node.op_type == "Gather" else None
-        if table not in EMBEDDING_WEIGHTS or table not in inits:
-            new_nodes.append(node)
-            continue
+    tables = embedding_tables(model, vocab_size)
+    replaced: dict[str, list[Any]] = {}  # by the Gather's output (unique in a valid graph)
+    for table, gathers in tables.items():
         arr = numpy_helper.to_array(inits[table])
         amax = np.abs(arr).max(axis=1, keepdims=True)
         scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
         q = np.clip(np.rint(arr / scale), -127, 127).astype(np.int8)
         q_name, s_name = f"{table}.q8", f"{table}.row_scales"
         model.graph.initializer.extend([numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)])
-        ids, out = node.input[1], node.output[0]
-        rows = helper.make_node("Gather", [q_name, ids], [f"{out}/q_rows"], name=f"{node.name}/q_rows", axis=0)
-        cast = helper.make_node("Cast", [f"{out}/q_rows"], [f"{out}/rows"], name=f"{node.name}/cast", to=TensorProto.FLOAT)
-        sc = helper.make_node("Gather", [s_name, ids], [f"{out}/scales"], name=f"{node.name}/scales", axis=0)
-        mul = helper.make_node("Mul", [f"{out}/rows", f"{out}/scales"], [out], name=f"{node.name}/dequant")
-        new_nodes += [rows, cast, sc, mul]
-        drop.add(table)
-        done.append(table)
+        for node in gathers:
+            ids, out = node.input[1], node.output[0]
+            base = node.name or out  # other exporters may leave nodes unnamed; the new names must still be unique
+            replaced[out] = [
+                helper.make_node("Gather", [q_name, ids], [f"{out}/q_rows"], name=f"{base}/q_rows", axis=0),
+                helper.make_node("Cast", [f"{out}/q_rows"], [f"{out}/rows"], name=f"{base}/cast", to=TensorProto.FLOAT),
+                helper.make_node("Gather", [s_name, ids], [f"{out}/scales"], name=f"{base}/scales", axis=0),
+                helper.make_node("Mul", [f"{out}/rows", f"{out}/scales"], [out], name=f"{base}/dequant")]
+    new_nodes = []
+    for node in model.graph.node:
+        new_nodes += replaced.get(node.output[0], [node]) if node.output else [node]
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
-    _drop_initializers(model, drop)
-    return done
+    _drop_initializers(model, set(tables))
+    return list(tables)
 
 
 def _drop_initializers(model: Any, names: set[str]) -> None:
