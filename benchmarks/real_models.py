@@ -207,7 +207,8 @@ def answers(modes: list[str]) -> None:
 
 
 DOC = ROOT / "docs" / "models.md"
-SPLICED = ("real-smollm2.md", "real-smollm2-cputime.md", "real-smollm2-answers.md", "quant-sensitivity-smollm2.md")
+SPLICED = ("real-smollm2.md", "real-smollm2-cputime.md", "real-smollm2-answers.md", "quant-sensitivity-smollm2.md",
+           "chat-agreement-smollm2.md")
 
 
 def splice(doc: str, name: str, text: str) -> str:
