@@ -16,7 +16,8 @@ Design points, each with a test in tests/test_cloud.py:
   :class:`~edgelm.errors.CloudError` subclass, so :class:`edgelm.Hybrid` can fall back with a reason.
 * **One deadline per call.** ``timeout`` bounds the whole call - every attempt, every backoff sleep and every
   read and write on the socket (each gets only the time left) - so a server that hangs, trickles bytes or
-  floods cannot hold the caller longer than that. ``connect_timeout`` bounds each TCP/TLS connect.
+  floods cannot hold the caller longer than that. ``connect_timeout`` bounds each TCP/TLS connect, and the host
+  name's DNS lookup before it (which the socket's own timeout does not cover: a stuck resolver times out too).
 * **Answers are capped.** A server that ignores ``max_tokens`` is cut off: by tokens (the server's count, else
   a conservative one: text events, and text bytes / :data:`TEXT_BYTES_PER_TOKEN`), which ends the answer with
   ``finish_reason="length"``, and by bytes read (``max_answer_bytes``), which raises. Reading stops and the
@@ -32,10 +33,12 @@ Design points, each with a test in tests/test_cloud.py:
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import json
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import weakref
@@ -327,7 +330,7 @@ class CloudClient:
         api_key: sent as ``Authorization: Bearer ...``. None reads ``EDGELM_CLOUD_API_KEY``, then
             ``OPENAI_API_KEY``; no key at all sends no Authorization header (fine for local servers).
         timeout: seconds for the whole call, retries and backoff included.
-        connect_timeout: seconds for each connection attempt.
+        connect_timeout: seconds for each connection attempt, and for looking up the host name before it.
         max_retries: extra attempts after the first on connection errors, timeouts, 429 and 5xx.
         backoff: first backoff delay in seconds; doubles per retry, with jitter, up to ``backoff_max``.
         max_retry_after: the longest ``Retry-After`` honoured; a server asking for more is treated as
@@ -604,6 +607,10 @@ class CloudClient:
         name, detail = type(exc).__name__, self._excerpt(_text_of(exc)) or "no detail"
         where = self._where()
         if isinstance(exc, httpx.TimeoutException):
+            if detail.startswith(_LOOKUP_TOO_SLOW):  # ours (_resolve): it names the host and the time it had
+                return CloudTimeoutError(f"{where} could not be reached in time ({name}: {detail}).",
+                                         hint="Check the host name and the DNS resolver, or raise the client's "
+                                              "connect_timeout and timeout."), True
             return CloudTimeoutError(f"{where} did not answer in time ({name}).",
                                      hint="Check that the server is up, or raise the client's timeout."), True
         if isinstance(exc, (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.InvalidURL)):
@@ -1014,16 +1021,87 @@ class _DeadlineStream:
         return self._stream.get_extra_info(info)
 
 
+class _Lookup:
+    """One host name's DNS lookup, run in a daemon thread so a caller can stop waiting for it. getaddrinfo cannot
+    be interrupted: a lookup the caller gave up on finishes on its own (the resolver's own timeouts), and calls
+    that need the same name meanwhile wait on it instead of starting another, so a dead resolver costs one
+    thread per name, not one per call."""
+
+    _running: dict[tuple[str, int], "_Lookup"] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, host: str, port: int):
+        self.done = threading.Event()
+        self.addresses: list[str] = []
+        self.error: OSError | None = None
+        threading.Thread(target=self._run, args=(host, port), name="edgelm-dns", daemon=True).start()
+
+    @classmethod
+    def of(cls, host: str, port: int) -> "_Lookup":
+        with cls._lock:
+            lookup = cls._running.get((host, port))
+            if lookup is None:
+                lookup = cls._running[host, port] = cls(host, port)
+            return lookup
+
+    def _run(self, host: str, port: int) -> None:
+        try:  # as socket.create_connection asks (any family, stream sockets), addresses in the resolver's order
+            found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            self.addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
+        except OSError as exc:  # (socket.gaierror) nothing of the request in it: the name and the resolver's words
+            self.error = exc
+        finally:
+            with self._lock:
+                if self._running.get((host, port)) is self:
+                    del self._running[host, port]
+            self.done.set()
+
+
+_LOOKUP_TOO_SLOW = "looking up the host name"
+
+
+def _resolve(host: str, port: int, timeout: float | None) -> list[str]:
+    """``host``'s addresses within ``timeout`` seconds. The socket's connect timeout does not cover DNS
+    (httpcore's sync backend calls socket.create_connection, whose getaddrinfo runs unbounded first), so a slow
+    or dead resolver could hold a call far past its deadline. Past ``timeout``: httpcore.ConnectTimeout naming
+    the host and the time (httpx makes it a ConnectTimeout, :meth:`CloudClient._failure` a CloudTimeoutError)."""
+    import httpcore
+
+    try:
+        ipaddress.ip_address(host)
+        return [host]  # an address already: nothing to look up
+    except ValueError:
+        pass
+    lookup = _Lookup.of(host, port)
+    if not lookup.done.wait(timeout):
+        raise httpcore.ConnectTimeout(f"{_LOOKUP_TOO_SLOW} {host} took longer than {timeout:.3g} s")
+    if lookup.error is not None or not lookup.addresses:
+        raise httpcore.ConnectError(f"could not look up the host name {host} ({lookup.error or 'no address'})")
+    return lookup.addresses
+
+
 class _DeadlineBackend:
-    """An httpcore network backend whose streams are :class:`_DeadlineStream`s."""
+    """An httpcore network backend whose streams are :class:`_DeadlineStream`s, and whose connects look the host
+    name up within the connect timeout and the call's deadline (:func:`_resolve`)."""
 
     def __init__(self, backend: Any):
         self._backend = backend
 
     def connect_tcp(self, host: str, port: int, timeout: Any = None, local_address: str | None = None,
                     socket_options: Any = None) -> _DeadlineStream:
-        return _DeadlineStream(self._backend.connect_tcp(host, port, _left(timeout, "ConnectTimeout"), local_address,
-                                                         socket_options))
+        import httpcore
+
+        addresses = _resolve(host, port, _left(timeout, "ConnectTimeout"))
+        # Each address in turn, as socket.create_connection does with a name; every attempt gets only the time
+        # left. TLS still checks the certificate against the URL's host name (httpcore takes it from the URL).
+        failure: Exception | None = None
+        for address in addresses:
+            try:
+                return _DeadlineStream(self._backend.connect_tcp(address, port, _left(timeout, "ConnectTimeout"),
+                                                                 local_address, socket_options))
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        raise failure  # (addresses is never empty)
 
     def connect_unix_socket(self, path: str, timeout: Any = None, socket_options: Any = None) -> _DeadlineStream:
         return _DeadlineStream(self._backend.connect_unix_socket(path, _left(timeout, "ConnectTimeout"),
@@ -1036,7 +1114,14 @@ class _DeadlineBackend:
 def _bound_by_deadline(client: Any) -> bool:
     """Put :class:`_DeadlineBackend` under the connection pools of an ``httpx.Client`` (its own and any proxy
     mounts). httpx does not take a network backend, so this reaches its pools' ``_network_backend``; when a
-    future httpx hides them, False (reads are then bounded one by one, and the deadline checked per chunk)."""
+    future httpx hides them, False (reads are then bounded one by one, and the deadline checked per chunk; DNS
+    is then bounded by nothing but the resolver).
+
+    Why not a public extension point: httpcore's pools take ``network_backend=`` publicly, but httpx 0.28's
+    ``HTTPTransport`` (public) builds its pool itself and does not pass one through, and a transport of our own
+    around an httpcore pool would have to redo what ``HTTPTransport`` does privately (mapping httpcore's
+    exceptions to httpx's, wrapping the response stream) and the proxy mounts httpx makes from the environment.
+    A few private attribute reads that fail closed are the smaller dependency on internals."""
     found = False
     for transport in [getattr(client, "_transport", None), *getattr(client, "_mounts", {}).values()]:
         pool = getattr(transport, "_pool", None)
