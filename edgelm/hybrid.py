@@ -793,19 +793,25 @@ class Hybrid:
 
     def _chat_query(self, messages: Any, tools: Any, documents: Any, template_kwargs: Any, prefer: Side | None,
                     tags: Sequence[str], kwargs: dict[str, Any]) -> "_Query":
-        from edgelm.tokenizer import validate_messages, validate_template_kwargs, validate_tools
+        from edgelm.tokenizer import validate_messages, validate_template_kwargs, validate_tools, with_turn_stops
 
         messages = validate_messages(messages)  # the runtime's rules: tool calls, tool results, content parts
         tools = validate_tools(tools)
         template_kwargs = validate_template_kwargs(template_kwargs)
         text = self.apply_chat_template(messages, tools=tools, documents=documents, **template_kwargs)
+        # The local model also stops where its template says a reply ends (Model.chat's rule: the plain fallback's
+        # next-turn marker); the cloud gets only the caller's stop strings.
+        local_kw = with_turn_stops(kwargs, getattr(self.local, "chat_template", None))
         return _Query(text, messages, _last_user(messages), prefer, tuple(tags), kwargs, tools=tools,
-                      documents=documents)
+                      documents=documents, local_kw=local_kw)
 
     # --- internals ---------------------------------------------------------------------------------
     def _decide(self, q: "_Query", stream: bool = False) -> tuple[Decision | None, list[str]]:
+        from edgelm.tokenizer import validate_stop
+
         if q.prefer is not None and q.prefer not in _SIDES:
             raise InvalidArgumentError(f"prefer must be 'local', 'cloud' or None, got {q.prefer!r}.")
+        validate_stop(q.kwargs.get("stop"))  # the runtime's limits, for a request the cloud answers too
         self._warn_if_unused()
         return self.router._before(self.local, q.text, max_new_tokens=self._max_new(q), prefer=q.prefer,
                                    tags=q.tags, rule_text=q.rule_text, cloud_available=self.cloud is not None,
@@ -846,7 +852,7 @@ class Hybrid:
         return Decision("local", "budget", f"{d.reason}; but {why}", d.value, d.threshold), why
 
     def _local(self, q: "_Query") -> "Generation":
-        return self.local.generate(q.text, **q.kwargs)
+        return self.local.generate(q.text, **q.local_kwargs)
 
     def _cloud_kwargs(self, q: "_Query") -> dict[str, Any]:
         out = {}
@@ -1035,7 +1041,7 @@ class Hybrid:
                 holder[0].result = self._finish(_local_result(gen, d, None), started)
                 return
             try:
-                ts = self.local.stream(q.text, **q.kwargs)  # checks its arguments (and the fit) right away
+                ts = self.local.stream(q.text, **q.local_kwargs)  # checks its arguments (and the fit) right away
             except EdgeLMError as local_exc:
                 d = self._rescue_decision(d, local_exc, budget_note)  # raises RoutingError when it cannot
             else:
@@ -1066,7 +1072,7 @@ class Hybrid:
                     yield gen.text
             else:
                 try:
-                    ts = self.local.stream(q.text, **q.kwargs)
+                    ts = self.local.stream(q.text, **q.local_kwargs)
                 except EdgeLMError as local_exc:
                     raise RoutingError(f"Neither side could answer: the cloud failed ({fallback}) and the local "
                                        f"model refused ({local_exc}).") from None
@@ -1082,7 +1088,7 @@ class Hybrid:
         partial = "".join(given)
         owed = self._max_new(q) - len(self.local.encode(partial, add_bos=False))
         cap = max(1, int(self.local.context_length) // 2)
-        kwargs = dict(q.kwargs, truncate="left", max_new_tokens=max(1, min(owed, cap)))
+        kwargs = dict(q.local_kwargs, truncate="left", max_new_tokens=max(1, min(owed, cap)))
         how = f"{fallback}; the local model finished the answer after {len(partial)} characters from the cloud"
         if owed > cap:
             how += f" (at most {cap} more tokens: half its context)"
@@ -1115,10 +1121,16 @@ class _Query:
     kwargs: dict[str, Any]
     tools: list[dict[str, Any]] | None = None      # chat only: for the template and the cloud request
     documents: list[dict[str, Any]] | None = None
+    local_kw: dict[str, Any] | None = None         # chat only: kwargs plus the local template's turn stops
 
     @property
     def prompt(self) -> str:
         return self.text
+
+    @property
+    def local_kwargs(self) -> dict[str, Any]:
+        """What the local model is given (``kwargs``, with a chat's turn stops)."""
+        return self.kwargs if self.local_kw is None else self.local_kw
 
 
 def _local_result(gen: "Generation", d: Decision, fallback: str | None) -> HybridResult:

@@ -38,8 +38,6 @@ if TYPE_CHECKING:  # pragma: no cover
 ENV_MODEL = "EDGELM_MODEL"
 ENV_SPIN = "EDGELM_SPIN"  # "1" / "0": force onnxruntime's spin-waiting on or off (see default_spin)
 FINISH_REASONS = ("stop", "length", "eos")
-# Where a reply ends under the plain fallback chat template (see docs/runtime.md).
-FALLBACK_STOP = "\nUser:"
 # Idle key/value buffer sets a model keeps for reuse ("shared" graphs, see _SharedCache). Each live generation
 # (a running or suspended stream) holds one set; when it ends its set goes back to the pool unless the pool already
 # holds this many, so memory after a burst of N concurrent streams falls back to this many sets, not N. One set is
@@ -360,7 +358,7 @@ class Model:
         # numpy.random is NOT imported here: it costs 6 MB of resident memory, and greedy decoding and scoring never
         # need it. The first sampled generation imports it (~8 ms, once per process; edgelm.sampling.Sampler).
         import edgelm.sampling  # noqa: F401  (the decode loop imports it: not on the first request's clock)
-        from edgelm.tokenizer import ChatTemplate, Tokenizer, chat_template_source
+        from edgelm.tokenizer import ChatTemplate, Tokenizer
 
         check_onnxruntime(folder, ort.__version__)  # before anything is built: an older kernel loads but differs
         self.folder = folder
@@ -376,10 +374,9 @@ class Model:
                                               eos_token_ids=eos, add_bos_token=cfg.get("add_bos_token"),
                                               tokenizer_config=folder.tokenizer_config)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
-        self.chat_template: ChatTemplate = ChatTemplate(chat_template_source(folder.tokenizer_config),
-                                                        bos_token=self.tokenizer.bos_token,
-                                                        eos_token=self.tokenizer.eos_token,
-                                                        name=f"{self.path / 'tokenizer_config.json'}'s chat_template")
+        self.chat_template: ChatTemplate = ChatTemplate.from_tokenizer_config(
+            folder.tokenizer_config, bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token,
+            name=f"{self.path / 'tokenizer_config.json'}'s chat_template")
         if threads is None:
             onnx_path = folder.onnx_path
             size = sum(p.stat().st_size for p in onnx_path.parent.glob(onnx_path.name + "*") if p.is_file())
@@ -606,7 +603,8 @@ class Model:
         """The prompt text for ``messages`` (the model's chat template, or the plain fallback in docs/runtime.md).
 
         ``tools`` (JSON-schema dicts), ``documents`` and any other variable the template reads (``date_string``,
-        ``enable_thinking``, ...) are passed to it as transformers' ``apply_chat_template`` passes them.
+        ``enable_thinking``, ...) are passed to it as transformers' ``apply_chat_template`` passes them. A model
+        with named templates renders its ``tool_use`` one when ``tools`` is given (not None), else ``default``.
         """
         return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                          documents=documents, **template_kwargs)
@@ -618,7 +616,9 @@ class Model:
 
         ``tools``, ``documents`` and ``chat_template_kwargs`` (extra template variables) go to the chat template,
         see :meth:`apply_chat_template`. With the plain fallback template (no chat template in the model),
-        generation also stops at a new ``"\nUser:"`` line, so the model does not write the user's next turn.
+        generation always stops at a new ``"\nUser:"`` line (the fallback's next-turn marker, left out of the
+        text), so the model does not write the user's next turn: the caller's ``stop`` strings are added to it,
+        never replace it, and it does not count against the limit on their number.
         """
         return self.generate(self._chat_prompt(messages, tools, documents, chat_template_kwargs),
                              **self._chat_kwargs(kwargs))
@@ -637,11 +637,9 @@ class Model:
                                         **validate_template_kwargs(template_kwargs))
 
     def _chat_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if not self.chat_template.is_fallback:
-            return kwargs
-        from edgelm.tokenizer import validate_stop
+        from edgelm.tokenizer import with_turn_stops
 
-        return {**kwargs, "stop": list(validate_stop(kwargs.get("stop"))) + [FALLBACK_STOP]}
+        return with_turn_stops(kwargs, self.chat_template)
 
     # --- the decode loop ----------------------------------------------------------------------------------
     def _value(self, array: "np.ndarray") -> Any:

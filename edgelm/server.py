@@ -56,6 +56,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from edgelm.errors import ContextLengthError, EdgeLMError, InvalidArgumentError
+from edgelm.tokenizer import validate_stop
 
 log = logging.getLogger("edgelm.server")
 
@@ -280,10 +281,11 @@ def _parse_sampling(body: Mapping[str, Any], kind: str) -> dict[str, Any]:
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise APIError(400, "'stop' must be a string or an array of strings.", param="stop", code="invalid_type")
-        if len(stop) > 16:
-            raise APIError(400, f"'stop' may hold at most 16 sequences, got {len(stop)}.", param="stop",
-                           code="invalid_value")
         stop = [s for s in stop if s]
+        try:  # the runtime's limits (edgelm.tokenizer.STOP_MAX_COUNT / STOP_MAX_CHARS), checked before queueing
+            validate_stop(stop)
+        except InvalidArgumentError as exc:
+            raise APIError(400, str(exc), param="stop", code="invalid_value") from None
         if stop:
             kw["stop"] = stop
 

@@ -233,8 +233,22 @@ class StopMatcher:
         return out
 
 
+# Limits on the stop strings one call may pass. Every generated piece is searched for each stop string, and text
+# that could still grow into one is held back from a stream, so both numbers bound per-token work and how much of
+# a streamed answer can wait unseen; the server passes a request's `stop` straight here. 16 is what the server
+# always allowed (OpenAI allows 4); 256 characters is far above any real stop string (an end-of-turn marker, a
+# delimiter line) and keeps the hold-back a few lines long. Measured with StopMatcher (the per-token search) on a
+# shared 2-core dev box: 16 strings of 256 characters cost 6-9 us per token, 1,000 strings of 1,000 characters up
+# to 0.4 ms, more than the default model's whole decode step (0.3 ms); the cost grows with the count.
+STOP_MAX_COUNT = 16
+STOP_MAX_CHARS = 256
+
+
 def validate_stop(stop: Any) -> tuple[str, ...]:
-    """Stop strings as a tuple; ``None`` means none. Raises InvalidArgumentError for anything but str/list[str]."""
+    """Stop strings as a tuple without repeats; ``None`` means none. Raises InvalidArgumentError for anything but
+    str/list[str], and past the limits: at most STOP_MAX_COUNT strings of at most STOP_MAX_CHARS characters
+    each. The plain fallback chat template's turn marker (FALLBACK_STOP, which chat adds on top of the caller's
+    stops) is not counted."""
     if stop is None:
         return ()
     if isinstance(stop, str):
@@ -242,14 +256,33 @@ def validate_stop(stop: Any) -> tuple[str, ...]:
     elif not isinstance(stop, (list, tuple)):
         raise InvalidArgumentError(f"stop must be a str or a list of str, got {type(stop).__name__}.",
                                    hint='Pass e.g. stop="\\n" or stop=["\\n\\n", "User:"].')
+    counted = sum(1 for s in stop if not (isinstance(s, str) and s == FALLBACK_STOP))
+    if counted > STOP_MAX_COUNT:
+        raise InvalidArgumentError(f"stop holds {counted} strings; at most {STOP_MAX_COUNT} are allowed.",
+                                   hint=f"Pass the {STOP_MAX_COUNT} that matter most (every stop string is "
+                                        "searched for after each token), or stop on a shorter common part.")
     for s in stop:
         if not isinstance(s, str):
             raise InvalidArgumentError(f"stop must contain only str, got {type(s).__name__} {s!r}.",
                                        hint='Pass e.g. stop=["\\n\\n", "User:"].')
         if not s:
             raise InvalidArgumentError("stop strings must not be empty.", hint="Remove the empty string from stop.")
+        if len(s) > STOP_MAX_CHARS:
+            raise InvalidArgumentError(f"a stop string has {len(s):,} characters; at most {STOP_MAX_CHARS} are "
+                                       f"allowed (it starts {s[:40]!r}).",
+                                       hint=f"Stop on its first {STOP_MAX_CHARS} characters or fewer: generation "
+                                            "ends as soon as they appear.")
         check_unicode(s, "stop")
-    return tuple(stop)
+    return tuple(dict.fromkeys(stop))
+
+
+def with_turn_stops(kwargs: dict[str, Any], template: Any) -> dict[str, Any]:
+    """Generation arguments for a chat reply rendered with ``template`` (a ChatTemplate, or None): ``kwargs`` with
+    the template's ``turn_stops`` added to the caller's ``stop`` (checked here), never replacing them."""
+    extra = getattr(template, "turn_stops", ())
+    if not extra:
+        return kwargs
+    return {**kwargs, "stop": list(validate_stop(kwargs.get("stop"))) + list(extra)}
 
 
 # --- chat templates --------------------------------------------------------------------------------------
@@ -260,6 +293,9 @@ def validate_stop(stop: Any) -> tuple[str, ...]:
 # dropped and reasoning copied under its common names, ``tools``, ``documents``, the special tokens, extra
 # variables).
 FALLBACK_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+# Where a reply ends under the plain fallback: the start of the user's next turn, which a model without a chat
+# template goes on to write (chat adds it to the caller's stop strings; see ChatTemplate.turn_stops).
+FALLBACK_STOP = "\nUser:"
 # Names a message's reasoning arrives under; templates read ``reasoning_content`` (or ``thinking``, gpt-oss).
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 # What the template is always given; extra template variables may not take these names.
@@ -416,7 +452,7 @@ class ChatTemplate:
     """
 
     def __init__(self, template: str | None, *, bos_token: str = "", eos_token: str = "",
-                 name: str = "The model's chat template") -> None:
+                 name: str = "The model's chat template", tool_use: str | None = None) -> None:
         self.source = template
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -424,10 +460,31 @@ class ChatTemplate:
         self._compiled = None
         if template:
             self._compiled = _compile_bounded(template, name)
+        # A second template for calls that pass tools (a named "tool_use" template, see from_tokenizer_config).
+        self.tool_use_source = tool_use if tool_use and tool_use != template and self._compiled is not None else None
+        self._tool_use = _compile_bounded(tool_use, f"{name} 'tool_use'") if self.tool_use_source else None
+
+    @classmethod
+    def from_tokenizer_config(cls, tokenizer_config: Mapping[str, Any], *, bos_token: str = "",
+                              eos_token: str = "", name: str = "The model's chat template") -> "ChatTemplate":
+        """The template(s) tokenizer_config.json's ``chat_template`` holds: one string, or a list of named
+        templates (``[{"name": "default", "template": ...}, {"name": "tool_use", ...}, ...]``). With a list,
+        renders that pass ``tools`` use ``tool_use`` and all others ``default`` (transformers' rule; without a
+        ``default`` the first named template stands in, where transformers raises)."""
+        named = named_chat_templates(tokenizer_config)
+        return cls(chat_template_source(tokenizer_config), bos_token=bos_token, eos_token=eos_token, name=name,
+                   tool_use=named.get("tool_use"))
 
     @property
     def is_fallback(self) -> bool:
         return self._compiled is None
+
+    @property
+    def turn_stops(self) -> tuple[str, ...]:
+        """Stop strings that end a reply under this template, which chat adds to the caller's: the plain fallback's
+        next-turn marker (FALLBACK_STOP), so a model without a template does not write the user's next turn;
+        none for a model's own template (its end-of-turn token is an EOS id)."""
+        return (FALLBACK_STOP,) if self._compiled is None else ()
 
     def render(self, messages: Any, *, add_generation_prompt: bool = True, tools: Any = None, documents: Any = None,
                **template_kwargs: Any) -> str:
@@ -451,6 +508,8 @@ class ChatTemplate:
         from jinja2 import TemplateError
         from jinja2.exceptions import SecurityError, UndefinedError
 
+        # Given tools (even an empty list), a model's "tool_use" template renders, as in transformers.
+        compiled = self._tool_use if tools is not None and self._tool_use is not None else self._compiled
         size = _text_size((messages, tools, documents, variables), TEMPLATE_MAX_CHARS // 4 + 1)
         if size > TEMPLATE_MAX_CHARS // 4:
             raise InvalidArgumentError(f"The messages, tools and documents hold more than {TEMPLATE_MAX_CHARS // 4:,} "
@@ -463,8 +522,8 @@ class ChatTemplate:
         token = _BUDGET.set(_Budget())
         try:
             parts, total = [], 0
-            for piece in self._compiled.generate(messages=messages, tools=tools, documents=documents,
-                                                 add_generation_prompt=add_generation_prompt, **context):
+            for piece in compiled.generate(messages=messages, tools=tools, documents=documents,
+                                           add_generation_prompt=add_generation_prompt, **context):
                 total += len(piece)
                 if total > TEMPLATE_MAX_CHARS:
                     raise _TemplateLimit(f"its output passed {TEMPLATE_MAX_CHARS:,} characters")
@@ -934,11 +993,22 @@ def _environment() -> Any:
 _ENV: Any = None
 
 
-def chat_template_source(tokenizer_config: Mapping[str, Any]) -> str | None:
-    """The jinja2 source of the model's chat template, or None. Handles the list-of-named-templates form."""
+def named_chat_templates(tokenizer_config: Mapping[str, Any]) -> dict[str, str]:
+    """``chat_template`` in its list form (``[{"name": "default", "template": "..."}, ...]``) as {name: source}:
+    entries without a str name or a non-blank str template are skipped; a repeated name keeps its last template
+    (as transformers reads it). {} for a single template or none."""
     tpl = tokenizer_config.get("chat_template")
-    if isinstance(tpl, list):  # [{"name": "default", "template": "..."}, ...]
-        named = {t.get("name"): t.get("template") for t in tpl
-                 if isinstance(t, Mapping) and isinstance(t.get("name"), str)}
+    if not isinstance(tpl, list):
+        return {}
+    named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, Mapping) and isinstance(t.get("name"), str)}
+    return {k: v for k, v in named.items() if isinstance(v, str) and v.strip()}
+
+
+def chat_template_source(tokenizer_config: Mapping[str, Any]) -> str | None:
+    """The jinja2 source of the model's (default) chat template, or None. Handles the list-of-named-templates form:
+    the one named "default", else the first."""
+    tpl = tokenizer_config.get("chat_template")
+    if isinstance(tpl, list):
+        named = named_chat_templates(tokenizer_config)
         tpl = named.get("default") or next(iter(named.values()), None)
     return tpl if isinstance(tpl, str) and tpl.strip() else None
