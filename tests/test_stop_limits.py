@@ -8,6 +8,8 @@ Runs on the shipped default model (no chat template, so chat uses the plain fall
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import edgelm
@@ -31,8 +33,13 @@ def lm():
     return lm
 
 
-def test_the_limits_are_what_the_docs_say():
-    assert (STOP_MAX_COUNT, STOP_MAX_CHARS) == (16, 256)
+def test_the_docs_state_the_limits():
+    def doc(name: str) -> str:  # whitespace folded, so reflowing a paragraph does not matter
+        return " ".join((Path(__file__).resolve().parent.parent / "docs" / name).read_text(encoding="utf-8").split())
+
+    assert f"At most {STOP_MAX_COUNT} strings of at most {STOP_MAX_CHARS} characters each" in doc("runtime.md")
+    assert f"up to {STOP_MAX_COUNT} strings of at most {STOP_MAX_CHARS} characters each" in doc("server.md")
+    assert f"| {STOP_MAX_COUNT} / {STOP_MAX_CHARS} | `edgelm.tokenizer.STOP_MAX_COUNT`" in doc("security.md")
 
 
 def _calls(lm):
