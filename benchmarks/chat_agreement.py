@@ -120,17 +120,13 @@ def references(lm) -> list[dict]:
 
 def forced_choices(lm, prompt_ids: list[int], answer_ids: list[int]) -> tuple[list[int], list[np.ndarray]]:
     """The model's greedy choice at every step of ``answer_ids`` fed as decode steps, and its log-softmax rows."""
-    cache = lm._shared_cache()
-    logits, _ = cache.prefill(np.asarray([prompt_ids], np.int64))
     choices, rows = [], []
-    for i, tok in enumerate(answer_ids):
+    for logits in lm._forced_logits(prompt_ids, answer_ids):
         row = logits.astype(np.float64)
         row = row - row.max()
         row = row - np.log(np.exp(row).sum())
         choices.append(int(row.argmax()))
         rows.append(row)
-        if i + 1 < len(answer_ids):
-            logits, _ = cache.advance(tok, len(prompt_ids) + i)
     return choices, rows
 
 

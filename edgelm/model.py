@@ -812,6 +812,37 @@ class Model:
             out[a - skip:b - skip] = rows[np.arange(b - a), targets[a:b]] - lse
         return out
 
+    def _forced_logits(self, prompt_ids: Sequence[int], tokens: Sequence[int]) -> Iterator["np.ndarray"]:
+        """Teacher forcing for quality checks: the logits [vocab] before each of ``tokens``, the model fed
+        ``prompt_ids`` in one prefill and then ``tokens`` one decode step at a time, exactly as generation runs
+        (a multi-token call would round int8 activations differently). Each array is a view, valid until the next
+        one is taken. The export's quality gate and benchmarks/chat_agreement.py use it to count the steps where a
+        quantized model's own greedy choice is the reference's token."""
+        import numpy as np
+
+        if len(prompt_ids) + max(len(tokens) - 1, 0) > self.context_length:
+            raise ContextLengthError(f"{len(prompt_ids)} prompt tokens + {len(tokens)} forced tokens do not fit the "
+                                     f"context of {self.context_length} tokens.", prompt_tokens=len(prompt_ids),
+                                     max_new_tokens=len(tokens), context_length=self.context_length,
+                                     hint="Force fewer tokens.")
+        ids = np.asarray([list(prompt_ids)], dtype=np.int64)
+        cache = None
+        if self.kv_cache == "shared":
+            steps: _SharedCache | _ConcatCache = self._shared_cache()
+            cache = steps
+            logits, _ = steps.prefill(ids)
+        else:
+            steps = _ConcatCache(self, ids)
+            logits, _ = steps.first
+        try:
+            for i, tok in enumerate(tokens):
+                yield logits
+                if i + 1 < len(tokens):
+                    logits, _ = steps.advance(int(tok), len(prompt_ids) + i)
+        finally:
+            if cache is not None and len(self._kv_pool) < self.kv_pool_max:
+                self._kv_pool.append(cache)
+
     def score(self, text: str) -> Score:
         """Log-likelihood of ``text``: tokenized once (BOS at the start only), scored in windows of the context
         length with a stride of half of it, so every token after the first is scored once, each with at least

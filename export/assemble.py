@@ -309,7 +309,11 @@ def model_card(report: ExportReport, shape: Any, src: Path, quant: dict[str, Any
         if "chat_prefix_agreement" in m:
             lines += ["", f"Greedy chat answers to {m['chat_prompts']} built-in prompts (up to {m['chat_tokens']} tokens) "
                           f"follow fp32's for {100 * m['chat_prefix_agreement']:.1f} % of their length on average "
-                          "(share of each fp32 answer before the first differing token)."]
+                          "(share of each fp32 answer before the first differing token)"
+                          + (f"; fed fp32's answers one decode step at a time, the quantized model picks fp32's "
+                             f"token at {100 * m['chat_step_agreement']:.1f} % of the steps (one near-tie ends an "
+                             "answer's shared prefix, but counts once here)" if "chat_step_agreement" in m else "")
+                          + "."]
         if m.get("auto"):
             lines += ["", "`--quantize auto` tried, fastest first:", "", "| mode | perplexity change | size | within gate |",
                       "| --- | --- | --- | --- |"]

@@ -320,7 +320,8 @@ def _run_export(args: argparse.Namespace) -> int:
         print(f"perplexity fp32 {m['fp32_perplexity']:.4f} -> {report.quantization} {m['quantized_perplexity']:.4f} "
               f"({100 * m['ppl_increase']:+.2f} %), bits/byte {m['fp32_bits_per_byte']:.4f} -> "
               f"{m['quantized_bits_per_byte']:.4f}, greedy agreement {100 * m['greedy_token_agreement']:.1f} %"
-              + (f", chat answers {100 * m['chat_prefix_agreement']:.1f} %" if "chat_prefix_agreement" in m else ""))
+              + (f", chat answers {100 * m['chat_prefix_agreement']:.1f} %" if "chat_prefix_agreement" in m else "")
+              + (f" ({100 * m['chat_step_agreement']:.1f} % of single steps)" if "chat_step_agreement" in m else ""))
         for t in m.get("auto") or []:
             print(f"  auto tried {t['method']}: {100 * t['ppl_increase']:+.2f} % "
                   f"({'within' if t['passed'] else 'over'} the gate)")

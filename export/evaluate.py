@@ -87,7 +87,13 @@ def chat_agreement(ref: Any, cand: Any, prompts: list[str], max_tokens: int = CH
                    ) -> tuple[float, list[dict[str, Any]]]:
     """How far greedy chat answers of ``cand`` follow ``ref``'s: per prompt, the share of ``ref``'s answer (up to
     its EOS or ``max_tokens``) before the first token where they differ; returns (mean share, per-prompt rows with
-    both answers). 1.0 means every answer is identical."""
+    both answers). 1.0 means every answer is identical.
+
+    Each row also counts ``steps_agreeing`` of ``steps``: ``cand`` fed ``ref``'s answer one decode step at a time
+    (teacher forcing), the steps where its own greedy choice is ``ref``'s token. One early near-tie ends the prefix
+    share for the rest of an answer; this counts every decision once (see :func:`chat_step_agreement`)."""
+    import numpy as np
+
     rows = []
     for p in prompts:
         msgs = [{"role": "user", "content": p}]
@@ -96,8 +102,17 @@ def chat_agreement(ref: Any, cand: Any, prompts: list[str], max_tokens: int = CH
         x, y = list(a.token_ids), list(b.token_ids)
         k = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
         share = 1.0 if x == y else k / max(len(x), 1)
-        rows.append({"prompt": p, "share": share, "reference": a.text, "candidate": b.text})
+        prompt_ids = cand._prompt_ids(cand.apply_chat_template(msgs))
+        agreeing = sum(int(int(np.argmax(row)) == tok) for row, tok in zip(cand._forced_logits(prompt_ids, x), x))
+        rows.append({"prompt": p, "share": share, "steps": len(x), "steps_agreeing": agreeing,
+                     "reference": a.text, "candidate": b.text})
     return sum(r["share"] for r in rows) / max(len(rows), 1), rows
+
+
+def chat_step_agreement(rows: list[dict[str, Any]]) -> float:
+    """Over :func:`chat_agreement`'s rows: the share of teacher-forced decode steps where the candidate's greedy
+    choice was the reference's token."""
+    return sum(r["steps_agreeing"] for r in rows) / max(sum(r["steps"] for r in rows), 1)
 
 
 CALIBRATION_TEXT = Path(__file__).resolve().parent / "data" / "eval-sample.txt"
@@ -173,7 +188,8 @@ def quality_gate(fp32_dir: Path, quant_dir: Path | None, eval_path: Path, *, max
     tok_agree, prefix_agree = agreement(ref, got)
     if not fp32.chat_template.is_fallback:  # a chat model: how far its greedy answers follow fp32's
         share, rows = chat_agreement(fp32, q, chat_prompts())
-        metrics.update(chat_prefix_agreement=share, chat_prompts=len(rows), chat_tokens=CHAT_TOKENS)
+        metrics.update(chat_prefix_agreement=share, chat_step_agreement=chat_step_agreement(rows),
+                       chat_prompts=len(rows), chat_tokens=CHAT_TOKENS)
     bar.update(1)
     bar.close()
     increase = qs.perplexity / s.perplexity - 1.0

@@ -428,3 +428,20 @@ def test_server_option_turns_lookup_on_for_requests(stories, monkeypatch):
     assert seen == [True]
     assert r.json()["choices"][0]["text"] == stories.generate(prompt, max_new_tokens=40, temperature=0,
                                                               lookup=True).text
+
+
+# --- teacher forcing (Model._forced_logits: the export gate's per-step agreement uses it) ---------------------------
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_forced_logits_are_the_decode_steps_of_greedy_generation(fixture, request):
+    lm = request.getfixturevalue(fixture)
+    prompt = [5, 9, 3, 17, 2]
+    ans = list(lm.generate(prompt, max_new_tokens=20, temperature=0, ignore_eos=True).token_ids)
+    assert [int(np.argmax(row)) for row in lm._forced_logits(prompt, ans)] == ans
+    # fed other tokens, each step still predicts from exactly the forced prefix (fp32: a fresh prefill agrees)
+    other = [(t * 7 + 11) % lm.vocab_size for t in ans]
+    forced = [int(np.argmax(row)) for row in lm._forced_logits(prompt, other)]
+    for i in (0, 5, 13, 19):
+        assert forced[i] == lm.generate(prompt + other[:i], max_new_tokens=1, temperature=0,
+                                        ignore_eos=True).token_ids[0]
+    with pytest.raises(edgelm.errors.ContextLengthError):
+        list(lm._forced_logits(prompt, [1] * lm.context_length))
