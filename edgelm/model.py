@@ -156,6 +156,12 @@ def physical_cores() -> int:
     return max(1, len(cpus))
 
 
+# score() keeps one window's logits (fp32, every position) under this: 1 GiB holds a 4,096-token window for
+# vocabularies up to 65,536 entries (SmolLM2, Llama 2, the default model keep their full context); Gemma 3's
+# 262,144 entries are scored 1,024 tokens at a time.
+SCORE_LOGITS_BYTES = 2**30
+
+
 # Below this many bytes of weights (the graph file plus any external data), the default is ONE onnxruntime thread.
 # A decode step of such a model is a few hundred microseconds of small MatMuls, and handing each of them to a
 # second thread costs more than it saves. Measured on a 2-vCPU Xeon/EPYC with other jobs running (decode tokens/s,
@@ -846,7 +852,11 @@ class Model:
     def score(self, text: str) -> Score:
         """Log-likelihood of ``text``: tokenized once (BOS at the start only), scored in windows of the context
         length with a stride of half of it, so every token after the first is scored once, each with at least
-        half a window of context after the first window. ``bits_per_byte`` matches the exporter's quality gate."""
+        half a window of context after the first window. ``bits_per_byte`` matches the exporter's quality gate.
+
+        A window is also at most as many tokens as fit :data:`SCORE_LOGITS_BYTES` of logits: each call returns
+        logits for every position of its window, which for a large vocabulary at full context would be gigabytes
+        (Gemma 3: 262,144 entries x 4,096 positions = 4.3 GB); such a model is scored in shorter windows."""
         if not isinstance(text, str):
             raise InvalidArgumentError(f"text must be a str, got {type(text).__name__}.", hint="Pass a str.")
         if not text:
@@ -855,7 +865,7 @@ class Model:
         if len(ids) < 2:
             raise InvalidArgumentError("text is too short to score: it encodes to a single token.",
                                        hint="Pass a longer text.")
-        win = self.context_length
+        win = max(2, min(self.context_length, SCORE_LOGITS_BYTES // (4 * self.vocab_size)))
         stride = max(1, win // 2)
         total, count = 0.0, 0
         for start in range(0, len(ids) - 1, stride):

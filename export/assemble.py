@@ -342,12 +342,21 @@ def gate(fp32_dir: Path, final_dir: Path, work: Path, fp32_cfg: dict[str, Any], 
     """The quality gate; when it refuses, the error names a mode that passes (measured)."""
     from .evaluate import quality_gate
 
+    refused = None
     try:
         metrics = quality_gate(fp32_dir, None if final_dir == fp32_dir else final_dir, eval_path,
                                max_ppl_increase=max_ppl_increase, force=force, threads=threads, progress=progress)
     except QualityGateError as exc:
-        raise with_passing_mode(exc, fp32_dir, work, fp32_cfg, source_info, quant_info["method"], keep, eval_path,
-                                 max_ppl_increase=max_ppl_increase, threads=threads) from None
+        # Keep the message only: the exception's traceback holds the gate's frames and so both models it loaded
+        # (Gemma 3 270M, fp32 + int4: several GB), which would stay alive while the fallbacks below load and
+        # calibrate more (that run was killed for memory at 24 GB before this).
+        refused = QualityGateError(exc.message)
+    if refused is not None:
+        import gc
+
+        gc.collect()
+        raise with_passing_mode(refused, fp32_dir, work, fp32_cfg, source_info, quant_info["method"], keep,
+                                eval_path, max_ppl_increase=max_ppl_increase, threads=threads) from None
     if quant_info.get("auto"):
         metrics["auto"] = quant_info["auto"]
     # The shipped weights' held-out nats/token: the runtime's router sets its prompt-score threshold relative to it

@@ -187,6 +187,31 @@ def test_score_windows_cover_every_token_once(lm):
     assert len(lm.encode(text)) > lm.context_length * 2  # several windows really were used
 
 
+def test_score_windows_shrink_to_the_logits_budget(lm, monkeypatch):
+    """A large vocabulary is scored in windows whose logits fit SCORE_LOGITS_BYTES; every token still once."""
+    import edgelm.model as m
+
+    text = "The dog ran to the park and back. " * 60
+    calls = []
+    original = m.Model._target_logprobs
+
+    def spy(self, ids, skip):
+        calls.append(len(ids))
+        return original(self, ids, skip)
+
+    monkeypatch.setattr(m.Model, "_target_logprobs", spy)
+    full = lm.score(text)
+    assert max(calls) == min(lm.context_length, len(lm.encode(text)))
+    calls.clear()
+    window = 64
+    monkeypatch.setattr(m, "SCORE_LOGITS_BYTES", 4 * lm.vocab_size * window)
+    small = lm.score(text)
+    assert max(calls) == window and len(calls) > 2
+    assert small.num_tokens == full.num_tokens == len(lm.encode(text)) - 1
+    # less context per token, so a slightly different (but close) perplexity
+    assert small.perplexity == pytest.approx(full.perplexity, rel=0.25)
+
+
 @pytest.mark.slow
 def test_bits_per_byte_matches_the_reference(lm, shared_dir):
     text = (shared_dir / "eval" / "tinystories-v1-valid-a.txt").read_text(encoding="utf-8")
