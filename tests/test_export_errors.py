@@ -220,3 +220,38 @@ def test_a_graph_that_disagrees_with_pytorch_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="disagrees with PyTorch"):
         _export(STORIES260K, tmp_path / "out", quantize="none")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_a_refused_gate_frees_its_models_before_measuring_the_fallbacks(tmp_path, monkeypatch):
+    """The gate's loaded models must not ride along in the refusal's traceback while the fallback modes are
+    exported and calibrated (Gemma 3 270M: both gate models stayed alive and the process was killed at 24 GB)."""
+    import gc
+    import weakref
+
+    from edgelm_export import assemble, evaluate
+
+    class Loaded:  # stands for a loaded model: only its lifetime matters here
+        pass
+
+    refs = []
+
+    def refusing_gate(*args, **kwargs):
+        model = Loaded()  # a local of the gate's frame, as quality_gate's fp32 and quantized models are
+        refs.append(weakref.ref(model))
+        raise QualityGateError("The quantized model's perplexity is too high (test).")
+
+    seen = {}
+
+    def fallback(exc, *args, **kwargs):
+        gc.collect()
+        seen["alive"] = refs[0]() is not None
+        seen["message"] = exc.message
+        return QualityGateError(exc.message, hint="measured fallback (test)")
+
+    monkeypatch.setattr(evaluate, "quality_gate", refusing_gate)
+    monkeypatch.setattr(assemble, "with_passing_mode", fallback)
+    with pytest.raises(QualityGateError) as info:
+        assemble.gate(tmp_path, tmp_path / "q", tmp_path, {}, {}, {"method": "int4"}, (), tmp_path / "eval.txt",
+                      max_ppl_increase=0.05, force=False, threads=1, progress=False)
+    assert seen == {"alive": False, "message": "The quantized model's perplexity is too high (test)."}
+    assert info.value.hint == "measured fallback (test)"
