@@ -686,6 +686,20 @@ class Model:
         except IndexError:
             return _SharedCache(self)
 
+    def _prefill(self, prefill_ids: "np.ndarray") -> tuple:
+        """Run the prompt ``prefill_ids`` [1, S]: (the steps object whose ``advance`` runs decode steps, the
+        pooled buffers to give back with :meth:`_release` or None, the last position's (logits, logprobs))."""
+        if self.kv_cache == "shared":
+            cache = self._shared_cache()
+            return cache, cache, cache.prefill(prefill_ids)
+        steps = _ConcatCache(self, prefill_ids)
+        return steps, None, steps.first
+
+    def _release(self, cache: "_SharedCache | None") -> None:
+        """A generation's buffers back to the pool, unless it is full (then they are freed with their owner)."""
+        if cache is not None and len(self._kv_pool) < self.kv_pool_max:
+            self._kv_pool.append(cache)
+
     def _run(self, req: _Request) -> Iterator[str]:
         """Generator of text pieces; returns (StopIteration.value) the Generation."""
         import numpy as np
@@ -705,14 +719,7 @@ class Model:
         # call that reads it). Then `advance(tok, pos)` runs one decode step. Both return the last position's
         # (logits, log-probabilities or None).
         prefill_ids = np.asarray([prompt], dtype=np.int64)
-        cache: _SharedCache | None = None
-        steps: _SharedCache | _ConcatCache
-        if self.kv_cache == "shared":
-            steps = cache = self._shared_cache()
-            first = cache.prefill(prefill_ids)
-        else:
-            steps = _ConcatCache(self, prefill_ids)
-            first = steps.first
+        steps, cache, first = self._prefill(prefill_ids)
         advance = steps.advance
         lookup = None
         if req.lookup:  # greedy only (_prepare): verify drafts, several tokens per call (edgelm.lookup)
@@ -726,8 +733,7 @@ class Model:
         finally:
             # Back to the pool (also when the caller closes the stream early), unless it is full: then the buffers
             # are freed with this generator.
-            if cache is not None and len(self._kv_pool) < self.kv_pool_max:
-                self._kv_pool.append(cache)
+            self._release(cache)
         if lookup is not None:
             gen.drafted_tokens, gen.accepted_tokens = lookup.drafted, lookup.accepted
         return gen
@@ -832,22 +838,14 @@ class Model:
                                      max_new_tokens=len(tokens), context_length=self.context_length,
                                      hint="Force fewer tokens.")
         ids = np.asarray([list(prompt_ids)], dtype=np.int64)
-        cache = None
-        if self.kv_cache == "shared":
-            steps: _SharedCache | _ConcatCache = self._shared_cache()
-            cache = steps
-            logits, _ = steps.prefill(ids)
-        else:
-            steps = _ConcatCache(self, ids)
-            logits, _ = steps.first
+        steps, cache, (logits, _) = self._prefill(ids)
         try:
             for i, tok in enumerate(tokens):
                 yield logits
                 if i + 1 < len(tokens):
                     logits, _ = steps.advance(int(tok), len(prompt_ids) + i)
         finally:
-            if cache is not None and len(self._kv_pool) < self.kv_pool_max:
-                self._kv_pool.append(cache)
+            self._release(cache)
 
     def score(self, text: str) -> Score:
         """Log-likelihood of ``text``: tokenized once (BOS at the start only), scored in windows of the context
