@@ -30,7 +30,7 @@ AUTO_ORDER = ("int4", "int8", "int8-block")
 
 # When a mode fails the gate, these are tried (more accurate first) so the error can name one that passes.
 FALLBACKS = {"int4": ("int8", "int8-block"), "int8-gemm": ("int8", "int8-block"), "int8": ("int8-block",),
-             "int8-block": ()}
+             "int8-block": (), "int4-fp32": ("int8-block", "int8")}
 # ... and int4 last, when the source is a GGUF with 4-bit matrices: int4's scale + min blocks reproduce those
 # exactly, so it can pass where an 8-bit mode (a second rounding) does not (SmolLM2-135M-Instruct's Q4_1: int4
 # +0.27 %, int8-block +0.64 %).
@@ -41,7 +41,7 @@ def fallbacks(method: str, source_info: dict[str, Any]) -> tuple[str, ...]:
     """The modes to measure, in order, when ``method`` fails the gate."""
     alts = FALLBACKS.get(method, ())
     types = (source_info.get("gguf") or {}).get("quant_types") or {}
-    if method != "int4" and any(t in types for t in GGUF_4BIT):
+    if not method.startswith("int4") and any(t in types for t in GGUF_4BIT):
         alts += ("int4",)
     return alts
 

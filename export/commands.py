@@ -251,7 +251,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight format: int8 (default) = 8-bit, each matrix on the int8 GEMM where calibration "
                              "shows its activations allow it, else block-wise; int8-block = block-wise 8-bit everywhere "
                              "(most accurate); int8-gemm = int8 GEMMs everywhere (fastest prefill, breaks on models "
-                             "with activation outliers); int4 = 4-bit blocks with zero points (smallest); auto = the "
+                             "with activation outliers); int4 = 4-bit blocks with zero points (smallest); int4-fp32 = int4 with "
+                             "fp32 activations (slower decode; a Q4_1/Q8_0 GGUF then answers exactly as fp32); auto = the "
                              "fastest of int4, int8, int8-block within --max-ppl-increase; none = fp32")
     parser.add_argument("--eval-text", metavar="FILE", help="held-out text for the quality gate (default: built-in sample)")
     parser.add_argument("--max-ppl-increase", type=float, default=0.05, metavar="FRACTION",

@@ -26,6 +26,12 @@ Methods (``edgelm export --quantize``):
   points alone (the former int4, ``offsets=False``) round m / d to an integer, a second rounding of every weight
   of a Q4_1 source (SmolLM2-135M-Instruct: +23.9 % perplexity), and MatMulNBits' own float zero points run ~100x
   slower in onnxruntime 1.32.
+* ``int4-fp32`` -- ``int4``'s matrices with fp32 activations (``accuracy_level`` 0): no activation is rounded, the
+  8-bit LM head runs as two exact 4-bit halves (:func:`_split_int8_node`) and the embedding table keeps a scale per
+  block of 32. From a Q4_1 GGUF with a Q8_0 table every weight is the source's own value and greedy answers are
+  the fp32 export's (SmolLM2-135M-Instruct: all 22 chat prompts identical, where int8 keeps 52 % of their leading
+  tokens). The price is decode speed (the level-0 kernel de-quantizes as it goes) and multi-token calls, which
+  de-quantize each matrix whole (prefill and prompt lookup's verifications): docs/models.md has the numbers.
 
 The token embedding table (a Gather, not a MatMul; found by the graph's structure, whatever the exporter named it:
 :func:`embedding_tables`) is stored int8 with one scale per row and de-quantized for the gathered rows only,
@@ -312,8 +318,10 @@ def _replace_matmuls(model: Any, keep: Iterable[str], make: Any, desc: str, prog
     return len(drop)
 
 
-def _nbits_node(node: Any, w_name: str, w: np.ndarray, bits: int, block: int, asymmetric: bool) -> tuple[list, Any]:
-    """MatMul -> MatMulNBits (weight-only ``bits``, blocks of ``block`` input features)."""
+def _nbits_node(node: Any, w_name: str, w: np.ndarray, bits: int, block: int, asymmetric: bool,
+                level: int = ACCURACY_LEVEL) -> tuple[list, Any]:
+    """MatMul -> MatMulNBits (weight-only ``bits``, blocks of ``block`` input features, ``accuracy_level``
+    ``level``)."""
     from onnx import helper, numpy_helper
 
     k, n = w.shape
@@ -326,7 +334,7 @@ def _nbits_node(node: Any, w_name: str, w: np.ndarray, bits: int, block: int, as
         tensors.append(numpy_helper.from_array(zeros, z_name))
         inputs.append(z_name)
     return tensors, helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name, domain="com.microsoft",
-                                     K=k, N=n, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
+                                     K=k, N=n, bits=bits, block_size=block, accuracy_level=level)
 
 
 class _BlockSums:
@@ -377,7 +385,7 @@ OFFSET_ZERO_POINT_BITS = (4,)
 
 
 def _offset_nodes(node: Any, w_name: str, w: np.ndarray, bits: int, block: int, sums: _BlockSums,
-                  search: bool = True) -> tuple[list, list]:
+                  search: bool = True, level: int = ACCURACY_LEVEL) -> tuple[list, list]:
     """MatMul -> MatMulNBits without zero points (the fast kernel) plus the float offsets of
     :func:`quantize_offset_blocks`: y = MatMulNBits(x) + (block sums of x) @ offsets [n_blocks, N]. The second
     term is 1/block of the weights' count (1 byte per 16 weights in fp16 at blocks of 32) and a small MatMul."""
@@ -404,10 +412,47 @@ def _offset_nodes(node: Any, w_name: str, w: np.ndarray, bits: int, block: int, 
         o_name = f"{o_name}/fp32"
     nodes += [
         helper.make_node("MatMulNBits", kernel_inputs, [f"{y}/grid"], name=node.name, domain="com.microsoft",
-                         K=k, N=n, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL),
+                         K=k, N=n, bits=bits, block_size=block, accuracy_level=level),
         helper.make_node("MatMul", [sum_name, o_name], [f"{y}/offset"], name=f"{base}/offset"),
         helper.make_node("Add", [f"{y}/grid", f"{y}/offset"], [y], name=f"{base}/add_offset")]
     return tensors + sum_tensors, nodes
+
+
+def _split_int8_node(node: Any, w_name: str, w: np.ndarray, level: int) -> tuple[list, list] | None:
+    """MatMul -> symmetric 8-bit blocks of 32 (exactly ``int8-block``'s values: a Q8_0 source's are reproduced
+    bit for bit) computed by ONE 4-bit MatMulNBits at accuracy level ``level``; None when K is not a whole number
+    of blocks.
+
+    Why: onnxruntime 1.32 runs bits=8 at accuracy level 0 (fp32 activations) on a de-quantize-everything path
+    (~60x slower decode), while its 4-bit level-0 kernel is a real one. Each 8-bit value s (-127..127) is
+    16 * hi + lo with lo = s mod 16 in 0..15 and hi in -8..7, two 4-bit values; the weight becomes [W_hi; W_lo]
+    ([2K, N]: hi blocks with scale 16 d and zero point 8, lo blocks with scale d and zero point 0) and the input
+    [x, x], so one call sums d * (16 hi + lo) * x = d * s * x over 2K rows. Exact in the weights; fp32 rounding of
+    the sums only (max logit difference ~2e-6 on SmolLM2-135M-Instruct's head)."""
+    from onnx import helper, numpy_helper
+
+    block = BLOCK_SIZE[8]
+    k, n = w.shape
+    if k % block:
+        return None
+    b, scales, _ = quantize_blocks(w, 8, block)              # b = s + 128, uint8 [N, K / 32, 32]
+    s = b.astype(np.int16) - 128
+    lo = s & 15                                              # two's complement: s = 16 * (s >> 4) + (s & 15)
+    hi = (s - lo) // 16
+    q = np.concatenate([hi + 8, lo], axis=1).astype(np.uint8)  # [N, 2K / 32, 32]: hi blocks, then lo blocks
+    q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    d = scales.reshape(n, k // block)
+    split_scales = np.concatenate([16 * d, d], axis=1).astype(np.float32).reshape(-1)
+    zeros = _pack_zeros(np.concatenate([np.full_like(d, 8), np.zeros_like(d)], axis=1), 4)
+    b_name, s_name, z_name = f"{w_name}.q8_split", f"{w_name}.split_scales", f"{w_name}.split_zeros"
+    x, y = node.input[0], node.output[0]
+    base = node.name or y
+    tensors = [numpy_helper.from_array(q, b_name), numpy_helper.from_array(split_scales, s_name),
+               numpy_helper.from_array(zeros, z_name)]
+    return tensors, [
+        helper.make_node("Concat", [x, x], [f"{y}/x_twice"], name=f"{base}/x_twice", axis=-1),
+        helper.make_node("MatMulNBits", [f"{y}/x_twice", b_name, s_name, z_name], [y], name=node.name,
+                         domain="com.microsoft", K=2 * k, N=n, bits=4, block_size=block, accuracy_level=level)]
 
 
 def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -481,9 +526,12 @@ def embedding_tables(model: Any, vocab_size: int | None = None) -> dict[str, lis
     return found
 
 
-def _quantize_embeddings(model: Any, vocab_size: int | None = None) -> list[str]:
-    """int8 embedding rows with a per-row scale: Gather(q) -> Cast -> Mul(Gather(scale)), for every table
-    :func:`embedding_tables` finds. Returns the tables done."""
+def _quantize_embeddings(model: Any, vocab_size: int | None = None, block: int | None = None) -> list[str]:
+    """int8 embedding rows, for every table :func:`embedding_tables` finds: with ``block`` None one scale per row,
+    Gather(q) -> Cast -> Mul(Gather(scale)); with ``block`` one scale per ``block`` values of a row (a GGUF's Q8_0
+    table comes back exactly; 1/``block`` more bytes of scales), the gathered rows [..., K / block, block] scaled
+    and reshaped to [..., K]. Returns the tables done; a table whose width is not a whole number of blocks keeps
+    one scale per row."""
     from onnx import TensorProto, helper, numpy_helper
 
     inits = _initializers(model)
@@ -491,19 +539,33 @@ def _quantize_embeddings(model: Any, vocab_size: int | None = None) -> list[str]
     replaced: dict[str, list[Any]] = {}  # by the Gather's output (unique in a valid graph)
     for table, gathers in tables.items():
         arr = numpy_helper.to_array(inits[table])
-        amax = np.abs(arr).max(axis=1, keepdims=True)
+        width = arr.shape[1]
+        blocked = block is not None and width % block == 0
+        if blocked:
+            arr = arr.reshape(arr.shape[0], width // block, block)
+        amax = np.abs(arr).max(axis=-1, keepdims=True)
         scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
         q = np.clip(np.rint(arr / scale), -127, 127).astype(np.int8)
-        q_name, s_name = f"{table}.q8", f"{table}.row_scales"
+        q_name, s_name = f"{table}.q8", f"{table}.{'block' if blocked else 'row'}_scales"
         model.graph.initializer.extend([numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)])
+        if blocked:
+            width_name = f"{table}.width"
+            model.graph.initializer.append(numpy_helper.from_array(np.array([width], np.int64), width_name))
         for node in gathers:
             ids, out = node.input[1], node.output[0]
             base = node.name or out  # other exporters may leave nodes unnamed; the new names must still be unique
+            scaled = f"{out}/blocks" if blocked else out
             replaced[out] = [
                 helper.make_node("Gather", [q_name, ids], [f"{out}/q_rows"], name=f"{base}/q_rows", axis=0),
                 helper.make_node("Cast", [f"{out}/q_rows"], [f"{out}/rows"], name=f"{base}/cast", to=TensorProto.FLOAT),
                 helper.make_node("Gather", [s_name, ids], [f"{out}/scales"], name=f"{base}/scales", axis=0),
-                helper.make_node("Mul", [f"{out}/rows", f"{out}/scales"], [out], name=f"{base}/dequant")]
+                helper.make_node("Mul", [f"{out}/rows", f"{out}/scales"], [scaled], name=f"{base}/dequant")]
+            if blocked:  # [*ids.shape, K / block, block] -> [*ids.shape, K], whatever the ids' rank
+                replaced[out] += [
+                    helper.make_node("Shape", [ids], [f"{out}/ids_shape"], name=f"{base}/ids_shape"),
+                    helper.make_node("Concat", [f"{out}/ids_shape", width_name], [f"{out}/rows_shape"],
+                                     name=f"{base}/rows_shape", axis=0),
+                    helper.make_node("Reshape", [scaled, f"{out}/rows_shape"], [out], name=f"{base}/rows")]
     new_nodes = []
     for node in model.graph.node:
         new_nodes += replaced.get(node.output[0], [node]) if node.output else [node]
@@ -519,7 +581,15 @@ def _drop_initializers(model: Any, names: set[str]) -> None:
     model.graph.initializer.extend(keep)
 
 
-METHODS = ("int8", "int8-block", "int8-gemm", "int4")
+METHODS = ("int8", "int8-block", "int8-gemm", "int4", "int4-fp32")
+# Methods whose kernels keep activations fp32 (MatMulNBits accuracy level 0) and whose tables are stored so that a
+# GGUF's Q4_1 / Q8_0 values come back exactly (8-bit LM head split into two 4-bit halves, embeddings with a scale
+# per block of 32): nothing is rounded that the source did not round. Measured on SmolLM2-135M-Instruct
+# (benchmarks/chat_agreement.py): int4's 4-bit matrices at level 0 alone, head and embeddings as int4 has them,
+# kept 76 % of fp32's greedy chat answers; level 0 with an fp32 head but per-row int8 embeddings 89.9 %; all of it
+# 100 %. Level 0 on only some matrices (down_proj, qkv, gate_up, o_proj, or pairs) kept 57-74 %: any int8
+# rounding anywhere flips the near-ties that decide greedy answers.
+FP32_ACTIVATIONS = ("int4-fp32",)
 # int8's per-matrix rule: a MatMul keeps the int8 GEMM (DynamicQuantizeMatMul) only where it costs little more than
 # the block-wise kernel: its calibrated output error (one activation scale per call, per-column weights) at most
 # this many times the error of block-wise 8-bit weights with per-block activations on the same tokens (calibrate).
@@ -533,7 +603,7 @@ INT4_BLOCK = 32
 # Which methods store their block-wise matrices as "scale + min" blocks with float offsets (quantize_offset_blocks)
 # by default. int4: on SmolLM2-135M-Instruct (a Q4_1 source) +0.27 % perplexity with offsets, +23.9 % with
 # integer zero points (docs/models.md).
-OFFSETS = {"int4": True}
+OFFSETS = {"int4": True, "int4-fp32": True}
 CALIBRATION_TOKENS = 256
 
 
@@ -770,7 +840,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     smooth = getattr(plan, "smooth", {}) if method == "int8" else {}
     if smooth:
         _fold_smoothing(model, smooth)
-    if method == "int4":
+    if method in ("int4", "int4-fp32"):
         bits, block, asym = 4, int4_block, True
     else:
         bits, block, asym = 8, BLOCK_SIZE[8], False
@@ -785,6 +855,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
         kinds = dict(plan or {})
 
     head = lm_head_weight(model)
+    level = 0 if method in FP32_ACTIVATIONS else ACCURACY_LEVEL
 
     def make(node: Any, w_name: str, w: np.ndarray) -> tuple[list, Any] | None:
         kind = kinds.get(node.name)
@@ -795,28 +866,32 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
         if bits != 8 and (kind == "block8" or (kind is None and w_name == head)):
             # int4 keeps the LM head at 8 bits unless the plan says otherwise: its error lands on the logits
             # directly (SmolLM2-135M-Instruct: +33 % perplexity with a 4-bit head, +24 % with an 8-bit one).
+            if level == 0:  # bits=8 has no fast fp32-activation kernel: the same values as two 4-bit halves
+                return _split_int8_node(node, w_name, w, level)  # None (left fp32) if K is not whole blocks
             return _nbits_node(node, w_name, w, 8, BLOCK_SIZE[8], False)
         if offsets and w_name != head:
             # never the LM head: its offset term would be a [K/32, vocab] MatMul per token, and a GGUF's head
             # (Q8_0, symmetric) is reproduced exactly by symmetric 8-bit blocks, not by 255-level offset ones
-            return _offset_nodes(node, w_name, w, bits, block, sums, search)
-        return _nbits_node(node, w_name, w, bits, block, asym)
+            return _offset_nodes(node, w_name, w, bits, block, sums, search, level)
+        return _nbits_node(node, w_name, w, bits, block, asym, level)
 
     info["matmuls"] = _replace_matmuls(model, keep, make, f"quantize {method}", progress)
     n_gemm = sum(1 for n in model.graph.node if n.op_type == "DynamicQuantizeMatMul")
     n_block = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits"
-                  and _attr(n, "bits") == bits)
-    n_block8 = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits" and _attr(n, "bits") == 8 and bits != 8)
+                  and _attr(n, "bits") == bits and not n.input[1].endswith(".q8_split"))
+    n_block8 = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits" and bits != 8
+                   and (_attr(n, "bits") == 8 or n.input[1].endswith(".q8_split")))
     info.update(dtype=f"int{bits}", gemm_matmuls=n_gemm, block_matmuls=n_block)
     if n_block:
-        info.update(block_size=block, accuracy_level=ACCURACY_LEVEL)
+        info.update(block_size=block, accuracy_level=level)
     parts = []
     if n_gemm:
         parts.append(f"{n_gemm} MatMuls int8 per output channel with int8 activations per call (DynamicQuantizeMatMul"
                      + (f"; {len(smooth)} of them smoothed into the norm before them)" if smooth else ")"))
     n_offset = sum(1 for n in model.graph.node if n.op_type == "Add" and n.name.endswith("/add_offset"))
     if n_block:
-        kernel = f", blocks of {block} (MatMulNBits; activations int8 per block, accuracy level {ACCURACY_LEVEL})"
+        acts = "activations fp32" if level == 0 else "activations int8 per block"
+        kernel = f", blocks of {block} (MatMulNBits; {acts}, accuracy level {level})"
         if n_offset:
             parts.append(f"{n_offset} MatMuls int{bits} as scale + float offset per block (MatMulNBits"
                          f"{' with zero points' if bits == 4 else ''} plus block sums @ offsets){kernel}")
@@ -825,14 +900,18 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
                          f"{'asymmetric (zero points)' if asym and not offsets else 'symmetric'}{kernel}")
         info.update(offsets=bool(offsets), offset_matmuls=n_offset)
     if n_block8:
-        parts.append(f"{n_block8} MatMuls int8 symmetric, blocks of {BLOCK_SIZE[8]} (MatMulNBits)")
+        split = " as two 4-bit halves over [x, x], activations fp32" if level == 0 else ""
+        parts.append(f"{n_block8} MatMuls int8 symmetric, blocks of {BLOCK_SIZE[8]} (MatMulNBits{split})")
         info["int8_matmuls"] = n_block8
     info["weights"] = "; ".join(parts) or "fp32"
     if method == "int8":
         info["gemm_max_ratio"] = GEMM_MAX_RATIO
         info["block_nodes"] = sorted(name for name, kind in kinds.items() if kind != "gemm")
         info["smoothed_nodes"] = sorted(smooth)
-    info["embeddings"] = [] if "embeddings" in keep else _quantize_embeddings(model)
+    exact_tables = BLOCK_SIZE[8] if level == 0 else None  # row scales cost int4-fp32 10 points of agreement
+    info["embeddings"] = [] if "embeddings" in keep else _quantize_embeddings(model, block=exact_tables)
+    if info["embeddings"] and exact_tables:
+        info["embedding_block_size"] = exact_tables
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     save_onnx(model, dst)

@@ -60,6 +60,8 @@ def test_a_4bit_gguf_source_adds_int4_to_the_fallbacks():
     q4_1 = {"gguf": {"quant_types": {"F32": 61, "Q4_1": 210, "Q8_0": 1}}}
     assert fallbacks("int8", q4_1) == FALLBACKS["int8"] + ("int4",)
     assert fallbacks("int8-block", q4_1) == ("int4",) and fallbacks("int4", q4_1) == FALLBACKS["int4"]
+    # a refused int4-fp32 (the same 4-bit matrices) names the most accurate 8-bit modes, never int4 (int8 activations)
+    assert fallbacks("int4-fp32", q4_1) == FALLBACKS["int4-fp32"] == ("int8-block", "int8")
     for other in ({"gguf": {"quant_types": {"Q8_0": 201, "F32": 61}}}, {"model": "hf-folder"}):
         assert {m: fallbacks(m, other) for m in FALLBACKS} == FALLBACKS
 

@@ -10,9 +10,11 @@ Targets (issue 12) and what the assertions allow:
   equal to transformers' to 1e-4 and raw-text greedy continuations identical;
 * int4 perplexity within 6 %: asserted with margin (measured +0.27 % with scale + min blocks, which reproduce the
   Q4_1 source's 4-bit matrices exactly; +23.9 % with integer zero points);
-* chat answers of the int8 model follow fp32's for >= 90 % of their length on average: MISSED (59 % measured, see
-  docs/models.md: every 8-bit mode lands between 55 and 67 %, fp16-rounded weights at 100 %). The test pins the
-  measured level with a margin so a regression shows, and the number stays in the manifest for the docs.
+* chat answers of the int8 model follow fp32's for >= 90 % of their length on average: MISSED by the default (52 %
+  measured, see docs/models.md: every mode with int8 activations lands between 48 and 67 %, fp16-rounded weights at
+  100 %); the test pins the measured level with a margin so a regression shows, and the number stays in the
+  manifest for the docs. ``--quantize int4-fp32`` (fp32 activations, exact tables; slower decode) gives fp32's
+  answers token for token: asserted on 8 prompts.
 """
 from __future__ import annotations
 
@@ -133,3 +135,25 @@ def test_int4_reproduces_the_q4_1_source(smollm2_fp32, tmp_path):
     fp32_ppl = _manifest(smollm2_fp32)["metrics"]["fp32_perplexity"]
     ppl = edgelm.load(str(q_dir)).score(classics_eval_text().read_text(encoding="utf-8")).perplexity
     assert ppl / fp32_ppl - 1 <= 0.02, (ppl, fp32_ppl)  # the issue's target is 6 %; measured +0.27 %
+
+
+def test_int4_fp32_answers_as_fp32_does(smollm2_fp32, tmp_path):
+    """int4-fp32 keeps the Q4_1 source's 4-bit matrices and its Q8_0 table and head exactly and rounds no
+    activation, so greedy chat answers are fp32's token for token: the issue's >= 90 % agreement, which every
+    mode with int8 activations misses (benchmarks/chat_agreement.py: 22 of 22 prompts identical, int8 7 of 22).
+    Checked here on the first 8 built-in chat prompts, 48 tokens each, and on perplexity."""
+    from edgelm_export.assemble import quantized_variant
+    from edgelm_export.evaluate import chat_prompts
+
+    cfg = json.loads((smollm2_fp32 / "config.json").read_text())
+    q_dir, info = quantized_variant(smollm2_fp32, tmp_path, cfg, {"model": "test"}, "int4-fp32", (), None, False)
+    assert info["accuracy_level"] == 0 and info["embedding_block_size"] == 32 and info["int8_matmuls"] == 1
+    fp32, lm = edgelm.load(str(smollm2_fp32)), edgelm.load(str(q_dir))
+    for prompt in chat_prompts()[:8]:
+        msgs = [{"role": "user", "content": prompt}]
+        want = fp32.chat(msgs, max_new_tokens=48, temperature=0)
+        got = lm.chat(msgs, max_new_tokens=48, temperature=0)
+        assert list(got.token_ids) == list(want.token_ids), (prompt, want.text, got.text)
+    fp32_ppl = _manifest(smollm2_fp32)["metrics"]["fp32_perplexity"]
+    ppl = lm.score(classics_eval_text().read_text(encoding="utf-8")).perplexity
+    assert abs(ppl / fp32_ppl - 1) <= 0.002, (ppl, fp32_ppl)  # the same weights: only summation order differs

@@ -1,0 +1,112 @@
+"""``int4-fp32`` (export/quantize.py): int4's weights with fp32 activations, and every table stored so that a GGUF's
+own Q4_1 / Q8_0 values come back exactly. On weights already on those grids the quantized graph must compute what
+the fp32 graph computes (to fp32 summation order), where int4 (activations int8 per block, per-row embeddings)
+is measurably off. The real-model check (all of SmolLM2-135M-Instruct's greedy chat answers) is in
+tests/test_real_smollm2.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+
+from edgelm_export import quantize as q  # noqa: E402
+from test_quantize import _decoder_like_matmuls, _q4_1_grid, _run_all  # noqa: E402
+
+
+def _q8_0_grid(k: int, n: int, seed: int = 0) -> np.ndarray:
+    """A weight [K, N] on llama.cpp's Q8_0 grid: per block of 32 along K, d * q with an fp16 d and q in
+    -127..127, each block reaching +-127 (Q8_0's d is the block's max |w| / 127)."""
+    rng = np.random.default_rng(seed)
+    nb = k // 32
+    d = (np.abs(rng.standard_normal((n, nb, 1))) * 0.002 + 1e-4).astype(np.float16).astype(np.float32)
+    levels = rng.integers(-127, 128, (n, nb, 32))
+    levels[..., 0] = np.where(rng.random((n, nb)) < 0.5, -127, 127)
+    return np.ascontiguousarray((d * levels).reshape(n, k).T.astype(np.float32))
+
+
+def _ops(path):
+    return [n for n in onnx.load(str(path)).graph.node]
+
+
+def test_split_int8_halves_hold_every_8_bit_value_exactly():
+    """s = 16 hi + lo for every s in -127..127, with hi and lo in 4-bit range: the split loses nothing."""
+    w = _q8_0_grid(64, 8, seed=3)
+    b, scales, _ = q.quantize_blocks(w, 8, 32)
+    assert np.array_equal(q.dequantize_blocks(b, scales, 8, 64), w)  # the grid itself is reproduced
+    s = np.arange(-127, 128)
+    lo = s & 15
+    hi = (s - lo) // 16
+    assert lo.min() == 0 and lo.max() == 15 and hi.min() >= -8 and hi.max() <= 7
+    assert np.array_equal(16 * hi + lo, s)
+
+
+def test_int4_fp32_computes_the_fp32_graph_on_gguf_grids(tmp_path):
+    """A Q8_0 embedding table, a Q4_1 matrix and a Q8_0 LM head ([96, 512]: found by its shape): int4-fp32
+    gives the fp32 graph's outputs to 1e-5 of their range; int4 (int8 activations, per-row embeddings) cannot."""
+    table_q8 = _q8_0_grid(96, 512, seed=4).T.copy()  # [vocab 512, hidden 96], blocks of 32 along the hidden axis
+    ws = [_q4_1_grid(96, 40, seed=1), _q8_0_grid(96, 512, seed=2)]
+    src, _ = _decoder_like_matmuls(tmp_path, ws, 96)
+    model = onnx.load(str(src))
+    table = next(t for t in model.graph.initializer if t.name == "table")
+    table.CopyFrom(onnx.numpy_helper.from_array(table_q8, "table"))
+    # the head's output is the logits, of static width: that is how the exporter tells the table (vocab rows)
+    next(n for n in model.graph.node if n.name == "mm1").output[0] = "logits"
+    model.graph.output[1].CopyFrom(onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, "s", 512]))
+    onnx.save_model(model, str(src))
+    ids = [3, 1, 4, 1, 5, 9, 2]
+    refs = [table_q8[ids] @ w for w in ws]
+
+    dst = tmp_path / "int4-fp32.onnx"
+    info = q.quantize_model(src, dst, method="int4-fp32")
+    assert info["accuracy_level"] == 0 and info["embedding_block_size"] == 32 and info["int8_matmuls"] == 1
+    assert "activations fp32" in info["weights"] and "two 4-bit halves" in info["weights"]
+    nodes = _ops(dst)
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and all(q._attr(n, "accuracy_level") == 0 and q._attr(n, "bits") == 4 for n in nbits)
+    head = next(n for n in nbits if n.name == "mm1")
+    assert q._attr(head, "K") == 2 * 96  # [x, x] against [W_hi; W_lo]
+    assert "table" not in {t.name for t in onnx.load(str(dst)).graph.initializer}  # the table is int8 now
+    for _ in range(2):  # a prefill of 7 rows, then one row (a decode step)
+        got = _run_all(dst, ids)
+        for y, ref in zip(got, refs):
+            np.testing.assert_allclose(y[0], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+        ids, refs = ids[-1:], [r[-1:] for r in refs]
+
+    ids = [3, 1, 4, 1, 5, 9, 2]
+    refs = [table_q8[ids] @ w for w in ws]
+    int4 = tmp_path / "int4.onnx"
+    q.quantize_model(src, int4, method="int4")
+    errs = [np.abs(y[0] - ref).max() / np.abs(ref).max() for y, ref in zip(_run_all(int4, ids), refs)]
+    assert min(errs) > 1e-3, errs  # what the test would see if activations or tables were rounded
+
+
+def test_block_scaled_embeddings_keep_any_ids_shape(tmp_path):
+    """The block-scaled table's rows are reshaped back to [*ids.shape, hidden] whatever the ids' rank, and equal a
+    Q8_0 table exactly; a table whose width is not whole blocks keeps one scale per row."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnxruntime as ort
+
+    for hidden, blocked in ((64, True), (40, False)):
+        table = (_q8_0_grid(64, 300, seed=5).T[:, :hidden] if blocked
+                 else np.random.default_rng(6).standard_normal((300, hidden)).astype(np.float32))
+        w = np.random.default_rng(7).standard_normal((hidden, 300)).astype(np.float32)
+        g = helper.make_graph(  # the logits' static width tells the vocabulary, so the table is found
+            [helper.make_node("Gather", ["table", "input_ids"], ["x"], name="embed"),
+             helper.make_node("MatMul", ["x", "W"], ["logits"], name="mm")], "g",
+            [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"])],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+             helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 300])],
+            [numpy_helper.from_array(np.ascontiguousarray(table), "table"), numpy_helper.from_array(w, "W")])
+        src, dst = tmp_path / f"e{hidden}.onnx", tmp_path / f"e{hidden}-q.onnx"
+        onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+        info = q.quantize_model(src, dst, method="int4-fp32", keep_fp32=("lm_head",))
+        assert info["embeddings"] == ["table"]
+        x = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(
+            ["x"], {"input_ids": np.asarray([[7, 0, 299]], np.int64)})[0]
+        assert x.shape == (1, 3, hidden)
+        if blocked:
+            assert np.array_equal(x[0], table[[7, 0, 299]])
+        else:
+            assert np.abs(x[0] - table[[7, 0, 299]]).max() <= np.abs(table).max() / 127
