@@ -12,7 +12,7 @@ the first differing token, averaged ("prefix agreement"). Beside it, for each ca
 * at each answer's first divergence, fp32's own log-probability gap between its token and the candidate's (nats):
   how close the call was for the unquantized model.
 
-Candidates: the three exported modes (``benchmarks/real_models.py prepare`` makes them), and two diagnostic graphs
+Candidates: the exported modes (``benchmarks/real_models.py prepare`` makes them), and two diagnostic graphs
 built here from the fp32 export so that one error source acts alone: "LM head only" (only the output projection
 quantized, int8 blocks with int8 activations, as every mode runs it: a Q8_0 source's head is reproduced exactly,
 so all its error is the activations' rounding) and "weights only" (every MatMul's weights rounded to symmetric
@@ -171,6 +171,7 @@ def run(threads: int) -> None:
     candidates = [("int8 (default)", MODELS / "smollm2-135m-int8"),
                   ("int8-block", MODELS / "smollm2-135m-int8-block"),
                   ("int4", MODELS / "smollm2-135m-int4"),
+                  ("int4-fp32 (fp32 activations, exact tables)", MODELS / "smollm2-135m-int4-fp32"),
                   ("LM head only (int8 activations)", build_head_only(fp32_dir(), WORK / "head-only")),
                   ("weights only (int8 blocks, fp32 activations)", build_weights_only(fp32_dir(), WORK / "weights-only"))]
     rows = []
@@ -246,17 +247,22 @@ def table() -> None:
     print("\n".join(lines))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cli(doc: str, run_fn, table_fn) -> None:
+    """``run [--threads N]`` or ``table`` (benchmarks/fp32_activations.py shares it)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--threads", type=int, default=2)
     sub.add_parser("table")
     args = ap.parse_args()
     if args.cmd == "run":
-        run(args.threads)
+        run_fn(args.threads)
     else:
-        table()
+        table_fn()
+
+
+def main() -> None:
+    cli(__doc__, run, table)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGELM_SHARED", ROOT.parent / "shared"))
 MODELS = ROOT / ".cache" / "bench-models"
 RESULTS = ROOT / "benchmarks" / "results"
-MODES = ("int8", "int8-block", "int8-gemm", "int4")
+MODES = ("int8", "int8-block", "int8-gemm", "int4", "int4-fp32")
 # The real models: a title for the tables, where the GGUF comes from (scripts/fetch-real-models MODEL), the folder
 # prefix under .cache/bench-models and the results' file stem. ``--model`` picks one (default smollm2).
 REAL = {
@@ -235,7 +235,7 @@ def answers(modes: list[str]) -> None:
 
 DOC = ROOT / "docs" / "models.md"
 SPLICED = ("real-smollm2.md", "real-smollm2-cputime.md", "real-smollm2-answers.md", "quant-sensitivity-smollm2.md",
-           "chat-agreement-smollm2.md", "real-gemma3.md", "real-gemma3-answers.md")
+           "chat-agreement-smollm2.md", "fp32-activations-smollm2.md", "real-gemma3.md", "real-gemma3-answers.md")
 
 
 def splice(doc: str, name: str, text: str) -> str:

@@ -584,11 +584,10 @@ def _drop_initializers(model: Any, names: set[str]) -> None:
 METHODS = ("int8", "int8-block", "int8-gemm", "int4", "int4-fp32")
 # Methods whose kernels keep activations fp32 (MatMulNBits accuracy level 0) and whose tables are stored so that a
 # GGUF's Q4_1 / Q8_0 values come back exactly (8-bit LM head split into two 4-bit halves, embeddings with a scale
-# per block of 32): nothing is rounded that the source did not round. Measured on SmolLM2-135M-Instruct
-# (benchmarks/chat_agreement.py): int4's 4-bit matrices at level 0 alone, head and embeddings as int4 has them,
-# kept 76 % of fp32's greedy chat answers; level 0 with an fp32 head but per-row int8 embeddings 89.9 %; all of it
-# 100 %. Level 0 on only some matrices (down_proj, qkv, gate_up, o_proj, or pairs) kept 57-74 %: any int8
-# rounding anywhere flips the near-ties that decide greedy answers.
+# per block of 32): nothing is rounded that the source did not round. On SmolLM2-135M-Instruct all 22 greedy chat
+# answers are fp32's; each part taken away alone (benchmarks/fp32_activations.py): per-row embedding scales 89.9 %
+# of fp32's answers, int8 activations in the head 84.5 %, in one kind of 4-bit matrix 64.5-95.5 %, in all of them
+# 71.2 %: any int8 rounding of activations flips some of the near-ties that decide greedy answers.
 FP32_ACTIVATIONS = ("int4-fp32",)
 # int8's per-matrix rule: a MatMul keeps the int8 GEMM (DynamicQuantizeMatMul) only where it costs little more than
 # the block-wise kernel: its calibrated output error (one activation scale per call, per-column weights) at most
