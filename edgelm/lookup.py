@@ -24,7 +24,9 @@ Only greedy decoding uses it: the caller (``Model._run``) ignores ``lookup=True`
 """
 from __future__ import annotations
 
-from typing import Any
+import time
+import weakref
+from typing import Any, Callable
 
 # Defaults, tuned by replaying SmolLM2-135M-Instruct outputs (docs/lookup.md): drafts start at 4 tokens, double on
 # full acceptance up to 16, and shrink to one more than the accepted length (at least 2) on a rejection. A call's
@@ -35,15 +37,86 @@ MAX_NGRAM = 3
 K_START = 4
 K_MIN = 2
 K_MAX = 16
-# Is drafting paying? Each verification of k drafts is charged COST_BASE + COST_PER_DRAFT * k one-token steps (about
-# the steepest call costs measured in docs/lookup.md, SmolLM2-135M int8: 1.44 steps for one draft, 2.46 for eight,
-# 3.8 for sixteen) and credited with the tokens it yielded. While the running average (weight SCORE_WEIGHT on the newest call) of credit
-# minus charge is negative, every verification is a miss: drafting pauses for 2, 4, ... up to MAX_PAUSE tokens of
-# plain one-token steps, so text that does not repeat pays for at most one verification per MAX_PAUSE tokens.
+# Is drafting paying? Each verification is credited with the tokens it yielded and charged what it cost, in one-token
+# steps: the measured time of a verification of its length over the measured time of a one-token step (CallCosts).
+# While the running average (weight SCORE_WEIGHT on the newest call) of credit minus charge is negative, every
+# verification is a miss: drafting pauses for 2, 4, ... tokens of plain one-token steps, each pause stretched by the
+# steps the missed verification lost (charge minus credit, when more than 1), up to MAX_PAUSE, so text that does not
+# repeat pays for at most one verification per MAX_PAUSE tokens. Measured, not assumed, because the price of a
+# multi-token call depends on the graph: SmolLM2-135M int8 (MatMulNBits with int8 activations) pays 1.4 steps for
+# one draft and 3.8 for sixteen, the same model with fp32 activations (accuracy level 0) far more for short drafts
+# (docs/lookup.md). Until MIN_TIMED_STEPS one-token steps have been timed, a verification of k drafts is charged the
+# fixed COST_BASE + COST_PER_DRAFT * k (about the steepest int8 curve above).
 COST_BASE = 1.3
 COST_PER_DRAFT = 0.15
 SCORE_WEIGHT = 0.3
 MAX_PAUSE = 64
+MIN_TIMED_STEPS = 3
+# Where a verification costs more than SURE_DRAFTS_ABOVE steps, only drafts found by a match of max_ngram tokens are
+# verified. Replaying SmolLM2-135M-Instruct int8 answers to the benchmark's tasks, a verification yielded 3.1 tokens
+# on average when its draft was found by a 3-token match, 2.7 by a 2-token one, 1.8 by a single token: on a graph
+# whose verifications cost about 3 steps (fp32 activations), only the first pay, while int8's (1.1 to 2.5 steps for
+# up to 16 drafts there) leave every match worth a try. (The constants' 1.3 + 0.15 k stays below it up to k = 9.)
+SURE_DRAFTS_ABOVE = 2.7
+# The running estimates: a one-token step's time is an exponential average (weight STEP_WEIGHT on the newest
+# step); a verification's is a line base + per_draft * k fitted by least squares to the verifications so far, each
+# older one's weight multiplied by VERIFY_DECAY per newer one. The slope is pulled towards COST_PER_DRAFT steps per
+# draft with the weight of VERIFY_PRIOR (drafts squared) of spread in k, so a run of verifications of one length
+# still gives a line, and a new length is priced from its neighbours.
+STEP_WEIGHT = 0.1
+VERIFY_DECAY = 0.8
+VERIFY_PRIOR = 1.0
+# A clock in seconds; LookupAdvance reads this at construction unless given one (tests inject a fake).
+CLOCK: Callable[[], float] = time.perf_counter
+
+
+class CallCosts:
+    """Running estimates of one cache's call times (seconds, from ``clock``): the one-token step (``step_s``, an
+    average of ``timed_steps`` steps) and a verification of ``k`` drafts (a fitted line). Kept per cache across
+    generations (a model's pooled caches are reused), so a short answer is priced from what earlier ones
+    measured."""
+
+    __slots__ = ("clock", "step_s", "timed_steps", "fit")
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.step_s = 0.0
+        self.timed_steps = 0
+        self.fit = [0.0] * 5  # decayed sums of weights, k, k*k, seconds, k*seconds over verifications
+
+    def verification(self, k: int, seconds: float) -> None:
+        fit = self.fit
+        for i, x in enumerate((1.0, k, k * k, seconds, k * seconds)):
+            fit[i] = VERIFY_DECAY * fit[i] + x
+
+    def cost(self, k: int) -> float:
+        """What a verification of ``k`` drafts costs, in one-token steps: the fitted line over the measured
+        verifications divided by the measured step, or the fixed COST_BASE + COST_PER_DRAFT * k until
+        MIN_TIMED_STEPS steps (and one verification) have been timed."""
+        w, wk, wkk, wt, wkt = self.fit
+        step = self.step_s
+        if self.timed_steps < MIN_TIMED_STEPS or not w or step <= 0:
+            return COST_BASE + COST_PER_DRAFT * k
+        mean_k, mean_t = wk / w, wt / w
+        # least squares' slope, pulled towards the prior COST_PER_DRAFT steps per draft (VERIFY_PRIOR)
+        slope = (wkt / w - mean_k * mean_t + VERIFY_PRIOR * COST_PER_DRAFT * step) / \
+            (max(0.0, wkk / w - mean_k * mean_k) + VERIFY_PRIOR)
+        return (mean_t + max(0.0, slope) * (k - mean_k)) / step
+
+
+# cache -> its CallCosts (weak: a cache that is freed takes its estimates along)
+_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _costs(cache: Any, clock: Callable[[], float]) -> CallCosts:
+    costs = _COSTS.get(cache)
+    if costs is None or costs.clock is not clock:  # times from another clock mean nothing in this one
+        costs = CallCosts(clock)
+        try:
+            _COSTS[cache] = costs
+        except TypeError:  # not weakly referenceable: this generation's measurements only
+            pass
+    return costs
 
 
 class NgramIndex:
@@ -77,14 +150,14 @@ class NgramIndex:
             for n in range(2, min(self.max_ngram, n_hist) + 1):
                 index[tuple(hist[n_hist - n:n_hist])] = n_hist
 
-    def draft(self, limit: int) -> list[int]:
+    def draft(self, limit: int, min_ngram: int = 1) -> list[int]:
         """Up to ``limit`` tokens that followed the most recent earlier occurrence of the longest matching suffix
-        (``max_ngram`` tokens down to 1, a single token only if it occurred once before); empty when nothing
-        matches."""
+        (``max_ngram`` tokens down to ``min_ngram``, a single token only if it occurred once before); empty when
+        nothing matches."""
         hist = self.hist
         n_hist = len(hist)
         index = self.index
-        for n in range(min(self.max_ngram, n_hist), 0, -1):
+        for n in range(min(self.max_ngram, n_hist), min_ngram - 1, -1):
             j = index.get(hist[-1] if n == 1 else tuple(hist[n_hist - n:]))
             if j is not None:
                 return hist[j:j + limit] if j >= 0 else []
@@ -98,11 +171,13 @@ class LookupAdvance:
     at slots ``pos..pos+m-1``; returns logits ``[m, vocab]`` and the last row's log-probabilities or None, views
     valid until the next call), ``single()`` (back to one-token calls after a verification) and
     ``rollback(pos)`` (only slots ``< pos`` are valid). ``last_slot``: the highest slot a fed token may take
-    (from max_new_tokens and the context), so drafts never run past either.
+    (from max_new_tokens and the context), so drafts never run past either. ``clock``: seconds (default
+    :data:`CLOCK`), read around every model call to price verifications in one-token steps.
     """
 
     def __init__(self, cache: Any, prompt: list[int], last_slot: int, *, max_ngram: int = MAX_NGRAM,
-                 k_start: int = K_START, k_min: int = K_MIN, k_max: int = K_MAX, max_pause: int = MAX_PAUSE) -> None:
+                 k_start: int = K_START, k_min: int = K_MIN, k_max: int = K_MAX, max_pause: int = MAX_PAUSE,
+                 clock: Callable[[], float] | None = None) -> None:
         self.cache = cache
         self.prompt, self.max_ngram = prompt, max_ngram
         self.ngrams: NgramIndex | None = None  # built at the first step, so the time to first token is unchanged
@@ -111,6 +186,10 @@ class LookupAdvance:
         self.k_min = min(k_min, self.k_max)
         self.k = max(self.k_min, min(k_start, self.k_max))
         self.max_pause = max_pause
+        clock = CLOCK if clock is None else clock
+        self.clock = clock
+        self.costs = _costs(cache, clock)  # what this cache's calls cost (measured; shared with later generations)
+        self.min_ngram = self._min_ngram()
         self.rows: Any = None         # logits rows of the last verification
         self.last_lp: Any = None      # log-probabilities of its last row (None: the sampler computes them)
         self.drafts: list[int] = []   # the drafts of the last verification
@@ -119,6 +198,7 @@ class LookupAdvance:
         self.score = 0.0              # running average of tokens yielded minus cost charged per verification
         self.misses = 0               # consecutive verifications while that average was negative
         self.pause = 0                # tokens left before drafting resumes
+        self.verify_s = 0.0           # how long the last verification took (seconds)
         # Reported on the Generation: draft tokens verified, and how many of those the model agreed with.
         self.drafted = 0
         self.accepted = 0
@@ -135,25 +215,28 @@ class LookupAdvance:
             used = self.used = used + 1
             self.accepted += 1
             return self.rows[used], (self.last_lp if used == len(drafts) else None)
-        if drafts:
-            self._adapt(used, len(drafts))
-            self.drafts = []
         cache = self.cache
-        if self.dirty:
+        clock = self.clock
+        if drafts:  # the last verification is done with: undo its rejected slots (part of its cost), then judge it
+            self.drafts = []
+            t = clock()
             cache.rollback(pos)
+            self._adapt(used, len(drafts), self.verify_s + clock() - t)
         room = self.last_slot - pos
         if self.pause or room <= 0:
             if self.pause:
                 self.pause -= 1
             return self._single(tok, pos)
-        drafts = ngrams.draft(min(self.k, room))
+        drafts = ngrams.draft(min(self.k, room), self.min_ngram)
         if not drafts:
             return self._single(tok, pos)
         m = len(drafts) + 1
         ids = cache.draft_ids
         ids[0, 0] = tok
         ids[0, 1:m] = drafts
+        t = clock()
         self.rows, self.last_lp = cache.verify(m, pos)
+        self.verify_s = clock() - t
         self.drafts, self.used, self.dirty = drafts, 0, True
         self.drafted += m - 1
         return self.rows[0], None
@@ -162,18 +245,33 @@ class LookupAdvance:
         if self.dirty:
             self.cache.single()
             self.dirty = False
-        return self.cache.advance(tok, pos)
+        clock = self.clock
+        t = clock()
+        out = self.cache.advance(tok, pos)
+        dt = clock() - t
+        costs = self.costs
+        n = costs.timed_steps = costs.timed_steps + 1
+        costs.step_s += max(STEP_WEIGHT, 1 / n) * (dt - costs.step_s)  # a plain mean of the first 1/STEP_WEIGHT
+        return out
 
-    def _adapt(self, used: int, k: int) -> None:
-        """After a verification of ``k`` drafts of which ``used`` were accepted: size the next draft, and pause
-        drafting while verifications cost more than they yield (see COST_BASE)."""
+    def _min_ngram(self) -> int:
+        """The shortest match whose drafts are worth a verification of the next draft length (SURE_DRAFTS_ABOVE)."""
+        return self.max_ngram if self.costs.cost(self.k) > SURE_DRAFTS_ABOVE else 1
+
+    def _adapt(self, used: int, k: int, seconds: float) -> None:
+        """After a verification of ``k`` drafts of which ``used`` were accepted, which took ``seconds``: size the
+        next draft, and pause drafting while verifications cost more than they yield (see COST_BASE)."""
         if used == k:
             self.k = min(self.k_max, 2 * self.k)
         else:
             self.k = max(self.k_min, used + 1)
-        self.score += SCORE_WEIGHT * (used + 1 - COST_BASE - COST_PER_DRAFT * k - self.score)
+        self.min_ngram = self._min_ngram()
+        costs = self.costs
+        costs.verification(k, seconds)
+        lost = costs.cost(k) - used - 1
+        self.score += SCORE_WEIGHT * (-lost - self.score)
         if self.score >= 0:
             self.misses = 0
         else:
             self.misses += 1
-            self.pause = min(self.max_pause, 1 << self.misses)
+            self.pause = min(self.max_pause, int((1 << self.misses) * max(1.0, lost)))
