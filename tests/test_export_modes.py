@@ -116,3 +116,23 @@ def test_int4_offsets_leave_onnxruntime_fusions_intact(stories_fp32, tmp_path):
     a, b = _optimized_ops(tmp_path / "zp.onnx", tmp_path), _optimized_ops(tmp_path / "offsets.onnx", tmp_path)
     assert diff(a, b) == in_file, (a, b)
     assert b["MatMulNBits"] == a["MatMulNBits"] and b["SkipSimplifiedLayerNormalization"] > 0
+
+
+def test_int4_fp32_exports_end_to_end_and_lookup_stays_exact(tmp_path):
+    """``--quantize int4-fp32`` on a Hugging Face folder (stories260K): the manifest and card say what it is, the
+    runtime loads it, and since no activation is rounded per call, prompt lookup's multi-token verifications give
+    exactly plain greedy decoding's tokens (int8 graphs may part at near-ties: edgelm/lookup.py)."""
+    import edgelm
+
+    out = tmp_path / "int4-fp32"
+    export_model(str(STORIES260K), str(out), quantize="int4-fp32", max_ppl_increase=0.5, progress=False)
+    m = json.loads((out / "edgelm.json").read_text())
+    q = m["quantization"]
+    assert q["method"] == "int4-fp32" and q["accuracy_level"] == 0 and q["embedding_block_size"] == 32
+    assert "activations fp32" in q["weights"] and "activations int8" not in q["weights"]
+    assert "activations fp32" in (out / "README.md").read_text()
+    lm = edgelm.load(str(out), threads=1)
+    prompt = "Tom had a red ball. Tom had a red ball. Tom had a red ball. Tom had"
+    plain = lm.generate(prompt, max_new_tokens=40, temperature=0, ignore_eos=True)
+    fast = lm.generate(prompt, max_new_tokens=40, temperature=0, ignore_eos=True, lookup=True)
+    assert fast.drafted_tokens > 0 and list(fast.token_ids) == list(plain.token_ids)
