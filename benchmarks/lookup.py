@@ -171,6 +171,15 @@ def bench_model(path: Path, reps: int, threads: int | None, max_new: int, tasks:
               f"{g.accepted_tokens}/{g.drafted_tokens}, {g.completion_tokens} tokens, "
               f"{'identical' if first is None else f'differs from token {first}'}", file=sys.stderr)
     out["load_avg_end"] = _load_avg()
+    # What lookup measured a verification to cost on this graph (edgelm.lookup.CallCosts, kept per pooled cache):
+    # the estimate that decided when drafting paid, in one-token steps, for 1..16 drafts.
+    from edgelm.lookup import _COSTS
+
+    costs = [c for c in map(_COSTS.get, getattr(lm, "_kv_pool", ())) if c is not None]
+    if costs:
+        c = max(costs, key=lambda c: c.timed_steps)
+        out["step_ms"] = round(1000 * c.step_s, 2)
+        out["verify_cost_steps"] = {k: round(c.cost(k), 2) for k in (1, 2, 4, 8, 16)}
     for kind in ("grounded", "free"):
         for key in ("speedup", "cpu_speedup"):
             s = [r[key] for r in out["tasks"].values() if r["kind"] == kind]
@@ -194,7 +203,10 @@ def markdown(results: dict) -> str:
                       f"x{m.get('geomean_cpu_speedup_grounded', nan):.2f}, free generation "
                       f"x{m.get('geomean_speedup_free', nan):.2f} / x{m.get('geomean_cpu_speedup_free', nan):.2f}." +
                       (" A base model: each task is a continuation of its text with EOS ignored, and the model does "
-                       "not really do the task (benchmarks/lookup.py)." if m["prompts"] == "continuation" else ""), "",
+                       "not really do the task (benchmarks/lookup.py)." if m["prompts"] == "continuation" else "") +
+                      (f" Lookup's estimate of a verification's cost, in one-token steps of {m['step_ms']} ms: " +
+                       ", ".join(f"{v} for {k} draft{'s' * (int(k) > 1)}" for k, v in m["verify_cost_steps"].items()) +
+                       "." if "verify_cost_steps" in m else ""), "",
                   "| task | kind | tokens | plain tok/s | lookup tok/s | speed-up [min-max] | CPU speed-up [min-max] | "
                   "drafts accepted | tokens per call | same tokens as plain |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

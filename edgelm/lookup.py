@@ -37,26 +37,27 @@ MAX_NGRAM = 3
 K_START = 4
 K_MIN = 2
 K_MAX = 16
-# Is drafting paying? Each verification is credited with the tokens it yielded and charged what it cost, in one-token
+# Is drafting paying? Each verification is credited with the tokens it yielded and charged what it cost in one-token
 # steps: the measured time of a verification of its length over the measured time of a one-token step (CallCosts).
-# While the running average (weight SCORE_WEIGHT on the newest call) of credit minus charge is negative, every
-# verification is a miss: drafting pauses for 2, 4, ... tokens of plain one-token steps, each pause stretched by the
-# steps the missed verification lost (charge minus credit, when more than 1), up to MAX_PAUSE, so text that does not
-# repeat pays for at most one verification per MAX_PAUSE tokens. Measured, not assumed, because the price of a
-# multi-token call depends on the graph: SmolLM2-135M int8 (MatMulNBits with int8 activations) pays 1.4 steps for
-# one draft and 3.8 for sixteen, the same model with fp32 activations (accuracy level 0) far more for short drafts
-# (docs/lookup.md). Until MIN_TIMED_STEPS one-token steps have been timed, a verification of k drafts is charged the
-# fixed COST_BASE + COST_PER_DRAFT * k (about the steepest int8 curve above).
+# Measured, not assumed, because that price depends on the graph: on SmolLM2-135M int8 (int8 activations) a
+# verification of 2 drafts costs about 1.4 steps, with fp32 activations (accuracy level 0, whose multi-row calls are
+# far slower than one-row ones) over 3 (benchmarks/results/lookup-measured-cost.md). While the running
+# average (weight SCORE_WEIGHT on the newest call) of credit minus charge is negative, every verification is a miss:
+# drafting pauses for 2, 4, ... tokens of plain one-token steps, times the square of the steps the miss lost (charge
+# minus credit, when over 1: where verifications are dear, a miss wastes more and fewer drafts pay, so tries are
+# rarer), up to MAX_PAUSE; text that does not repeat pays for at most one verification per MAX_PAUSE tokens.
+# Until MIN_TIMED_STEPS one-token steps (and a verification) have been timed, a verification of k drafts is
+# charged the fixed COST_BASE + COST_PER_DRAFT * k (about the steepest int8 curve measured, docs/lookup.md).
 COST_BASE = 1.3
 COST_PER_DRAFT = 0.15
 SCORE_WEIGHT = 0.3
 MAX_PAUSE = 64
 MIN_TIMED_STEPS = 3
-# Where a verification costs more than SURE_DRAFTS_ABOVE steps, only drafts found by a match of max_ngram tokens are
-# verified. Replaying SmolLM2-135M-Instruct int8 answers to the benchmark's tasks, a verification yielded 3.1 tokens
-# on average when its draft was found by a 3-token match, 2.7 by a 2-token one, 1.8 by a single token: on a graph
-# whose verifications cost about 3 steps (fp32 activations), only the first pay, while int8's (1.1 to 2.5 steps for
-# up to 16 drafts there) leave every match worth a try. (The constants' 1.3 + 0.15 k stays below it up to k = 9.)
+# Where a verification of the shortest draft (K_MIN) costs more than SURE_DRAFTS_ABOVE steps, only drafts found by a
+# match of max_ngram tokens are verified. Replaying SmolLM2-135M-Instruct int8 answers to benchmarks/lookup.py's
+# tasks with the fixed charge, a verification yielded 3.1 tokens on average when its draft was found by a 3-token
+# match, 2.7 by a 2-token one and 1.8 by a single token: where a verification costs about 3 steps, only the first
+# kind pays; where it costs under 2 (int8, and the fixed charge for short drafts), every kind is worth a try.
 SURE_DRAFTS_ABOVE = 2.7
 # The running estimates: a one-token step's time is an exponential average (weight STEP_WEIGHT on the newest
 # step); a verification's is a line base + per_draft * k fitted by least squares to the verifications so far, each
@@ -255,23 +256,26 @@ class LookupAdvance:
         return out
 
     def _min_ngram(self) -> int:
-        """The shortest match whose drafts are worth a verification of the next draft length (SURE_DRAFTS_ABOVE)."""
-        return self.max_ngram if self.costs.cost(self.k) > SURE_DRAFTS_ABOVE else 1
+        """The shortest match whose drafts are worth verifying on this graph: max_ngram tokens where the shortest
+        draft's verification costs more than SURE_DRAFTS_ABOVE steps, else one."""
+        return self.max_ngram if self.costs.cost(self.k_min) > SURE_DRAFTS_ABOVE else 1
 
     def _adapt(self, used: int, k: int, seconds: float) -> None:
-        """After a verification of ``k`` drafts of which ``used`` were accepted, which took ``seconds``: size the
-        next draft, and pause drafting while verifications cost more than they yield (see COST_BASE)."""
+        """After a verification of ``k`` drafts of which ``used`` were accepted, which took ``seconds``: record its
+        cost, size the next draft, and pause drafting while verifications cost more than they yield (see
+        COST_BASE)."""
+        costs = self.costs
+        costs.verification(k, seconds)
+        lost = costs.cost(k) - used - 1  # in one-token steps: what it cost minus the tokens it yielded
         if used == k:
             self.k = min(self.k_max, 2 * self.k)
         else:
             self.k = max(self.k_min, used + 1)
         self.min_ngram = self._min_ngram()
-        costs = self.costs
-        costs.verification(k, seconds)
-        lost = costs.cost(k) - used - 1
         self.score += SCORE_WEIGHT * (-lost - self.score)
         if self.score >= 0:
             self.misses = 0
         else:
             self.misses += 1
-            self.pause = min(self.max_pause, int((1 << self.misses) * max(1.0, lost)))
+            # the more a miss lost, the longer until the next try (lost^2: the fewer drafts pay, too)
+            self.pause = min(self.max_pause, int((1 << self.misses) * max(1.0, lost) ** 2))

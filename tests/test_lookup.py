@@ -270,6 +270,33 @@ def test_measured_verification_cost_decides_whether_drafting_pays(rule, vocab, p
     assert sum(m for m, _ in dear_calls) * 5 < sum(m for m, _ in cheap_calls)
 
 
+@pytest.mark.parametrize("dear", [False, True])
+def test_dear_verifications_check_only_drafts_of_full_matches(dear):
+    """Where a verification costs more than SURE_DRAFTS_ABOVE steps, a draft found by fewer than max_ngram tokens
+    (here most of the counting model's) is not worth one: from the costs measured by an earlier generation on the
+    same cache, every verification's last max_ngram tokens occurred before. Cheap verifications take any match."""
+    from edgelm.lookup import MAX_NGRAM
+
+    n = 800
+    prompt = [_counting([0] * j) for j in range(1, 9)]
+    plain = FakeCache(_counting, 4000, len(prompt) + n)
+    expected = _greedy(plain, prompt, n, plain.advance)
+    clock = FakeClock()
+    fake = TimedCache(_counting, 4000, len(prompt) + n, clock, (lambda m: 3.0 + 0.1 * m) if dear else (lambda m: 1.0))
+    for _ in range(2):  # the second generation is priced by what the first measured
+        fake.verified.clear()
+        out = _greedy(fake, prompt, n, LookupAdvance(fake, prompt, len(prompt) + n - 2, clock=clock))
+        assert out == expected
+    hist = prompt + out
+    weak = [not any(hist[i:i + MAX_NGRAM] == hist[pos + 1 - MAX_NGRAM:pos + 1] for i in range(pos + 1 - MAX_NGRAM))
+            for _, pos in fake.verified]
+    assert fake.verified
+    if dear:
+        assert not any(weak)
+    else:
+        assert sum(weak) > len(weak) // 2
+
+
 def test_costs_are_measured_per_length_and_fall_back_to_the_constants():
     """The charge follows the measured line base + per-draft (the decayed least-squares fit, slope pulled to the
     prior), in units of the measured step; before MIN_TIMED_STEPS steps are timed it is the fixed one. The
