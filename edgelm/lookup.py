@@ -71,6 +71,12 @@ VERIFY_PRIOR = 1.0
 CLOCK: Callable[[], float] = time.perf_counter
 
 
+def _unmeasured() -> float:
+    """The clock of a LookupAdvance that does not measure (``measured=False``): it never moves, so nothing is
+    ever timed and every verification is charged the fixed COST_BASE + COST_PER_DRAFT * k."""
+    return 0.0
+
+
 class CallCosts:
     """Running estimates of one cache's call times (seconds, from ``clock``): the one-token step (``step_s``, an
     average of ``timed_steps`` steps) and a verification of ``k`` drafts (a fitted line). Kept per cache across
@@ -173,12 +179,14 @@ class LookupAdvance:
     valid until the next call), ``single()`` (back to one-token calls after a verification) and
     ``rollback(pos)`` (only slots ``< pos`` are valid). ``last_slot``: the highest slot a fed token may take
     (from max_new_tokens and the context), so drafts never run past either. ``clock``: seconds (default
-    :data:`CLOCK`), read around every model call to price verifications in one-token steps.
+    :data:`CLOCK`), read around every model call to price verifications in one-token steps; ``measured=False``
+    reads no clock and charges the fixed costs (a graph whose multi-token calls may pick other tokens than
+    one-token steps: answers must not depend on timing).
     """
 
     def __init__(self, cache: Any, prompt: list[int], last_slot: int, *, max_ngram: int = MAX_NGRAM,
                  k_start: int = K_START, k_min: int = K_MIN, k_max: int = K_MAX, max_pause: int = MAX_PAUSE,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, measured: bool = True) -> None:
         self.cache = cache
         self.prompt, self.max_ngram = prompt, max_ngram
         self.ngrams: NgramIndex | None = None  # built at the first step, so the time to first token is unchanged
@@ -187,7 +195,11 @@ class LookupAdvance:
         self.k_min = min(k_min, self.k_max)
         self.k = max(self.k_min, min(k_start, self.k_max))
         self.max_pause = max_pause
-        clock = CLOCK if clock is None else clock
+        # Timing decides WHEN drafts are verified, which changes which tokens share a call. Where a call's rows are
+        # not bit-equal to one-token steps' (int8 activations rounded per call), that can change a near-tie's
+        # token, so the caller turns measuring off there (``measured=False``): the same prompt then always gives
+        # the same answer, at the fixed charge's speed.
+        clock = (CLOCK if clock is None else clock) if measured else _unmeasured
         self.clock = clock
         self.costs = _costs(cache, clock)  # what this cache's calls cost (measured; shared with later generations)
         self.min_ngram = self._min_ngram()

@@ -354,6 +354,18 @@ def _token_ids(config: dict[str, Any], path: Path, vocab_size: int) -> tuple[int
     return bos, eos
 
 
+def fp32_activations(config: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    """Whether no kernel of the folder's graph rounds activations per call: an fp32 / fp16 export, or quantized
+    weights whose every kernel computes in fp32 (``int4-fp32``: MatMulNBits accuracy level 0, no int8 GEMM). Then a
+    multi-token call's rows are a one-token step's up to fp32 summation order, so prompt lookup may time its calls
+    to decide when to draft without that changing the answer (edgelm.lookup). Unknown formats count as False."""
+    if config.get("dtype") in ("float32", "float16"):
+        return True
+    quant = manifest.get("quantization")
+    return (isinstance(quant, dict) and quant.get("accuracy_level") == 0 and not quant.get("gemm_matmuls")
+            and not quant.get("smoothed_nodes"))
+
+
 class Model:
     """A loaded model. Create with :func:`edgelm.load`. Safe to share between threads (no per-call state)."""
 
@@ -389,6 +401,7 @@ class Model:
             threads = default_threads(size)
         self.threads = threads
         self.spin: bool = default_spin(threads) if spin is None else spin
+        self._rows_exact = fp32_activations(cfg, folder.manifest)
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
@@ -727,7 +740,8 @@ class Model:
 
             # The last generated token is never fed, so fed tokens take slots up to n_prompt + max_new - 2.
             advance = lookup = LookupAdvance(steps, prompt, min(n_prompt + req.max_new_tokens - 2,
-                                                                self.context_length - 1))
+                                                                self.context_length - 1),
+                                             measured=self._rows_exact)
         try:
             gen = yield from self._decode(req, n_prompt, sampler, detok, matcher, eos, t_start, first, advance)
         finally:

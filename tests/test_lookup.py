@@ -466,24 +466,8 @@ def _accepted_slots(calls, tokens, n_prompt) -> set[int]:
 def test_expensive_verifications_pause_drafting_on_a_real_model(stories, monkeypatch):
     """The runtime's own cache, timed by a fake clock: verifications as cheap as a step keep drafting; at 6 steps
     each, the same repetitive story pauses it (far fewer drafts), and the tokens stay plain greedy's either way."""
-    import edgelm.lookup
-    from edgelm.model import _SharedCache
-
-    clock = FakeClock()
-    monkeypatch.setattr(edgelm.lookup, "CLOCK", clock)
-    advance, verify = _SharedCache.advance, _SharedCache.verify
     cost = {"verify": 1.0}
-
-    def timed_advance(self, tok, pos):
-        clock.now += 1.0
-        return advance(self, tok, pos)
-
-    def timed_verify(self, m, pos):
-        clock.now += cost["verify"]
-        return verify(self, m, pos)
-
-    monkeypatch.setattr(_SharedCache, "advance", timed_advance)
-    monkeypatch.setattr(_SharedCache, "verify", timed_verify)
+    _timed_caches(monkeypatch, cost)
     prompt = "Lily had a red ball. She liked to play with the ball. Lily had a red ball. She liked"
     kw = dict(max_new_tokens=250, ignore_eos=True)
     _, cheap, first = compare(stories, prompt, FP32_TIE, **kw)
@@ -555,6 +539,59 @@ def test_int8_default_model_differs_from_plain_only_at_near_ties():
     for text in ("Tom had a red ball. Tom had a red ball. Tom", "Lily and Ben went to the park. They saw",
                  "The dog was happy. The dog was happy. The"):
         compare(lm, text, noise, max_new_tokens=150, ignore_eos=True)
+
+
+def _timed_caches(monkeypatch, cost: dict):
+    """The runtime's shared cache timed by a fake clock: a step takes 1 s, a verification ``cost["verify"]``."""
+    import edgelm.lookup
+    from edgelm.model import _SharedCache
+
+    clock = FakeClock()
+    monkeypatch.setattr(edgelm.lookup, "CLOCK", clock)
+    advance, verify = _SharedCache.advance, _SharedCache.verify
+
+    def timed_advance(self, tok, pos):
+        clock.now += 1.0
+        return advance(self, tok, pos)
+
+    def timed_verify(self, m, pos):
+        clock.now += cost["verify"]
+        return verify(self, m, pos)
+
+    monkeypatch.setattr(_SharedCache, "advance", timed_advance)
+    monkeypatch.setattr(_SharedCache, "verify", timed_verify)
+
+
+def test_int8_lookup_answers_do_not_depend_on_timing(monkeypatch):
+    """On int8 graphs a verification's rows may pick another token than one-token steps at a near-tie, so WHEN
+    lookup drafts could change the answer. The runtime therefore reads no clock there: however cheap or dear
+    verifications are, the same prompt drafts the same tokens and gives the same answer (on fp32 the clock
+    decides, test above)."""
+    lm = edgelm.load(threads=1)  # the shipped int8 model
+    cost = {"verify": 1.0}
+    _timed_caches(monkeypatch, cost)
+    text = "Tom had a red ball. Tom had a red ball. Tom had a red ball. Tom"
+    runs = []
+    for cost["verify"] in (1.0, 8.0, 1.0):
+        g = lm.generate(text, max_new_tokens=120, temperature=0, ignore_eos=True, lookup=True)
+        runs.append((list(g.token_ids), g.drafted_tokens, g.accepted_tokens))
+    assert runs[0][1] > 0 and runs[0] == runs[1] == runs[2]
+
+
+@pytest.mark.parametrize("config,quantization,exact", [
+    ({"dtype": "float32"}, None, True),
+    ({"dtype": "float16"}, None, True),
+    ({"dtype": "int4"}, {"method": "int4-fp32", "accuracy_level": 0, "gemm_matmuls": 0}, True),
+    ({"dtype": "int4"}, {"method": "int4", "accuracy_level": 4, "gemm_matmuls": 0}, False),
+    ({"dtype": "int8"}, {"method": "int8", "accuracy_level": 4, "gemm_matmuls": 60}, False),
+    ({"dtype": "int8"}, {"method": "int8-gemm", "gemm_matmuls": 121}, False),
+    ({"dtype": "int8"}, None, False),  # a folder that does not say: assume rounding
+])
+def test_which_graphs_compute_in_fp32(config, quantization, exact):
+    from edgelm.model import fp32_activations
+
+    manifest = {} if quantization is None else {"quantization": quantization}
+    assert fp32_activations(config, manifest) is exact
 
 
 # --- front ends -----------------------------------------------------------------------------------------------
