@@ -274,7 +274,7 @@ def main() -> None:
     c.add_argument("--extra", nargs="*", default=[], metavar="NAME=FOLDER")
     sub.add_parser("docs")
     a = sub.add_parser("answers")
-    a.add_argument("--modes", nargs="+", default=["none", "int8", "int8-block", "int4"])
+    a.add_argument("--modes", nargs="+", default=["none", "int8", "int8-block", "int4", "int4-fp32"])
     args = ap.parse_args()
     global MODEL, NAME
     MODEL, NAME = args.model, REAL[args.model]["name"]
