@@ -26,12 +26,14 @@ Methods (``edgelm export --quantize``):
   points alone (the former int4, ``offsets=False``) round m / d to an integer, a second rounding of every weight
   of a Q4_1 source (SmolLM2-135M-Instruct: +23.9 % perplexity), and MatMulNBits' own float zero points run ~100x
   slower in onnxruntime 1.32.
-* ``int4-fp32`` -- ``int4``'s matrices with fp32 activations (``accuracy_level`` 0): no activation is rounded, the
-  8-bit LM head runs as two exact 4-bit halves (:func:`_split_int8_node`) and the embedding table keeps a scale per
-  block of 32. From a Q4_1 GGUF with a Q8_0 table every weight is the source's own value and greedy answers are
-  the fp32 export's (SmolLM2-135M-Instruct: all 22 chat prompts identical, where int8 keeps 52 % of their leading
-  tokens). The price is decode speed (the level-0 kernel de-quantizes as it goes) and multi-token calls, which
-  de-quantize each matrix whole (prefill and prompt lookup's verifications): docs/models.md has the numbers.
+* ``int4-fp32`` -- ``int4``'s matrices with fp32 activations (``accuracy_level`` 0), the embedding table with a
+  scale per block of 32, and an 8-bit LM head whose greedy choice is an fp32-activation head's: tied to the table,
+  it ranks on the fast kernel and its best RESCORE_TOP tokens are scored again exactly from the table
+  (:func:`_rescored_head_nodes`); untied, it runs as two exact 4-bit halves at level 0 (:func:`_split_int8_node`).
+  From a Q4_1 GGUF with a Q8_0 table every weight is the source's own value and greedy answers are the fp32
+  export's (SmolLM2-135M-Instruct: all 22 chat prompts identical, where int8 keeps 52 % of their leading tokens).
+  The price is decode speed (the level-0 kernel de-quantizes as it goes) and multi-token calls, which de-quantize
+  each matrix whole (prefill and prompt lookup's verifications): docs/models.md has the numbers.
 
 The token embedding table (a Gather, not a MatMul; found by the graph's structure, whatever the exporter named it:
 :func:`embedding_tables`) is stored int8 with one scale per row and de-quantized for the gathered rows only,
@@ -455,6 +457,50 @@ def _split_int8_node(node: Any, w_name: str, w: np.ndarray, level: int) -> tuple
                          domain="com.microsoft", K=2 * k, N=n, bits=4, block_size=block, accuracy_level=level)]
 
 
+# int4-fp32 with a tied LM head: how many of the fast head's best tokens per position are scored again exactly.
+# The int8-activation head moves logits by a few hundredths (SmolLM2), so fp32's best token is among its best 8;
+# measured: the same 22 of 22 chat answers as the split head, at 117 instead of 93 tokens/s (1 thread).
+RESCORE_TOP = 8
+
+
+def _rescored_head_nodes(node: Any, w_name: str, w: np.ndarray, table: str) -> tuple[list, list]:
+    """The LM head on the fast 8-bit kernel (int8 activations per block) ranks the vocabulary; its RESCORE_TOP best
+    per position are then scored exactly: their rows of the block-scaled embedding table ``table`` (the same
+    Q8_0 values as the head's, since the head is tied to it; :func:`_quantize_embeddings` names them
+    ``table``.q8 / ``table``.block_scales) times the fp32 hidden state, scattered over the ranked logits.
+    Greedy decoding then picks what an fp32-activation head picks unless fp32's best token is not among the
+    ranked best 8; the other logits keep the int8-activation head's values."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    tensors, ranked = _nbits_node(node, w_name, w, 8, BLOCK_SIZE[8], False, ACCURACY_LEVEL)
+    x, y = node.input[0], node.output[0]
+    base = node.name or y
+    r = f"{base}/rescore"
+    ranked.output[0] = f"{r}/ranked"
+    k_name, width_name, last = f"{r}/k", f"{r}/width", f"{r}/last_axis"
+    tensors += [numpy_helper.from_array(np.array([RESCORE_TOP], np.int64), k_name),
+                numpy_helper.from_array(np.array([w.shape[0]], np.int64), width_name),
+                numpy_helper.from_array(np.array([-1], np.int64), last)]
+    return tensors, [
+        ranked,
+        helper.make_node("TopK", [f"{r}/ranked", k_name], [f"{r}/top_logits", f"{r}/top"], name=f"{r}/top",
+                         axis=-1, largest=1, sorted=0),
+        helper.make_node("Gather", [f"{table}.q8", f"{r}/top"], [f"{r}/q_rows"], name=f"{r}/q_rows", axis=0),
+        helper.make_node("Cast", [f"{r}/q_rows"], [f"{r}/f_rows"], name=f"{r}/cast", to=TensorProto.FLOAT),
+        helper.make_node("Gather", [f"{table}.block_scales", f"{r}/top"], [f"{r}/scales"], name=f"{r}/scales",
+                         axis=0),
+        helper.make_node("Mul", [f"{r}/f_rows", f"{r}/scales"], [f"{r}/blocks"], name=f"{r}/dequant"),
+        helper.make_node("Shape", [f"{r}/top"], [f"{r}/top_shape"], name=f"{r}/top_shape"),
+        helper.make_node("Concat", [f"{r}/top_shape", width_name], [f"{r}/rows_shape"], name=f"{r}/rows_shape",
+                         axis=0),
+        helper.make_node("Reshape", [f"{r}/blocks", f"{r}/rows_shape"], [f"{r}/rows"], name=f"{r}/rows"),
+        helper.make_node("Unsqueeze", [x, last], [f"{r}/hidden"], name=f"{r}/hidden"),
+        helper.make_node("MatMul", [f"{r}/rows", f"{r}/hidden"], [f"{r}/exact1"], name=f"{r}/exact"),
+        helper.make_node("Squeeze", [f"{r}/exact1", last], [f"{r}/exact"], name=f"{r}/squeeze"),
+        helper.make_node("ScatterElements", [f"{r}/ranked", f"{r}/top", f"{r}/exact"], [y], name=f"{r}/scatter",
+                         axis=-1)]
+
+
 def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-output-channel int8 of a MatMul weight ``w`` [K, N]: (q int8 [K, N], scales float32 [N]),
     w ~= q * scale. -127..127, so the int8 range is symmetric and no zero point is stored."""
@@ -575,6 +621,24 @@ def _quantize_embeddings(model: Any, vocab_size: int | None = None, block: int |
     return list(tables)
 
 
+def _tied_table(model: Any, head: str) -> str | None:
+    """The token embedding table (:func:`embedding_tables`) whose values are the LM head's, transposed (a tied
+    head our builder stores as its own [hidden, vocab] initializer), if its width is whole blocks of 32: the
+    block-scaled table then holds exactly the head's 8-bit values, so the head's best tokens can be rescored
+    from it. None otherwise."""
+    from onnx import numpy_helper
+
+    inits = _initializers(model)
+    tables = embedding_tables(model)
+    if len(tables) != 1 or head not in inits:
+        return None
+    (name,) = tables
+    table, w = inits[name], inits[head]
+    if list(table.dims) != list(w.dims)[::-1] or table.dims[1] % BLOCK_SIZE[8]:
+        return None
+    return name if np.array_equal(numpy_helper.to_array(table), numpy_helper.to_array(w).T) else None
+
+
 def _drop_initializers(model: Any, names: set[str]) -> None:
     keep = [t for t in model.graph.initializer if t.name not in names]
     del model.graph.initializer[:]
@@ -583,8 +647,8 @@ def _drop_initializers(model: Any, names: set[str]) -> None:
 
 METHODS = ("int8", "int8-block", "int8-gemm", "int4", "int4-fp32")
 # Methods whose kernels keep activations fp32 (MatMulNBits accuracy level 0) and whose tables are stored so that a
-# GGUF's Q4_1 / Q8_0 values come back exactly (8-bit LM head split into two 4-bit halves, embeddings with a scale
-# per block of 32): nothing is rounded that the source did not round. On SmolLM2-135M-Instruct all 22 greedy chat
+# GGUF's Q4_1 / Q8_0 values come back exactly (embeddings with a scale per block of 32; the 8-bit LM head rescored
+# or split, RESCORE_TOP): nothing that decides a greedy token is rounded that the source did not round. On SmolLM2-135M-Instruct all 22 greedy chat
 # answers are fp32's; each part taken away alone (benchmarks/fp32_activations.py): per-row embedding scales 89.9 %
 # of fp32's answers, int8 activations in the head 84.5 %, in one kind of 4-bit matrix 64.5-95.5 %, in all of them
 # 71.2 %: any int8 rounding of activations flips some of the near-ties that decide greedy answers.
@@ -855,6 +919,8 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
 
     head = lm_head_weight(model)
     level = 0 if method in FP32_ACTIVATIONS else ACCURACY_LEVEL
+    # fp32 activations with a head tied to a table that will be block-scaled: rank on the fast kernel, rescore
+    tied = _tied_table(model, head) if level == 0 and head and "embeddings" not in keep else None
 
     def make(node: Any, w_name: str, w: np.ndarray) -> tuple[list, Any] | None:
         kind = kinds.get(node.name)
@@ -865,6 +931,8 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
         if bits != 8 and (kind == "block8" or (kind is None and w_name == head)):
             # int4 keeps the LM head at 8 bits unless the plan says otherwise: its error lands on the logits
             # directly (SmolLM2-135M-Instruct: +33 % perplexity with a 4-bit head, +24 % with an 8-bit one).
+            if level == 0 and tied and w_name == head:
+                return _rescored_head_nodes(node, w_name, w, tied)
             if level == 0:  # bits=8 has no fast fp32-activation kernel: the same values as two 4-bit halves
                 return _split_int8_node(node, w_name, w, level)  # None (left fp32) if K is not whole blocks
             return _nbits_node(node, w_name, w, 8, BLOCK_SIZE[8], False)
@@ -880,6 +948,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
                   and _attr(n, "bits") == bits and not n.input[1].endswith(".q8_split"))
     n_block8 = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits" and bits != 8
                    and (_attr(n, "bits") == 8 or n.input[1].endswith(".q8_split")))
+    rescored = any(n.op_type == "TopK" and n.name.endswith("/rescore/top") for n in model.graph.node)
     info.update(dtype=f"int{bits}", gemm_matmuls=n_gemm, block_matmuls=n_block)
     if n_block:
         info.update(block_size=block, accuracy_level=level)
@@ -900,6 +969,9 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
         info.update(offsets=bool(offsets), offset_matmuls=n_offset)
     if n_block8:
         split = " as two 4-bit halves over [x, x], activations fp32" if level == 0 else ""
+        if rescored:
+            split = (f", activations int8 per block; its best {RESCORE_TOP} tokens per position rescored exactly "
+                     "from the embedding table")
         parts.append(f"{n_block8} MatMuls int8 symmetric, blocks of {BLOCK_SIZE[8]} (MatMulNBits{split})")
         info["int8_matmuls"] = n_block8
     info["weights"] = "; ".join(parts) or "fp32"
@@ -909,6 +981,10 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
         info["smoothed_nodes"] = sorted(smooth)
     exact_tables = BLOCK_SIZE[8] if level == 0 else None  # row scales cost int4-fp32 10 points of agreement
     info["embeddings"] = [] if "embeddings" in keep else _quantize_embeddings(model, block=exact_tables)
+    if tied and tied not in info["embeddings"]:  # cannot happen for a table _tied_table accepted; never ship it
+        raise RuntimeError(f"the rescored LM head reads {tied}.q8, which was not written")
+    if rescored:
+        info["rescored_top"] = RESCORE_TOP
     if info["embeddings"] and exact_tables:
         info["embedding_block_size"] = exact_tables
     if not any(o.domain == "com.microsoft" for o in model.opset_import):

@@ -110,3 +110,42 @@ def test_block_scaled_embeddings_keep_any_ids_shape(tmp_path):
             assert np.array_equal(x[0], table[[7, 0, 299]])
         else:
             assert np.abs(x[0] - table[[7, 0, 299]]).max() <= np.abs(table).max() / 127
+
+
+def test_a_tied_head_ranks_on_the_fast_kernel_and_rescores_its_best_exactly(tmp_path):
+    """A head tied to the (Q8_0) embedding table runs on the 8-bit kernel with int8 activations, and its best
+    RESCORE_TOP tokens per position are scored again in fp32 from the block-scaled table: every row's best token
+    and its logit are the fp32 graph's; the rest keep the fast kernel's approximate values."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = _q8_0_grid(96, 512, seed=4).T.copy()  # [vocab 512, hidden 96]; the head is its transpose (tied)
+    gamma = np.random.default_rng(8).uniform(0.5, 1.5, 96).astype(np.float32)  # a norm's weight: off the grid
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
+         helper.make_node("Mul", ["e", "gamma"], ["x"], name="norm"),
+         helper.make_node("MatMul", ["x", "lm_head.weight"], ["logits"], name="lm_head")], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 512])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(gamma, "gamma"),
+         numpy_helper.from_array(np.ascontiguousarray(table.T), "lm_head.weight")])
+    src, dst = tmp_path / "tied.onnx", tmp_path / "tied-q.onnx"
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    info = q.quantize_model(src, dst, method="int4-fp32")
+    assert info["rescored_top"] == q.RESCORE_TOP and "rescored exactly" in info["weights"]
+    assert info["embeddings"] == ["table"]
+    ops = [n.op_type for n in _ops(dst)]
+    assert "TopK" in ops and "ScatterElements" in ops
+    head = next(n for n in _ops(dst) if n.name == "lm_head")  # one 8-bit head over x, not two halves over [x, x]
+    assert q._attr(head, "bits") == 8 and q._attr(head, "K") == 96
+    assert q._attr(head, "accuracy_level") == q.ACCURACY_LEVEL
+    ids = [3, 1, 4, 1, 5, 9, 2]
+    ref = (table[ids] * gamma) @ table.T
+    for rows in (slice(None), slice(-1, None)):  # a prefill, then one decode row
+        got = _run_all(dst, ids[rows])[0][0]
+        r = ref[rows]
+        best = r.argmax(axis=-1)
+        assert np.array_equal(got.argmax(axis=-1), best)
+        np.testing.assert_allclose(got[np.arange(len(best)), best], r[np.arange(len(best)), best], rtol=0,
+                                   atol=1e-5 * np.abs(r).max())
+    # the tail is the fast kernel's: int8 activations move it (what the rescoring corrects at the top)
+    assert np.abs(got - r).max() > 1e-4 * np.abs(r).max()
