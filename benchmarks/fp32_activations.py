@@ -3,8 +3,9 @@
     python benchmarks/fp32_activations.py run     # results/fp32-activations-smollm2.{json,md} (~8 min on 2 cores)
 
 ``int4-fp32`` (export/quantize.py) is int4 with three changes: fp32 activations (MatMulNBits accuracy level 0) in
-the 4-bit matrices, the 8-bit LM head as two exact 4-bit halves so that it runs at level 0 too, and an embedding
-table with one scale per block of 32 (a Q8_0 table comes back exactly) instead of one per row. The variants here
+the 4-bit matrices, an embedding table with one scale per block of 32 (a Q8_0 table comes back exactly) instead of
+one per row, and an LM head whose greedy choice is fp32's: a tied head ranks on the fast 8-bit kernel and scores
+its best 8 tokens again exactly from that table; an untied one runs as two exact 4-bit halves at level 0. The variants here
 are built from the fp32 export (``benchmarks/real_models.py prepare --modes none int4-fp32``) by the product's own
 ``quantize_model`` and then edited: one part undone at a time, or int8 activations (level 4) put back into one kind
 of matrix only. Scored like benchmarks/chat_agreement.py (its prompts, fp32 references and metrics; 2 threads).
@@ -25,9 +26,12 @@ NAME = "fp32-activations-smollm2"
 KINDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def _build(name: str, *, rows: bool = False, level4: tuple[str, ...] = (), head_level4: bool = False) -> Path:
-    """int4-fp32 from the fp32 export, then: ``rows`` per-row embedding scales; ``level4`` the 4-bit matrices whose
-    node name contains one of these at accuracy level 4 (int8 activations); ``head_level4`` the split head too."""
+def _build(name: str, *, rows: bool = False, split_head: bool = False, level4: tuple[str, ...] = (),
+           head_level4: bool = False) -> Path:
+    """int4-fp32 from the fp32 export, then: ``rows`` per-row embedding scales; ``split_head`` the tied head as
+    two exact 4-bit halves at fp32 activations instead of the fast head + exact rescoring of its best tokens;
+    ``level4`` the 4-bit matrices whose node name contains one of these at accuracy level 4 (int8 activations);
+    ``head_level4`` the split head at level 4 too (no rescoring: the head's int8 activations alone)."""
     import onnx
 
     from edgelm_export import quantize as q
@@ -37,13 +41,15 @@ def _build(name: str, *, rows: bool = False, level4: tuple[str, ...] = (), head_
         return dst
     src = ca.fp32_dir()
     ca._copy_side_files(src, dst)
-    original = q._quantize_embeddings
+    saved = q._quantize_embeddings, q._tied_table
     if rows:
-        q._quantize_embeddings = lambda model, vocab_size=None, block=None: original(model, vocab_size, None)
+        q._quantize_embeddings = lambda model, vocab_size=None, block=None: saved[0](model, vocab_size, None)
+    if rows or split_head or head_level4:  # the rescoring reads the block-scaled table: without it, split
+        q._tied_table = lambda model, head: None
     try:
         info = q.quantize_model(src / "model.onnx", dst / "model.onnx", method="int4-fp32")
     finally:
-        q._quantize_embeddings = original
+        q._quantize_embeddings, q._tied_table = saved
     if level4 or head_level4:
         model = onnx.load(str(dst / "model.onnx"))
         for node in model.graph.node:
@@ -60,8 +66,10 @@ def _build(name: str, *, rows: bool = False, level4: tuple[str, ...] = (), head_
 def variants() -> list[tuple[str, Path]]:
     out = [("int4 (int8 activations everywhere, per-row embeddings)", ca.MODELS / "smollm2-135m-int4"),
            ("int4-fp32", _build("full")),
-           ("int4-fp32, per-row embedding scales", _build("rows", rows=True)),
-           ("int4-fp32, LM head at int8 activations", _build("head4", head_level4=True))]
+           ("int4-fp32, head as two exact 4-bit halves at fp32 activations (no rescoring)",
+            _build("split", split_head=True)),
+           ("int4-fp32, per-row embedding scales (split head)", _build("rows", rows=True)),
+           ("int4-fp32, LM head at int8 activations (no rescoring)", _build("head4", head_level4=True))]
     for kind in KINDS:
         out.append((f"int4-fp32, int8 activations in every {kind}", _build(f"l4-{kind}", level4=(kind,))))
     out.append(("int4-fp32, int8 activations in all 4-bit matrices (head and tables exact)",
