@@ -46,6 +46,22 @@ def fallbacks(method: str, source_info: dict[str, Any]) -> tuple[str, ...]:
     return alts
 
 
+# Below this share of fp32's chat answers, the card and the export summary point at int4-fp32 (issue 12's bar).
+CHAT_AGREEMENT_HINT_BELOW = 0.90
+
+
+def chat_agreement_hint(method: str, metrics: dict[str, Any]) -> str | None:
+    """A line for the card and the export summary when a quantized chat model's greedy answers leave fp32's
+    (every mode with int8 activations flips near-ties: docs/models.md); None when they do not, or the mode is
+    already int4-fp32 (then what is left is the weights' own rounding)."""
+    share = metrics.get("chat_prefix_agreement")
+    if share is None or share >= CHAT_AGREEMENT_HINT_BELOW or method == "int4-fp32":
+        return None
+    return (f"Chat answers follow fp32's for {100 * share:.0f} % of their length: int8 activations flip near-ties. "
+            "For answers that follow fp32's, export with `--quantize int4-fp32` (fp32 activations; a Q4_0/Q4_1/Q8_0 "
+            "GGUF's weights come back exactly; decodes slower).")
+
+
 DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent / "data" / "eval-sample.txt"
 
 
@@ -314,6 +330,9 @@ def model_card(report: ExportReport, shape: Any, src: Path, quant: dict[str, Any
                              f"token at {100 * m['chat_step_agreement']:.1f} % of the steps (one near-tie ends an "
                              "answer's shared prefix, but counts once here)" if "chat_step_agreement" in m else "")
                           + "."]
+            hint = chat_agreement_hint(quant.get("method", ""), m)
+            if hint:
+                lines += ["", hint]
         if m.get("auto"):
             lines += ["", "`--quantize auto` tried, fastest first:", "", "| mode | perplexity change | size | within gate |",
                       "| --- | --- | --- | --- |"]

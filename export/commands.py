@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 from edgelm.errors import TrainingError
 from edgelm_export.assemble import DEFAULT_MAX_CONTEXT as EXPORT_MAX_CONTEXT
+from edgelm_export.assemble import chat_agreement_hint
 from edgelm_export.convert import QUANTIZE_CHOICES as EXPORT_QUANTIZE_CHOICES
 from edgelm_export.distill import distill, distill_defaults, sample_corpus
 from edgelm_export.recipe import BUILD_STAGES, build_recipe, load_recipe, parse_set
@@ -326,6 +327,9 @@ def _run_export(args: argparse.Namespace) -> int:
         for t in m.get("auto") or []:
             print(f"  auto tried {t['method']}: {100 * t['ppl_increase']:+.2f} % "
                   f"({'within' if t['passed'] else 'over'} the gate)")
+        hint = chat_agreement_hint(report.quantization, m)
+        if hint:
+            print(hint)
     elif "fp32_perplexity" in m:
         print(f"perplexity {m['fp32_perplexity']:.4f}, bits/byte {m['fp32_bits_per_byte']:.4f}")
     return 0

@@ -129,10 +129,25 @@ def test_int4_fp32_exports_end_to_end_and_lookup_stays_exact(tmp_path):
     m = json.loads((out / "edgelm.json").read_text())
     q = m["quantization"]
     assert q["method"] == "int4-fp32" and q["accuracy_level"] == 0 and q["embedding_block_size"] == 32
-    assert "activations fp32" in q["weights"] and "activations int8" not in q["weights"]
+    assert "activations fp32" in q["weights"]
+    assert q["rescored_top"] == 8  # stories260K ties its head: ranked on the fast kernel, its best 8 rescored
     assert "activations fp32" in (out / "README.md").read_text()
     lm = edgelm.load(str(out), threads=1)
     prompt = "Tom had a red ball. Tom had a red ball. Tom had a red ball. Tom had"
     plain = lm.generate(prompt, max_new_tokens=40, temperature=0, ignore_eos=True)
     fast = lm.generate(prompt, max_new_tokens=40, temperature=0, ignore_eos=True, lookup=True)
     assert fast.drafted_tokens > 0 and list(fast.token_ids) == list(plain.token_ids)
+
+
+@pytest.mark.parametrize("method,share,says", [("int8", 0.52, True), ("int8-block", 0.899, True), ("int8", 0.95, False),
+                                               ("int4-fp32", 0.5, False), ("int8", None, False)])
+def test_low_chat_agreement_points_at_int4_fp32(method, share, says):
+    """A chat model whose quantized answers leave fp32's gets one line naming the mode that keeps them (card and
+    export summary); not when they follow fp32 closely, not for int4-fp32 itself, not for a base model."""
+    from edgelm_export.assemble import chat_agreement_hint
+
+    metrics = {} if share is None else {"chat_prefix_agreement": share}
+    hint = chat_agreement_hint(method, metrics)
+    assert (hint is not None) == says
+    if says:
+        assert "--quantize int4-fp32" in hint and f"{100 * share:.0f} %" in hint

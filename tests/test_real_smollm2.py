@@ -70,6 +70,8 @@ def test_default_int8_stays_within_one_percent_of_fp32(smollm2_int8):
     # benchmarks/results/chat-agreement-smollm2.md): the answers part at near-ties, not from a broken model
     assert metrics["chat_step_agreement"] >= 0.94, metrics
     assert m["source"]["gguf"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    # the card tells the user which mode keeps fp32's answers
+    assert "--quantize int4-fp32" in (smollm2_int8 / "README.md").read_text(encoding="utf-8")
 
 
 def test_int8_chats(smollm2_int8):
