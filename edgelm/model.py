@@ -355,10 +355,11 @@ def _token_ids(config: dict[str, Any], path: Path, vocab_size: int) -> tuple[int
 
 
 def fp32_activations(config: dict[str, Any], manifest: dict[str, Any]) -> bool:
-    """Whether no kernel of the folder's graph rounds activations per call: an fp32 / fp16 export, or quantized
-    weights whose every kernel computes in fp32 (``int4-fp32``: MatMulNBits accuracy level 0, no int8 GEMM). Then a
-    multi-token call's rows are a one-token step's up to fp32 summation order, so prompt lookup may time its calls
-    to decide when to draft without that changing the answer (edgelm.lookup). Unknown formats count as False."""
+    """Whether no kernel of the folder's graph rounds activations per call: an fp32 / fp16 export, or ``int4-fp32``
+    (MatMulNBits at accuracy level 0, no int8 GEMM; its tied head ranks with int8 activations rounded per row and
+    block, which a call's other rows do not change, and rescores its best tokens in fp32). Then a multi-token call's
+    rows are a one-token step's up to fp32 summation order, so prompt lookup may time its calls to decide when to
+    draft without that changing the answer (edgelm.lookup). Unknown formats count as False."""
     if config.get("dtype") in ("float32", "float16"):
         return True
     quant = manifest.get("quantization")
