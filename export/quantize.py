@@ -459,7 +459,8 @@ def _split_int8_node(node: Any, w_name: str, w: np.ndarray, level: int) -> tuple
 
 # int4-fp32 with a tied LM head: how many of the fast head's best tokens per position are scored again exactly.
 # The int8-activation head moves logits by a few hundredths (SmolLM2), so fp32's best token is among its best 8;
-# measured: the same 22 of 22 chat answers as the split head, at 117 instead of 93 tokens/s (1 thread).
+# on SmolLM2-135M-Instruct the same 22 of 22 chat answers as the split head (benchmarks/fp32_activations.py), and
+# 103 instead of 85 tokens/s at 1 thread (benchmarks/results/real-smollm2.md, this run and the one at 49afd91).
 RESCORE_TOP = 8
 
 
