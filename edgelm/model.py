@@ -355,12 +355,12 @@ def _token_ids(config: dict[str, Any], path: Path, vocab_size: int) -> tuple[int
 
 
 def fp32_activations(config: dict[str, Any], manifest: dict[str, Any]) -> bool:
-    """Whether no kernel of the folder's graph rounds activations per call: an fp32 / fp16 export, or ``int4-fp32``
+    """Whether no kernel of the folder's graph rounds activations per call: an fp32 export, or ``int4-fp32``
     (MatMulNBits at accuracy level 0, no int8 GEMM; its tied head ranks with int8 activations rounded per row and
     block, which a call's other rows do not change, and rescores its best tokens in fp32). Then a multi-token call's
     rows are a one-token step's up to fp32 summation order, so prompt lookup may time its calls to decide when to
     draft without that changing the answer (edgelm.lookup). Unknown formats count as False."""
-    if config.get("dtype") in ("float32", "float16"):
+    if config.get("dtype") == "float32":  # (fp16 graphs: not measured, so not assumed)
         return True
     quant = manifest.get("quantization")
     return (isinstance(quant, dict) and quant.get("accuracy_level") == 0 and not quant.get("gemm_matmuls")
@@ -402,7 +402,9 @@ class Model:
             threads = default_threads(size)
         self.threads = threads
         self.spin: bool = default_spin(threads) if spin is None else spin
-        self._rows_exact = fp32_activations(cfg, folder.manifest)
+        # Prompt lookup gives exactly plain greedy decoding's tokens here (no activation rounded per call), so it may
+        # time its calls, and a server may turn it on by itself (edgelm.server, lookup="auto").
+        self.lookup_exact: bool = fp32_activations(cfg, folder.manifest)
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
@@ -742,7 +744,7 @@ class Model:
             # The last generated token is never fed, so fed tokens take slots up to n_prompt + max_new - 2.
             advance = lookup = LookupAdvance(steps, prompt, min(n_prompt + req.max_new_tokens - 2,
                                                                 self.context_length - 1),
-                                             measured=self._rows_exact)
+                                             measured=self.lookup_exact)
         try:
             gen = yield from self._decode(req, n_prompt, sampler, detok, matcher, eos, t_start, first, advance)
         finally:

@@ -83,10 +83,18 @@ DEFAULT_MAX_CONNECTIONS = 128
 # cannot point them at another machine.
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 API_KEY_ENV = "EDGELM_API_KEY"
-# Prompt lookup for greedy requests (temperature 0; edgelm.lookup, docs/lookup.md). Off by default: on the int8
-# models it changes greedy output at near-ties (a multi-token call quantizes its activations together), and
-# the speed-up depends on the model and the task (benchmarks/results/lookup.md).
-DEFAULT_LOOKUP = False
+# Prompt lookup for greedy requests (temperature 0; edgelm.lookup, docs/lookup.md). "auto": on for the models where
+# it returns exactly plain greedy's tokens (Model.lookup_exact: fp32 and int4-fp32 graphs), which the
+# measurements let it be (never below 0.96x plain on any task, up to 4.9x on extraction:
+# benchmarks/results/lookup-measured-cost.md); off on int8 graphs, where a multi-token call rounds its activations
+# together and greedy answers could change at near-ties. True / False force it on / off for every model.
+DEFAULT_LOOKUP: bool | str = "auto"
+LOOKUP_CHOICES = (True, False, "auto")
+
+
+def _uses_lookup(model: Any, lookup: bool | str) -> bool:
+    """Whether greedy requests to ``model`` use prompt lookup under the server's ``lookup`` setting."""
+    return lookup is True or (lookup == "auto" and getattr(model, "lookup_exact", False) is True)
 
 # The model's finish reasons -> OpenAI's. An end-of-sequence token is a natural stop for OpenAI clients.
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -600,7 +608,7 @@ class _Engine:
                                        code="shutting_down", headers={"Retry-After": "5"}))
 
 
-def _generation_work(model: Any, req: _Request, lookup: bool = False) -> Callable[[_Job], bool]:
+def _generation_work(model: Any, req: _Request, lookup: bool | str = False) -> Callable[[_Job], bool]:
     """The worker side of one request: run the model's stream, stopping between tokens once cancelled.
 
     Non-streamed requests run through the stream too (without sending pieces), so a client that hangs up
@@ -610,11 +618,12 @@ def _generation_work(model: Any, req: _Request, lookup: bool = False) -> Callabl
     # The runtime's Model caps a default max_new_tokens to the room the prompt leaves itself, tokenizing the
     # prompt once; other models (a Hybrid) get the cap worked out here.
     fit = (lambda: dict(req.gen_kwargs)) if _is_runtime_model(model) else (lambda: _fit_default_max_tokens(model, req))
+    use_lookup = _uses_lookup(model, lookup)
 
     def work(job: _Job) -> bool:
         pieces: list[str] = []
         kwargs = fit()
-        if lookup:  # the model ignores it for sampled requests
+        if use_lookup:  # the model ignores it for sampled requests
             kwargs["lookup"] = True
         # Arguments are validated here, before any decoding; errors go back to the request as an "error".
         it: Iterator[str] = (model.chat_stream(req.prompt, **req.chat_kwargs, **kwargs) if req.kind == "chat"
@@ -773,7 +782,7 @@ class EdgeLMServer:
     """The state behind one app: models, the worker pool and the optional API key."""
 
     def __init__(self, model_or_models: Any, *, api_key: str | None, max_queue: int, workers: int,
-                 max_body_bytes: int, lookup: bool = DEFAULT_LOOKUP, chars_per_token: int = DEFAULT_CHARS_PER_TOKEN,
+                 max_body_bytes: int, lookup: bool | str = DEFAULT_LOOKUP, chars_per_token: int = DEFAULT_CHARS_PER_TOKEN,
                  body_timeout: float = DEFAULT_BODY_TIMEOUT):
         for name, value, low in (("workers", workers, 1), ("max_queue", max_queue, 1),
                                  ("max_body_bytes", max_body_bytes, 1), ("chars_per_token", chars_per_token, 1)):
@@ -782,8 +791,8 @@ class EdgeLMServer:
         self.body_timeout = _positive_seconds("body_timeout", body_timeout)
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
             raise InvalidArgumentError("api_key must be a non-empty string (or None for no key).")
-        if not isinstance(lookup, bool):
-            raise InvalidArgumentError(f"lookup must be a bool, got {lookup!r}.")
+        if not any(lookup is c or (isinstance(c, str) and lookup == c) for c in LOOKUP_CHOICES):
+            raise InvalidArgumentError(f"lookup must be True, False or 'auto', got {lookup!r}.")
         self.lookup_drafts = lookup
         self.models = _models_map(model_or_models)
         self.default_model = next(iter(self.models))
@@ -1164,7 +1173,7 @@ class _Guard:
 
 def create_app(model_or_models: Any, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                workers: int = DEFAULT_WORKERS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               lookup: bool = DEFAULT_LOOKUP, allowed_hosts: Any = (), cors_origins: Any = (),
+               lookup: bool | str = DEFAULT_LOOKUP, allowed_hosts: Any = (), cors_origins: Any = (),
                chars_per_token: int = DEFAULT_CHARS_PER_TOKEN,
                body_timeout: float = DEFAULT_BODY_TIMEOUT) -> Starlette:
     """Build the ASGI app serving ``model_or_models`` (a Model, a list of Models, or a dict ``{id: Model}``).
@@ -1176,7 +1185,8 @@ def create_app(model_or_models: Any, *, api_key: str | None = None, max_queue: i
     characters 400 (before tokenizing). ``allowed_hosts``: host names accepted in ``Host`` besides local
     names and IP addresses (``"*"``: any); ``cors_origins``: web origins that may call the server (none by
     default; ``"*"``: any). ``lookup``: greedy requests (temperature 0) use prompt lookup
-    (``Model.generate(lookup=True)``). The server state is at ``app.state.edgelm`` (an :class:`EdgeLMServer`).
+    (``Model.generate(lookup=True)``): True, False, or "auto" (the default: for the models whose lookup returns
+    exactly plain greedy's tokens, ``Model.lookup_exact``). The server state is at ``app.state.edgelm`` (an :class:`EdgeLMServer`).
     """
     from contextlib import asynccontextmanager
 
@@ -1396,7 +1406,7 @@ def _banner(url: str, model_id: str, api_key: bool) -> str:
 def serve(model_or_models: Any, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, workers: int = DEFAULT_WORKERS,
           api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           graceful_timeout: float = 30.0, log_level: str = "info",
-          on_ready: Callable[[str], None] | None = None, lookup: bool = DEFAULT_LOOKUP,
+          on_ready: Callable[[str], None] | None = None, lookup: bool | str = DEFAULT_LOOKUP,
           allowed_hosts: Any = (), cors_origins: Any = (), chars_per_token: int = DEFAULT_CHARS_PER_TOKEN,
           header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
           keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT, send_timeout: float = DEFAULT_SEND_TIMEOUT,

@@ -580,7 +580,7 @@ def test_int8_lookup_answers_do_not_depend_on_timing(monkeypatch):
 
 @pytest.mark.parametrize("config,quantization,exact", [
     ({"dtype": "float32"}, None, True),
-    ({"dtype": "float16"}, None, True),
+    ({"dtype": "float16"}, None, False),  # not measured: not assumed
     ({"dtype": "int4"}, {"method": "int4-fp32", "accuracy_level": 0, "gemm_matmuls": 0}, True),
     ({"dtype": "int4"}, {"method": "int4", "accuracy_level": 4, "gemm_matmuls": 0}, False),
     ({"dtype": "int8"}, {"method": "int8", "accuracy_level": 4, "gemm_matmuls": 60}, False),
@@ -630,6 +630,39 @@ def test_server_option_turns_lookup_on_for_requests(stories, monkeypatch):
     assert seen == [True]
     assert r.json()["choices"][0]["text"] == stories.generate(prompt, max_new_tokens=40, temperature=0,
                                                               lookup=True).text
+
+
+def test_server_default_turns_lookup_on_only_where_it_is_exact(stories, monkeypatch):
+    """The server's default "auto": greedy requests to an fp32 model (lookup_exact) use lookup, to the shipped int8
+    model they do not; True / False force it for both, anything else is refused."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("starlette")
+    from edgelm import server
+    from edgelm.server import BackgroundServer, create_app
+
+    assert server.DEFAULT_LOOKUP == "auto"
+    int8 = edgelm.load(threads=1)
+    assert stories.lookup_exact is True and int8.lookup_exact is False
+    seen: dict[str, list] = {"fp32": [], "int8": []}
+    for name, lm in (("fp32", stories), ("int8", int8)):
+        original = lm.stream
+
+        def stream(prompt, _original=original, _name=name, **kw):
+            seen[_name].append(kw.get("lookup"))
+            return _original(prompt, **kw)
+
+        monkeypatch.setattr(lm, "stream", stream)
+    for setting in ("auto", True, False):
+        for name, lm in (("fp32", stories), ("int8", int8)):
+            kw = {} if setting == "auto" else {"lookup": setting}
+            with BackgroundServer(lm, workers=1, **kw) as srv:
+                r = httpx.post(srv.url + "/v1/completions", json={"prompt": "Tom had a red ball. Tom had a red",
+                                                                  "max_tokens": 8, "temperature": 0}, timeout=60)
+            assert r.status_code == 200, r.text
+    assert seen == {"fp32": [True, True, None], "int8": [None, True, None]}
+    for bad in ("on", 1, None):
+        with pytest.raises(InvalidArgumentError):
+            create_app(stories, lookup=bad)
 
 
 # --- teacher forcing (Model._forced_logits: the export gate's per-step agreement uses it) ---------------------------

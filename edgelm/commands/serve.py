@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="onnxruntime workers spin-wait (faster on idle cores, much slower on busy ones); "
                              "default: decided from the idle cores when the model loads, or $EDGELM_SPIN")
     parser.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=server.DEFAULT_LOOKUP,
-                        help="prompt-lookup decoding for greedy requests (docs/lookup.md; default: off)")
+                        help="prompt-lookup decoding for greedy requests (docs/lookup.md; default: on for models where "
+                             "it gives exactly plain greedy's tokens -- fp32, int4-fp32 -- off for int8)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="server log level (default: %(default)s)")
 
