@@ -363,8 +363,7 @@ def fp32_activations(config: dict[str, Any], manifest: dict[str, Any]) -> bool:
     if config.get("dtype") == "float32":  # (fp16 graphs: not measured, so not assumed)
         return True
     quant = manifest.get("quantization")
-    return (isinstance(quant, dict) and quant.get("accuracy_level") == 0 and not quant.get("gemm_matmuls")
-            and not quant.get("smoothed_nodes"))
+    return isinstance(quant, dict) and quant.get("accuracy_level") == 0 and not quant.get("gemm_matmuls")
 
 
 class Model:

@@ -54,8 +54,10 @@ def chat_agreement_hint(method: str, metrics: dict[str, Any]) -> str | None:
     """A line for the card and the export summary when a quantized chat model's greedy answers leave fp32's
     (every mode with int8 activations flips near-ties: docs/models.md); None when they do not, or the mode is
     already int4-fp32 (then what is left is the weights' own rounding)."""
+    from .quantize import FP32_ACTIVATIONS
+
     share = metrics.get("chat_prefix_agreement")
-    if share is None or share >= CHAT_AGREEMENT_HINT_BELOW or method == "int4-fp32":
+    if share is None or share >= CHAT_AGREEMENT_HINT_BELOW or method in FP32_ACTIVATIONS:
         return None
     return (f"Chat answers follow fp32's for {100 * share:.0f} % of their length: int8 activations flip near-ties. "
             "For answers that follow fp32's, export with `--quantize int4-fp32` (fp32 activations; a Q4_0/Q4_1/Q8_0 "

@@ -904,7 +904,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     smooth = getattr(plan, "smooth", {}) if method == "int8" else {}
     if smooth:
         _fold_smoothing(model, smooth)
-    if method in ("int4", "int4-fp32"):
+    if method.startswith("int4"):
         bits, block, asym = 4, int4_block, True
     else:
         bits, block, asym = 8, BLOCK_SIZE[8], False
