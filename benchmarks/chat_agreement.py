@@ -243,7 +243,12 @@ def table() -> None:
         lines.append(f"| {r['candidate']} | {100 * r['prefix_agreement']:.1f} % | {r['identical_answers']} / "
                      f"{len(r['per_prompt'])} | {'—' if tf is None else f'{100 * tf:.1f} %'} | "
                      + (f"{statistics.median(gaps):.2f} ({len(gaps)} divergences)" if gaps else "—") + " |")
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_table(NAME, lines)
+
+
+def write_table(name: str, lines: list[str]) -> None:
+    """results/NAME.md from the table's lines, printed too (the sibling benchmarks share it)."""
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 

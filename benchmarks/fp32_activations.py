@@ -116,8 +116,7 @@ def table() -> None:
     for r in data["rows"]:
         lines.append(f"| {r['candidate']} | {100 * r['prefix_agreement']:.1f} % | {r['identical_answers']} / "
                      f"{data['prompts']} | {100 * r['teacher_forced_agreement']:.1f} % |")
-    (ca.RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    ca.write_table(NAME, lines)
 
 
 def main() -> None:

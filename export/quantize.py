@@ -19,7 +19,8 @@ Methods (``edgelm export --quantize``):
   features, ``accuracy_level`` 4 (activations quantized per block inside the kernel): the most accurate int8,
   a little faster decode on very small models, 2-2.5x slower prefill.
 * ``int4`` -- "scale + min" 4-bit blocks of ``INT4_BLOCK``: each block of a column is w ~= d * q + m, q in 0..15,
-  with a float offset m (llama.cpp's Q4_1 layout; :func:`quantize_offset_blocks`), the LM head at 8 bits. The
+  with a float offset m (llama.cpp's Q4_1 layout; :func:`quantize_offset_blocks`), the LM head at 8 bits (tied
+  to the table: ranked at int8 activations, its best RESCORE_TOP tokens rescored exactly, as in ``int4-fp32``). The
   kernel stays the fast one: ``MatMulNBits`` with the nearest integer zero point z = round(-m / d) computes
   d * (q - z), and the graph adds the fraction it misses, sum_b (m_b + z_b d_b) * (sum of x over block b), as a
   small MatMul of the activations' block sums (1/32 of the weights' count; :func:`_offset_nodes`). Integer zero
@@ -457,23 +458,29 @@ def _split_int8_node(node: Any, w_name: str, w: np.ndarray, level: int) -> tuple
                          domain="com.microsoft", K=2 * k, N=n, bits=4, block_size=block, accuracy_level=level)]
 
 
-# int4-fp32 with a tied LM head: how many of the fast head's best tokens per position are scored again exactly.
-# The int8-activation head moves logits by a few hundredths (SmolLM2), so fp32's best token is among its best 8;
-# on SmolLM2-135M-Instruct the same 22 of 22 chat answers as the split head (benchmarks/fp32_activations.py), and
-# 103 instead of 85 tokens/s at 1 thread (benchmarks/results/real-smollm2.md, this run and the one at 49afd91).
+# A tied LM head (SmolLM2 and most small models) decides greedy tokens in two steps in int4 and int4-fp32: the
+# head on the fast kernel (RANK_BITS-bit blocks, int8 activations per block) ranks the vocabulary, then its
+# RESCORE_TOP best tokens per position are scored again exactly (their rows of the block-scaled 8-bit table times
+# the fp32 hidden state). Greedy decoding picks what an fp32-activation head picks unless that token is not among
+# the ranked best. SmolLM2-135M-Instruct, 22 chat prompts (benchmarks/rescored_head.py,
+# results/rescored-head-smollm2.md): int4-fp32 keeps 22 of 22 answers with the best 8 rescored; int4 goes from 54 % to 71 % of fp32's leading tokens.
+# A 4-bit ranking head (half the bytes of the largest matrix) decoded 5-12 % faster but its tail logits, which
+# perplexity reads, cost +1.3 to +1.8 points of perplexity with the best 32-64 rescored; rescoring more (256: +0.5)
+# makes score()'s windows gigabytes ([positions, top, hidden] rows). So the ranking stays at 8 bits.
+RANK_BITS = 8
 RESCORE_TOP = 8
 
 
 def _rescored_head_nodes(node: Any, w_name: str, w: np.ndarray, table: str) -> tuple[list, list]:
-    """The LM head on the fast 8-bit kernel (int8 activations per block) ranks the vocabulary; its RESCORE_TOP best
-    per position are then scored exactly: their rows of the block-scaled embedding table ``table`` (the same
-    Q8_0 values as the head's, since the head is tied to it; :func:`_quantize_embeddings` names them
-    ``table``.q8 / ``table``.block_scales) times the fp32 hidden state, scattered over the ranked logits.
-    Greedy decoding then picks what an fp32-activation head picks unless fp32's best token is not among the
-    ranked best 8; the other logits keep the int8-activation head's values."""
+    """The LM head on the fast kernel (RANK_BITS-bit blocks, int8 activations per block) ranks the vocabulary;
+    its RESCORE_TOP best per position are then scored exactly: their rows of the block-scaled embedding table
+    ``table`` (the same Q8_0 values as the head's, since the head is tied to it; :func:`_quantize_embeddings`
+    names them ``table``.q8 / ``table``.block_scales) times the fp32 hidden state, scattered over the ranked
+    logits. Greedy decoding then picks what an fp32-activation 8-bit head picks unless that token is not among
+    the ranked best; the other logits keep the ranking head's values."""
     from onnx import TensorProto, helper, numpy_helper
 
-    tensors, ranked = _nbits_node(node, w_name, w, 8, BLOCK_SIZE[8], False, ACCURACY_LEVEL)
+    tensors, ranked = _nbits_node(node, w_name, w, RANK_BITS, BLOCK_SIZE[RANK_BITS], RANK_BITS < 8, ACCURACY_LEVEL)
     x, y = node.input[0], node.output[0]
     base = node.name or y
     r = f"{base}/rescore"
@@ -654,6 +661,8 @@ METHODS = ("int8", "int8-block", "int8-gemm", "int4", "int4-fp32")
 # of fp32's answers, int8 activations in the head 84.5 %, in one kind of 4-bit matrix 64.5-95.5 %, in all of them
 # 71.2 %: any int8 rounding of activations flips some of the near-ties that decide greedy answers.
 FP32_ACTIVATIONS = ("int4-fp32",)
+# Methods whose tied LM head ranks cheaply and rescores its best tokens exactly (RANK_BITS, RESCORE_TOP).
+RESCORED_HEADS = ("int4", "int4-fp32")
 # int8's per-matrix rule: a MatMul keeps the int8 GEMM (DynamicQuantizeMatMul) only where it costs little more than
 # the block-wise kernel: its calibrated output error (one activation scale per call, per-column weights) at most
 # this many times the error of block-wise 8-bit weights with per-block activations on the same tokens (calibrate).
@@ -921,7 +930,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     head = lm_head_weight(model)
     level = 0 if method in FP32_ACTIVATIONS else ACCURACY_LEVEL
     # fp32 activations with a head tied to a table that will be block-scaled: rank on the fast kernel, rescore
-    tied = _tied_table(model, head) if level == 0 and head and "embeddings" not in keep else None
+    tied = _tied_table(model, head) if method in RESCORED_HEADS and head and "embeddings" not in keep else None
 
     def make(node: Any, w_name: str, w: np.ndarray) -> tuple[list, Any] | None:
         kind = kinds.get(node.name)
@@ -929,11 +938,11 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
             return None
         if kind == "gemm":
             return _gemm_node(node, w_name, w)
+        if tied and w_name == head and kind in (None, "block", "block8"):
+            return _rescored_head_nodes(node, w_name, w, tied)
         if bits != 8 and (kind == "block8" or (kind is None and w_name == head)):
             # int4 keeps the LM head at 8 bits unless the plan says otherwise: its error lands on the logits
             # directly (SmolLM2-135M-Instruct: +33 % perplexity with a 4-bit head, +24 % with an 8-bit one).
-            if level == 0 and tied and w_name == head:
-                return _rescored_head_nodes(node, w_name, w, tied)
             if level == 0:  # bits=8 has no fast fp32-activation kernel: the same values as two 4-bit halves
                 return _split_int8_node(node, w_name, w, level)  # None (left fp32) if K is not whole blocks
             return _nbits_node(node, w_name, w, 8, BLOCK_SIZE[8], False)
@@ -945,11 +954,13 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
 
     info["matmuls"] = _replace_matmuls(model, keep, make, f"quantize {method}", progress)
     n_gemm = sum(1 for n in model.graph.node if n.op_type == "DynamicQuantizeMatMul")
-    n_block = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits"
+    ranking = {n.name for n in model.graph.node
+               if n.op_type == "MatMulNBits" and n.output[0].endswith("/rescore/ranked")}
+    n_block = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits" and n.name not in ranking
                   and _attr(n, "bits") == bits and not n.input[1].endswith(".q8_split"))
-    n_block8 = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits" and bits != 8
+    n_block8 = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits" and bits != 8 and n.name not in ranking
                    and (_attr(n, "bits") == 8 or n.input[1].endswith(".q8_split")))
-    rescored = any(n.op_type == "TopK" and n.name.endswith("/rescore/top") for n in model.graph.node)
+    n_int8 = n_block8 + (len(ranking) if RANK_BITS == 8 else 0)
     info.update(dtype=f"int{bits}", gemm_matmuls=n_gemm, block_matmuls=n_block)
     if n_block:
         info.update(block_size=block, accuracy_level=level)
@@ -970,22 +981,24 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
         info.update(offsets=bool(offsets), offset_matmuls=n_offset)
     if n_block8:
         split = " as two 4-bit halves over [x, x], activations fp32" if level == 0 else ""
-        if rescored:
-            split = (f", activations int8 per block; its best {RESCORE_TOP} tokens per position rescored exactly "
-                     "from the embedding table")
         parts.append(f"{n_block8} MatMuls int8 symmetric, blocks of {BLOCK_SIZE[8]} (MatMulNBits{split})")
-        info["int8_matmuls"] = n_block8
+    if n_int8:
+        info["int8_matmuls"] = n_int8
+    if ranking:
+        parts.append(f"the LM head ranks the vocabulary at {RANK_BITS} bits (MatMulNBits, blocks of "
+                     f"{BLOCK_SIZE[RANK_BITS]}, activations int8 per block); its best {RESCORE_TOP} tokens per "
+                     "position rescored exactly (fp32 activations) from the 8-bit embedding table it is tied to")
+        info.update(rescored_top=RESCORE_TOP, rank_bits=RANK_BITS)
     info["weights"] = "; ".join(parts) or "fp32"
     if method == "int8":
         info["gemm_max_ratio"] = GEMM_MAX_RATIO
         info["block_nodes"] = sorted(name for name, kind in kinds.items() if kind != "gemm")
         info["smoothed_nodes"] = sorted(smooth)
-    exact_tables = BLOCK_SIZE[8] if level == 0 else None  # row scales cost int4-fp32 10 points of agreement
+    # row scales cost int4-fp32 10 points of agreement; a rescored head reads the block-scaled rows
+    exact_tables = BLOCK_SIZE[8] if level == 0 or tied else None
     info["embeddings"] = [] if "embeddings" in keep else _quantize_embeddings(model, block=exact_tables)
     if tied and tied not in info["embeddings"]:  # cannot happen for a table _tied_table accepted; never ship it
         raise RuntimeError(f"the rescored LM head reads {tied}.q8, which was not written")
-    if rescored:
-        info["rescored_top"] = RESCORE_TOP
     if info["embeddings"] and exact_tables:
         info["embedding_block_size"] = exact_tables
     if not any(o.domain == "com.microsoft" for o in model.opset_import):

@@ -112,10 +112,12 @@ def test_block_scaled_embeddings_keep_any_ids_shape(tmp_path):
             assert np.abs(x[0] - table[[7, 0, 299]]).max() <= np.abs(table).max() / 127
 
 
-def test_a_tied_head_ranks_on_the_fast_kernel_and_rescores_its_best_exactly(tmp_path):
+@pytest.mark.parametrize("method", q.RESCORED_HEADS)
+def test_a_tied_head_ranks_on_the_fast_kernel_and_rescores_its_best_exactly(tmp_path, method):
     """A head tied to the (Q8_0) embedding table runs on the 8-bit kernel with int8 activations, and its best
     RESCORE_TOP tokens per position are scored again in fp32 from the block-scaled table: every row's best token
-    and its logit are the fp32 graph's; the rest keep the fast kernel's approximate values."""
+    and its logit are the fp32 graph's; the rest keep the fast kernel's approximate values. int4 (int8
+    activations elsewhere) rescores its head the same way."""
     from onnx import TensorProto, helper, numpy_helper
 
     table = _q8_0_grid(96, 512, seed=4).T.copy()  # [vocab 512, hidden 96]; the head is its transpose (tied)
@@ -130,9 +132,9 @@ def test_a_tied_head_ranks_on_the_fast_kernel_and_rescores_its_best_exactly(tmp_
          numpy_helper.from_array(np.ascontiguousarray(table.T), "lm_head.weight")])
     src, dst = tmp_path / "tied.onnx", tmp_path / "tied-q.onnx"
     onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
-    info = q.quantize_model(src, dst, method="int4-fp32")
+    info = q.quantize_model(src, dst, method=method)
     assert info["rescored_top"] == q.RESCORE_TOP and "rescored exactly" in info["weights"]
-    assert info["embeddings"] == ["table"]
+    assert info["embeddings"] == ["table"] and info["embedding_block_size"] == 32
     ops = [n.op_type for n in _ops(dst)]
     assert "TopK" in ops and "ScatterElements" in ops
     head = next(n for n in _ops(dst) if n.name == "lm_head")  # one 8-bit head over x, not two halves over [x, x]

@@ -114,8 +114,8 @@ def test_fp32_raw_greedy_equals_transformers(smollm2_fp32, reference):
 
 def test_int4_reproduces_the_q4_1_source(smollm2_fp32, tmp_path):
     """int4's scale + min blocks put every 4-bit matrix back on the GGUF's own Q4_1 grid (the fp32 export holds its
-    dequantized weights), so what is left is the int8 rounding of activations inside MatMulNBits, the 8-bit LM head
-    and embeddings: perplexity far within the issue's 6 % (integer zero points rounded each weight again: +23.9 %)."""
+    dequantized weights), so what is left is the int8 rounding of activations inside MatMulNBits and in the LM head's
+    ranking (its best 8 tokens are rescored exactly): perplexity far within the issue's 6 % (integer zero points rounded each weight again: +23.9 %)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -126,6 +126,8 @@ def test_int4_reproduces_the_q4_1_source(smollm2_fp32, tmp_path):
     cfg = json.loads((smollm2_fp32 / "config.json").read_text())
     q_dir, info = quantized_variant(smollm2_fp32, tmp_path, cfg, {"model": "test"}, "int4", (), None, False)
     assert info["offsets"] is True and info["block_matmuls"] == 120 and info["int8_matmuls"] == 1  # the head
+    # the head is tied: it ranks on the 8-bit kernel and its best tokens are rescored from the Q8_0 table, kept exact
+    assert info["rescored_top"] == 8 and info["embedding_block_size"] == 32
     name = "layers.11.mlp.down_proj.weight"
     w = numpy_helper.to_array(next(t for t in onnx.load(str(smollm2_fp32 / "model.onnx"), load_external_data=False)
                                    .graph.initializer if t.name == name), base_dir=str(smollm2_fp32))
