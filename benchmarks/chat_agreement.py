@@ -57,11 +57,12 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy(f, dst / f.name)
 
 
-def _finish(dst: Path, cfg: dict, dtype: str) -> None:
+def _finish(dst: Path, cfg: dict, dtype: str, quantization: dict | None = None) -> None:
     from edgelm.folder import write_manifest
 
     (dst / "config.json").write_text(json.dumps(dict(cfg, dtype=dtype), indent=2) + "\n", encoding="utf-8")
-    write_manifest(dst, source={"diagnostic": "benchmarks/chat_agreement.py"})
+    extra = {"quantization": quantization} if quantization else {}
+    write_manifest(dst, source={"diagnostic": "benchmarks/chat_agreement.py"}, **extra)
 
 
 def build_head_only(src: Path, dst: Path) -> Path:

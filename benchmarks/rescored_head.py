@@ -67,7 +67,7 @@ def build(method: str, rescored: bool, bits: int, top: int) -> Path:
         info = q.quantize_model(src / "model.onnx", dst / "model.onnx", method=method)
     finally:
         q.RANK_BITS, q.RESCORE_TOP, q.RESCORED_HEADS = saved
-    ca._finish(dst, json.loads((src / "config.json").read_text()), info["dtype"])
+    ca._finish(dst, json.loads((src / "config.json").read_text()), info["dtype"], info)  # as an export writes it
     return dst
 
 
@@ -98,6 +98,7 @@ def run(threads: int, rounds: int = 3) -> None:
     paths = [build(m, r, b, t) for _, m, r, b, t in VARIANTS]
     fp32 = edgelm.load(str(ca.fp32_dir()), threads=threads)
     refs = ca.references(fp32)
+    fp32_rows = [ca.forced_choices(fp32, r["prompt_ids"], r["answer_ids"])[1] for r in refs]
     del fp32
     rows = []
     for (label, method, rescored, bits, top), path in zip(VARIANTS, paths):
@@ -105,7 +106,7 @@ def run(threads: int, rounds: int = 3) -> None:
         lm = edgelm.load(str(path), threads=threads, verify=False)
         got = [list(lm.generate(r["prompt_ids"], max_new_tokens=ca.TOKENS, temperature=0).token_ids) for r in refs]
         del lm
-        row = ca._row(label, refs, got, None, [[] for _ in refs], time.perf_counter() - t)
+        row = ca._row(label, refs, got, None, fp32_rows, time.perf_counter() - t)
         row.update(method=method, rescored=rescored, rank_bits=bits if rescored else None,
                    rescore_top=top if rescored else None,
                    ppl_increase=ppl_increase(ca.fp32_dir(), path, _eval_text(), threads),

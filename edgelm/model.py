@@ -160,6 +160,11 @@ def physical_cores() -> int:
 # vocabularies up to 65,536 entries (SmolLM2, Llama 2, the default model keep their full context); Gemma 3's
 # 262,144 entries are scored 1,024 tokens at a time.
 SCORE_LOGITS_BYTES = 2**30
+# On graphs whose rows do not depend on the call's other rows (rows_independent) and that keep their cache in
+# place ("shared"), score() runs a window in calls of at most this many tokens over the cache: the logits of one
+# call, not of the whole window, are in memory (SmolLM2, a 4,096-token window: 0.1 GB instead of 0.8, and a rescored
+# LM head's ranking copy of them the same; benchmarks/results/rescored-head-smollm2.md), with the same numbers.
+SCORE_CALL_ROWS = 512
 
 
 # Below this many bytes of weights (the graph file plus any external data), the default is ONE onnxruntime thread.
@@ -354,6 +359,17 @@ def _token_ids(config: dict[str, Any], path: Path, vocab_size: int) -> tuple[int
     return bos, eos
 
 
+def rows_independent(config: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    """Whether each row (token) of a multi-token call comes out as it would in any other call, up to fp32
+    summation order: no kernel rounds activations with one scale for the whole call. True for fp32 graphs and for
+    every quantized graph without int8 GEMMs (MatMulNBits rounds per row and block); False for int8 GEMMs
+    (DynamicQuantizeMatMul: one scale per call) and unknown formats."""
+    if config.get("dtype") == "float32":
+        return True
+    quant = manifest.get("quantization")
+    return isinstance(quant, dict) and "gemm_matmuls" in quant and not quant["gemm_matmuls"]
+
+
 def fp32_activations(config: dict[str, Any], manifest: dict[str, Any]) -> bool:
     """Whether no kernel of the folder's graph rounds activations per call: an fp32 export, or ``int4-fp32``
     (MatMulNBits at accuracy level 0, no int8 GEMM; its tied head ranks with int8 activations rounded per row and
@@ -404,6 +420,7 @@ class Model:
         # Prompt lookup gives exactly plain greedy decoding's tokens here (no activation rounded per call), so it may
         # time its calls, and a server may turn it on by itself (edgelm.server, lookup="auto").
         self.lookup_exact: bool = fp32_activations(cfg, folder.manifest)
+        self._rows_independent = rows_independent(cfg, folder.manifest)
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
@@ -818,7 +835,9 @@ class Model:
         return np.array(outs[0].numpy()[0], copy=True)
 
     def _target_logprobs(self, ids: Sequence[int], skip: int) -> "np.ndarray":
-        """log p(ids[j+1] | ids[:j+1]) for j >= skip, from one call over ``ids`` (float64).
+        """log p(ids[j+1] | ids[:j+1]) for j >= skip (float64): from one call over ``ids``, or, where the rows do
+        not depend on the call (:func:`rows_independent`) and the cache stays in place, from calls of at most
+        SCORE_CALL_ROWS tokens over the cache (the same numbers, one call's logits in memory).
 
         Works through the logits in blocks of rows, reading onnxruntime's output buffer in place, so a long
         window with a large vocabulary never needs a second full-size (or float64) copy of the logits.
@@ -826,18 +845,19 @@ class Model:
         import numpy as np
 
         ids_arr = np.asarray([ids], dtype=np.int64)  # both referenced until run() returns (see _value)
+        out = np.empty(len(ids) - 1 - skip, dtype=np.float64)
+        if self._rows_independent and self.kv_cache == "shared" and len(ids) > SCORE_CALL_ROWS:
+            cache = self._shared_cache()
+            try:
+                cache.score_rows(ids_arr[:, :-1], skip, lambda a, logits: _logprobs_into(
+                    logits, ids_arr[0, a + 1:a + 1 + len(logits)], out, a - skip))
+            finally:
+                self._release(cache)
+            return out
         pos_arr = np.arange(len(ids), dtype=np.int64)[None, :]
         outs = self._run_fn(self._prefill_feed(ids_arr, pos_arr))
         logits = outs[0].numpy()[0]  # a view: `outs` stays alive until this function returns
-        targets = ids_arr[0, 1:]
-        out = np.empty(len(ids) - 1 - skip, dtype=np.float64)
-        block = 256
-        for a in range(skip, len(ids) - 1, block):
-            b = min(a + block, len(ids) - 1)
-            rows = logits[a:b].astype(np.float64)
-            m = rows.max(axis=1)
-            lse = m + np.log(np.exp(rows - m[:, None]).sum(axis=1))
-            out[a - skip:b - skip] = rows[np.arange(b - a), targets[a:b]] - lse
+        _logprobs_into(logits[skip:len(ids) - 1], ids_arr[0, skip + 1:], out, 0)
         return out
 
     def _forced_logits(self, prompt_ids: Sequence[int], tokens: Sequence[int]) -> Iterator["np.ndarray"]:
@@ -895,6 +915,17 @@ class Model:
         return Score(total_logprob=total, num_tokens=count, num_bytes=nbytes,
                      perplexity=math.exp(-total / count), bits_per_byte=-total / math.log(2) / nbytes,
                      nats_per_token=-total / count)
+
+
+def _logprobs_into(logits: "np.ndarray", targets: "np.ndarray", out: "np.ndarray", at: int) -> None:
+    """out[at + j] = log-softmax(logits[j])[targets[j]] in float64, 256 rows at a time (no full float64 copy)."""
+    import numpy as np
+
+    for a in range(0, len(logits), 256):
+        rows = logits[a:a + 256].astype(np.float64)
+        m = rows.max(axis=1)
+        lse = m + np.log(np.exp(rows - m[:, None]).sum(axis=1))
+        out[at + a:at + a + len(rows)] = rows[np.arange(len(rows)), targets[a:a + len(rows)]] - lse
 
 
 class _SharedCache:
@@ -984,6 +1015,36 @@ class _SharedCache:
     def rollback(self, pos: int) -> None:
         """Nothing to undo: the mask's length says how many slots are valid, and positions follow from it, so the
         slots of rejected drafts are never read and the next call overwrites them."""
+
+    # --- score() on long windows ---
+    def score_rows(self, ids: "np.ndarray", skip: int, take: Any) -> None:
+        """Run ``ids`` [1, S] into slots 0..S-1 in calls of at most SCORE_CALL_ROWS tokens; for each call that
+        holds rows at or past ``skip``, ``take(first row, logits [rows, vocab])`` with the logits of those rows (a
+        view, valid during the call). Calls wholly before ``skip`` only fill the cache (last row's logits only,
+        where the graph can). The bindings are left for :meth:`prefill`, which sets all of its own."""
+        import numpy as np
+
+        m, b = self.model, self.binding
+        n = ids.shape[1]
+        buf = np.empty((1, min(n, SCORE_CALL_ROWS), m.vocab_size), dtype=np.float32)
+        for a in range(0, n, SCORE_CALL_ROWS):
+            chunk = np.ascontiguousarray(ids[:, a:a + SCORE_CALL_ROWS])  # referenced until run() returns
+            rows = chunk.shape[1]
+            wanted = a + rows > skip
+            if wanted or m._last_only is None:
+                out = buf[:, :rows]
+                if m._last_only is not None:
+                    b.bind_ortvalue_input("logits_from", m._all_rows)
+            else:
+                out = self.logits
+                b.bind_ortvalue_input("logits_from", m._last_only)
+            b.bind_ortvalue_input("input_ids", m._value(chunk))
+            b.bind_ortvalue_output("logits", m._value(out))
+            b.bind_ortvalue_input("attention_mask", m._mask(a + rows))
+            m._run_bound(b)
+            if wanted:
+                first = max(skip - a, 0)
+                take(a + first, out[0, first:])
 
 
 def _draft_buffers(model: Model) -> tuple["np.ndarray", "_DraftValues"]:

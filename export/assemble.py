@@ -415,7 +415,7 @@ def quantized_variant(fp32_dir: Path, work: Path, fp32_cfg: dict[str, Any], sour
                           plan=plan, progress=progress)
     (q_dir / "config.json").write_text(json.dumps(dict(fp32_cfg, dtype=info["dtype"]), indent=2) + "\n",
                                        encoding="utf-8")
-    write_manifest(q_dir, source=source_info)
+    write_manifest(q_dir, source=source_info, quantization=info)  # the runtime reads how rows are computed
     return q_dir, info
 
 

@@ -187,6 +187,49 @@ def test_score_windows_cover_every_token_once(lm):
     assert len(lm.encode(text)) > lm.context_length * 2  # several windows really were used
 
 
+def test_score_runs_long_windows_in_calls_over_the_cache(lm, monkeypatch):
+    """Where rows do not depend on their call (fp32 here) and the cache stays in place, a window is scored in
+    calls of at most SCORE_CALL_ROWS tokens: the same log-probabilities as one call over the window, and no call's
+    logits hold more than SCORE_CALL_ROWS rows. Generation afterwards is unchanged (the pooled buffers rebind)."""
+    import edgelm.model as m
+
+    assert lm._rows_independent and lm.kv_cache == "shared"
+    text = "The dog ran to the park and back. " * 40
+    before = lm.generate("Once upon a time", max_new_tokens=12, temperature=0).token_ids
+    monkeypatch.setattr(lm, "_rows_independent", False)
+    whole = lm.score(text)
+    monkeypatch.setattr(lm, "_rows_independent", True)
+    monkeypatch.setattr(m, "SCORE_CALL_ROWS", 48)
+    rows = []
+    original = m._logprobs_into
+
+    def spy(logits, targets, out, at):
+        rows.append(len(logits))
+        return original(logits, targets, out, at)
+
+    monkeypatch.setattr(m, "_logprobs_into", spy)
+    chunked = lm.score(text)
+    n = len(lm.encode(text))
+    assert n > lm.context_length  # two windows: the second one's first calls only fill the cache
+    assert max(rows) == 48 and sum(rows) == n - 1
+    assert chunked.num_tokens == whole.num_tokens == n - 1
+    assert chunked.total_logprob == pytest.approx(whole.total_logprob, rel=1e-6)
+    assert lm.generate("Once upon a time", max_new_tokens=12, temperature=0).token_ids == before
+
+
+def test_rows_independent_comes_from_the_manifest(stories_int8):
+    """Chunked scoring is only for graphs whose rows do not depend on the call: fp32, or no int8 GEMM (one
+    activation scale per call would change with the call's rows). The default int8 of stories260K keeps some."""
+    from edgelm.model import rows_independent
+
+    assert rows_independent({"dtype": "float32"}, {})
+    assert rows_independent({"dtype": "int4"}, {"quantization": {"gemm_matmuls": 0, "accuracy_level": 4}})
+    assert not rows_independent({"dtype": "int8"}, {"quantization": {"gemm_matmuls": 5}})
+    assert not rows_independent({"dtype": "int8"}, {})  # unknown: one call per window, as before
+    int8 = edgelm.load(stories_int8)
+    assert int8.folder.manifest["quantization"]["gemm_matmuls"] > 0 and not int8._rows_independent
+
+
 def test_score_windows_shrink_to_the_logits_budget(lm, monkeypatch):
     """A large vocabulary is scored in windows whose logits fit SCORE_LOGITS_BYTES; every token still once."""
     import edgelm.model as m
