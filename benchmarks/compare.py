@@ -899,7 +899,11 @@ def splice(doc: str, name: str, text: str) -> str:
 def docs() -> None:
     text = summary()
     (RESULTS_DIR / "compare-summary.md").write_text(text, encoding="utf-8")
-    DOC.write_text(splice(DOC.read_text(encoding="utf-8"), "compare-summary.md", text), encoding="utf-8")
+    doc = splice(DOC.read_text(encoding="utf-8"), "compare-summary.md", text)
+    peers = RESULTS_DIR / "peer-quality-smollm2.md"  # benchmarks/peer_quality.py: what the compared artifacts compute
+    if peers.is_file():
+        doc = splice(doc, peers.name, peers.read_text(encoding="utf-8"))
+    DOC.write_text(doc, encoding="utf-8")
 
 
 def write_outputs(data: dict[str, Any], stem: Path) -> None:

@@ -462,11 +462,11 @@ def _split_int8_node(node: Any, w_name: str, w: np.ndarray, level: int) -> tuple
 # head on the fast kernel (RANK_BITS-bit blocks, int8 activations per block) ranks the vocabulary, then its
 # RESCORE_TOP best tokens per position are scored again exactly (their rows of the block-scaled 8-bit table times
 # the fp32 hidden state). Greedy decoding picks what an fp32-activation head picks unless that token is not among
-# the ranked best. SmolLM2-135M-Instruct, 22 chat prompts (benchmarks/rescored_head.py,
-# results/rescored-head-smollm2.md): int4-fp32 keeps 22 of 22 answers with the best 8 rescored; int4 goes from 54 % to 71 % of fp32's leading tokens.
-# A 4-bit ranking head (half the bytes of the largest matrix) decoded 5-12 % faster but its tail logits, which
-# perplexity reads, cost +1.3 to +1.8 points of perplexity with the best 32-64 rescored; rescoring more (256: +0.5)
-# makes score()'s windows gigabytes ([positions, top, hidden] rows). So the ranking stays at 8 bits.
+# the ranked best. SmolLM2-135M-Instruct, 22 chat prompts (benchmarks/rescored_head.py, results/rescored-head-
+# smollm2.md): int4-fp32 keeps 22 of 22 answers with the best 8 rescored; int4 goes from 54 % to 71 % of fp32's
+# leading tokens at the same speed. A 4-bit ranking head (half the bytes of the largest matrix) decoded 5-10 %
+# faster, but its tail logits, which perplexity reads, cost +1.3 to +1.8 points with the best 32-64 rescored;
+# rescoring 256 (+0.5) put score() at 2.4 GB ([positions, top, hidden] rows per call). So the ranking stays 8-bit.
 RANK_BITS = 8
 RESCORE_TOP = 8
 
