@@ -929,7 +929,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
 
     head = lm_head_weight(model)
     level = 0 if method in FP32_ACTIVATIONS else ACCURACY_LEVEL
-    # fp32 activations with a head tied to a table that will be block-scaled: rank on the fast kernel, rescore
+    # a head tied to the token table (int4, int4-fp32): the table is block-scaled; the head ranks and is rescored
     tied = _tied_table(model, head) if method in RESCORED_HEADS and head and "embeddings" not in keep else None
 
     def make(node: Any, w_name: str, w: np.ndarray) -> tuple[list, Any] | None:
