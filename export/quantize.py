@@ -471,7 +471,8 @@ RANK_BITS = 8
 RESCORE_TOP = 8
 
 
-def _rescored_head_nodes(node: Any, w_name: str, w: np.ndarray, table: str) -> tuple[list, list]:
+def _rescored_head_nodes(model: Any, node: Any, w_name: str, w: np.ndarray, table: str, x_rank: int | None
+                         ) -> tuple[list, list]:
     """The LM head on the fast kernel (RANK_BITS-bit blocks, int8 activations per block) ranks the vocabulary;
     its RESCORE_TOP best per position are then scored exactly: their rows of the block-scaled embedding table
     ``table`` (the same Q8_0 values as the head's, since the head is tied to it; :func:`_quantize_embeddings`
@@ -485,10 +486,11 @@ def _rescored_head_nodes(node: Any, w_name: str, w: np.ndarray, table: str) -> t
     base = node.name or y
     r = f"{base}/rescore"
     ranked.output[0] = f"{r}/ranked"
-    k_name, width_name, last = f"{r}/k", f"{r}/width", f"{r}/last_axis"
+    k_name, last = f"{r}/k", f"{r}/last_axis"
     tensors += [numpy_helper.from_array(np.array([RESCORE_TOP], np.int64), k_name),
-                numpy_helper.from_array(np.array([w.shape[0]], np.int64), width_name),
                 numpy_helper.from_array(np.array([-1], np.int64), last)]
+    # the gathered rows [*x.shape[:-1], top, K / 32, 32] -> [*x.shape[:-1], top, K]
+    rows_shape, shape_nodes = _rows_shape(model, r, None if x_rank is None else x_rank, w.shape[0], f"{r}/top")
     return tensors, [
         ranked,
         helper.make_node("TopK", [f"{r}/ranked", k_name], [f"{r}/top_logits", f"{r}/top"], name=f"{r}/top",
@@ -498,10 +500,8 @@ def _rescored_head_nodes(node: Any, w_name: str, w: np.ndarray, table: str) -> t
         helper.make_node("Gather", [f"{table}.block_scales", f"{r}/top"], [f"{r}/scales"], name=f"{r}/scales",
                          axis=0),
         helper.make_node("Mul", [f"{r}/f_rows", f"{r}/scales"], [f"{r}/blocks"], name=f"{r}/dequant"),
-        helper.make_node("Shape", [f"{r}/top"], [f"{r}/top_shape"], name=f"{r}/top_shape"),
-        helper.make_node("Concat", [f"{r}/top_shape", width_name], [f"{r}/rows_shape"], name=f"{r}/rows_shape",
-                         axis=0),
-        helper.make_node("Reshape", [f"{r}/blocks", f"{r}/rows_shape"], [f"{r}/rows"], name=f"{r}/rows"),
+        *shape_nodes,
+        helper.make_node("Reshape", [f"{r}/blocks", rows_shape], [f"{r}/rows"], name=f"{r}/rows"),
         helper.make_node("Unsqueeze", [x, last], [f"{r}/hidden"], name=f"{r}/hidden"),
         helper.make_node("MatMul", [f"{r}/rows", f"{r}/hidden"], [f"{r}/exact1"], name=f"{r}/exact"),
         helper.make_node("Squeeze", [f"{r}/exact1", last], [f"{r}/exact"], name=f"{r}/squeeze"),
@@ -580,6 +580,35 @@ def embedding_tables(model: Any, vocab_size: int | None = None) -> dict[str, lis
     return found
 
 
+def _input_rank(model: Any, name: str) -> int | None:
+    """The rank of graph input ``name`` when the graph declares it, else None."""
+    for i in model.graph.input:
+        if i.name == name and i.type.tensor_type.HasField("shape"):
+            return len(i.type.tensor_type.shape.dim)
+    return None
+
+
+def _rows_shape(model: Any, name: str, lead: int | None, width: int, dynamic_of: str) -> tuple[str, list]:
+    """A Reshape target [*lead dims, width]. With ``lead`` known it is a constant (0 keeps an input dimension), so
+    onnxruntime still infers every downstream shape and plans its buffers (a shape computed in the graph made a
+    128-token prefill of SmolLM2 peak ~90 MB higher: every later tensor's size unknown until run time). Unknown:
+    Shape(``dynamic_of``) + [width], computed per call. Returns (the shape's name, the nodes to add)."""
+    from onnx import helper, numpy_helper
+
+    if lead is not None:
+        const = f"reshape_to.{lead}x0.{width}"
+        if const not in {t.name for t in model.graph.initializer}:
+            model.graph.initializer.append(numpy_helper.from_array(np.array([0] * lead + [width], np.int64), const))
+        return const, []
+    width_name = f"reshape_to.width.{width}"
+    if width_name not in {t.name for t in model.graph.initializer}:
+        model.graph.initializer.append(numpy_helper.from_array(np.array([width], np.int64), width_name))
+    return f"{name}/rows_shape", [
+        helper.make_node("Shape", [dynamic_of], [f"{name}/lead_shape"], name=f"{name}/lead_shape"),
+        helper.make_node("Concat", [f"{name}/lead_shape", width_name], [f"{name}/rows_shape"],
+                         name=f"{name}/rows_shape", axis=0)]
+
+
 def _quantize_embeddings(model: Any, vocab_size: int | None = None, block: int | None = None) -> list[str]:
     """int8 embedding rows, for every table :func:`embedding_tables` finds: with ``block`` None one scale per row,
     Gather(q) -> Cast -> Mul(Gather(scale)); with ``block`` one scale per ``block`` values of a row (a GGUF's Q8_0
@@ -602,9 +631,6 @@ def _quantize_embeddings(model: Any, vocab_size: int | None = None, block: int |
         q = np.clip(np.rint(arr / scale), -127, 127).astype(np.int8)
         q_name, s_name = f"{table}.q8", f"{table}.{'block' if blocked else 'row'}_scales"
         model.graph.initializer.extend([numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)])
-        if blocked:
-            width_name = f"{table}.width"
-            model.graph.initializer.append(numpy_helper.from_array(np.array([width], np.int64), width_name))
         for node in gathers:
             ids, out = node.input[1], node.output[0]
             base = node.name or out  # other exporters may leave nodes unnamed; the new names must still be unique
@@ -615,11 +641,8 @@ def _quantize_embeddings(model: Any, vocab_size: int | None = None, block: int |
                 helper.make_node("Gather", [s_name, ids], [f"{out}/scales"], name=f"{base}/scales", axis=0),
                 helper.make_node("Mul", [f"{out}/rows", f"{out}/scales"], [scaled], name=f"{base}/dequant")]
             if blocked:  # [*ids.shape, K / block, block] -> [*ids.shape, K], whatever the ids' rank
-                replaced[out] += [
-                    helper.make_node("Shape", [ids], [f"{out}/ids_shape"], name=f"{base}/ids_shape"),
-                    helper.make_node("Concat", [f"{out}/ids_shape", width_name], [f"{out}/rows_shape"],
-                                     name=f"{base}/rows_shape", axis=0),
-                    helper.make_node("Reshape", [scaled, f"{out}/rows_shape"], [out], name=f"{base}/rows")]
+                shape, nodes = _rows_shape(model, out, _input_rank(model, ids), width, ids)
+                replaced[out] += nodes + [helper.make_node("Reshape", [scaled, shape], [out], name=f"{base}/rows")]
     new_nodes = []
     for node in model.graph.node:
         new_nodes += replaced.get(node.output[0], [node]) if node.output else [node]
@@ -939,7 +962,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
         if kind == "gemm":
             return _gemm_node(node, w_name, w)
         if tied and w_name == head and kind in (None, "block", "block8"):
-            return _rescored_head_nodes(node, w_name, w, tied)
+            return _rescored_head_nodes(model, node, w_name, w, tied, 3 if sums.rank3 else None)
         if bits != 8 and (kind == "block8" or (kind is None and w_name == head)):
             # int4 keeps the LM head at 8 bits unless the plan says otherwise: its error lands on the logits
             # directly (SmolLM2-135M-Instruct: +33 % perplexity with a 4-bit head, +24 % with an 8-bit one).
