@@ -464,7 +464,7 @@ def _split_int8_node(node: Any, w_name: str, w: np.ndarray, level: int) -> tuple
 # the fp32 hidden state). Greedy decoding picks what an fp32-activation head picks unless that token is not among
 # the ranked best. SmolLM2-135M-Instruct, 22 chat prompts (benchmarks/rescored_head.py, results/rescored-head-
 # smollm2.md): int4-fp32 keeps 22 of 22 answers with the best 8 rescored; int4 goes from 54 % to 71 % of fp32's
-# leading tokens at the same speed. A 4-bit ranking head (half the bytes of the largest matrix) decoded 5-10 %
+# leading tokens at the same speed. A 4-bit ranking head (half the bytes of the largest matrix) decoded 2-16 %
 # faster, but its tail logits, which perplexity reads, cost +1.3 to +1.8 points with the best 32-64 rescored;
 # rescoring 256 (+0.5) put score() at 2.4 GB ([positions, top, hidden] rows per call). So the ranking stays 8-bit.
 RANK_BITS = 8
