@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -159,7 +160,13 @@ def llama_answers(refs: list[dict], gguf: Path, threads: int) -> list[list[int]]
         "            break\n"
         "    out.append(got)\n"
         "print(json.dumps(out))\n")
-    res = subprocess.run([str(LLAMA_PY), "-c", code], input=json.dumps(refs), capture_output=True, text=True,
+    return run_in_env(LLAMA_PY, code, refs)
+
+
+def run_in_env(python: Path, code: str, payload) -> Any:
+    """Run ``code`` with another environment's ``python`` (a peer engine's benchmark venv), ``payload`` as JSON on
+    its stdin; the JSON on the last line of its stdout."""
+    res = subprocess.run([str(python), "-c", code], input=json.dumps(payload), capture_output=True, text=True,
                          check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -189,9 +196,7 @@ def ogenai_answers(refs: list[dict], folder: Path, threads: int) -> list[list[in
         "        got.append(int(g.get_next_tokens()[0]))\n"
         "    out.append(got)\n"
         "print(json.dumps(out))\n")
-    res = subprocess.run([str(OGENAI_PY), "-c", code], input=json.dumps(refs), capture_output=True, text=True,
-                         check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_in_env(OGENAI_PY, code, refs)
 
 
 def run(threads: int) -> None:

@@ -15,11 +15,9 @@ Q4_1 GGUF.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -127,10 +125,7 @@ def run(threads: int) -> None:
         if not (py.is_file() and path.exists()):
             print(f"{label}: {py} or {path} missing (benchmarks/compare.py setup / prepare)", file=sys.stderr)
             continue
-        job = {"ids": ids, "win": win, "path": str(path), "threads": threads}
-        out = subprocess.run([str(py), "-c", script], input=json.dumps(job), capture_output=True, text=True,
-                             check=True)
-        res = json.loads(out.stdout.strip().splitlines()[-1])
+        res = ca.run_in_env(py, script, {"ids": ids, "win": win, "path": str(path), "threads": threads})
         rows.append({"engine": label, "perplexity": math.exp(-res["total_logprob"] / res["targets"]),
                      "targets": res["targets"]})
         print(rows[-1], flush=True)
@@ -157,13 +152,7 @@ def table() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--threads", type=int, default=2)
-    sub.add_parser("table")
-    args = ap.parse_args()
-    run(args.threads) if args.cmd == "run" else table()
+    ca.cli(__doc__, run, table)
 
 
 if __name__ == "__main__":
