@@ -160,10 +160,11 @@ def physical_cores() -> int:
 # vocabularies up to 65,536 entries (SmolLM2, Llama 2, the default model keep their full context); Gemma 3's
 # 262,144 entries are scored 1,024 tokens at a time.
 SCORE_LOGITS_BYTES = 2**30
-# On graphs whose rows do not depend on the call's other rows (rows_independent) and that keep their cache in
-# place ("shared"), score() runs a window in calls of at most this many tokens over the cache: the logits of one
-# call, not of the whole window, are in memory (SmolLM2, a 4,096-token window: 0.1 GB instead of 0.8, and a rescored
-# LM head's ranking copy of them the same; benchmarks/results/rescored-head-smollm2.md), with the same numbers.
+# Where the cache stays in place ("shared"), score() runs a window in calls of at most this many tokens over the
+# cache: the logits of one call, not of the whole window, are in memory (SmolLM2, a 4,096-token window: 0.1 GB instead
+# of 0.8, and a rescored LM head's ranking copy of them the same; benchmarks/results/rescored-head-smollm2.md).
+# Graphs whose rows do not depend on the call (fp32, MatMulNBits) give the same numbers as one call; an int8 GEMM
+# (one activation scale per call) gives those of 512-token calls, as a prefill of that length computes them.
 SCORE_CALL_ROWS = 512
 
 
@@ -359,17 +360,6 @@ def _token_ids(config: dict[str, Any], path: Path, vocab_size: int) -> tuple[int
     return bos, eos
 
 
-def rows_independent(config: dict[str, Any], manifest: dict[str, Any]) -> bool:
-    """Whether each row (token) of a multi-token call comes out as it would in any other call, up to fp32
-    summation order: no kernel rounds activations with one scale for the whole call. True for fp32 graphs and for
-    every quantized graph without int8 GEMMs (MatMulNBits rounds per row and block); False for int8 GEMMs
-    (DynamicQuantizeMatMul: one scale per call) and unknown formats."""
-    if config.get("dtype") == "float32":
-        return True
-    quant = manifest.get("quantization")
-    return isinstance(quant, dict) and "gemm_matmuls" in quant and not quant["gemm_matmuls"]
-
-
 def fp32_activations(config: dict[str, Any], manifest: dict[str, Any]) -> bool:
     """Whether no kernel of the folder's graph rounds activations per call: an fp32 export, or ``int4-fp32``
     (MatMulNBits at accuracy level 0, no int8 GEMM; its tied head ranks with int8 activations rounded per row and
@@ -420,7 +410,6 @@ class Model:
         # Prompt lookup gives exactly plain greedy decoding's tokens here (no activation rounded per call), so it may
         # time its calls, and a server may turn it on by itself (edgelm.server, lookup="auto").
         self.lookup_exact: bool = fp32_activations(cfg, folder.manifest)
-        self._rows_independent = rows_independent(cfg, folder.manifest)
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
@@ -835,9 +824,8 @@ class Model:
         return np.array(outs[0].numpy()[0], copy=True)
 
     def _target_logprobs(self, ids: Sequence[int], skip: int) -> "np.ndarray":
-        """log p(ids[j+1] | ids[:j+1]) for j >= skip (float64): from one call over ``ids``, or, where the rows do
-        not depend on the call (:func:`rows_independent`) and the cache stays in place, from calls of at most
-        SCORE_CALL_ROWS tokens over the cache (the same numbers, one call's logits in memory).
+        """log p(ids[j+1] | ids[:j+1]) for j >= skip (float64): from calls of at most SCORE_CALL_ROWS tokens over
+        the cache where it stays in place ("shared"; one call's logits in memory), else from one call over ``ids``.
 
         Works through the logits in blocks of rows, reading onnxruntime's output buffer in place, so a long
         window with a large vocabulary never needs a second full-size (or float64) copy of the logits.
@@ -846,7 +834,7 @@ class Model:
 
         ids_arr = np.asarray([ids], dtype=np.int64)  # both referenced until run() returns (see _value)
         out = np.empty(len(ids) - 1 - skip, dtype=np.float64)
-        if self._rows_independent and self.kv_cache == "shared" and len(ids) > SCORE_CALL_ROWS:
+        if self.kv_cache == "shared" and len(ids) > SCORE_CALL_ROWS:
             cache = self._shared_cache()
             try:
                 cache.score_rows(ids_arr[:, :-1], skip, lambda a, logits: _logprobs_into(

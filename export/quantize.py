@@ -12,7 +12,12 @@ Methods (``edgelm export --quantize``):
   comes straight from a norm (or any per-channel Mul) can also be *smoothed* first (:func:`smooth_scales`): each
   input channel divided by s_k in the norm's weight and row k of W multiplied by s_k, exact in fp32 and free at
   run time, which moves the outlier channels' range into the weights; calibration uses it where only that brings
-  the GEMM within the rule (SmolLM2-135M-Instruct: all 60 qkv and gate_up matrices).
+  the GEMM within the rule (SmolLM2-135M-Instruct: all 60 qkv and gate_up matrices). A head tied to the embedding
+  table (our graphs, from most small models) always ranks the vocabulary on the GEMM, smoothed into the final norm
+  where that lowers its error, and its best GEMM_RESCORE_TOP tokens are rescored exactly from the table (stored
+  with a scale per block of 32): the head is the largest matrix and the GEMM its fastest kernel in a one-token
+  step, and the rescoring keeps greedy choices from the ranking's rounding (SmolLM2-135M-Instruct: decode +10 % at
+  1 thread, chat answers 52 -> 55 % of fp32's, perplexity +0.55 -> +0.65 %).
 * ``int8-gemm`` -- every weight MatMul on ``DynamicQuantizeMatMul`` (the default before calibration): only for models
   whose activations have no outliers; the quality gate tells.
 * ``int8-block`` -- ``MatMulNBits`` with bits=8, symmetric, one fp32 scale per block of ``BLOCK_SIZE`` input
@@ -469,10 +474,24 @@ def _split_int8_node(node: Any, w_name: str, w: np.ndarray, level: int) -> tuple
 # rescoring 256 (+0.5) put score() at 2.4 GB ([positions, top, hidden] rows per call). So the ranking stays 8-bit.
 RANK_BITS = 8
 RESCORE_TOP = 8
+# The kernel each method ranks with: "block" (MatMulNBits at RANK_BITS) or "gemm" (DynamicQuantizeMatMul, int8 per
+# output column, one activation scale per call). int8 ranks on the GEMM: the head is the largest matrix, its GEMM
+# is the fastest 8-bit kernel in a one-row decode step, and the rescoring makes the greedy choice exact again
+# whatever the ranking's activation rounding (benchmarks/rescored_head.py).
+RANK_KERNEL = {"int8": "gemm"}
+# How many tokens a GEMM ranking has rescored: its tail logits (which perplexity and sampling read) are noisier than
+# an 8-bit block head's, so more of the likely tokens are made exact. SmolLM2-135M-Instruct int8, alice-20k: +0.81 %
+# perplexity with the best 8 rescored, +0.71 % with 16, +0.65 % with 32 (plain 8-bit block head +0.55 %, the same
+# 512-token score calls); a decode step pays the same.
+GEMM_RESCORE_TOP = 32
+# ...and only a head this large (weights) ranks on the GEMM: what the GEMM saves over the block kernel grows with
+# the head (SmolLM2's 28M weights: 0.43 ms a step), while the rescoring's dozen small nodes cost the same for any
+# head, a large share of a step as short as stories260K's 0.1 ms. A smaller head keeps the calibrated plan's kernel.
+GEMM_RANK_MIN_WEIGHTS = 2**22
 
 
-def _rescored_head_nodes(model: Any, node: Any, w_name: str, w: np.ndarray, table: str, x_rank: int | None
-                         ) -> tuple[list, list]:
+def _rescored_head_nodes(model: Any, node: Any, w_name: str, w: np.ndarray, table: str, x_rank: int | None,
+                         rank: str = "block", smooth: np.ndarray | None = None) -> tuple[list, list]:
     """The LM head on the fast kernel (RANK_BITS-bit blocks, int8 activations per block) ranks the vocabulary;
     its RESCORE_TOP best per position are then scored exactly: their rows of the block-scaled embedding table
     ``table`` (the same Q8_0 values as the head's, since the head is tied to it; :func:`_quantize_embeddings`
@@ -481,14 +500,21 @@ def _rescored_head_nodes(model: Any, node: Any, w_name: str, w: np.ndarray, tabl
     the ranked best; the other logits keep the ranking head's values."""
     from onnx import TensorProto, helper, numpy_helper
 
-    tensors, ranked = _nbits_node(node, w_name, w, RANK_BITS, BLOCK_SIZE[RANK_BITS], RANK_BITS < 8, ACCURACY_LEVEL)
+    top = GEMM_RESCORE_TOP if rank == "gemm" else RESCORE_TOP
+    if rank == "gemm":
+        tensors, ranked = _gemm_node(node, w_name, w if smooth is None else w * smooth[:, None])
+    else:
+        tensors, ranked = _nbits_node(node, w_name, w, RANK_BITS, BLOCK_SIZE[RANK_BITS], RANK_BITS < 8,
+                                      ACCURACY_LEVEL)
     x, y = node.input[0], node.output[0]
     base = node.name or y
     r = f"{base}/rescore"
     ranked.output[0] = f"{r}/ranked"
     k_name, last = f"{r}/k", f"{r}/last_axis"
-    tensors += [numpy_helper.from_array(np.array([RESCORE_TOP], np.int64), k_name),
+    tensors += [numpy_helper.from_array(np.array([top], np.int64), k_name),
                 numpy_helper.from_array(np.array([-1], np.int64), last)]
+    if smooth is not None:  # the input was divided by s (smoothing, for the ranking GEMM): the rescoring undoes it
+        tensors.append(numpy_helper.from_array(np.asarray(smooth, np.float32), f"{r}/unsmooth"))
     # the gathered rows [*x.shape[:-1], top, K / 32, 32] -> [*x.shape[:-1], top, K]
     rows_shape, shape_nodes = _rows_shape(model, r, None if x_rank is None else x_rank, w.shape[0], f"{r}/top")
     return tensors, [
@@ -502,7 +528,9 @@ def _rescored_head_nodes(model: Any, node: Any, w_name: str, w: np.ndarray, tabl
         helper.make_node("Mul", [f"{r}/f_rows", f"{r}/scales"], [f"{r}/blocks"], name=f"{r}/dequant"),
         *shape_nodes,
         helper.make_node("Reshape", [f"{r}/blocks", rows_shape], [f"{r}/rows"], name=f"{r}/rows"),
-        helper.make_node("Unsqueeze", [x, last], [f"{r}/hidden"], name=f"{r}/hidden"),
+        *([] if smooth is None else [
+            helper.make_node("Mul", [x, f"{r}/unsmooth"], [f"{r}/x"], name=f"{r}/unsmooth")]),
+        helper.make_node("Unsqueeze", [x if smooth is None else f"{r}/x", last], [f"{r}/hidden"], name=f"{r}/hidden"),
         helper.make_node("MatMul", [f"{r}/rows", f"{r}/hidden"], [f"{r}/exact1"], name=f"{r}/exact"),
         helper.make_node("Squeeze", [f"{r}/exact1", last], [f"{r}/exact"], name=f"{r}/squeeze"),
         helper.make_node("ScatterElements", [f"{r}/ranked", f"{r}/top", f"{r}/exact"], [y], name=f"{r}/scatter",
@@ -685,7 +713,7 @@ METHODS = ("int8", "int8-block", "int8-gemm", "int4", "int4-fp32")
 # 71.2 %: any int8 rounding of activations flips some of the near-ties that decide greedy answers.
 FP32_ACTIVATIONS = ("int4-fp32",)
 # Methods whose tied LM head ranks cheaply and rescores its best tokens exactly (RANK_BITS, RESCORE_TOP).
-RESCORED_HEADS = ("int4", "int4-fp32")
+RESCORED_HEADS = ("int8", "int4", "int4-fp32")
 # int8's per-matrix rule: a MatMul keeps the int8 GEMM (DynamicQuantizeMatMul) only where it costs little more than
 # the block-wise kernel: its calibrated output error (one activation scale per call, per-column weights) at most
 # this many times the error of block-wise 8-bit weights with per-block activations on the same tokens (calibrate).
@@ -744,6 +772,7 @@ def calibrate(src: str | os.PathLike, config: dict[str, Any], token_ids: list[in
     # never holds a second copy of the model in memory.
     model = onnx.load(str(src), load_external_data=False)
     nodes = weight_matmuls(model)
+    head = lm_head_weight(model)
     inits = _initializers(model)
     foldable = smoothable(model)
     for _, x, _ in nodes:
@@ -790,7 +819,7 @@ def calibrate(src: str | os.PathLike, config: dict[str, Any], token_ids: list[in
         gemm = _per_call_uint8(x) @ (q.astype(np.float32) * scales)
         b, bscales, _ = quantize_blocks(w, 8, BLOCK_SIZE[8])
         block = _per_block_int8(x, BLOCK_SIZE[8]) @ dequantize_blocks(b, bscales, 8, w.shape[0])
-        errors[name] = {"gemm": _row_error(gemm, ref), "block": _row_error(block, ref)}
+        errors[name] = {"gemm": _row_error(gemm, ref), "block": _row_error(block, ref), "head": w_name == head}
         if name in foldable:
             tried = []
             for alpha in SMOOTH_ALPHAS:
@@ -834,6 +863,9 @@ def smoothable(model: Any) -> dict[str, list[str]]:
     for name, x, w_name in weight_matmuls(model):
         k = inits[w_name].dims[0]
         node = producer.get(x)
+        if node is not None and uses.get(x) == 1 and _row_slice(node, inits):
+            x = node.input[0]  # an LM head's Slice of the positions it scores (logits_from): channels untouched
+            node = producer.get(x)
         if node is None or uses.get(x) != 1:
             continue
         if node.op_type in _NORM_WEIGHTS:
@@ -848,8 +880,19 @@ def smoothable(model: Any) -> dict[str, list[str]]:
     return out
 
 
-def _fold_smoothing(model: Any, smooth: dict[str, np.ndarray]) -> None:
-    """Apply a plan's smoothing in place: divide each node's norm weights by s, multiply its W's rows by s."""
+def _row_slice(node: Any, inits: dict[str, Any]) -> bool:
+    """A Slice whose constant axes are all before the last one (rows or positions, never channels)."""
+    from onnx import numpy_helper
+
+    if node.op_type != "Slice" or len(node.input) < 4 or node.input[3] not in inits:
+        return False
+    axes = numpy_helper.to_array(inits[node.input[3]]).reshape(-1)
+    return len(axes) > 0 and all(0 <= int(a) < 2 for a in axes)  # [batch, positions, channels] graphs
+
+
+def _fold_smoothing(model: Any, smooth: dict[str, np.ndarray], skip_weights: Iterable[str] = ()) -> None:
+    """Apply a plan's smoothing in place: divide each node's norm weights by s, multiply its W's rows by s (except
+    the weights named in ``skip_weights``: a rescored head scales its own copy, its tied table stays as it is)."""
     from onnx import numpy_helper
 
     foldable = smoothable(model)
@@ -862,7 +905,8 @@ def _fold_smoothing(model: Any, smooth: dict[str, np.ndarray]) -> None:
         for t in foldable[name]:
             inits[t].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[t]) / s, t))
         w = weight[name]
-        inits[w].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[w]) * s[:, None], w))
+        if w not in skip_weights:
+            inits[w].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[w]) * s[:, None], w))
 
 
 def _per_block_int8(x: np.ndarray, block: int) -> np.ndarray:
@@ -886,9 +930,12 @@ class Int8Plan(dict):
     """:func:`plan_int8`'s answer: node -> "gemm" | "block" like any plan, plus ``smooth``: node -> the scales
     :func:`quantize_model` folds in before quantizing (the GEMM nodes that pass the rule only when smoothed)."""
 
-    def __init__(self, kinds: dict[str, str], smooth: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(self, kinds: dict[str, str], smooth: dict[str, np.ndarray] | None = None,
+                 head_smooth: dict[str, np.ndarray] | None = None) -> None:
         super().__init__(kinds)
         self.smooth = dict(smooth or {})
+        # the LM head's smoothing for a GEMM that only ranks (RANK_KERNEL): where it lowers the GEMM's error
+        self.head_smooth = dict(head_smooth or {})
 
 
 def plan_int8(errors: dict[str, dict[str, Any]], max_ratio: float = GEMM_MAX_RATIO) -> Int8Plan:
@@ -897,13 +944,15 @@ def plan_int8(errors: dict[str, dict[str, Any]], max_ratio: float = GEMM_MAX_RAT
     then "gemm", smoothed. Smoothing only rescues; a GEMM that passes as it is stays unsmoothed (on stories260K,
     whose 12 GEMM matrices all pass plain, smoothing them too lowered their calibrated error yet cost perplexity:
     +0.32 % instead of -0.11 % on the built-in sample)."""
-    kinds, smooth = {}, {}
+    kinds, smooth, head_smooth = {}, {}, {}
     for name, e in errors.items():
         limit = max_ratio * e["block"]
         kinds[name] = "gemm" if e["gemm"] <= limit or e.get("smooth", float("inf")) <= limit else "block"
         if e["gemm"] > limit and kinds[name] == "gemm":
             smooth[name] = e["smooth_scales"]
-    return Int8Plan(kinds, smooth)
+        if e.get("head") and e.get("smooth", float("inf")) < e["gemm"]:
+            head_smooth[name] = e["smooth_scales"]
+    return Int8Plan(kinds, smooth, head_smooth)
 
 
 def _attr(node: Any, name: str) -> Any:
@@ -933,9 +982,21 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     src, dst = Path(src), Path(dst)
     info: dict[str, Any] = {"method": method, "keep_fp32": list(keep), "fp32_bytes": onnx_bytes(src)}
     model = onnx.load(str(src))
-    smooth = getattr(plan, "smooth", {}) if method == "int8" else {}
+    head = lm_head_weight(model)
+    # a head tied to the token table (int4, int4-fp32, int8): the table is block-scaled; the head ranks and is
+    # rescored (decided before any smoothing scales the head's weight away from the table's values)
+    head_node = next((name for name, _, w in weight_matmuls(model) if w == head), None)
+    rank_kernel = RANK_KERNEL.get(method, "block")
+    rescored = (method in RESCORED_HEADS and head_node is not None and "embeddings" not in keep
+                and (plan or {}).get(head_node) not in ("gemm", "fp32")  # a head whose own GEMM passes stays plain
+                and (rank_kernel != "gemm" or int(np.prod(_initializers(model)[head].dims)) >= GEMM_RANK_MIN_WEIGHTS))
+    tied = _tied_table(model, head) if rescored else None
+    smooth = dict(getattr(plan, "smooth", {})) if method == "int8" else {}
+    head_smooth = getattr(plan, "head_smooth", {}).get(head_node) if tied and rank_kernel == "gemm" else None
     if smooth:
         _fold_smoothing(model, smooth)
+    if head_smooth is not None:  # the norm before the head absorbs 1 / s; the ranking GEMM's own weights take s
+        _fold_smoothing(model, {head_node: head_smooth}, skip_weights={head})
     if method.startswith("int4"):
         bits, block, asym = 4, int4_block, True
     else:
@@ -950,19 +1011,17 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     else:
         kinds = dict(plan or {})
 
-    head = lm_head_weight(model)
     level = 0 if method in FP32_ACTIVATIONS else ACCURACY_LEVEL
-    # a head tied to the token table (int4, int4-fp32): the table is block-scaled; the head ranks and is rescored
-    tied = _tied_table(model, head) if method in RESCORED_HEADS and head and "embeddings" not in keep else None
 
     def make(node: Any, w_name: str, w: np.ndarray) -> tuple[list, Any] | None:
         kind = kinds.get(node.name)
         if kind == "fp32":
             return None
+        if tied and w_name == head:
+            return _rescored_head_nodes(model, node, w_name, w, tied, 3 if sums.rank3 else None, rank_kernel,
+                                        head_smooth)
         if kind == "gemm":
             return _gemm_node(node, w_name, w)
-        if tied and w_name == head and kind in (None, "block", "block8"):
-            return _rescored_head_nodes(model, node, w_name, w, tied, 3 if sums.rank3 else None)
         if bits != 8 and (kind == "block8" or (kind is None and w_name == head)):
             # int4 keeps the LM head at 8 bits unless the plan says otherwise: its error lands on the logits
             # directly (SmolLM2-135M-Instruct: +33 % perplexity with a 4-bit head, +24 % with an 8-bit one).
@@ -977,19 +1036,21 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
 
     info["matmuls"] = _replace_matmuls(model, keep, make, f"quantize {method}", progress)
     n_gemm = sum(1 for n in model.graph.node if n.op_type == "DynamicQuantizeMatMul")
-    ranking = {n.name for n in model.graph.node
-               if n.op_type == "MatMulNBits" and n.output[0].endswith("/rescore/ranked")}
+    ranking = {n.name: n.op_type for n in model.graph.node
+               if n.op_type in ("MatMulNBits", "DynamicQuantizeMatMul") and n.output[0].endswith("/rescore/ranked")}
     n_block = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits" and n.name not in ranking
                   and _attr(n, "bits") == bits and not n.input[1].endswith(".q8_split"))
     n_block8 = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits" and bits != 8 and n.name not in ranking
                    and (_attr(n, "bits") == 8 or n.input[1].endswith(".q8_split")))
-    n_int8 = n_block8 + (len(ranking) if RANK_BITS == 8 else 0)
+    n_int8 = n_block8 + sum(1 for op in ranking.values() if op == "MatMulNBits" and RANK_BITS == 8)
     info.update(dtype=f"int{bits}", gemm_matmuls=n_gemm, block_matmuls=n_block)
     if n_block:
         info.update(block_size=block, accuracy_level=level)
     parts = []
-    if n_gemm:
-        parts.append(f"{n_gemm} MatMuls int8 per output channel with int8 activations per call (DynamicQuantizeMatMul"
+    gemm_ranking = sum(1 for op in ranking.values() if op == "DynamicQuantizeMatMul")
+    if n_gemm - gemm_ranking:
+        parts.append(f"{n_gemm - gemm_ranking} MatMuls int8 per output channel with int8 activations per call "
+                     "(DynamicQuantizeMatMul"
                      + (f"; {len(smooth)} of them smoothed into the norm before them)" if smooth else ")"))
     n_offset = sum(1 for n in model.graph.node if n.op_type == "Add" and n.name.endswith("/add_offset"))
     if n_block:
@@ -1008,14 +1069,20 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     if n_int8:
         info["int8_matmuls"] = n_int8
     if ranking:
-        parts.append(f"the LM head ranks the vocabulary at {RANK_BITS} bits (MatMulNBits, blocks of "
-                     f"{BLOCK_SIZE[RANK_BITS]}, activations int8 per block); its best {RESCORE_TOP} tokens per "
+        ranked_on = ("int8 per output column (DynamicQuantizeMatMul, activations int8 per call"
+                     + ("; smoothed into the final norm)" if head_smooth is not None else ")") if gemm_ranking else
+                     f"{RANK_BITS} bits (MatMulNBits, blocks of {BLOCK_SIZE[RANK_BITS]}, activations int8 per block)")
+        top = GEMM_RESCORE_TOP if gemm_ranking else RESCORE_TOP
+        parts.append(f"the LM head ranks the vocabulary at {ranked_on}; its best {top} tokens per "
                      "position rescored exactly (fp32 activations) from the 8-bit embedding table it is tied to")
-        info.update(rescored_top=RESCORE_TOP, rank_bits=RANK_BITS)
+        info.update(rescored_top=top, rank_kernel="gemm" if gemm_ranking else "block",
+                    rank_smoothed=head_smooth is not None)
+        if not gemm_ranking:
+            info["rank_bits"] = RANK_BITS
     info["weights"] = "; ".join(parts) or "fp32"
     if method == "int8":
         info["gemm_max_ratio"] = GEMM_MAX_RATIO
-        info["block_nodes"] = sorted(name for name, kind in kinds.items() if kind != "gemm")
+        info["block_nodes"] = sorted(name for name, kind in kinds.items() if kind != "gemm" and name not in ranking)
         info["smoothed_nodes"] = sorted(smooth)
     # row scales cost int4-fp32 10 points of agreement; a rescored head reads the block-scaled rows
     exact_tables = BLOCK_SIZE[8] if level == 0 or tied else None

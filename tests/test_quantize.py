@@ -239,6 +239,22 @@ def test_smoothing_needs_a_per_channel_op_of_its_own(tmp_path):
         q._fold_smoothing(model, {"mm": np.ones(64, np.float32)})
 
 
+@pytest.mark.parametrize("axis,through", [(1, True), (2, False), (-1, False)])
+def test_smoothing_passes_a_slice_of_positions_not_of_channels(tmp_path, axis, through):
+    """An LM head reads the final norm through the Slice that keeps the positions it scores (logits_from): that
+    Slice leaves every channel as it is, so the norm can absorb the head's smoothing; a Slice of channels cannot."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(_norm_matmul(tmp_path, _weights(64, 16), np.ones(64, np.float32))))
+    mm = next(n for n in model.graph.node if n.name == "mm")
+    mm.input[0] = "x_rows"
+    model.graph.node.insert(2, helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["x_rows"], name="rows"))
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), n)
+                                    for n, v in (("starts", -1), ("ends", 2**62), ("axes", axis))])
+    assert q.smoothable(model) == ({"mm": ["gamma"]} if through else {})
+
+
 def test_smoothing_only_rescues_a_gemm_that_fails_the_rule():
     """A GEMM within the rule as it is stays unsmoothed even when smoothing would lower its calibrated error
     (stories260K: smoothing those cost perplexity); a failing one is smoothed only if that makes it pass."""

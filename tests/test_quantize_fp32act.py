@@ -150,13 +150,44 @@ def test_block_scaled_embeddings_keep_any_ids_shape(tmp_path):
             assert np.abs(x[0] - table[[7, 0, 299]]).max() <= np.abs(table).max() / 127
 
 
-@pytest.mark.parametrize("method", q.RESCORED_HEADS)
-def test_a_tied_head_ranks_on_the_fast_kernel_and_rescores_its_best_exactly(tmp_path, method):
-    """A head tied to the (Q8_0) embedding table runs on the 8-bit kernel with int8 activations, and its best
-    RESCORE_TOP tokens per position are scored again in fp32 from the block-scaled table: every row's best token
-    and its logit are the fp32 graph's; the rest keep the fast kernel's approximate values. int4 (int8
-    activations elsewhere) rescores its head the same way."""
+def test_int8_ranks_only_a_large_head_whose_gemm_fails_calibration(tmp_path, monkeypatch):
+    """Rescoring is for a large head whose plain GEMM fails the calibration rule. Where the plan puts the head on
+    the GEMM as it is (small models without outliers), int8 keeps it plain, and a head under
+    GEMM_RANK_MIN_WEIGHTS keeps the plan's block kernel: no TopK, no rescoring nodes in a step that may be a tenth
+    of a millisecond, and the table keeps one scale per row."""
     from onnx import TensorProto, helper, numpy_helper
+
+    table = _q8_0_grid(96, 512, seed=4).T.copy()
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["x"], name="embed"),
+         helper.make_node("MatMul", ["x", "lm_head.weight"], ["logits"], name="lm_head")], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 512])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.ascontiguousarray(table.T), "lm_head.weight")])
+    src = tmp_path / "tied.onnx"
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    plain = q.quantize_model(src, tmp_path / "plain.onnx", method="int8", plan=q.Int8Plan({"lm_head": "gemm"}))
+    assert [n.op_type for n in _ops(tmp_path / "plain.onnx")][-1] == "DynamicQuantizeMatMul"
+    assert "rescored_top" not in plain and "embedding_block_size" not in plain and plain["gemm_matmuls"] == 1
+    small = q.quantize_model(src, tmp_path / "small.onnx", method="int8", plan=q.Int8Plan({"lm_head": "block"}))
+    assert 96 * 512 < q.GEMM_RANK_MIN_WEIGHTS and "rescored_top" not in small and small["block_matmuls"] == 1
+    monkeypatch.setattr(q, "GEMM_RANK_MIN_WEIGHTS", 96 * 512)
+    ranked = q.quantize_model(src, tmp_path / "ranked.onnx", method="int8", plan=q.Int8Plan({"lm_head": "block"}))
+    assert ranked["rescored_top"] == q.GEMM_RESCORE_TOP and ranked["embedding_block_size"] == 32
+
+
+@pytest.mark.parametrize("method,smoothed", [(m, False) for m in q.RESCORED_HEADS]
+                         + [(m, True) for m in q.RESCORED_HEADS if q.RANK_KERNEL.get(m) == "gemm"])
+def test_a_tied_head_ranks_on_the_fast_kernel_and_rescores_its_best_exactly(tmp_path, monkeypatch, method,
+                                                                           smoothed):
+    """A head tied to the (Q8_0) embedding table runs on a fast 8-bit kernel with int8 activations (int4 and
+    int4-fp32: 8-bit blocks; int8: the GEMM, optionally smoothed into the norm before it), and its best
+    RESCORE_TOP (GEMM_RESCORE_TOP) tokens per position are scored again in fp32 from the block-scaled table: every
+    row's best token and its logit are the fp32 graph's; the rest keep the fast kernel's approximate values."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    gemm = q.RANK_KERNEL.get(method) == "gemm"
+    monkeypatch.setattr(q, "GEMM_RANK_MIN_WEIGHTS", 0)  # a head of 49,152 weights, far under SmolLM2's 28M
 
     table = _q8_0_grid(96, 512, seed=4).T.copy()  # [vocab 512, hidden 96]; the head is its transpose (tied)
     gamma = np.random.default_rng(8).uniform(0.5, 1.5, 96).astype(np.float32)  # a norm's weight: off the grid
@@ -170,14 +201,24 @@ def test_a_tied_head_ranks_on_the_fast_kernel_and_rescores_its_best_exactly(tmp_
          numpy_helper.from_array(np.ascontiguousarray(table.T), "lm_head.weight")])
     src, dst = tmp_path / "tied.onnx", tmp_path / "tied-q.onnx"
     onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
-    info = q.quantize_model(src, dst, method=method)
-    assert info["rescored_top"] == q.RESCORE_TOP and "rescored exactly" in info["weights"]
+    scales = np.random.default_rng(9).uniform(0.25, 4.0, 96).astype(np.float32)
+    plan = q.Int8Plan({}, head_smooth={"lm_head": scales} if smoothed else None) if method == "int8" else None
+    assert q.smoothable(onnx.load(str(src))) == {"lm_head": ["gamma"]}
+    info = q.quantize_model(src, dst, method=method, plan=plan)
+    top = q.GEMM_RESCORE_TOP if gemm else q.RESCORE_TOP
+    assert info["rescored_top"] == top and "rescored exactly" in info["weights"]
+    assert info["rank_kernel"] == ("gemm" if gemm else "block") and info["rank_smoothed"] == smoothed
     assert info["embeddings"] == ["table"] and info["embedding_block_size"] == 32
     ops = [n.op_type for n in _ops(dst)]
     assert "TopK" in ops and "ScatterElements" in ops
     head = next(n for n in _ops(dst) if n.name == "lm_head")  # one 8-bit head over x, not two halves over [x, x]
-    assert q._attr(head, "bits") == 8 and q._attr(head, "K") == 96
-    assert q._attr(head, "accuracy_level") == q.ACCURACY_LEVEL
+    if gemm:
+        assert head.op_type == "DynamicQuantizeMatMul" and info["gemm_matmuls"] == 1
+    else:
+        assert q._attr(head, "bits") == 8 and q._attr(head, "K") == 96
+        assert q._attr(head, "accuracy_level") == q.ACCURACY_LEVEL
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer}
+    np.testing.assert_allclose(inits["gamma"], gamma / scales if smoothed else gamma, rtol=1e-6)
     ids = [3, 1, 4, 1, 5, 9, 2]
     ref = (table[ids] * gamma) @ table.T
     for rows in (slice(None), slice(-1, None)):  # a prefill, then one decode row

@@ -187,19 +187,11 @@ def test_score_windows_cover_every_token_once(lm):
     assert len(lm.encode(text)) > lm.context_length * 2  # several windows really were used
 
 
-def test_score_runs_long_windows_in_calls_over_the_cache(lm, monkeypatch):
-    """Where rows do not depend on their call (fp32 here) and the cache stays in place, a window is scored in
-    calls of at most SCORE_CALL_ROWS tokens: the same log-probabilities as one call over the window, and no call's
-    logits hold more than SCORE_CALL_ROWS rows. Generation afterwards is unchanged (the pooled buffers rebind)."""
+def _score_in_calls(lm, monkeypatch, text, rows_per_call):
+    """lm.score(text) with SCORE_CALL_ROWS = rows_per_call; returns (the Score, each call's number of rows)."""
     import edgelm.model as m
 
-    assert lm._rows_independent and lm.kv_cache == "shared"
-    text = "The dog ran to the park and back. " * 40
-    before = lm.generate("Once upon a time", max_new_tokens=12, temperature=0).token_ids
-    monkeypatch.setattr(lm, "_rows_independent", False)
-    whole = lm.score(text)
-    monkeypatch.setattr(lm, "_rows_independent", True)
-    monkeypatch.setattr(m, "SCORE_CALL_ROWS", 48)
+    monkeypatch.setattr(m, "SCORE_CALL_ROWS", rows_per_call)
     rows = []
     original = m._logprobs_into
 
@@ -208,26 +200,42 @@ def test_score_runs_long_windows_in_calls_over_the_cache(lm, monkeypatch):
         return original(logits, targets, out, at)
 
     monkeypatch.setattr(m, "_logprobs_into", spy)
-    chunked = lm.score(text)
+    try:
+        return lm.score(text), rows
+    finally:
+        monkeypatch.setattr(m, "_logprobs_into", original)
+
+
+def test_score_runs_long_windows_in_calls_over_the_cache(lm, monkeypatch):
+    """Where the cache stays in place ("shared"), a window is scored in calls of at most SCORE_CALL_ROWS tokens:
+    no call's logits hold more rows, and on a graph whose rows do not depend on their call (fp32 here) the
+    log-probabilities are those of one call over the window. Generation afterwards is unchanged (the pooled
+    buffers rebind)."""
+    assert lm.kv_cache == "shared"
+    text = "The dog ran to the park and back. " * 40
+    before = lm.generate("Once upon a time", max_new_tokens=12, temperature=0).token_ids
+    whole, whole_rows = _score_in_calls(lm, monkeypatch, text, 10**9)
+    chunked, rows = _score_in_calls(lm, monkeypatch, text, 48)
     n = len(lm.encode(text))
     assert n > lm.context_length  # two windows: the second one's first calls only fill the cache
-    assert max(rows) == 48 and sum(rows) == n - 1
+    assert max(whole_rows) > 48 and max(rows) == 48 and sum(rows) == n - 1
     assert chunked.num_tokens == whole.num_tokens == n - 1
     assert chunked.total_logprob == pytest.approx(whole.total_logprob, rel=1e-6)
     assert lm.generate("Once upon a time", max_new_tokens=12, temperature=0).token_ids == before
 
 
-def test_rows_independent_comes_from_the_manifest(stories_int8):
-    """Chunked scoring is only for graphs whose rows do not depend on the call: fp32, or no int8 GEMM (one
-    activation scale per call would change with the call's rows). The default int8 of stories260K keeps some."""
-    from edgelm.model import rows_independent
-
-    assert rows_independent({"dtype": "float32"}, {})
-    assert rows_independent({"dtype": "int4"}, {"quantization": {"gemm_matmuls": 0, "accuracy_level": 4}})
-    assert not rows_independent({"dtype": "int8"}, {"quantization": {"gemm_matmuls": 5}})
-    assert not rows_independent({"dtype": "int8"}, {})  # unknown: one call per window, as before
+def test_an_int8_gemm_graph_scores_in_calls_too(stories_int8, monkeypatch):
+    """The default int8 of stories260K keeps int8 GEMMs (one activation scale per call), so calls of 48 rows
+    give slightly different numbers from one call over the window (those of a 48-token prefill), and its memory
+    is bounded the same way."""
     int8 = edgelm.load(stories_int8)
-    assert int8.folder.manifest["quantization"]["gemm_matmuls"] > 0 and not int8._rows_independent
+    assert int8.folder.manifest["quantization"]["gemm_matmuls"] > 0 and int8.kv_cache == "shared"
+    text = "The dog ran to the park and back. " * 40
+    whole, _ = _score_in_calls(int8, monkeypatch, text, 10**9)
+    chunked, rows = _score_in_calls(int8, monkeypatch, text, 48)
+    assert max(rows) == 48 and chunked.num_tokens == whole.num_tokens
+    assert chunked.total_logprob != whole.total_logprob
+    assert chunked.total_logprob == pytest.approx(whole.total_logprob, rel=0.02)
 
 
 def test_score_windows_shrink_to_the_logits_budget(lm, monkeypatch):
