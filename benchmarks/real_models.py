@@ -235,7 +235,8 @@ def answers(modes: list[str]) -> None:
 
 DOC = ROOT / "docs" / "models.md"
 SPLICED = ("real-smollm2.md", "real-smollm2-cputime.md", "real-smollm2-answers.md", "quant-sensitivity-smollm2.md",
-           "chat-agreement-smollm2.md", "fp32-activations-smollm2.md", "rescored-head-smollm2.md", "real-gemma3.md",
+           "chat-agreement-smollm2.md", "fp32-activations-smollm2.md", "rescored-head-smollm2.md",
+           "int8-head-smollm2.md", "real-gemma3.md",
            "real-gemma3-answers.md")
 
 

@@ -8,7 +8,7 @@ Methods (``edgelm export --quantize``):
   per-call activation scale costs at most ``GEMM_MAX_RATIO`` times the block kernel's error, else ``int8-block``'s. Real
   pretrained models put huge activations on a few tokens and channels (SmolLM2-135M-Instruct's down_proj inputs
   reach 3,171 where 0.1 is typical); one scale per call then wipes out every other value, and an all-GEMM int8
-  cost +90 % perplexity there. Small TinyStories-style models keep most matrices on the GEMM. A MatMul whose input
+  cost +90 % perplexity there (scored one call per 4,096-token window; +18 % in 512-token calls). Small TinyStories-style models keep most matrices on the GEMM. A MatMul whose input
   comes straight from a norm (or any per-channel Mul) can also be *smoothed* first (:func:`smooth_scales`): each
   input channel divided by s_k in the norm's weight and row k of W multiplied by s_k, exact in fp32 and free at
   run time, which moves the outlier channels' range into the weights; calibration uses it where only that brings
@@ -721,7 +721,7 @@ RESCORED_HEADS = ("int8", "int4", "int4-fp32")
 # past 2.5. Measured (docs/models.md): stories260K keeps 5 of its 21 matrices on the GEMM, SmolLM2-135M-Instruct
 # none (its best ratio is 2.5; outlier-fed matrices reach 50-100x). An absolute limit of 2 % per row left 6 SmolLM2
 # matrices on the GEMM at +0.74 % perplexity, yet those six alone turned "What is the capital of France?" into
-# gibberish; all 121 on the GEMM cost +90 %.
+# gibberish; all 121 on the GEMM cost +90 % (one score call per 4,096-token window; +18 % in 512-token calls).
 GEMM_MAX_RATIO = 2.0
 INT4_BLOCK = 32
 # Which methods store their block-wise matrices as "scale + min" blocks with float offsets (quantize_offset_blocks)
