@@ -3,6 +3,7 @@ its best tokens rescored exactly.
 
     python benchmarks/int8_head.py run     # results/int8-head-smollm2.{json,md} (~20 min on 2 cores)
     python benchmarks/int8_head.py table
+    python benchmarks/int8_head.py small   # results/int8-head-small.json: the rescoring's cost on a tiny head
 
 The head is the largest matrix of SmolLM2-135M-Instruct (49,152 x 576), read in full every decode step. The
 calibrated int8 plan keeps it block-wise (MatMulNBits, 8-bit): as a plain GEMM its per-call activation scale
@@ -133,8 +134,41 @@ def table() -> None:
     ca.write_table(NAME, lines)
 
 
+def small(rounds: int = 3) -> None:
+    """Why a small head keeps its kernel (GEMM_RANK_MIN_WEIGHTS): stories260K (a 512 x 64 head, a 0.1 ms step)
+    with its head forced block-wise, against the same head GEMM-ranked and rescored; results/int8-head-small.json."""
+    from edgelm_export import quantize as q
+    from edgelm_export.assemble import int8_plan
+
+    src = ca.MODELS / "stories260K" / "edgelm-fp32"  # benchmarks/compare.py prepare builds it
+    cfg = json.loads((src / "config.json").read_text())
+    plan = int8_plan(src, cfg, 1)
+    plan["lm_head/MatMul"] = "block"  # its own GEMM passes calibration there; forced, to price the rescoring
+    rows, paths = [], []
+    for label, minimum in (("head block-wise", q.GEMM_RANK_MIN_WEIGHTS), ("head GEMM-ranked, rescored", 0)):
+        dst = WORK / f"stories260K-{'rescored' if minimum == 0 else 'block'}"
+        ca._copy_side_files(src, dst)
+        saved, q.GEMM_RANK_MIN_WEIGHTS = q.GEMM_RANK_MIN_WEIGHTS, minimum
+        try:
+            info = q.quantize_model(src / "model.onnx", dst / "model.onnx", method="int8", plan=plan)
+        finally:
+            q.GEMM_RANK_MIN_WEIGHTS = saved
+        ca._finish(dst, cfg, info["dtype"], info)
+        rows.append({"candidate": label, "weights": info["weights"]})
+        paths.append(dst)
+    loads = speed_rounds(rows, paths, rounds)
+    write_results("int8-head-small", {"model": "stories260K (head forced block-wise by the plan)",
+                                      "command": "python benchmarks/int8_head.py small",
+                                      "loadavg_1min_during_speed": loads, "rows": rows})
+    for r in rows:
+        print(f"{r['candidate']}: {r['decode_tps_1']['median']:.0f} / {r['decode_tps_2']['median']:.0f} tok/s at 1 / 2 threads")
+
+
 def main() -> None:
-    ca.cli(__doc__, run, table)
+    if sys.argv[1:] == ["small"]:
+        small()
+    else:
+        ca.cli(__doc__, run, table)
 
 
 if __name__ == "__main__":

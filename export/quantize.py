@@ -486,7 +486,8 @@ RANK_KERNEL = {"int8": "gemm"}
 GEMM_RESCORE_TOP = 32
 # ...and only a head this large (weights) ranks on the GEMM: what the GEMM saves over the block kernel grows with
 # the head (SmolLM2's 28M weights: 0.43 ms a step), while the rescoring's dozen small nodes cost the same for any
-# head, a large share of a step as short as stories260K's 0.1 ms. A smaller head keeps the calibrated plan's kernel.
+# head, a large share of a step as short as stories260K's 0.1 ms (-10 % decode there: benchmarks/int8_head.py small).
+# A smaller head keeps the calibrated plan's kernel.
 GEMM_RANK_MIN_WEIGHTS = 2**22
 
 
