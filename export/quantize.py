@@ -16,8 +16,8 @@ Methods (``edgelm export --quantize``):
   table (our graphs, from most small models) always ranks the vocabulary on the GEMM, smoothed into the final norm
   where that lowers its error, and its best GEMM_RESCORE_TOP tokens are rescored exactly from the table (stored
   with a scale per block of 32): the head is the largest matrix and the GEMM its fastest kernel in a one-token
-  step, and the rescoring keeps greedy choices from the ranking's rounding (SmolLM2-135M-Instruct: decode +10 % at
-  1 thread, chat answers 52 -> 55 % of fp32's, perplexity +0.55 -> +0.65 %).
+  step, and the rescoring keeps greedy choices from the ranking's rounding (SmolLM2-135M-Instruct: decode +9 % at
+  1 thread, chat answers 52 -> 55 % of fp32's, perplexity +0.55 -> +0.65 %; benchmarks/int8_head.py).
 * ``int8-gemm`` -- every weight MatMul on ``DynamicQuantizeMatMul`` (the default before calibration): only for models
   whose activations have no outliers; the quality gate tells.
 * ``int8-block`` -- ``MatMulNBits`` with bits=8, symmetric, one fp32 scale per block of ``BLOCK_SIZE`` input

@@ -5,12 +5,13 @@ fp32; checked against transformers on the same weights.
 
 Targets (issue 12) and what the assertions allow:
 * default int8 perplexity on public-domain prose (first 20,000 characters of carroll-alice.txt) within 1.0 % of
-  the fp32 export: asserted as is (measured +0.44 % with smoothed GEMMs for qkv and gate_up, +0.64 % all block-wise);
+  the fp32 export: asserted as is (measured +0.65 % with smoothed GEMMs for qkv and gate_up and the tied head
+  ranked on the GEMM, +0.64 % all block-wise);
 * BOS from the source's truth: SmolLM2's tokenizer adds none, so neither does edgelm; fp32 ``score()`` bits/byte
   equal to transformers' to 1e-4 and raw-text greedy continuations identical;
 * int4 perplexity within 6 %: asserted with margin (measured +0.27 % with scale + min blocks, which reproduce the
   Q4_1 source's 4-bit matrices exactly; +23.9 % with integer zero points);
-* chat answers of the int8 model follow fp32's for >= 90 % of their length on average: MISSED by the default (52 %
+* chat answers of the int8 model follow fp32's for >= 90 % of their length on average: MISSED by the default (55 %
   measured, see docs/models.md: every mode with int8 activations lands between 48 and 67 %, fp16-rounded weights at
   100 %); the test pins the measured level with a margin so a regression shows, and the number stays in the
   manifest for the docs. ``--quantize int4-fp32`` (fp32 activations, exact tables; slower decode) gives fp32's
@@ -57,7 +58,7 @@ def test_default_int8_stays_within_one_percent_of_fp32(smollm2_int8):
     m = _manifest(smollm2_int8)
     q, metrics = m["quantization"], m["metrics"]
     assert q["method"] == "int8" and metrics["eval_text"] == "alice-20k.txt"
-    assert metrics["ppl_increase"] <= 0.010, metrics  # the issue's target, measured +0.44 %
+    assert metrics["ppl_increase"] <= 0.010, metrics  # the issue's target, measured +0.65 %
     # the calibration sent the outlier-fed matrices block-wise: SmolLM2's layer 11 down_proj above all; every qkv
     # and gate_up (inputs straight from a norm) keeps the int8 GEMM once smoothed, none without smoothing
     assert "layers.11.mlp.down_proj/MatMul" in q["block_nodes"]
@@ -66,10 +67,10 @@ def test_default_int8_stays_within_one_percent_of_fp32(smollm2_int8):
     # the tied head ranks on the GEMM (smoothed into the final norm) and rescores its best 32 exactly
     assert q["rank_kernel"] == "gemm" and q["rank_smoothed"] is True and q["rescored_top"] == 32
     assert "lm_head/MatMul" not in q["block_nodes"] and q["embedding_block_size"] == 32
-    # 22 varied chat prompts: the share of fp32's answer reproduced (target 0.90 missed; measured 0.52, 0.59 all
+    # 22 varied chat prompts: the share of fp32's answer reproduced (target 0.90 missed; measured 0.55, 0.59 all
     # block-wise: near-ties, see docs/models.md)
     assert metrics["chat_prompts"] >= 20 and metrics["chat_prefix_agreement"] >= 0.45, metrics
-    # ...while single decode steps fed fp32's answers pick fp32's token almost always (measured 0.964,
+    # ...while single decode steps fed fp32's answers pick fp32's token almost always (measured 0.967,
     # benchmarks/results/chat-agreement-smollm2.md): the answers part at near-ties, not from a broken model
     assert metrics["chat_step_agreement"] >= 0.94, metrics
     assert m["source"]["gguf"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
