@@ -13,9 +13,10 @@ Methods (``edgelm export --quantize``):
   input channel divided by s_k in the norm's weight and row k of W multiplied by s_k, exact in fp32 and free at
   run time, which moves the outlier channels' range into the weights; calibration uses it where only that brings
   the GEMM within the rule (SmolLM2-135M-Instruct: all 60 qkv and gate_up matrices). A head tied to the embedding
-  table (our graphs, from most small models) always ranks the vocabulary on the GEMM, smoothed into the final norm
-  where that lowers its error, and its best GEMM_RESCORE_TOP tokens are rescored exactly from the table (stored
-  with a scale per block of 32): the head is the largest matrix and the GEMM its fastest kernel in a one-token
+  table (our graphs, from most small models) whose own GEMM fails the rule, if it has at least
+  GEMM_RANK_MIN_WEIGHTS weights, ranks the vocabulary on the GEMM, smoothed into the final norm where that lowers
+  its error, and its best GEMM_RESCORE_TOP tokens are rescored exactly from the table (stored with a scale per
+  block of 32): the head is the largest matrix and the GEMM its fastest kernel in a one-token
   step, and the rescoring keeps greedy choices from the ranking's rounding (SmolLM2-135M-Instruct: decode +9 % at
   1 thread, chat answers 52 -> 55 % of fp32's, perplexity +0.55 -> +0.65 %; benchmarks/int8_head.py).
 * ``int8-gemm`` -- every weight MatMul on ``DynamicQuantizeMatMul`` (the default before calibration): only for models
@@ -477,7 +478,7 @@ RESCORE_TOP = 8
 # The kernel each method ranks with: "block" (MatMulNBits at RANK_BITS) or "gemm" (DynamicQuantizeMatMul, int8 per
 # output column, one activation scale per call). int8 ranks on the GEMM: the head is the largest matrix, its GEMM
 # is the fastest 8-bit kernel in a one-row decode step, and the rescoring makes the greedy choice exact again
-# whatever the ranking's activation rounding (benchmarks/rescored_head.py).
+# whatever the ranking's activation rounding (benchmarks/int8_head.py).
 RANK_KERNEL = {"int8": "gemm"}
 # How many tokens a GEMM ranking has rescored: its tail logits (which perplexity and sampling read) are noisier than
 # an 8-bit block head's, so more of the likely tokens are made exact. SmolLM2-135M-Instruct int8, alice-20k: +0.81 %
@@ -988,7 +989,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     # rescored (decided before any smoothing scales the head's weight away from the table's values)
     head_node = next((name for name, _, w in weight_matmuls(model) if w == head), None)
     rank_kernel = RANK_KERNEL.get(method, "block")
-    rescored = (method in RESCORED_HEADS and head_node is not None and "embeddings" not in keep
+    rescored = (method in RESCORED_HEADS and head_node is not None and not {"embeddings", "lm_head"} & set(keep)
                 and (plan or {}).get(head_node) not in ("gemm", "fp32")  # a head whose own GEMM passes stays plain
                 and (rank_kernel != "gemm" or int(np.prod(_initializers(model)[head].dims)) >= GEMM_RANK_MIN_WEIGHTS))
     tied = _tied_table(model, head) if rescored else None

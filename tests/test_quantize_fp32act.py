@@ -176,6 +176,34 @@ def test_int8_ranks_only_a_large_head_whose_gemm_fails_calibration(tmp_path, mon
     assert ranked["rescored_top"] == q.GEMM_RESCORE_TOP and ranked["embedding_block_size"] == 32
 
 
+def test_keep_fp32_lm_head_leaves_the_norm_before_it_alone(tmp_path, monkeypatch):
+    """--keep-fp32 lm_head with a plan that would smooth the head's ranking GEMM: the head stays an fp32 MatMul, so
+    nothing may be folded into the final norm (an fp32 head reading x / s would be wrong by s)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    monkeypatch.setattr(q, "GEMM_RANK_MIN_WEIGHTS", 0)
+    table = _q8_0_grid(96, 512, seed=4).T.copy()
+    gamma = np.random.default_rng(8).uniform(0.5, 1.5, 96).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
+         helper.make_node("Mul", ["e", "gamma"], ["x"], name="norm"),
+         helper.make_node("MatMul", ["x", "lm_head.weight"], ["logits"], name="lm_head")], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 512])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(gamma, "gamma"),
+         numpy_helper.from_array(np.ascontiguousarray(table.T), "lm_head.weight")])
+    src, dst = tmp_path / "tied.onnx", tmp_path / "kept.onnx"
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    plan = q.Int8Plan({"lm_head": "block"}, head_smooth={"lm_head": np.full(96, 3.0, np.float32)})
+    info = q.quantize_model(src, dst, method="int8", plan=plan, keep_fp32=("lm_head",))
+    assert "rescored_top" not in info and [n.op_type for n in _ops(dst)][-1] == "MatMul"
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer}
+    np.testing.assert_array_equal(inits["gamma"], gamma)
+    ids = [3, 1, 4]  # the logits stay fp32's up to the int8 embedding rows (they would be off by 3x if folded)
+    ref = _run_all(src, ids)[0][0]
+    np.testing.assert_allclose(_run_all(dst, ids)[0][0], ref, rtol=0, atol=0.02 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("method,smoothed", [(m, False) for m in q.RESCORED_HEADS]
                          + [(m, True) for m in q.RESCORED_HEADS if q.RANK_KERNEL.get(m) == "gemm"])
 def test_a_tied_head_ranks_on_the_fast_kernel_and_rescores_its_best_exactly(tmp_path, monkeypatch, method,
