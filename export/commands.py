@@ -254,7 +254,7 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
                              "(most accurate); int8-gemm = int8 GEMMs everywhere (fastest prefill, breaks on models "
                              "with activation outliers); int4 = 4-bit blocks with zero points (smallest); int4-fp32 = int4 with "
                              "fp32 activations (slower decode; a Q4_1/Q8_0 GGUF then answers exactly as fp32); auto = the "
-                             "fastest of int4, int8, int8-block within --max-ppl-increase; none = fp32")
+                             "first of int4, int8, int8-block (smallest first) within --max-ppl-increase; none = fp32")
     parser.add_argument("--eval-text", metavar="FILE", help="held-out text for the quality gate (default: built-in sample)")
     parser.add_argument("--max-ppl-increase", type=float, default=0.05, metavar="FRACTION",
                         help="refuse a quantized model whose perplexity is more than this much worse (default 0.05 = 5%%)")

@@ -108,8 +108,8 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
     """Export a Hugging Face causal LM folder (or hub id), or a llama.cpp GGUF file, to an edgelm model folder.
 
     ``quantize``: "int8" (the default: 8-bit weights, each MatMul on the int8 GEMM or block-wise as calibration
-    decides), "int8-block", "int8-gemm", "int4", "int4-fp32" (int4 with fp32 activations), "auto" (the fastest
-    mode within the gate) or "none" (fp32);
+    decides), "int8-block", "int8-gemm", "int4", "int4-fp32" (int4 with fp32 activations), "auto" (the smallest
+    mode within the gate: int4, int8, int8-block in that order) or "none" (fp32);
     export/quantize.py says what each one is and what it costs.
     ``eval_text``: held-out text for the quality gate (default: a small built-in sample).
     ``max_ppl_increase``: largest allowed relative perplexity increase of the quantized model (0.05 = 5 %);
