@@ -493,7 +493,8 @@ GEMM_RANK_MIN_WEIGHTS = 2**22
 
 
 def _rescored_head_nodes(model: Any, node: Any, w_name: str, w: np.ndarray, table: str, x_rank: int | None,
-                         rank: str = "block", smooth: np.ndarray | None = None) -> tuple[list, list]:
+                         rank: str = "block", smooth: np.ndarray | None = None, tie_scale: float = 1.0
+                         ) -> tuple[list, list]:
     """The LM head on the fast kernel (RANK_BITS-bit blocks, int8 activations per block) ranks the vocabulary;
     its RESCORE_TOP best per position are then scored exactly: their rows of the block-scaled embedding table
     ``table`` (the same Q8_0 values as the head's, since the head is tied to it; :func:`_quantize_embeddings`
@@ -515,8 +516,12 @@ def _rescored_head_nodes(model: Any, node: Any, w_name: str, w: np.ndarray, tabl
     k_name, last = f"{r}/k", f"{r}/last_axis"
     tensors += [numpy_helper.from_array(np.array([top], np.int64), k_name),
                 numpy_helper.from_array(np.array([-1], np.int64), last)]
-    if smooth is not None:  # the input was divided by s (smoothing, for the ranking GEMM): the rescoring undoes it
-        tensors.append(numpy_helper.from_array(np.asarray(smooth, np.float32), f"{r}/unsmooth"))
+    # The rescoring's hidden state: times s where the input was divided by s (smoothing, for the ranking GEMM), and
+    # over the table's scale where the table is the head times a scalar (Gemma's folded sqrt(hidden)).
+    unsmooth = None
+    if smooth is not None or tie_scale != 1.0:
+        unsmooth = (np.ones(w.shape[0], np.float64) if smooth is None else smooth.astype(np.float64)) / tie_scale
+        tensors.append(numpy_helper.from_array(unsmooth.astype(np.float32), f"{r}/unsmooth"))
     # the gathered rows [*x.shape[:-1], top, K / 32, 32] -> [*x.shape[:-1], top, K]
     rows_shape, shape_nodes = _rows_shape(model, r, None if x_rank is None else x_rank, w.shape[0], f"{r}/top")
     return tensors, [
@@ -530,9 +535,10 @@ def _rescored_head_nodes(model: Any, node: Any, w_name: str, w: np.ndarray, tabl
         helper.make_node("Mul", [f"{r}/f_rows", f"{r}/scales"], [f"{r}/blocks"], name=f"{r}/dequant"),
         *shape_nodes,
         helper.make_node("Reshape", [f"{r}/blocks", rows_shape], [f"{r}/rows"], name=f"{r}/rows"),
-        *([] if smooth is None else [
+        *([] if unsmooth is None else [
             helper.make_node("Mul", [x, f"{r}/unsmooth"], [f"{r}/x"], name=f"{r}/unsmooth")]),
-        helper.make_node("Unsqueeze", [x if smooth is None else f"{r}/x", last], [f"{r}/hidden"], name=f"{r}/hidden"),
+        helper.make_node("Unsqueeze", [x if unsmooth is None else f"{r}/x", last], [f"{r}/hidden"],
+                         name=f"{r}/hidden"),
         helper.make_node("MatMul", [f"{r}/rows", f"{r}/hidden"], [f"{r}/exact1"], name=f"{r}/exact"),
         helper.make_node("Squeeze", [f"{r}/exact1", last], [f"{r}/exact"], name=f"{r}/squeeze"),
         helper.make_node("ScatterElements", [f"{r}/ranked", f"{r}/top", f"{r}/exact"], [y], name=f"{r}/scatter",
@@ -684,9 +690,10 @@ def _quantize_embeddings(model: Any, vocab_size: int | None = None, block: int |
 
 def _tied_table(model: Any, head: str) -> str | None:
     """The token embedding table (:func:`embedding_tables`) whose values are the LM head's, transposed (a tied
-    head our builder stores as its own [hidden, vocab] initializer), if its width is whole blocks of 32: the
-    block-scaled table then holds exactly the head's 8-bit values, so the head's best tokens can be rescored
-    from it. None otherwise."""
+    head our builder stores as its own [hidden, vocab] initializer), or a scalar multiple of them (Gemma's
+    embedding scale sqrt(hidden), folded into the table: :func:`_tie_scale`), if its width is whole blocks of 32:
+    the block-scaled table then holds the head's 8-bit values (times that scalar), so the head's best tokens can
+    be rescored from it. None otherwise."""
     from onnx import numpy_helper
 
     inits = _initializers(model)
@@ -697,7 +704,27 @@ def _tied_table(model: Any, head: str) -> str | None:
     table, w = inits[name], inits[head]
     if list(table.dims) != list(w.dims)[::-1] or table.dims[1] % BLOCK_SIZE[8]:
         return None
-    return name if np.array_equal(numpy_helper.to_array(table), numpy_helper.to_array(w).T) else None
+    return name if _tie_scale(numpy_helper.to_array(table), numpy_helper.to_array(w)) is not None else None
+
+
+def _tie_scale(table: np.ndarray, w: np.ndarray) -> float | None:
+    """c with table == c * w.T (to fp32 rounding; exactly 1.0 for a plain tie), or None if there is none. Compared
+    a block of rows at a time: Gemma 3's table is 262,144 x 640."""
+    flat = int(np.abs(w).argmax())
+    i, j = divmod(flat, w.shape[1])
+    if w[i, j] == 0:
+        return None
+    c = float(table[j, i]) / float(w[i, j])
+    if not (np.isfinite(c) and c > 0):
+        return None
+    for a in range(0, table.shape[0], 16384):
+        rows = table[a:a + 16384]
+        if c == 1.0:
+            if not np.array_equal(rows, w[:, a:a + 16384].T):
+                return None
+        elif not np.allclose(rows, np.float32(c) * w[:, a:a + 16384].T, rtol=1e-5, atol=1e-6 * abs(c * w[i, j])):
+            return None
+    return c
 
 
 def _drop_initializers(model: Any, names: set[str]) -> None:
@@ -993,6 +1020,11 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
                 and (plan or {}).get(head_node) not in ("gemm", "fp32")  # a head whose own GEMM passes stays plain
                 and (rank_kernel != "gemm" or int(np.prod(_initializers(model)[head].dims)) >= GEMM_RANK_MIN_WEIGHTS))
     tied = _tied_table(model, head) if rescored else None
+    tie_scale = 1.0
+    if tied:
+        from onnx import numpy_helper
+        inits = _initializers(model)
+        tie_scale = _tie_scale(numpy_helper.to_array(inits[tied]), numpy_helper.to_array(inits[head])) or 1.0
     smooth = dict(getattr(plan, "smooth", {})) if method == "int8" else {}
     head_smooth = getattr(plan, "head_smooth", {}).get(head_node) if tied and rank_kernel == "gemm" else None
     if smooth:
@@ -1021,7 +1053,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
             return None
         if tied and w_name == head:
             return _rescored_head_nodes(model, node, w_name, w, tied, 3 if sums.rank3 else None, rank_kernel,
-                                        head_smooth)
+                                        head_smooth, tie_scale)
         if kind == "gemm":
             return _gemm_node(node, w_name, w)
         if bits != 8 and (kind == "block8" or (kind is None and w_name == head)):

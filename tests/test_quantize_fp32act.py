@@ -176,6 +176,40 @@ def test_int8_ranks_only_a_large_head_whose_gemm_fails_calibration(tmp_path, mon
     assert ranked["rescored_top"] == q.GEMM_RESCORE_TOP and ranked["embedding_block_size"] == 32
 
 
+@pytest.mark.parametrize("method", q.RESCORED_HEADS)
+def test_a_head_tied_to_a_scaled_table_is_rescored_over_the_scale(tmp_path, monkeypatch, method):
+    """Gemma folds its embedding scale sqrt(hidden) into the table, so the table is the head times a scalar: still a
+    tie (the block-scaled rows are the head's 8-bit values times it), and the rescoring divides the scale out."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    monkeypatch.setattr(q, "GEMM_RANK_MIN_WEIGHTS", 0)
+    head = _q8_0_grid(96, 512, seed=4)  # [hidden 96, vocab 512]
+    scale = np.float32(np.sqrt(96.0))
+    table = np.ascontiguousarray(head.T * scale)
+    gamma = np.random.default_rng(8).uniform(0.5, 1.5, 96).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
+         helper.make_node("Mul", ["e", "gamma"], ["x"], name="norm"),
+         helper.make_node("MatMul", ["x", "lm_head.weight"], ["logits"], name="lm_head")], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 512])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(gamma, "gamma"),
+         numpy_helper.from_array(head, "lm_head.weight")])
+    src, dst = tmp_path / "scaled.onnx", tmp_path / "scaled-q.onnx"
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    assert q._tie_scale(table, head) == pytest.approx(scale, rel=1e-6)
+    assert q._tie_scale(table + 0.01, head) is None
+    info = q.quantize_model(src, dst, method=method)
+    assert "rescored exactly" in info["weights"]
+    ids = [3, 1, 4, 1, 5, 9, 2]
+    ref = (table[ids] * gamma) @ head
+    got = _run_all(dst, ids)[0][0]
+    best = ref.argmax(axis=-1)
+    assert np.array_equal(got.argmax(axis=-1), best)
+    np.testing.assert_allclose(got[np.arange(len(best)), best], ref[np.arange(len(best)), best], rtol=0,
+                               atol=1e-5 * np.abs(ref).max())
+
+
 def test_keep_fp32_lm_head_leaves_the_norm_before_it_alone(tmp_path, monkeypatch):
     """--keep-fp32 lm_head with a plan that would smooth the head's ranking GEMM: the head stays an fp32 MatMul, so
     nothing may be folded into the final norm (an fp32 head reading x / s would be wrong by s)."""
