@@ -150,6 +150,22 @@ def test_block_scaled_embeddings_keep_any_ids_shape(tmp_path):
             assert np.abs(x[0] - table[[7, 0, 299]]).max() <= np.abs(table).max() / 127
 
 
+def _norm_head_graph(path, table: np.ndarray, gamma: np.ndarray, head: np.ndarray):
+    """ids -> Gather(table) -> Mul(gamma) (a norm's weight) -> MatMul(head) -> logits [1, s, vocab], saved at path."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
+         helper.make_node("Mul", ["e", "gamma"], ["x"], name="norm"),
+         helper.make_node("MatMul", ["x", "lm_head.weight"], ["logits"], name="lm_head")], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", head.shape[1]])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(gamma, "gamma"),
+         numpy_helper.from_array(np.ascontiguousarray(head), "lm_head.weight")])
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
 def test_int8_ranks_only_a_large_head_whose_gemm_fails_calibration(tmp_path, monkeypatch):
     """Rescoring is for a large head whose plain GEMM fails the calibration rule. Where the plan puts the head on
     the GEMM as it is (small models without outliers), int8 keeps it plain, and a head under
@@ -180,23 +196,12 @@ def test_int8_ranks_only_a_large_head_whose_gemm_fails_calibration(tmp_path, mon
 def test_a_head_tied_to_a_scaled_table_is_rescored_over_the_scale(tmp_path, monkeypatch, method):
     """Gemma folds its embedding scale sqrt(hidden) into the table, so the table is the head times a scalar: still a
     tie (the block-scaled rows are the head's 8-bit values times it), and the rescoring divides the scale out."""
-    from onnx import TensorProto, helper, numpy_helper
-
     monkeypatch.setattr(q, "GEMM_RANK_MIN_WEIGHTS", 0)
     head = _q8_0_grid(96, 512, seed=4)  # [hidden 96, vocab 512]
     scale = np.float32(np.sqrt(96.0))
     table = np.ascontiguousarray(head.T * scale)
     gamma = np.random.default_rng(8).uniform(0.5, 1.5, 96).astype(np.float32)
-    g = helper.make_graph(
-        [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
-         helper.make_node("Mul", ["e", "gamma"], ["x"], name="norm"),
-         helper.make_node("MatMul", ["x", "lm_head.weight"], ["logits"], name="lm_head")], "g",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 512])],
-        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(gamma, "gamma"),
-         numpy_helper.from_array(head, "lm_head.weight")])
-    src, dst = tmp_path / "scaled.onnx", tmp_path / "scaled-q.onnx"
-    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    src, dst = _norm_head_graph(tmp_path / "scaled.onnx", table, gamma, head), tmp_path / "scaled-q.onnx"
     assert q._tie_scale(table, head) == pytest.approx(scale, rel=1e-6)
     assert q._tie_scale(table + 0.01, head) is None
     info = q.quantize_model(src, dst, method=method)
@@ -213,21 +218,12 @@ def test_a_head_tied_to_a_scaled_table_is_rescored_over_the_scale(tmp_path, monk
 def test_keep_fp32_lm_head_leaves_the_norm_before_it_alone(tmp_path, monkeypatch):
     """--keep-fp32 lm_head with a plan that would smooth the head's ranking GEMM: the head stays an fp32 MatMul, so
     nothing may be folded into the final norm (an fp32 head reading x / s would be wrong by s)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
     monkeypatch.setattr(q, "GEMM_RANK_MIN_WEIGHTS", 0)
     table = _q8_0_grid(96, 512, seed=4).T.copy()
     gamma = np.random.default_rng(8).uniform(0.5, 1.5, 96).astype(np.float32)
-    g = helper.make_graph(
-        [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
-         helper.make_node("Mul", ["e", "gamma"], ["x"], name="norm"),
-         helper.make_node("MatMul", ["x", "lm_head.weight"], ["logits"], name="lm_head")], "g",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 512])],
-        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(gamma, "gamma"),
-         numpy_helper.from_array(np.ascontiguousarray(table.T), "lm_head.weight")])
-    src, dst = tmp_path / "tied.onnx", tmp_path / "kept.onnx"
-    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    src, dst = _norm_head_graph(tmp_path / "tied.onnx", table, gamma, table.T), tmp_path / "kept.onnx"
     plan = q.Int8Plan({"lm_head": "block"}, head_smooth={"lm_head": np.full(96, 3.0, np.float32)})
     info = q.quantize_model(src, dst, method="int8", plan=plan, keep_fp32=("lm_head",))
     assert "rescored_top" not in info and [n.op_type for n in _ops(dst)][-1] == "MatMul"
@@ -246,23 +242,14 @@ def test_a_tied_head_ranks_on_the_fast_kernel_and_rescores_its_best_exactly(tmp_
     int4-fp32: 8-bit blocks; int8: the GEMM, optionally smoothed into the norm before it), and its best
     RESCORE_TOP (GEMM_RESCORE_TOP) tokens per position are scored again in fp32 from the block-scaled table: every
     row's best token and its logit are the fp32 graph's; the rest keep the fast kernel's approximate values."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
     gemm = q.RANK_KERNEL.get(method) == "gemm"
     monkeypatch.setattr(q, "GEMM_RANK_MIN_WEIGHTS", 0)  # a head of 49,152 weights, far under SmolLM2's 28M
 
     table = _q8_0_grid(96, 512, seed=4).T.copy()  # [vocab 512, hidden 96]; the head is its transpose (tied)
     gamma = np.random.default_rng(8).uniform(0.5, 1.5, 96).astype(np.float32)  # a norm's weight: off the grid
-    g = helper.make_graph(
-        [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
-         helper.make_node("Mul", ["e", "gamma"], ["x"], name="norm"),
-         helper.make_node("MatMul", ["x", "lm_head.weight"], ["logits"], name="lm_head")], "g",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 512])],
-        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(gamma, "gamma"),
-         numpy_helper.from_array(np.ascontiguousarray(table.T), "lm_head.weight")])
-    src, dst = tmp_path / "tied.onnx", tmp_path / "tied-q.onnx"
-    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    src, dst = _norm_head_graph(tmp_path / "tied.onnx", table, gamma, table.T), tmp_path / "tied-q.onnx"
     scales = np.random.default_rng(9).uniform(0.25, 4.0, 96).astype(np.float32)
     plan = q.Int8Plan({}, head_smooth={"lm_head": scales} if smoothed else None) if method == "int8" else None
     assert q.smoothable(onnx.load(str(src))) == {"lm_head": ["gamma"]}
