@@ -688,12 +688,12 @@ def _quantize_embeddings(model: Any, vocab_size: int | None = None, block: int |
     return list(tables)
 
 
-def _tied_table(model: Any, head: str) -> str | None:
-    """The token embedding table (:func:`embedding_tables`) whose values are the LM head's, transposed (a tied
-    head our builder stores as its own [hidden, vocab] initializer), or a scalar multiple of them (Gemma's
-    embedding scale sqrt(hidden), folded into the table: :func:`_tie_scale`), if its width is whole blocks of 32:
-    the block-scaled table then holds the head's 8-bit values (times that scalar), so the head's best tokens can
-    be rescored from it. None otherwise."""
+def _tied_table(model: Any, head: str) -> tuple[str, float] | None:
+    """(name, c) of the token embedding table (:func:`embedding_tables`) whose values are the LM head's, transposed
+    (a tied head our builder stores as its own [hidden, vocab] initializer), times c (1.0, or Gemma's embedding
+    scale sqrt(hidden) folded into the table: :func:`_tie_scale`), if its width is whole blocks of 32: the
+    block-scaled table then holds the head's 8-bit values times c, so the head's best tokens can be rescored from
+    it. None otherwise."""
     from onnx import numpy_helper
 
     inits = _initializers(model)
@@ -704,7 +704,8 @@ def _tied_table(model: Any, head: str) -> str | None:
     table, w = inits[name], inits[head]
     if list(table.dims) != list(w.dims)[::-1] or table.dims[1] % BLOCK_SIZE[8]:
         return None
-    return name if _tie_scale(numpy_helper.to_array(table), numpy_helper.to_array(w)) is not None else None
+    c = _tie_scale(numpy_helper.to_array(table), numpy_helper.to_array(w))
+    return None if c is None else (name, c)
 
 
 def _tie_scale(table: np.ndarray, w: np.ndarray) -> float | None:
@@ -1019,12 +1020,7 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, *, method: st
     rescored = (method in RESCORED_HEADS and head_node is not None and not {"embeddings", "lm_head"} & set(keep)
                 and (plan or {}).get(head_node) not in ("gemm", "fp32")  # a head whose own GEMM passes stays plain
                 and (rank_kernel != "gemm" or int(np.prod(_initializers(model)[head].dims)) >= GEMM_RANK_MIN_WEIGHTS))
-    tied = _tied_table(model, head) if rescored else None
-    tie_scale = 1.0
-    if tied:
-        from onnx import numpy_helper
-        inits = _initializers(model)
-        tie_scale = _tie_scale(numpy_helper.to_array(inits[tied]), numpy_helper.to_array(inits[head])) or 1.0
+    tied, tie_scale = (_tied_table(model, head) if rescored else None) or (None, 1.0)
     smooth = dict(getattr(plan, "smooth", {})) if method == "int8" else {}
     head_smooth = getattr(plan, "head_smooth", {}).get(head_node) if tied and rank_kernel == "gemm" else None
     if smooth:
