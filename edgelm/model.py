@@ -166,6 +166,13 @@ SCORE_LOGITS_BYTES = 2**30
 # Graphs whose rows do not depend on the call (fp32, MatMulNBits) give the same numbers as one call; an int8 GEMM
 # (one activation scale per call) gives those of 512-token calls, as a prefill of that length computes them.
 SCORE_CALL_ROWS = 512
+# A "shared" graph's prefill runs a long prompt in calls of at most this many tokens over the cache: the fused
+# attention's scores for one call are [heads, call rows, past + call rows] floats, for the whole prompt at once
+# [heads, prompt, prompt] (SmolLM2-135M, 3,416 tokens: 420 MB). Measured there (int8, 2 threads): peak RSS 584 ->
+# 430 MiB and time to first token 2.69 -> 2.47 s; calls of 256 saved 14 MiB more, of 1,024 were as fast
+# (benchmarks/results/long-prefill-smollm2.md). A short prompt is one call, as before. As with score(), an int8 GEMM's
+# activation scale then covers one call, not the whole prompt.
+PREFILL_CALL_ROWS = 512
 
 
 # Below this many bytes of weights (the graph file plus any external data), the default is ONE onnxruntime thread.
@@ -955,6 +962,11 @@ class _SharedCache:
         import numpy as np
 
         m, b = self.model, self.binding
+        n = ids.shape[1]
+        done = (n - 1) // PREFILL_CALL_ROWS * PREFILL_CALL_ROWS  # the last call holds 1..PREFILL_CALL_ROWS tokens
+        if done:  # a long prompt: the calls before the last one only fill the cache
+            self.score_rows(ids[:, :done], done, None, PREFILL_CALL_ROWS)
+            ids = np.ascontiguousarray(ids[:, done:])
         if m._last_only is not None:  # logits for the last position only, as in every decode step: bound once
             out = self.logits
             b.bind_ortvalue_input("logits_from", m._last_only)
@@ -964,7 +976,7 @@ class _SharedCache:
             b.bind_ortvalue_output("logits", m._value(out))
         self._prefill_arrays = (ids, out)  # alive until the next prefill: the bound values read them
         b.bind_ortvalue_input("input_ids", m._value(ids))
-        b.bind_ortvalue_input("attention_mask", m._mask(ids.shape[1]))
+        b.bind_ortvalue_input("attention_mask", m._mask(n))
         m._run_bound(b)
         b.bind_ortvalue_input("input_ids", self.tok_value)
         b.bind_ortvalue_output("logits", self.logits_value)
@@ -1005,18 +1017,19 @@ class _SharedCache:
         slots of rejected drafts are never read and the next call overwrites them."""
 
     # --- score() on long windows ---
-    def score_rows(self, ids: "np.ndarray", skip: int, take: Any) -> None:
-        """Run ``ids`` [1, S] into slots 0..S-1 in calls of at most SCORE_CALL_ROWS tokens; for each call that
-        holds rows at or past ``skip``, ``take(first row, logits [rows, vocab])`` with the logits of those rows (a
-        view, valid during the call). Calls wholly before ``skip`` only fill the cache (last row's logits only,
-        where the graph can). The bindings are left for :meth:`prefill`, which sets all of its own."""
+    def score_rows(self, ids: "np.ndarray", skip: int, take: Any, call_rows: int | None = None) -> None:
+        """Run ``ids`` [1, S] into slots 0..S-1 in calls of at most ``call_rows`` (SCORE_CALL_ROWS) tokens; for each
+        call that holds rows at or past ``skip``, ``take(first row, logits [rows, vocab])`` with the logits of those
+        rows (a view, valid during the call). Calls wholly before ``skip`` only fill the cache (last row's logits
+        only, where the graph can). The bindings are left for :meth:`prefill`, which sets all of its own."""
         import numpy as np
 
         m, b = self.model, self.binding
         n = ids.shape[1]
-        buf = np.empty((1, min(n, SCORE_CALL_ROWS), m.vocab_size), dtype=np.float32)
-        for a in range(0, n, SCORE_CALL_ROWS):
-            chunk = np.ascontiguousarray(ids[:, a:a + SCORE_CALL_ROWS])  # referenced until run() returns
+        step = call_rows or SCORE_CALL_ROWS
+        buf = np.empty((1, min(n, step), m.vocab_size), dtype=np.float32) if m._last_only is None or skip < n else None
+        for a in range(0, n, step):
+            chunk = np.ascontiguousarray(ids[:, a:a + step])  # referenced until run() returns
             rows = chunk.shape[1]
             wanted = a + rows > skip
             if wanted or m._last_only is None:

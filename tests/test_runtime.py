@@ -238,6 +238,58 @@ def test_an_int8_gemm_graph_scores_in_calls_too(stories_int8, monkeypatch):
     assert chunked.total_logprob == pytest.approx(whole.total_logprob, rel=0.02)
 
 
+def _prefill_calls(lm, monkeypatch, prompt_ids, rows_per_call, new_tokens=8):
+    """Greedy generation with PREFILL_CALL_ROWS = rows_per_call; returns (the Generation, the attention-mask length
+    of each model call, which is where each call ends)."""
+    import edgelm.model as m
+
+    monkeypatch.setattr(m, "PREFILL_CALL_ROWS", rows_per_call)
+    ends = []
+    original = lm._mask
+    monkeypatch.setattr(lm, "_mask", lambda n: (ends.append(n), original(n))[1])
+    try:
+        return lm.generate(prompt_ids, max_new_tokens=new_tokens, temperature=0), ends
+    finally:
+        monkeypatch.setattr(lm, "_mask", original)
+
+
+@pytest.mark.parametrize("prompt_len", [100, 96, 16, 17])
+def test_a_long_prompt_prefills_in_calls_over_the_cache(lm, monkeypatch, prompt_len):
+    """A prompt longer than PREFILL_CALL_ROWS runs in calls of at most that many tokens (the last one holds the
+    rest, at least one token); on an fp32 graph the answer and its log-probabilities are those of one call."""
+    assert lm.kv_cache == "shared"
+    ids = (lm.encode("The dog ran to the park and back. " * 20))[:prompt_len]
+    assert len(ids) == prompt_len
+    whole, whole_ends = _prefill_calls(lm, monkeypatch, ids, 10**9)
+    chunked, ends = _prefill_calls(lm, monkeypatch, ids, 16)
+    calls = -(-prompt_len // 16)
+    assert whole_ends[0] == prompt_len and len(whole_ends) == 1 + 7
+    assert ends[:calls] == [min(16 * (i + 1), prompt_len) for i in range(calls)] and len(ends) == calls + 7
+    assert chunked.token_ids == whole.token_ids and chunked.prompt_tokens == prompt_len
+    np.testing.assert_allclose(chunked.logprobs, whole.logprobs, atol=1e-5)
+
+
+def test_an_int8_gemm_graph_prefills_in_calls_too(stories_int8, monkeypatch):
+    """The default int8's prefill is bounded the same way. Its GEMMs' activation scale then covers one call, so
+    the last position's logits move a little (those of a 32-token call), and only a little."""
+    import edgelm.model as m
+
+    int8 = edgelm.load(stories_int8)
+    assert int8.folder.manifest["quantization"]["gemm_matmuls"] > 0 and int8.kv_cache == "shared"
+    ids = int8.encode("The dog ran to the park and back. " * 20)[:100]
+    g, ends = _prefill_calls(int8, monkeypatch, ids, 32)
+    assert ends[:4] == [32, 64, 96, 100] and len(g.token_ids) == 8
+    arr = np.asarray([ids], np.int64)
+    last = {}
+    for rows in (32, 10**9):
+        monkeypatch.setattr(m, "PREFILL_CALL_ROWS", rows)
+        cache = int8._shared_cache()
+        last[rows] = cache.prefill(arr)[0].copy()
+        int8._release(cache)
+    assert not np.array_equal(last[32], last[10**9])
+    assert np.abs(last[32] - last[10**9]).max() < 0.05 * np.ptp(last[10**9])
+
+
 def test_score_windows_shrink_to_the_logits_budget(lm, monkeypatch):
     """A large vocabulary is scored in windows whose logits fit SCORE_LOGITS_BYTES; every token still once."""
     import edgelm.model as m
