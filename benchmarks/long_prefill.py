@@ -1,7 +1,7 @@
 """Long prompts: time to first token and peak memory when the prefill runs in calls of N tokens over the cache.
 
     python benchmarks/long_prefill.py run [MODEL_DIR] [--rounds 3]   # results/long-prefill-smollm2.{json,md}
-    python benchmarks/long_prefill.py table
+    python benchmarks/long_prefill.py table   # the table, also spliced into docs/performance.md
 
 A "shared" graph's fused attention holds the scores of a whole call, [heads, call rows, past + call rows] floats;
 for a 3,400-token prompt in one call that is SmolLM2's 9 heads x 3,400^2 x 4 bytes = 420 MB on top of the model.
@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGELM_SHARED", ROOT.parent / "shared")).resolve()
 TEXT = SHARED / "corpus" / "classics" / "grimm.txt"
@@ -28,7 +30,9 @@ MODEL = ROOT / ".cache" / "bench-models" / "smollm2-135m-int8"
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "long-prefill-smollm2"
 LENGTHS = (1024, 2048, 3500)
-CALL_ROWS = (None, 1024, 512, 256)  # None: the whole prompt in one call (the runtime before PREFILL_CALL_ROWS)
+CALL_ROWS = (None, 1024, 512, 256)
+SHIPPED = 512  # edgelm.model.PREFILL_CALL_ROWS when the table was written (the table says so)
+DOC = ROOT / "docs" / "performance.md"  # None: the whole prompt in one call (the runtime before PREFILL_CALL_ROWS)
 THREADS = (1, 2)
 
 _PROBE = r"""
@@ -88,15 +92,24 @@ def table() -> None:
     lines = [f"Long prompts on {data['model']} ({data['weights']}): the first N tokens of {data['text']}, one new "
              f"token, each cell a fresh process, medians of {data['rounds']} interleaved rounds (load "
              f"{min(data['loadavg_1min']):.2f}-{max(data['loadavg_1min']):.2f}), onnxruntime {data['onnxruntime']}, "
-             f"commit {data['commit']}, {data['date']}; `{data['command']}`. The shipped PREFILL_CALL_ROWS is 512.",
-             "", "| threads | prompt tokens | prefill calls of | time to first token | peak RSS |",
-             "|---:|---:|---|---:|---:|"]
-    for r in sorted(data["rows"], key=lambda r: (r["threads"], r["prompt_tokens"], -(r["call_rows"] or 10**9))):
-        calls = "the whole prompt (before)" if r["call_rows"] is None else f"{r['call_rows']} tokens"
-        lines.append(f"| {r['threads']} | {r['prompt_tokens']:,} | {calls} | {r['ttft_s']:.2f} s | "
-                     f"{r['peak_rss_mib']:.0f} MiB |")
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+             f"commit {data['commit']}, {data['date']}; `{data['command']}`.",
+             ""]
+    settings = sorted({r["call_rows"] for r in data["rows"]}, key=lambda c: -(c or 10**9))
+    names = ["the whole prompt (before)" if c is None else f"calls of {c}" + (" (shipped)" if c == SHIPPED else "")
+             for c in settings]
+    lines += ["Time to first token and peak RSS per prefill setting:", "",
+              "| threads | prompt tokens | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
+    cell = {(r["threads"], r["prompt_tokens"], r["call_rows"]): r for r in data["rows"]}
+    for threads, n in sorted({(r["threads"], r["prompt_tokens"]) for r in data["rows"]}):
+        lines.append(f"| {threads} | {n:,} | " + " | ".join(
+            f"{cell[threads, n, c]['ttft_s']:.2f} s, {cell[threads, n, c]['peak_rss_mib']:.0f} MiB" for c in settings)
+            + " |")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / f"{NAME}.md").write_text(text, encoding="utf-8")
+    print(text)
+    from compare import splice  # benchmarks/compare.py: the <!-- results/NAME --> markers
+
+    DOC.write_text(splice(DOC.read_text(encoding="utf-8"), f"{NAME}.md", text), encoding="utf-8")
 
 
 def main() -> None:

@@ -167,11 +167,11 @@ SCORE_LOGITS_BYTES = 2**30
 # (one activation scale per call) gives those of 512-token calls, as a prefill of that length computes them.
 SCORE_CALL_ROWS = 512
 # A "shared" graph's prefill runs a long prompt in calls of at most this many tokens over the cache: the fused
-# attention's scores for one call are [heads, call rows, past + call rows] floats, for the whole prompt at once
-# [heads, prompt, prompt] (SmolLM2-135M, 3,416 tokens: 420 MB). Measured there (int8, 2 threads): peak RSS 584 ->
-# 430 MiB and time to first token 2.69 -> 2.47 s; calls of 256 saved 14 MiB more, of 1,024 were as fast
-# (benchmarks/results/long-prefill-smollm2.md). A short prompt is one call, as before. As with score(), an int8 GEMM's
-# activation scale then covers one call, not the whole prompt.
+# attention holds the scores of one call, [heads, call rows, past + call rows] floats, and for a whole prompt in
+# one call [heads, prompt, prompt] (SmolLM2-135M, 3,500 tokens: 440 MB). Measured there (int8; fresh processes,
+# benchmarks/results/long-prefill-smollm2.md): peak RSS 648 -> 495 MiB, time to first token 5.28 -> 4.80 s at 1
+# thread and 2.81 -> 2.60 s at 2. Calls of 256 were within 7 % either way; 512 is score()'s call too, so an int8
+# GEMM (one activation scale per call) computes a prompt's rows the same way in both. A short prompt is one call.
 PREFILL_CALL_ROWS = 512
 
 
