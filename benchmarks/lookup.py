@@ -4,7 +4,7 @@ free generation, acceptance, and whether the tokens stayed identical.
     python benchmarks/lookup.py [MODEL_DIR ...] [--reps 5] [--threads N] [--out benchmarks/results/lookup]
 
 Without MODEL_DIR: the shipped default model, plus SmolLM2-135M-Instruct int8 where its export exists
-(``$EDGELM_SMOLLM2``, default /work/.cache/edgelm-real/smollm2-int8). A model with a chat template gets the
+(``$EDGELM_SMOLLM2``, default the int8 folder benchmarks/real_models.py exports). A model with a chat template gets the
 tasks as chat messages; a base model (the TinyStories default) gets them as plain continuations. A 5.5M-parameter
 story model does none of these tasks (it does not even retell a story it was given: it writes a new one), and it
 ends its stories after 20-40 tokens, too short to time; so for base models EOS is ignored and every run decodes
@@ -32,7 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SMOLLM2 = Path(os.environ.get("EDGELM_SMOLLM2", "/work/.cache/edgelm-real/smollm2-int8"))
+# the default int8 export of SmolLM2-135M-Instruct that benchmarks/real_models.py writes
+SMOLLM2 = Path(os.environ.get("EDGELM_SMOLLM2",
+                              Path(__file__).resolve().parents[1] / ".cache" / "bench-models" / "smollm2-135m-int8"))
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Original texts written for this benchmark.
