@@ -1,0 +1,115 @@
+"""Why the 24M shape's int8 at 2 threads is bimodal (docs/performance.md, "Why the misses happen").
+
+    python benchmarks/thread_phases.py [--minutes 8]   # results/thread-phases-rand15m.{json,md}
+
+For the given time, over and over, each in a fresh process: the rand-15M int8 graph (every matrix on the int8
+GEMM, DynamicQuantizeMatMul) and its int8-block graph (8-bit MatMulNBits), at 2 threads (spin-waiting forced on,
+so that the spin default's load sample cannot be the difference; the int8 graph also with it off) and at 1: the
+median time of 300 one-token decode steps through the runtime's cache (128-token prompt). Each line of the log is
+one sweep over the four, a few seconds apart, so a phase of the machine shows up in all four at once. A
+"slow" sweep is one whose int8 2-thread step is over 1.5x the run's fastest.
+
+The folders are those benchmarks/compare.py prepares (.cache/bench-models/rand-15M/edgelm-int8, -int8-block).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / ".cache" / "bench-models" / "rand-15M"
+RESULTS = ROOT / "benchmarks" / "results"
+NAME = "thread-phases-rand15m"
+# (folder, threads, spin-waiting)
+CONFIGS = (("edgelm-int8", 2, True), ("edgelm-int8-block", 2, True), ("edgelm-int8", 2, False),
+           ("edgelm-int8", 1, False), ("edgelm-int8-block", 1, False))
+
+_PROBE = r"""
+import statistics, sys, time
+import numpy as np
+import edgelm
+from edgelm.bench import prompt_ids
+threads = int(sys.argv[2])
+lm = edgelm.load(sys.argv[1], threads=threads, spin=sys.argv[3] == "spin", verify=False)
+cache = lm._shared_cache()
+cache.prefill(np.asarray([prompt_ids(lm.tokenizer, 128, lm.config.get("bos_token_id"))], np.int64))
+times = []
+for _ in range(300):
+    t = time.perf_counter()
+    cache.advance(42, 128)
+    times.append(time.perf_counter() - t)
+print(statistics.median(times) * 1e6)
+"""
+
+
+def step_us(folder: str, threads: int, spin: bool) -> float:
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(MODELS / folder), str(threads), "spin" if spin else "no"],
+                         check=True,
+                         capture_output=True, text=True, cwd=ROOT)
+    return float(out.stdout.split()[-1])
+
+
+def _key(folder: str, threads: int, spin: bool) -> str:
+    return f"{folder}/{threads}" + ("" if spin or threads == 1 else "/no-spin")
+
+
+def run(minutes: float) -> None:
+    sweeps = []
+    end = time.time() + 60 * minutes
+    while time.time() < end:
+        row = {"time": time.strftime("%H:%M:%S", time.gmtime()), "loadavg_1min": round(os.getloadavg()[0], 2)}
+        for folder, threads, spin in CONFIGS:
+            row[_key(folder, threads, spin)] = step_us(folder, threads, spin)
+        sweeps.append(row)
+        print(" ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    import onnxruntime
+
+    data = {"sweeps": sweeps, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "onnxruntime": onnxruntime.__version__, "command": f"python benchmarks/thread_phases.py --minutes {minutes}"}
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    table()
+
+
+def table() -> None:
+    data = json.loads((RESULTS / f"{NAME}.json").read_text(encoding="utf-8"))
+    sweeps = data["sweeps"]
+    key = "edgelm-int8/2"
+    fastest = min(s[key] for s in sweeps)
+    phases = {"fast": [s for s in sweeps if s[key] <= 1.5 * fastest], "slow": [s for s in sweeps if s[key] > 1.5 * fastest]}
+    lines = [f"rand-15M (24M parameters) decode step, median of 300 steps per fresh process, {len(sweeps)} sweeps over "
+             f"the four settings ({sweeps[0]['time']}-{sweeps[-1]['time']} UTC, load {min(s['loadavg_1min'] for s in sweeps):.2f}-"
+             f"{max(s['loadavg_1min'] for s in sweeps):.2f}), onnxruntime {data['onnxruntime']}, commit {data['commit']}; "
+             f"`{data['command']}`. A sweep is slow when its int8 2-thread step is over 1.5x the fastest.", "",
+             "| sweeps | count | " + " | ".join(f"{f.replace('edgelm-', '')}, {t} thread{'s' if t > 1 else ''}"
+                                                + ("" if spin or t == 1 else ", no spin") for f, t, spin in CONFIGS)
+             + " |",
+             "|---|---:|" + "---:|" * len(CONFIGS)]
+    for phase, rows in phases.items():
+        if rows:
+            lines.append(f"| {phase} | {len(rows)} | " + " | ".join(
+                f"{statistics.median(r[_key(f, t, spin)] for r in rows):.0f} us" for f, t, spin in CONFIGS) + " |")
+    (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=8)
+    ap.add_argument("--table", action="store_true", help="only rewrite the table from the JSON")
+    args = ap.parse_args()
+    if args.table:
+        table()
+    else:
+        run(args.minutes)
+
+
+if __name__ == "__main__":
+    main()
