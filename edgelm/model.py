@@ -166,12 +166,13 @@ SCORE_LOGITS_BYTES = 2**30
 # Graphs whose rows do not depend on the call (fp32, MatMulNBits) give the same numbers as one call; an int8 GEMM
 # (one activation scale per call) gives those of 512-token calls, as a prefill of that length computes them.
 SCORE_CALL_ROWS = 512
-# A "shared" graph's prefill runs a long prompt in calls of at most this many tokens over the cache: the fused
-# attention holds the scores of one call, [heads, call rows, past + call rows] floats, and for a whole prompt in
-# one call [heads, prompt, prompt] (SmolLM2-135M, 3,500 tokens: 440 MB). Measured there (int8; fresh processes,
-# benchmarks/results/long-prefill-smollm2.md): peak RSS 648 -> 495 MiB, time to first token 5.28 -> 4.80 s at 1
-# thread and 2.81 -> 2.60 s at 2. Calls of 256 were within 7 % either way; 512 is score()'s call too, so an int8
-# GEMM (one activation scale per call) computes a prompt's rows the same way in both. A short prompt is one call.
+# A prefill runs a long prompt in calls of at most this many tokens over the cache (either layout). The fused
+# attention of a "shared" graph holds the scores of one call, [heads, call rows, past + call rows] floats, and for
+# a whole prompt in one call [heads, prompt, prompt] (SmolLM2-135M, 3,500 tokens: 440 MB). Measured there (int8,
+# fresh processes, benchmarks/results/long-prefill-smollm2.md): peak RSS 648 -> 495 MiB, time to first token 5.28
+# -> 4.80 s at 1 thread and 2.81 -> 2.60 s at 2. Calls of 256 were within 7 % either way; 512 is score()'s call
+# too, so an int8 GEMM (one activation scale per call) computes a prompt's rows the same way in both. A short
+# prompt is one call.
 PREFILL_CALL_ROWS = 512
 
 
@@ -1097,8 +1098,25 @@ class _ConcatCache:
         run = model._run_fn
         n_prompt = prefill_ids.shape[1]
         prefill_pos = np.arange(n_prompt, dtype=np.int64)[None, :]
-        feed = model._prefill_feed(prefill_ids, prefill_pos, last_only=True)  # stays for the decode steps
+        # A long prompt in calls of at most PREFILL_CALL_ROWS tokens, each over the presents of the one before
+        # (the shared layout's reason, docs/runtime.md; here each call also concatenates the cache once).
+        step = PREFILL_CALL_ROWS
+        first = min(n_prompt, step)
+        feed = model._prefill_feed(np.ascontiguousarray(prefill_ids[:, :first]), prefill_pos[:, :first],
+                                   last_only=True)  # stays for the decode steps
         outs = run(feed)
+        past_names = model._past_names
+        for a in range(first, n_prompt, step):
+            ids_chunk = np.ascontiguousarray(prefill_ids[:, a:a + step])  # referenced until run() returns
+            pos_chunk = prefill_pos[:, a:a + step]
+            feed["input_ids"] = model._value(ids_chunk)
+            if model._has_pos:
+                feed["position_ids"] = model._value(pos_chunk)
+            if model._has_mask:
+                feed["attention_mask"] = model._mask(a + ids_chunk.shape[1])
+            for i, name in enumerate(past_names):
+                feed[name] = outs[i + 1]
+            outs = run(feed)
         # Decode inputs: buffers written in place each step; onnxruntime reads them through the same values.
         tok_buf = np.zeros((1, 1), dtype=np.int64)
         pos_buf = np.zeros((1, 1), dtype=np.int64)
@@ -1108,7 +1126,6 @@ class _ConcatCache:
         has_pos = model._has_pos
         if has_pos:
             feed["position_ids"] = pos_value
-        past_names = model._past_names
         n_past = len(past_names)
         has_mask = model._has_mask
         mask = model._mask

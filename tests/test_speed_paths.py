@@ -295,6 +295,39 @@ def test_logits_from_computes_only_the_last_prompt_position(llama_fp32, layout):
     assert g.token_ids[0] == int(row.argmax()) and g.logprobs[0] == pytest.approx(row.max() - lse, abs=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["shared", "concat"])
+def test_a_long_prompt_prefills_in_calls_on_both_layouts(llama_fp32, layout, monkeypatch):
+    """A prompt over PREFILL_CALL_ROWS tokens runs in calls of at most that many, each over the cache the calls
+    before it filled (the concat layout feeds their presents back); fp32 tokens and log-probabilities are one
+    call's."""
+    import numpy as np
+
+    import edgelm
+    import edgelm.model as m
+
+    if layout == "shared":
+        _, folder = llama_fp32
+    else:
+        src = _hf_folder("gpt2")
+        folder = cached_export(f"arch-{src.name}-fp32", src, quantize="none", context_length=CTX)
+    lm = edgelm.load(folder, threads=1)
+    assert lm.kv_cache == layout
+    prompt = list(range(3, 33))  # 30 tokens: calls of 8, 8, 8 and 6
+    ends = []
+    original = lm._mask
+    monkeypatch.setattr(lm, "_mask", lambda n: (ends.append(n), original(n))[1])
+    got = {}
+    for rows in (10**9, 8):
+        monkeypatch.setattr(m, "PREFILL_CALL_ROWS", rows)
+        ends.clear()
+        got[rows] = (lm.generate(prompt, max_new_tokens=10, temperature=0, ignore_eos=True), list(ends))
+    (whole, whole_ends), (chunked, chunked_ends) = got[10**9], got[8]
+    assert whole_ends[0] == 30 and chunked_ends[:4] == [8, 16, 24, 30]
+    assert len(chunked_ends) == len(whole_ends) + 3
+    assert chunked.token_ids == whole.token_ids
+    np.testing.assert_allclose(chunked.logprobs, whole.logprobs, atol=1e-4)
+
+
 def test_folders_without_logits_from_or_last_logprobs_still_generate_the_same(llama_fp32, tmp_path):
     """Folders exported before those two graph features: full prefill logits, log-probabilities in numpy."""
     import numpy as np
