@@ -2,6 +2,7 @@
 
     python benchmarks/thread_phases.py [--minutes 8]   # results/thread-phases-rand15m.{json,md}
     python benchmarks/thread_phases.py --int8 DIR --block DIR --name smollm2 --steps 100 --indicator --minutes 8
+    python benchmarks/thread_phases.py --name NAME --table   # rewrite the table (and docs/performance.md's copy)
 
 For the given time, over and over, each in a fresh process: the rand-15M int8 graph (every matrix on the int8
 GEMM, DynamicQuantizeMatMul) and its int8-block graph (8-bit MatMulNBits), at 2 threads (spin-waiting forced on,
@@ -26,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / ".cache" / "bench-models" / "rand-15M"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -104,8 +106,14 @@ def table(name: str) -> None:
         if rows:
             lines.append(f"| {phase} | {len(rows)} | " + " | ".join(
                 f"{statistics.median(r[_key(f, t, spin)] for r in rows):.0f} us" for f, t, spin in CONFIGS) + " |")
-    (RESULTS / f"thread-phases-{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    text = "\n".join(lines) + "\n"
+    (RESULTS / f"thread-phases-{name}.md").write_text(text, encoding="utf-8")
+    print(text)
+    doc = ROOT / "docs" / "performance.md"
+    if f"<!-- results/thread-phases-{name}.md -->" in doc.read_text(encoding="utf-8"):
+        from compare import splice  # benchmarks/compare.py: the <!-- results/NAME --> markers
+
+        doc.write_text(splice(doc.read_text(encoding="utf-8"), f"thread-phases-{name}.md", text), encoding="utf-8")
 
 
 def main() -> None:
