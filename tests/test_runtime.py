@@ -269,6 +269,24 @@ def test_a_long_prompt_prefills_in_calls_over_the_cache(lm, monkeypatch, prompt_
     np.testing.assert_allclose(chunked.logprobs, whole.logprobs, atol=1e-5)
 
 
+def test_lookup_and_sampling_run_after_a_prefill_in_calls(lm, monkeypatch):
+    """After a prefill in calls the bindings are a one-token step's again: prompt lookup's verifications and a
+    sampled generation give what they give after a one-call prefill (fp32: the same tokens)."""
+    import edgelm.model as m
+
+    ids = lm.encode("The dog ran to the park and back. " * 20)[:100]
+    got = {}
+    for rows in (10**9, 16):
+        plain, _ = _prefill_calls(lm, monkeypatch, ids, rows, new_tokens=30)
+        monkeypatch.setattr(m, "PREFILL_CALL_ROWS", rows)
+        looked = lm.generate(ids, max_new_tokens=30, temperature=0, lookup=True)
+        assert looked.drafted_tokens > 0 and looked.accepted_tokens > 0  # the repeated text is drafted
+        got[rows] = (plain.token_ids, looked.token_ids,
+                     lm.generate(ids, max_new_tokens=30, temperature=0.8, seed=3).token_ids)
+    assert got[16] == got[10**9]
+    assert got[16][0] == got[16][1]  # lookup's tokens are plain greedy's on fp32
+
+
 def test_an_int8_gemm_graph_prefills_in_calls_too(stories_int8, monkeypatch):
     """The default int8's prefill is bounded the same way. Its GEMMs' activation scale then covers one call, so
     the last position's logits move a little (those of a 32-token call), and only a little."""
