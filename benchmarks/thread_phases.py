@@ -54,8 +54,8 @@ print(statistics.median(times) * 1e6)
 
 
 def step_us(folder: Path, threads: int, spin: bool, steps: int) -> float:
-    out = subprocess.run([sys.executable, "-c", _PROBE, str(folder), str(threads), "spin" if spin else "no", str(steps)],
-                         check=True,
+    args = [str(folder), str(threads), "spin" if spin else "no", str(steps)]
+    out = subprocess.run([sys.executable, "-c", _PROBE, *args], check=True,
                          capture_output=True, text=True, cwd=ROOT)
     return float(out.stdout.split()[-1])
 
@@ -91,10 +91,12 @@ def table(name: str) -> None:
     sweeps = data["sweeps"]
     key = "indicator" if "indicator" in sweeps[0] else _key("int8", 2, True)
     fastest = min(s[key] for s in sweeps)
-    phases = {"fast": [s for s in sweeps if s[key] <= 1.5 * fastest], "slow": [s for s in sweeps if s[key] > 1.5 * fastest]}
-    lines = [f"{name} decode step, median of {data.get('steps', 300)} steps per fresh process, {len(sweeps)} sweeps over "
-             f"the {len(CONFIGS)} settings ({sweeps[0]['time']}-{sweeps[-1]['time']} UTC, load {min(s['loadavg_1min'] for s in sweeps):.2f}-"
-             f"{max(s['loadavg_1min'] for s in sweeps):.2f}), onnxruntime {data['onnxruntime']}, commit {data['commit']}; "
+    phases = {"fast": [s for s in sweeps if s[key] <= 1.5 * fastest],
+              "slow": [s for s in sweeps if s[key] > 1.5 * fastest]}
+    loads = [s["loadavg_1min"] for s in sweeps]
+    lines = [f"{name} decode step, median of {data.get('steps', 300)} steps per fresh process, {len(sweeps)} sweeps "
+             f"over the {len(CONFIGS)} settings ({sweeps[0]['time']}-{sweeps[-1]['time']} UTC, load "
+             f"{min(loads):.2f}-{max(loads):.2f}), onnxruntime {data['onnxruntime']}, commit {data['commit']}; "
              f"`{data['command']}`. A sweep is slow when its "
              + ("rand-15M int8 2-thread step (the indicator)" if key == "indicator" else "int8 2-thread step")
              + " is over 1.5x the fastest.", "",
