@@ -27,16 +27,18 @@ KINDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def _build(name: str, *, rows: bool = False, split_head: bool = False, level4: tuple[str, ...] = (),
-           head_level4: bool = False) -> Path:
+           head_level4: bool = False, level4_in: dict[str, range] | None = None, work: Path = WORK) -> Path:
     """int4-fp32 from the fp32 export, then: ``rows`` per-row embedding scales; ``split_head`` the tied head as
     two exact 4-bit halves at fp32 activations instead of the fast head + exact rescoring of its best tokens;
     ``level4`` the 4-bit matrices whose node name contains one of these at accuracy level 4 (int8 activations);
-    ``head_level4`` the split head at level 4 too (no rescoring: the head's int8 activations alone)."""
+    ``head_level4`` the split head at level 4 too (no rescoring: the head's int8 activations alone);
+    ``level4_in`` kinds at level 4 in the given decoder layers only; the folder is ``work / name``."""
     import onnx
 
     from edgelm_export import quantize as q
 
-    dst = WORK / name
+    dst = work / name
+    level4_in = level4_in or {}
     if (dst / "edgelm.json").is_file():
         return dst
     src = ca.fp32_dir()
@@ -50,13 +52,16 @@ def _build(name: str, *, rows: bool = False, split_head: bool = False, level4: t
         info = q.quantize_model(src / "model.onnx", dst / "model.onnx", method="int4-fp32")
     finally:
         q._quantize_embeddings, q._tied_table = saved
-    if level4 or head_level4:
+    if level4 or head_level4 or level4_in:
         model = onnx.load(str(dst / "model.onnx"))
         for node in model.graph.node:
             if node.op_type != "MatMulNBits":
                 continue
             head = node.input[1].endswith(".q8_split")
-            if (head and head_level4) or (not head and any(f".{k}/" in node.name for k in level4)):
+            layer = int(node.name.split(".")[1]) if node.name.startswith("layers.") else -1
+            chosen = any(f".{k}/" in node.name for k in level4) or any(
+                f".{k}/" in node.name and layer in where for k, where in level4_in.items())
+            if (head and head_level4) or (not head and chosen):
                 next(a for a in node.attribute if a.name == "accuracy_level").i = 4
         q.save_onnx(model, dst / "model.onnx")
     ca._finish(dst, json.loads((src / "config.json").read_text()), info["dtype"])
