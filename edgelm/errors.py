@@ -50,10 +50,12 @@ class ContextLengthError(InvalidArgumentError):
     """Prompt plus requested new tokens do not fit in the model's context window."""
 
     def __init__(self, message: str, *, prompt_tokens: int, max_new_tokens: int, context_length: int,
-                 hint: str | None = None):
+                 hint: str | None = None, max_new_tokens_given: bool = True):
         self.prompt_tokens = prompt_tokens
         self.max_new_tokens = max_new_tokens
         self.context_length = context_length
+        # False when max_new_tokens is a default the caller never set (then the prompt alone is too long)
+        self.max_new_tokens_given = max_new_tokens_given
         super().__init__(message, hint=hint)
 
 

@@ -179,9 +179,18 @@ def open_folder(path: str | os.PathLike, *, verify: bool = True) -> ModelFolder:
     file dropped into a verified folder later cannot change how it behaves. Paths never leave the folder.
     """
     root = Path(path).expanduser()
+    if root.is_file():
+        raise ModelNotFoundError(f"{root} is a file, not a model folder.",
+                                 hint="Pass the folder that `edgelm export` wrote; a GGUF file or a Hugging Face model "
+                                      f"becomes one with `edgelm export {root} --out DIR`.")
     if not root.is_dir():
         raise ModelNotFoundError(f"No model folder at {root}.",
                                  hint="Pass the folder written by `edgelm export`, or omit it for the default model.")
+    if not any((root / name).is_file() for name in (MANIFEST, CONFIG)):
+        inside_models = sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file())[:3]
+        raise ModelNotFoundError(f"{root} is not an edgelm model folder (it has no {MANIFEST}).",
+                                 hint=(f"It holds model folders: pass one of them, e.g. {root / inside_models[0]}."
+                                       if inside_models else "Pass the folder written by `edgelm export SRC --out DIR`."))
     if not (root / TOKENIZER).is_file():
         raise TokenizerError(f"{root / TOKENIZER} is missing: the model folder has no tokenizer.",
                              hint="Re-export the model, or copy tokenizer.json from the source model into the folder.")
@@ -403,14 +412,15 @@ def verify_files(root: Path, manifest: dict[str, Any], *, contained: bool = True
                                    '{"sha256": 64 hex digits, "size": bytes as an int}).',
                                    hint="Re-export the model folder.")
         checked.append((rel, path, size, digest))
-    hint = "The file is corrupt or was changed; re-export or re-download the model (or load with verify=False)."
+    hint = ("The file is damaged or was edited after export; re-export or re-download the model (or skip this "
+            "check: load(..., verify=False), --no-verify on the command line).")
     for rel, p, expected, want in checked:
         if not p.is_file():
             raise ChecksumError(f"{p} is listed in {MANIFEST} but missing.", path=str(p), hint=hint)
         try:
             size = p.stat().st_size
             if size != expected:
-                what = "truncated" if size < expected else "larger than recorded"
+                what = "shorter than recorded (truncated or edited)" if size < expected else "larger than recorded"
                 raise ChecksumError(f"{p} is {what}: {size} bytes, expected {expected}.", path=str(p), hint=hint)
             digest = sha256_file(p)
         except OSError as exc:

@@ -301,11 +301,13 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
     """``path`` itself, or for None ``$EDGELM_MODEL`` / the shipped default model, which must exist.
 
     A string ``org/name`` that is not a local path is a model by name: edgelm's cache, else a download or a
-    first-use export into it (:func:`edgelm.hub.resolve`; a local folder of that name wins)."""
+    first-use export into it (:func:`edgelm.hub.resolve`; a local folder of that name wins, and so does a local
+    folder ``org``: then the name is a mistyped path, and the error says no model folder is there)."""
     if path is not None:
         _check_path_argument(path)
         local = Path(path).expanduser()
-        if isinstance(path, str) and not local.exists():
+        # A name whose first part is a folder here ("models/my-mdl", a typo) is a path, never sent to the hub.
+        if isinstance(path, str) and not local.exists() and not local.parent.is_dir():
             from edgelm import hub
             if hub.is_model_name(path):
                 return hub.resolve(path)
@@ -586,12 +588,17 @@ class Model:
             max_new = min(max_new, ctx - len(ids))
         if len(ids) + max_new > ctx:
             if truncate != "left" or max_new >= ctx:
+                # With no max_new_tokens given, only the prompt is too long: say so, not a limit never set.
+                said = (f"the model's context holds {ctx} tokens, so no new token fits (max_new_tokens was not "
+                        f"given)" if implicit else
+                        f"max_new_tokens is {max_new}: {len(ids) + max_new} > the model's context of {ctx} tokens")
                 raise ContextLengthError(
-                    f"The prompt has {len(ids)} tokens and max_new_tokens is {max_new}: {len(ids) + max_new} > the "
-                    f"model's context of {ctx} tokens.",
-                    hint="Shorten the prompt, lower max_new_tokens" +
-                         (", or pass truncate='left' to drop the start of the prompt." if max_new < ctx else "."),
-                    prompt_tokens=len(ids), max_new_tokens=max_new, context_length=ctx)
+                    f"The prompt has {len(ids)} tokens and {said}.",
+                    hint=("Shorten the prompt" + (", or pass truncate='left' to drop its start." if implicit else
+                          ", lower max_new_tokens" + (", or pass truncate='left' to drop the start of the prompt."
+                                                      if max_new < ctx else "."))),
+                    prompt_tokens=len(ids), max_new_tokens=max_new, context_length=ctx,
+                    max_new_tokens_given=not implicit)
             keep = ctx - max_new
             # Drop from the left but keep a leading BOS: the model was trained with it in slot 0.
             bos = self.tokenizer.bos_token_id

@@ -128,6 +128,11 @@ def _from_model_error(exc: BaseException, kind: str = "chat") -> APIError:
         return exc
     if isinstance(exc, ContextLengthError):
         total = exc.prompt_tokens + exc.max_new_tokens
+        if not getattr(exc, "max_new_tokens_given", True):  # no max_tokens sent: the prompt alone fills it
+            return APIError(
+                400, f"This model's maximum context length is {exc.context_length} tokens, and the prompt alone has "
+                     f"{exc.prompt_tokens}: no room for a completion. Shorten the prompt or the messages.",
+                param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
         return APIError(
             400,
             f"This model's maximum context length is {exc.context_length} tokens, but the request needs {total} "

@@ -123,6 +123,25 @@ def test_info_reports_a_corrupt_file(stories_fp32, model_copy):
     assert "architecture llama" in r.stdout and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("damage", ["truncated graph", "no tokenizer", "broken config"])
+def test_info_summarises_a_damaged_folder(stories_fp32, model_copy, damage):
+    folder = model_copy(stories_fp32)
+    if damage == "truncated graph":
+        data = (folder / "model.onnx").read_bytes()
+        (folder / "model.onnx").write_bytes(data[: len(data) // 2])
+    elif damage == "no tokenizer":
+        (folder / "tokenizer.json").unlink()
+    else:
+        (folder / "config.json").write_text("{ not json")
+    r = cli("info", str(folder))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "checksums    FAILED (of" in r.stdout and "edgelm info: checksum mismatch" in r.stderr
+    named = {"truncated graph": "model.onnx", "no tokenizer": "tokenizer.json", "broken config": "config.json"}
+    assert named[damage] in r.stdout
+    arch = "unreadable" if damage == "broken config" else "architecture llama"
+    assert arch in r.stdout and "parameters" in r.stdout  # the rest of the summary is still there
+
+
 def test_info_missing_folder(tmp_path):
     r = cli("info", str(tmp_path / "nope"))
     assert r.returncode == 1 and r.stderr.startswith("edgelm info: error:")
@@ -155,6 +174,31 @@ def test_chat_drops_old_turns_when_the_context_is_full(stories_fp32):
             stdin=(line + "\n") * 12)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) >= 12  # every turn was answered, none refused for length
+
+
+def test_chat_shortens_a_message_that_does_not_fit_but_keeps_the_template(stories_fp32, lm):
+    from edgelm.commands.chat import fit_history
+
+    msg = "the cat sat on the mat " * 400  # ~2,400 tokens, the context is 512
+    r = cli("chat", "--model", str(stories_fp32), "-n", "20", "--temperature", "0", "--threads", "1",
+            "--system", "Be brief.", "--stats", stdin=msg + "\n")
+    assert r.returncode == 0, r.stderr
+    msgs, dropped = fit_history(lm, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": msg}],
+                                20)
+    assert dropped > 0 and f"its first {dropped} tokens were dropped" in r.stderr
+    # the system message and the template's own text survive; only the start of the message went
+    assert msgs[0] == {"role": "system", "content": "Be brief."} and msg.endswith(msgs[1]["content"].lstrip())
+    prompt = lm.encode(lm.apply_chat_template(msgs))
+    assert lm.context_length - 20 - 8 <= len(prompt) <= lm.context_length - 20  # nearly all the room, no more
+    assert r.stdout == lm.chat(msgs, max_new_tokens=20, temperature=0).text + "\n"
+    assert f"[{len(prompt)} prompt" in r.stderr
+
+
+def test_chat_refuses_when_the_system_message_leaves_no_room(stories_fp32):
+    r = cli("chat", "--model", str(stories_fp32), "-n", "20", "--threads", "1", "--system", "word " * 600,
+            stdin="Hi\n")
+    assert r.returncode == 1 and "--system" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
 
 
 # --- missing extras: one line naming the extra and how to install it (issue 16) ------------------------------------

@@ -120,6 +120,15 @@ def test_a_local_folder_wins_over_the_name(tmp_path, monkeypatch):
     assert not (tmp_path / "edgelm-cache").exists()
 
 
+def test_a_mistyped_path_under_a_local_folder_never_goes_to_the_hub(tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # resolving it by name would fail loudly
+    monkeypatch.setattr(hub, "resolve", lambda *a, **k: pytest.fail("a local path was sent to the hub"))
+    with pytest.raises(edgelm.errors.ModelNotFoundError, match="No model folder at models/tinystories-edge-int9"):
+        edgelm.load("models/tinystories-edge-int9", threads=1)
+
+
 # --- a published edgelm folder ---------------------------------------------------------------------------------
 def test_published_folder_is_fetched_verified_and_cached(offline):
     lm = edgelm.load(PUBLISHED, threads=1)

@@ -375,8 +375,11 @@ def test_default_max_new_tokens_is_capped_to_the_context(lm):
     ids = [1] + [261] * 450
     g = lm.generate(ids, temperature=0)  # generation_config's 128 would not fit; the default is capped
     assert g.completion_tokens == 512 - 451 and g.finish_reason == "length"
-    with pytest.raises(ContextLengthError):
+    with pytest.raises(ContextLengthError) as info:
         lm.generate([1] + [261] * 511, temperature=0)  # no room at all
+    # the message is about the prompt: it names no max_new_tokens the caller never set
+    assert not info.value.max_new_tokens_given and "was not given" in str(info.value)
+    assert "lower max_new_tokens" not in str(info.value) and "truncate='left'" in str(info.value)
     with pytest.raises(ContextLengthError):
         lm.generate(ids, max_new_tokens=128)  # explicit values are never changed
 
@@ -413,6 +416,22 @@ def test_missing_tokenizer(stories_fp32, model_copy):
     (folder / "tokenizer.json").unlink()
     with pytest.raises(TokenizerError, match="tokenizer.json"):
         edgelm.load(folder)
+
+
+def test_a_folder_that_is_not_a_model_says_so(stories_fp32, tmp_path):
+    parent = tmp_path / "models"
+    parent.mkdir()
+    (parent / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="not an edgelm model folder") as info:
+        edgelm.load(parent / "empty")
+    assert "tokenizer" not in str(info.value)
+    shutil.copytree(stories_fp32, parent / "stories")
+    with pytest.raises(ModelNotFoundError, match="not an edgelm model folder") as info:
+        edgelm.load(parent)  # the parent of model folders, a common slip
+    assert info.value.hint and str(parent / "stories") in info.value.hint
+    with pytest.raises(ModelNotFoundError, match="is a file") as info:
+        edgelm.load(parent / "stories" / "model.onnx")
+    assert "edgelm export" in info.value.hint
 
 
 def test_missing_config(stories_fp32, model_copy):

@@ -32,15 +32,45 @@ def _read(prompt: str, interactive: bool) -> str | None:
     return None if not line else line.rstrip("\n")
 
 
-def fit_history(lm, messages: list[dict], max_new_tokens: int | None) -> list[dict]:
-    """Drop the oldest turns (never the system message or the newest one) until the prompt fits the context."""
-    budget = lm.context_length - (max_new_tokens or lm.generation_config.get("max_new_tokens") or 128)
+def fit_history(lm, messages: list[dict], max_new_tokens: int | None) -> tuple[list[dict], int]:
+    """Fit the conversation to the context: drop the oldest turns (never the system message or the newest one),
+    then, if the newest message alone is still too long, the start of its text. Returns the messages and how many
+    of the newest message's tokens were dropped. The template's own tokens and the system message are never cut
+    (cutting the rendered prompt from the left would drop them first); when they leave no room for any of the
+    message, ContextLengthError."""
+    from edgelm.errors import ContextLengthError
+
+    new = max_new_tokens or lm.generation_config.get("max_new_tokens") or 128
+    budget = lm.context_length - new
     msgs = list(messages)
     system = [m for m in msgs[:1] if m["role"] == "system"]
     turns = msgs[len(system):]
-    while len(turns) > 1 and len(lm.encode(lm.apply_chat_template(system + turns))) > budget:
+
+    def size(conversation: list[dict]) -> int:
+        return len(lm.encode(lm.apply_chat_template(conversation)))
+
+    while len(turns) > 1 and size(system + turns) > budget:
         turns = turns[1:]
-    return system + turns
+    if size(system + turns) <= budget:
+        return system + turns, 0
+    last = turns[-1]
+    ids = lm.encode(last["content"], add_bos=False)
+
+    def keeping(k: int) -> list[dict]:
+        return system + [dict(last, content=lm.tokenizer.decode(ids[len(ids) - k:]) if k else "")]
+
+    if size(keeping(0)) > budget:
+        what = "the chat template and --system message" if system else "the chat template"
+        raise ContextLengthError(
+            f"{what} take {size(keeping(0))} tokens and --max-new-tokens is {new}: no room for your message in "
+            f"the model's context of {lm.context_length} tokens.",
+            hint="Lower --max-new-tokens (-n)" + (" or shorten --system." if system else "."),
+            prompt_tokens=size(keeping(0)), max_new_tokens=new, context_length=lm.context_length)
+    lo, hi = 0, len(ids)  # keeping(lo) fits, keeping(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if size(keeping(mid)) <= budget else (lo, mid)
+    return keeping(lo), len(ids) - lo
 
 
 def no_template_note(lm) -> str | None:
@@ -89,11 +119,15 @@ def run(args: argparse.Namespace) -> int:
             print(HELP, file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
-        history = fit_history(lm, history, kwargs["max_new_tokens"])
-        # A single message longer than the context is cut from the left rather than refused.
+        # Raises ContextLengthError (in the command line's words) only when no message could ever fit: the
+        # template and system message, or --max-new-tokens, fill the context.
+        history, dropped = fit_history(lm, history, kwargs["max_new_tokens"])
+        if dropped:
+            print(f"edgelm chat: note: your message does not fit the model's context of {lm.context_length} tokens "
+                  f"with room for the answer: its first {dropped} tokens were dropped", file=sys.stderr)
         try:
-            stream = lm.chat_stream(history, truncate="left", **kwargs)
-        except ContextLengthError as exc:  # only when max_new_tokens alone fills the context
+            stream = lm.chat_stream(history, **kwargs)
+        except ContextLengthError as exc:
             raise cli_context_error(exc) from None
         parts: list[str] = []
         try:

@@ -65,12 +65,16 @@ def cli_context_error(exc):
     """The runtime's ContextLengthError in the command line's words (--truncate-left, not truncate='left')."""
     from edgelm.errors import ContextLengthError
     room = exc.max_new_tokens < exc.context_length
+    p, n, ctx = exc.prompt_tokens, exc.max_new_tokens, exc.context_length
+    if not exc.max_new_tokens_given:  # -n not given: the prompt alone fills the context
+        return ContextLengthError(f"The prompt has {p} tokens and the model's context holds {ctx}: no room for "
+                                  "an answer.", hint="Shorten the prompt, or pass --truncate-left to drop its start.",
+                                  prompt_tokens=p, max_new_tokens=n, context_length=ctx, max_new_tokens_given=False)
     hint = "Shorten the prompt, lower --max-new-tokens (-n)" + (
         ", or pass --truncate-left to drop the start of the prompt." if room else ".")
-    p, n, ctx = exc.prompt_tokens, exc.max_new_tokens, exc.context_length
     return ContextLengthError(f"The prompt has {p} tokens and --max-new-tokens is {n}: {p + n} > the model's "
-                              f"context of {ctx} tokens.", hint=hint, prompt_tokens=exc.prompt_tokens,
-                              max_new_tokens=exc.max_new_tokens, context_length=exc.context_length)
+                              f"context of {ctx} tokens.", hint=hint, prompt_tokens=p, max_new_tokens=n,
+                              context_length=ctx)
 
 
 def unescape(text: str) -> str:

@@ -32,32 +32,53 @@ def _size(n: float) -> str:
 
 
 def summary(path: Path) -> dict[str, Any]:
-    """Everything `edgelm info` shows, as a dict (also what --json prints)."""
-    from edgelm.errors import ChecksumError, ModelFormatError
-    from edgelm.folder import open_folder, verify_files
+    """Everything `edgelm info` shows, as a dict (also what --json prints).
 
-    folder = open_folder(path, verify=False)
+    A folder whose files no longer match its manifest is still summarised from what can be read (the manifest,
+    and config.json / tokenizer_config.json / generation_config.json where they still parse), with the checksum
+    failure; a folder whose files all match but cannot be opened raises the reason."""
+    from edgelm.errors import ChecksumError, EdgeLMError, ModelFormatError
+    from edgelm.folder import CONFIG, GENERATION_CONFIG, MANIFEST, TOKENIZER_CONFIG, open_folder, read_json, verify_files
+
+    root = Path(path).expanduser()
+    if not (root / MANIFEST).is_file():
+        open_folder(root, verify=False)  # raises what is wrong (no folder, not a model folder, ...)
+    manifest = read_json(root / MANIFEST)
+    listed = len(manifest.get("files") or {}) if isinstance(manifest.get("files"), dict) else 0
     try:
-        verify_files(folder.path, folder.manifest)
-        checksums = {"ok": True, "files": len(folder.manifest.get("files", {})), "error": None}
+        verify_files(root, manifest)
+        checksums = {"ok": True, "files": listed, "error": None}
     except (ChecksumError, ModelFormatError) as exc:
-        checksums = {"ok": False, "files": len(folder.manifest.get("files", {})), "error": str(exc)}
-    cfg = folder.config
-    files = [p for p in folder.path.rglob("*") if p.is_file()]
+        checksums = {"ok": False, "files": listed, "error": str(exc)}
+
+    def readable(name: str) -> dict[str, Any]:
+        try:
+            return read_json(root / name) if (root / name).is_file() else {}
+        except EdgeLMError:
+            return {}
+
+    try:
+        folder = open_folder(root, verify=False)
+        cfg, gen, tok, onnx_path = folder.config, folder.generation_config, folder.tokenizer_config, folder.onnx_path
+    except EdgeLMError:
+        if checksums["ok"]:
+            raise
+        cfg, gen, tok, onnx_path = readable(CONFIG), readable(GENERATION_CONFIG), readable(TOKENIZER_CONFIG), None
+    files = [p for p in root.rglob("*") if p.is_file()]
     return {
-        "path": str(folder.path),
+        "path": str(root),
         "size_bytes": sum(p.stat().st_size for p in files),
-        "onnx_bytes": folder.onnx_path.stat().st_size if folder.onnx_path.is_file() else None,
+        "onnx_bytes": onnx_path.stat().st_size if onnx_path is not None and onnx_path.is_file() else None,
         "architecture": {k: cfg.get(k) for k in ("model_type", "source_architecture", "num_layers", "hidden_size",
                                                  "num_attention_heads", "num_kv_heads", "head_dim", "vocab_size",
                                                  "context_length")},
-        "parameters": folder.manifest.get("num_parameters"),
+        "parameters": manifest.get("num_parameters"),
         "dtype": cfg.get("dtype"),
-        "quantization": folder.manifest.get("quantization"),
-        "source": folder.manifest.get("source"),
-        "metrics": folder.manifest.get("metrics") or {},
-        "chat_template": bool(folder.tokenizer_config.get("chat_template")),
-        "generation_defaults": {k: v for k, v in folder.generation_config.items()
+        "quantization": manifest.get("quantization"),
+        "source": manifest.get("source"),
+        "metrics": manifest.get("metrics") or {},
+        "chat_template": bool(tok.get("chat_template")),
+        "generation_defaults": {k: v for k, v in gen.items()
                                 if k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                                          "max_new_tokens")},
         "checksums": checksums,
@@ -99,7 +120,8 @@ def summary_lines(info: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
         ("model", info["path"]),
         ("architecture", f"{a['model_type']} ({a['source_architecture']}): {a['num_layers']} layers, hidden "
                          f"{a['hidden_size']}, {a['num_attention_heads']} heads / {a['num_kv_heads']} KV heads of "
-                         f"{a['head_dim']}, vocab {a['vocab_size']}, context {a['context_length']}"),
+                         f"{a['head_dim']}, vocab {a['vocab_size']}, context {a['context_length']}"
+         if a["model_type"] else "unreadable (config.json is damaged or missing)"),
         ("parameters", f"{info['parameters']:,}" if info["parameters"] else None),
         ("weights", f"{info['dtype']}{f' ({method})' if method and method != info['dtype'] else ''}, "
                     f"{_size(info['size_bytes'])} on disk"),
@@ -108,7 +130,8 @@ def summary_lines(info: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
         ("chat", "chat template" if info["chat_template"] else
          "no chat template: `edgelm chat` continues the text rather than answering"),
         ("defaults", ", ".join(f"{k}={v}" for k, v in info["generation_defaults"].items()) or None),
-        ("checksums", f"{'OK' if info['checksums']['ok'] else 'FAILED'} ({info['checksums']['files']} files)"),
+        ("checksums", f"OK ({info['checksums']['files']} files)" if info["checksums"]["ok"] else
+         f"FAILED (of {info['checksums']['files']} files listed; the first that does not match:)"),
     ]
     lines = [f"{k:<13}{v}" for k, v in rows if v is not None]
     if not info["checksums"]["ok"]:
@@ -119,7 +142,7 @@ def summary_lines(info: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from edgelm.commands.generate import model_argument
-    from edgelm.folder import open_folder
+    from edgelm.folder import MANIFEST, read_json
     from edgelm.model import resolve_model_path
 
     path = resolve_model_path(model_argument(args))
@@ -133,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print(card.read_text(encoding="utf-8", errors="replace").rstrip("\n"))
     else:
-        print("\n".join(summary_lines(info, open_folder(path, verify=False).manifest)))
+        print("\n".join(summary_lines(info, read_json(Path(info["path"]) / MANIFEST))))
     if not info["checksums"]["ok"]:
         print(f"edgelm info: checksum mismatch: {info['checksums']['error']}", file=sys.stderr)
         return 1
