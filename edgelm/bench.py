@@ -267,7 +267,7 @@ def format_table(r: BenchResult) -> str:
         ("weights", f"{r.dtype or '?'}, {_mib(r.model_size_bytes)} on disk"),
         ("threads", ("onnxruntime default" if r.threads is None else str(r.threads))
          + ("" if r.spin is None else f" (spin-wait {'on' if r.spin else 'off'})")),
-        ("prompt / new tokens", f"{r.prompt_tokens} / {r.new_tokens}  (greedy, EOS ignored, {r.repeat} repeats)"),
+        ("prompt / new tokens", f"{r.prompt_tokens} / {r.new_tokens}  (greedy, EOS ignored, {r.repeat} repeat{'s' if r.repeat != 1 else ''})"),
     ]
     if r.import_s is not None:
         rows.append(("import edgelm", f"{r.import_s * 1000:.0f} ms"))

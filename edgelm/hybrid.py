@@ -1151,7 +1151,7 @@ def _cloud_failure(exc: CloudError) -> str:
         kind = "cloud answer malformed"
     else:
         kind = "cloud unreachable"
-    return f"{kind}: {exc.message}"
+    return f"{kind}: {exc.message.rstrip('.')}"  # it is joined with "; ..." clauses: no sentence stop inside
 
 
 class _CloudExtraMissing(CloudError):

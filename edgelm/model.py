@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, TypedDict
 
 from edgelm.errors import (ContextLengthError, InvalidArgumentError, ModelFormatError, ModelNotFoundError)
 from edgelm.folder import ModelFolder, check_onnxruntime, open_folder
@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from edgelm.sampling import SamplingSettings
     from edgelm.tokenizer import ChatTemplate, Tokenizer
+    from typing_extensions import Unpack
 
 ENV_MODEL = "EDGELM_MODEL"
 ENV_SPIN = "EDGELM_SPIN"  # "1" / "0": force onnxruntime's spin-waiting on or off (see default_spin)
@@ -260,6 +261,9 @@ def default_spin(threads: int) -> bool:
         return True
     if env in ("0", "false", "no", "off"):
         return False
+    if env not in ("", "auto"):
+        raise InvalidArgumentError(f"${ENV_SPIN} is {os.environ[ENV_SPIN]!r}.",
+                                   hint="Set it to 1 (spin-wait), 0 (never), or unset it (or 'auto') for the default.")
     if threads <= 1:
         return False
     idle = idle_cores()
@@ -380,6 +384,43 @@ def fp32_activations(config: dict[str, Any], manifest: dict[str, Any]) -> bool:
         return True
     quant = manifest.get("quantization")
     return isinstance(quant, dict) and quant.get("accuracy_level") == 0 and not quant.get("gemm_matmuls")
+
+
+
+class GenerateOptions(TypedDict, total=False):
+    """The keyword options of :meth:`Model.generate`, for the signatures of stream / chat / chat_stream (editors
+    and type checkers show them); the meaning of each is in generate's docstring."""
+    max_new_tokens: int | None
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    min_p: float | None
+    repetition_penalty: float | None
+    stop: str | list[str] | None
+    seed: int | None
+    truncate: str | None
+    ignore_eos: bool
+    lookup: bool
+
+
+# The options generate / stream / chat / chat_stream take (generate's keyword parameters), and the names other
+# libraries use for them: an unknown option is refused naming the method the caller called, not an internal one.
+GENERATE_OPTIONS = tuple(GenerateOptions.__annotations__)
+_OPTION_ALIASES = {"max_tokens": "max_new_tokens", "max_length": "max_new_tokens", "max_completion_tokens":
+                   "max_new_tokens", "n_predict": "max_new_tokens", "stop_sequences": "stop", "random_seed": "seed",
+                   "repeat_penalty": "repetition_penalty"}
+
+
+def check_options(kwargs: dict[str, Any], method: str) -> None:
+    """Raise InvalidArgumentError for a keyword ``method`` (e.g. "Model.chat") does not take."""
+    import difflib
+
+    for name in kwargs:
+        if name not in GENERATE_OPTIONS:
+            guess = _OPTION_ALIASES.get(name) or next(iter(difflib.get_close_matches(name, GENERATE_OPTIONS, 1)), None)
+            raise InvalidArgumentError(f"{method}() got an unexpected option {name!r}.",
+                                       hint=(f"Did you mean {guess}? " if guess else "") +
+                                            f"It takes {', '.join(GENERATE_OPTIONS)}.")
 
 
 class Model:
@@ -534,6 +575,8 @@ class Model:
 
     # --- argument handling (everything is checked before any work) ---------------------------------------
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """The token ids of ``text``, as generate() reads a text prompt (with the model's BOS first when
+        ``add_bos`` and the model's tokenizer adds one)."""
         return self.tokenizer.encode(text, add_bos=add_bos)
 
     def _prompt_ids(self, prompt: Any) -> list[int]:
@@ -541,6 +584,8 @@ class Model:
             if not prompt:
                 raise InvalidArgumentError("prompt is empty.", hint="Pass some text (or token ids) to continue.")
             return self.tokenizer.encode(prompt, add_bos=True)
+        if getattr(prompt, "ndim", None) == 1 and hasattr(prompt, "tolist"):  # a 1-D numpy array of ids
+            prompt = prompt.tolist()
         if isinstance(prompt, (list, tuple)):
             if not prompt:
                 raise InvalidArgumentError("prompt is an empty list of token ids.", hint="Pass at least one token id.")
@@ -634,9 +679,10 @@ class Model:
         except StopIteration as done:
             return done.value
 
-    def stream(self, prompt: str | list[int], **kwargs: Any) -> TextStream:
+    def stream(self, prompt: str | list[int], **kwargs: Unpack[GenerateOptions]) -> TextStream:
         """Like :meth:`generate` but yields text pieces as they are decoded (joined, they equal generate's text
         for the same seed). Arguments are checked now, before the first piece is asked for."""
+        check_options(kwargs, "Model.stream")
         return TextStream(self._run(self._prepare(prompt, **kwargs)))
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
@@ -653,7 +699,7 @@ class Model:
 
     def chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
              documents: list[dict[str, Any]] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
-             **kwargs: Any) -> Generation:
+             **kwargs: Unpack[GenerateOptions]) -> Generation:
         """Reply to ``messages`` (``[{"role": "user", "content": "..."}]``); same options as :meth:`generate`.
 
         ``tools``, ``documents`` and ``chat_template_kwargs`` (extra template variables) go to the chat template,
@@ -662,13 +708,15 @@ class Model:
         text), so the model does not write the user's next turn: the caller's ``stop`` strings are added to it,
         never replace it, and it does not count against the limit on their number.
         """
+        check_options(kwargs, "Model.chat")
         return self.generate(self._chat_prompt(messages, tools, documents, chat_template_kwargs),
                              **self._chat_kwargs(kwargs))
 
     def chat_stream(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
                     documents: list[dict[str, Any]] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
-                    **kwargs: Any) -> TextStream:
+                    **kwargs: Unpack[GenerateOptions]) -> TextStream:
         """Streaming :meth:`chat`."""
+        check_options(kwargs, "Model.chat_stream")
         return self.stream(self._chat_prompt(messages, tools, documents, chat_template_kwargs),
                            **self._chat_kwargs(kwargs))
 

@@ -313,6 +313,7 @@ def test_stream_breaking_part_way_is_finished_by_the_local_model(behaviour):
     r = s.result
     assert r.source == "mixed" and "".join(pieces) == r.text
     assert r.fallback.startswith("cloud answer malformed") and "finished the answer" in r.fallback
+    assert ".;" not in r.fallback  # one clause joined to the next, not a sentence stop before the semicolon
     cloud_part = r.text[: r.text.index(" local")]
     assert cloud_part in ("one two", "alpha")
     assert local.calls == ["Tell me" + cloud_part]  # the local model continued from what was shown

@@ -88,6 +88,22 @@ def test_int8_chats(smollm2_int8):
     assert lm.apply_chat_template(msgs).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
 
 
+def test_generate_on_a_chat_model_that_stops_at_once_points_to_chat(smollm2_int8):
+    import subprocess
+    import sys
+
+    lm = edgelm.load(str(smollm2_int8))
+    g = lm.generate("What is the capital of France?", max_new_tokens=20, temperature=0)
+    r = subprocess.run([sys.executable, "-m", "edgelm.cli", "generate", "What is the capital of France?", "-m",
+                        str(smollm2_int8), "-t", "0", "-n", "20"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    if g.text.strip() or g.finish_reason != "eos":  # the note is only for an answer that ended at once
+        assert "edgelm chat" not in r.stderr
+        return
+    assert "try `edgelm chat`" in r.stderr and "0.0 tokens/s" not in r.stderr
+    assert ("no decode steps" in r.stderr) == (g.completion_tokens == 1)
+
+
 def test_no_bos_where_the_source_adds_none(smollm2_fp32, reference):
     _, tok = reference
     lm = edgelm.load(str(smollm2_fp32))

@@ -358,6 +358,27 @@ def test_bad_prompts(lm, prompt):
         lm.generate(prompt)
 
 
+def test_a_numpy_array_of_ids_is_a_prompt(lm):
+    import numpy as np
+
+    ids = lm.encode(PROMPT)
+    want = lm.generate(ids, max_new_tokens=6, temperature=0).token_ids
+    assert lm.generate(np.asarray(ids, dtype=np.int64), max_new_tokens=6, temperature=0).token_ids == want
+    assert lm.generate(tuple(ids), max_new_tokens=6, temperature=0).token_ids == want
+
+
+def test_unknown_options_are_named_for_the_method_called(lm):
+    msgs = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(InvalidArgumentError, match=r"Model\.chat\(\) got an unexpected option 'max_tokens'") as info:
+        lm.chat(msgs, max_tokens=5)
+    assert "Did you mean max_new_tokens?" in info.value.hint
+    with pytest.raises(InvalidArgumentError, match=r"Model\.stream\(\) got an unexpected option 'temprature'") as info:
+        lm.stream(PROMPT, temprature=0)
+    assert "Did you mean temperature?" in info.value.hint
+    with pytest.raises(InvalidArgumentError, match=r"Model\.chat_stream\(\).*'bogus'"):
+        lm.chat_stream(msgs, bogus=1)
+
+
 def test_prompt_too_long(lm):
     ids = [1] + [261] * 500
     with pytest.raises(ContextLengthError) as info:
@@ -488,6 +509,9 @@ def test_spin_default_follows_idle_cores_and_env(monkeypatch):
     monkeypatch.setattr(m.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     monkeypatch.setenv(m.ENV_SPIN, "off")
     assert m.default_spin(2) is False
+    monkeypatch.setenv(m.ENV_SPIN, "banana")  # a typo is an error, not the default in disguise
+    with pytest.raises(InvalidArgumentError, match="EDGELM_SPIN is 'banana'"):
+        m.default_spin(2)
 
 
 def test_spin_reaches_onnxruntime(stories_int8, monkeypatch):

@@ -100,8 +100,11 @@ def load_model(args: argparse.Namespace):
 
 
 def stats_line(gen) -> str:
-    return (f"[{gen.prompt_tokens} prompt + {gen.completion_tokens} generated tokens, "
-            f"first token {gen.time_to_first_token_s * 1000:.0f} ms, {gen.decode_tokens_per_s:.1f} tokens/s, "
+    ttft_ms = gen.time_to_first_token_s * 1000
+    first = f"{ttft_ms:.0f} ms" if ttft_ms >= 10 else f"{ttft_ms:.1f} ms"
+    # a decode speed needs at least two tokens: the first one comes from the prefill
+    speed = f"{gen.decode_tokens_per_s:.1f} tokens/s" if gen.completion_tokens > 1 else "no decode steps"
+    return (f"[{gen.prompt_tokens} prompt + {gen.completion_tokens} generated tokens, first token {first}, {speed}, "
             f"finish: {gen.finish_reason}{_lookup_stats(gen)}]")
 
 
@@ -117,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop the start of a prompt that does not fit instead of failing")
     parser.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
     parser.add_argument("--quiet", "-q", action="store_true", help="no statistics line on stderr")
-    parser.epilog = 'example: edgelm generate "Once upon a time" --model models/stories260k-int8 -n 60'
+    parser.epilog = 'example: edgelm generate "Once upon a time" -n 60 (the shipped model; --model DIR for another)'
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,8 +142,14 @@ def run(args: argparse.Namespace) -> int:
         out.flush()
     out.write("\n")
     out.flush()
-    if not args.quiet and stream.generation is not None:
-        print(stats_line(stream.generation), file=sys.stderr)
+    gen = stream.generation
+    if not args.quiet and gen is not None:
+        print(stats_line(gen), file=sys.stderr)
+    local = getattr(lm, "local", lm)
+    if gen is not None and not gen.text.strip() and gen.finish_reason == "eos" \
+            and not local.chat_template.is_fallback:
+        print("edgelm generate: note: the model ended its text at once; it is a chat model, which answers "
+              "questions given as chat messages: try `edgelm chat` (or Model.chat)", file=sys.stderr)
     print_source(stream)
     return 0
 
