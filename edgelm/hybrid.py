@@ -675,6 +675,9 @@ class HybridStream:
     def __init__(self, gen: Iterator[str]):
         self._gen = gen
         self.result: HybridResult | None = None
+        # Set before the cloud's first piece: which cloud endpoint is answering ("chat" / "completions"), so a
+        # caller echoing a plain prompt knows the pieces are a reply, not its continuation. None while local.
+        self.cloud_endpoint: str | None = None
 
     def __iter__(self) -> "HybridStream":
         return self
@@ -1052,6 +1055,7 @@ class Hybrid:
         given: list[str] = []
         try:
             cs = self._open_cloud_stream(q)
+            holder[0].cloud_endpoint = self._endpoint(q)
             for piece in cs:
                 given.append(piece)
                 yield piece

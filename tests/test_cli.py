@@ -147,6 +147,17 @@ def test_info_missing_folder(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("edgelm info: error:")
 
 
+def test_stdin_that_is_not_utf8_is_a_clear_error(stories_fp32):
+    import os
+    for command in (["generate", "-"], ["chat"]):
+        r = subprocess.run([sys.executable, "-m", "edgelm.cli", *command, "--model", str(stories_fp32), "-n", "5"],
+                           input=b"Once \xff\xfe upon\n", capture_output=True, timeout=120,
+                           env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+        err = r.stderr.decode()
+        assert r.returncode == 1 and "not UTF-8: byte 0xff at offset 5" in err and "iconv" in err, err
+        assert "Traceback" not in err and r.stdout == b""
+
+
 def test_chat_reads_stdin_with_history_and_commands(stories_fp32, lm):
     r = cli("chat", "--model", str(stories_fp32), "-n", "20", "--temperature", "0", "--threads", "1",
             stdin="Hi there\n/reset\nHello\n/exit\nnever read\n")

@@ -38,6 +38,15 @@ def test_route_cloud_answers_from_the_cloud(cloud, stories_int8, stories_fp32):
     assert out.stdout.rstrip("\n") == expected
 
 
+def test_a_chat_reply_from_the_cloud_starts_on_its_own_line(cloud, stories_int8):
+    out = _generate(stories_int8, "--cloud-url", cloud, "--route", "cloud", "--cloud-endpoint", "chat")
+    assert out.returncode == 0, out.stderr
+    # the echoed prompt, then the cloud's reply on the next line: a reply is not a continuation of the prompt
+    assert out.stdout.startswith("Once upon a time\n") and len(out.stdout.strip()) > len("Once upon a time")
+    cont = _generate(stories_int8, "--cloud-url", cloud, "--route", "cloud", "--cloud-endpoint", "completions")
+    assert cont.returncode == 0 and not cont.stdout.startswith("Once upon a time\n")  # a continuation is glued
+
+
 def test_route_local_never_leaves_the_device(stories_int8):
     # An address nothing listens on: a connection attempt would fail loudly, so success proves none was made.
     out = _generate(stories_int8, "--cloud-url", "http://127.0.0.1:9/v1", "--route", "local")

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgelm.commands.generate import (add_sampling_arguments, cli_context_error, load_model, print_source,
-                                     sampling_kwargs, stats_line)
+from edgelm.commands.generate import (add_sampling_arguments, cli_context_error, decode_input, load_model,
+                                     print_source, sampling_kwargs, stats_line)
 
 HELP = "commands: /reset (forget the conversation), /exit (quit), /help"
 
@@ -28,8 +28,8 @@ def _read(prompt: str, interactive: bool) -> str | None:
             return input(prompt)
         except EOFError:
             return None
-    line = sys.stdin.readline()
-    return None if not line else line.rstrip("\n")
+    line = sys.stdin.buffer.readline()
+    return None if not line else decode_input(line).rstrip("\r\n")
 
 
 def fit_history(lm, messages: list[dict], max_new_tokens: int | None) -> tuple[list[dict], int]:

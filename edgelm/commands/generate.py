@@ -123,8 +123,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = 'example: edgelm generate "Once upon a time" -n 60 (the shipped model; --model DIR for another)'
 
 
+def decode_input(data: bytes, where: str = "stdin") -> str:
+    """Bytes read from ``where`` as UTF-8 text, or an InvalidArgumentError saying where the first bad byte is."""
+    from edgelm.errors import InvalidArgumentError
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(f"The text on {where} is not UTF-8: byte 0x{data[exc.start]:02x} at offset "
+                                   f"{exc.start}.", hint="Convert it to UTF-8 first (e.g. `iconv -f latin1 -t utf-8`)."
+                                   ) from None
+
+
 def run(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = decode_input(sys.stdin.buffer.read()) if args.prompt == "-" else args.prompt
     from edgelm.errors import ContextLengthError
 
     lm = load_model(args)
@@ -137,7 +148,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_echo:
         out.write(prompt)
         out.flush()
+    first = True
     for piece in stream:
+        if first and not args.no_echo and getattr(stream, "cloud_endpoint", None) == "chat":
+            out.write("\n")  # the cloud's chat endpoint replies to the prompt rather than continuing it
+        first = False
         out.write(piece)
         out.flush()
     out.write("\n")
