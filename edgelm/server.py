@@ -122,6 +122,19 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+# The runtime's argument errors start with the option's name ("temperature must be ...", "prompt token id ...");
+# the request field that carries it, for the error's "param".
+_RUNTIME_PARAMS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                   "min_p": "min_p", "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop",
+                   "prompt": "prompt"}
+
+
+def _param_of(message: str, kind: str) -> str | None:
+    word = message.split(" ", 1)[0].strip(".,:'\"")
+    param = _RUNTIME_PARAMS.get(word)
+    return "messages" if param == "prompt" and kind == "chat" else param
+
+
 def _from_model_error(exc: BaseException, kind: str = "chat") -> APIError:
     """Map what a worker raised to the error the client sees (``kind``: "chat" or "completion")."""
     if isinstance(exc, APIError):
@@ -142,7 +155,7 @@ def _from_model_error(exc: BaseException, kind: str = "chat") -> APIError:
                 "messages" if kind == "chat" else "prompt"),
             code="context_length_exceeded")
     if isinstance(exc, InvalidArgumentError):
-        return APIError(400, str(exc), code="invalid_value")
+        return APIError(400, str(exc), param=_param_of(str(exc), kind), code="invalid_value")
     if isinstance(exc, EdgeLMError):
         return APIError(500, str(exc), type="server_error", code="model_error")
     return APIError(500, f"Internal error while generating ({type(exc).__name__}). See the server log.",
