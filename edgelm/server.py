@@ -973,7 +973,8 @@ class EdgeLMServer:
             first = await _next_event(job, watcher)
         except _ClientGone:
             job.cancel("client disconnected")
-            log.info("%s %s: client disconnected before the first token", rid, model_id)
+            when = "before the first token" if req.stream else f"after {time.perf_counter() - t0:.1f} s of generating"
+            log.info("%s %s: client disconnected %s; generation cancelled", rid, model_id, when)
             return Response(status_code=499)
         finally:
             watcher.cancel()
@@ -1040,6 +1041,7 @@ class EdgeLMServer:
             return body
 
         event = first
+        ended = False  # the stream reached its end (done, or an error told to the client)
         try:
             if chat:
                 yield _sse(chunk("", None, role=True))
@@ -1056,6 +1058,7 @@ class EdgeLMServer:
                         yield _sse({"id": rid, "object": obj, "created": created, "model": model_id, "choices": [],
                                     "usage": self._usage(value)})
                     yield _sse("[DONE]")
+                    ended = True
                     self._log_done(rid, model_id, value, t0)
                     return
                 else:  # an error or a cancel after the stream started: end it properly, with a reason
@@ -1063,6 +1066,7 @@ class EdgeLMServer:
                            APIError(503, f"Generation was stopped: {value}.", type="server_error", code="cancelled"))
                     yield _sse(err.body())
                     yield _sse("[DONE]")
+                    ended = True
                     log.info("%s %s: stream ended early (%s)", rid, model_id, err.code)
                     return
                 event = await job.events.get()
@@ -1071,6 +1075,8 @@ class EdgeLMServer:
             # at the next token instead of decoding for nobody.
             if not job.cancelled.is_set():
                 job.cancel("client disconnected")
+                if not ended:
+                    log.info("%s %s: client disconnected mid-stream; generation cancelled", rid, model_id)
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -310,8 +310,11 @@ def test_full_queue_answers_503_with_retry_after_and_nothing_is_lost(lm):
 
 
 @pytest.mark.slow
-def test_client_disconnect_stops_generation(lm):
+def test_client_disconnect_stops_generation(lm, caplog):
+    import logging
+
     from edgelm.server import BackgroundServer
+    caplog.set_level(logging.INFO, logger="edgelm.server")
     budget = lm.context_length - len(lm.encode(PROMPT)) - 1
     with BackgroundServer(lm, workers=1) as srv:
         engine = srv.state.engine
@@ -328,6 +331,7 @@ def test_client_disconnect_stops_generation(lm):
             time.sleep(0.02)
         assert engine.stats()["running"] == 0
         assert engine.cancelled == 1, "the hung-up stream should have been stopped between tokens"
+        assert any("client disconnected mid-stream" in r.getMessage() for r in caplog.records)
         # The same for a non-streamed request whose client gives up (times out) while it is generating. The
         # timeout is a quarter of what the whole generation takes here, measured, so it lands mid-generation.
         t = time.perf_counter()
@@ -340,6 +344,8 @@ def test_client_disconnect_stops_generation(lm):
         while (engine.stats()["running"] or engine.cancelled < 2) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert engine.cancelled == 2 and engine.stats()["running"] == 0
+        gave_up = [r.getMessage() for r in caplog.records if "of generating; generation cancelled" in r.getMessage()]
+        assert gave_up and "before the first token" not in gave_up[0]
         # The worker is free again: a full-length generation still completes afterwards.
         ref = lm.generate(PROMPT, max_new_tokens=8, temperature=0)
         r2 = httpx.post(srv.url + "/v1/completions", timeout=60,
