@@ -883,9 +883,11 @@ class CloudClient:
         if err is not None:
             raise err
         if not done and finish_reason is None:
-            raise CloudResponseError(
+            cut = CloudResponseError(
                 f"The stream from {self._where()} ended after {len(pieces)} pieces without finishing "
                 "(no finish_reason and no [DONE]).", hint="The answer is incomplete; retry the request.")
+            cut.stream_cut = True  # the connection ended early: nothing in it was malformed
+            raise cut
         holder[0].reply = CloudReply(
             text="".join(pieces), finish_reason=_str_or_none(finish_reason), model=_str_or_none(model),
             prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
@@ -901,9 +903,11 @@ class CloudClient:
             return CloudTimeoutError(f"The stream from {self._where()} stalled past the {self.timeout:g} s deadline.",
                                      hint="Raise the client's timeout or check the server.")
         if retry:  # the connection broke
-            return CloudResponseError(
+            cut = CloudResponseError(
                 f"The stream from {self._where()} broke after {n} pieces ({type(exc).__name__}).",
                 hint="Retry the request; if it keeps happening, check the server or any proxy in between.")
+            cut.stream_cut = True
+            return cut
         return err if isinstance(err, CloudResponseError) else CloudResponseError(err.message, hint=err.hint)
 
     def _add_call_fragments(self, calls: dict[int, dict[str, Any]], fragments: Any) -> None:

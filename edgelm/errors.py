@@ -98,7 +98,10 @@ class CloudHTTPError(CloudError):
 
 
 class CloudResponseError(CloudError):
-    """The cloud endpoint answered with data that is not a valid chat completion."""
+    """The cloud endpoint answered with data that is not a valid chat completion, or its stream was cut off
+    before the end (then ``stream_cut`` is True)."""
+
+    stream_cut: bool = False
 
 
 class RoutingError(EdgeLMError):

@@ -1152,7 +1152,7 @@ def _cloud_failure(exc: CloudError) -> str:
     elif isinstance(exc, CloudHTTPError):
         kind = "cloud rate-limited" if exc.status_code == 429 else f"cloud HTTP {exc.status_code}"
     elif isinstance(exc, CloudResponseError):
-        kind = "cloud answer malformed"
+        kind = "cloud stream cut off" if exc.stream_cut else "cloud answer malformed"
     else:
         kind = "cloud unreachable"
     return f"{kind}: {exc.message.rstrip('.')}"  # it is joined with "; ..." clauses: no sentence stop inside

@@ -303,8 +303,9 @@ def test_stream_failing_before_its_first_piece_streams_the_local_answer():
     assert s.result.fallback.startswith("cloud HTTP 500")
 
 
-@pytest.mark.parametrize("behaviour", [broken_stream("one two three four", after=2), garbage_stream(after=1)])
-def test_stream_breaking_part_way_is_finished_by_the_local_model(behaviour):
+@pytest.mark.parametrize("behaviour, kind", [(broken_stream("one two three four", after=2), "cloud stream cut off"),
+                                             (garbage_stream(after=1), "cloud answer malformed")])
+def test_stream_breaking_part_way_is_finished_by_the_local_model(behaviour, kind):
     local = LocalDouble()
     with FaultServer(behaviour) as srv:
         hy = Hybrid(local, cloud_for(srv))
@@ -312,7 +313,7 @@ def test_stream_breaking_part_way_is_finished_by_the_local_model(behaviour):
         pieces = list(s)
     r = s.result
     assert r.source == "mixed" and "".join(pieces) == r.text
-    assert r.fallback.startswith("cloud answer malformed") and "finished the answer" in r.fallback
+    assert r.fallback.startswith(kind) and "finished the answer" in r.fallback
     assert ".;" not in r.fallback  # one clause joined to the next, not a sentence stop before the semicolon
     cloud_part = r.text[: r.text.index(" local")]
     assert cloud_part in ("one two", "alpha")
