@@ -47,6 +47,16 @@ def test_a_chat_reply_from_the_cloud_starts_on_its_own_line(cloud, stories_int8)
     assert cont.returncode == 0 and not cont.stdout.startswith("Once upon a time\n")  # a continuation is glued
 
 
+def test_chat_routed_to_the_cloud_does_not_warn_about_the_local_template(cloud, stories_int8):
+    cmd = [sys.executable, "-m", "edgelm.cli", "chat", "--model", str(stories_int8), "-n", "8", "-t", "0",
+           "--threads", "1", "--cloud-url", cloud, "--route", "cloud"]
+    out = subprocess.run(cmd, input="Hi\n", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "[cloud]" in out.stderr and "no chat template" not in out.stderr
+    local = subprocess.run(cmd[:-4], input="Hi\n", capture_output=True, text=True, timeout=120)
+    assert "no chat template" in local.stderr  # the same model answering locally still gets the note
+
+
 def test_route_local_never_leaves_the_device(stories_int8):
     # An address nothing listens on: a connection attempt would fail loudly, so success proves none was made.
     out = _generate(stories_int8, "--cloud-url", "http://127.0.0.1:9/v1", "--route", "local")

@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     if interactive:
         print(f"edgelm chat with {lm.path.name}. {HELP}", file=sys.stderr)
-    note = no_template_note(lm)
+    # with --route cloud every answer comes from the cloud's chat endpoint: the local template does not matter
+    note = None if getattr(args, "route", None) == "cloud" else no_template_note(lm)
     if note:
         print(note, file=sys.stderr)
     while True:
