@@ -196,8 +196,11 @@ def open_folder(path: str | os.PathLike, *, verify: bool = True) -> ModelFolder:
                              hint="Re-export the model, or copy tokenizer.json from the source model into the folder.")
     for name in REQUIRED:
         if not (root / name).is_file():
-            raise ModelNotFoundError(f"{root / name} is missing: this is not a complete edgelm model folder.",
-                                     hint="Re-export it with `edgelm export SRC --out DIR`.")
+            source = name == MANIFEST and any(root.glob(g) for g in ("*.safetensors", "pytorch_model*.bin", "*.gguf"))
+            raise ModelNotFoundError(
+                f"{root / name} is missing: this is not a complete edgelm model folder.",
+                hint=(f"It looks like a Hugging Face model folder: `edgelm export {root} --out DIR` makes an edgelm "
+                      "folder from it." if source else "Re-export it with `edgelm export SRC --out DIR`."))
     manifest = read_json(root / MANIFEST)
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:

@@ -453,6 +453,13 @@ def test_a_folder_that_is_not_a_model_says_so(stories_fp32, tmp_path):
     with pytest.raises(ModelNotFoundError, match="is a file") as info:
         edgelm.load(parent / "stories" / "model.onnx")
     assert "edgelm export" in info.value.hint
+    hf = parent / "hf"  # a Hugging Face model folder passed where an edgelm folder is expected
+    hf.mkdir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (hf / name).write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="edgelm.json is missing") as info:
+        edgelm.load(hf)
+    assert f"edgelm export {hf} --out DIR" in info.value.hint
 
 
 def test_missing_config(stories_fp32, model_copy):
