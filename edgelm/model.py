@@ -310,10 +310,14 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
     if path is not None:
         _check_path_argument(path)
         local = Path(path).expanduser()
-        # A name whose first part is a folder here ("models/my-mdl", a typo) is a path, never sent to the hub.
-        if isinstance(path, str) and not local.exists() and not local.parent.is_dir():
+        if isinstance(path, str) and not local.exists():
             from edgelm import hub
             if hub.is_model_name(path):
+                # A name whose first part is a folder here ("models/my-mdl", a typo) is a path, never sent to the hub.
+                if local.parent.is_dir():
+                    raise ModelNotFoundError(
+                        f"No model folder at {local}.", hint=f"{local.parent} is a folder here, so {path} was read "
+                        f"as a path, not as a Hugging Face model name (for that, run from another directory).")
                 return hub.resolve(path)
         return local
     default = _default_model_path()
@@ -384,7 +388,6 @@ def fp32_activations(config: dict[str, Any], manifest: dict[str, Any]) -> bool:
         return True
     quant = manifest.get("quantization")
     return isinstance(quant, dict) and quant.get("accuracy_level") == 0 and not quant.get("gemm_matmuls")
-
 
 
 class GenerateOptions(TypedDict, total=False):
