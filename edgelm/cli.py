@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("edgelm.commands.chat", "interactive chat with history"),
     "info": ("edgelm.commands.info", "show a model folder's card, metrics and checksum status"),
     "serve": ("edgelm.commands.serve", "serve a model over an OpenAI-compatible HTTP API"),
+    "score": ("edgelm.commands.score", "perplexity and bits per byte of a text under a model"),
     "bench": ("edgelm.commands.bench", "measure load time, time to first token, tokens/s and memory"),
     "list": ("edgelm.commands.list", "list the models in edgelm's cache (loaded by name: --model org/name)"),
     "export": ("edgelm_export.commands:EXPORT",

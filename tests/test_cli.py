@@ -142,6 +142,23 @@ def test_info_summarises_a_damaged_folder(stories_fp32, model_copy, damage):
     assert arch in r.stdout and "parameters" in r.stdout  # the rest of the summary is still there
 
 
+def test_score_prints_what_model_score_computes(stories_fp32, lm, tmp_path):
+    text = "Once upon a time there was a little dog. He liked to run in the park with his friend the cat.\n"
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    want = lm.score(text)
+    r = cli("score", str(tmp_path / "a.txt"), "-", "--model", str(stories_fp32), "--json", stdin=text + "More.")
+    assert r.returncode == 0, r.stderr
+    first, second = (json.loads(line) for line in r.stdout.splitlines())
+    assert first["file"].endswith("a.txt") and first["tokens"] == want.num_tokens
+    assert first["bits_per_byte"] == pytest.approx(want.bits_per_byte, rel=1e-6)
+    assert first["perplexity"] == pytest.approx(want.perplexity, rel=1e-6)
+    assert second["file"] == "-" and second["bytes"] == len((text + "More.").encode())
+    r = cli("score", str(tmp_path / "a.txt"), "--model", str(stories_fp32))
+    assert r.returncode == 0 and f"perplexity {want.perplexity:.3f}" in r.stdout and "bits/byte" in r.stdout
+    r = cli("score", str(tmp_path / "missing.txt"), "--model", str(stories_fp32))
+    assert r.returncode == 1 and "No file at" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_info_missing_folder(tmp_path):
     r = cli("info", str(tmp_path / "nope"))
     assert r.returncode == 1 and r.stderr.startswith("edgelm info: error:")
