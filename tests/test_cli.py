@@ -222,6 +222,16 @@ def test_chat_shortens_a_message_that_does_not_fit_but_keeps_the_template(storie
     assert f"[{len(prompt)} prompt" in r.stderr
 
 
+def test_fitting_drops_whole_exchanges(lm):
+    from edgelm.commands.chat import fit_history
+
+    long = "the cat sat on the mat " * 60
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": long},
+            {"role": "assistant", "content": long}, {"role": "user", "content": "And then?"}]
+    fitted, dropped = fit_history(lm, msgs, 20)
+    assert dropped == 0 and fitted == [msgs[0], msgs[3]]  # not the orphaned reply whose question went
+
+
 def test_chat_refuses_when_the_system_message_leaves_no_room(stories_fp32):
     r = cli("chat", "--model", str(stories_fp32), "-n", "20", "--threads", "1", "--system", "word " * 600,
             stdin="Hi\n")

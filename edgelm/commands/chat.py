@@ -51,6 +51,8 @@ def fit_history(lm, messages: list[dict], max_new_tokens: int | None) -> tuple[l
 
     while len(turns) > 1 and size(system + turns) > budget:
         turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":  # never start on a reply whose question is gone
+            turns = turns[1:]
     if size(system + turns) <= budget:
         return system + turns, 0
     last = turns[-1]
