@@ -426,6 +426,55 @@ def check_options(kwargs: dict[str, Any], method: str) -> None:
                                             f"It takes {', '.join(GENERATE_OPTIONS)}.")
 
 
+def fit_messages(model: "Model", messages: list[dict[str, Any]], max_new_tokens: int | None,
+                 render: Any = None) -> tuple[list[dict[str, Any]], int]:
+    """``messages`` cut to fit the context with room for ``max_new_tokens``: the oldest exchanges go first (never
+    a leading system message or the newest message, and never leaving a reply whose question is gone), then the
+    start of the newest message's text. Returns the messages and how many of the newest message's tokens went.
+
+    The rendered prompt is never cut itself: from the left that would drop the system message and the template's
+    own header first. ``render(messages) -> str`` renders as the call will (default: the chat template). Raises
+    ContextLengthError when the template and system message leave no room for any of the newest message (or it
+    is not plain text that could be shortened)."""
+    render = render or model.apply_chat_template
+    new = max_new_tokens or model.generation_config.get("max_new_tokens") or 128
+    budget, ctx = model.context_length - new, model.context_length
+
+    def size(conversation: list[dict[str, Any]]) -> int:
+        return len(model.encode(render(conversation)))
+
+    system = [m for m in messages[:1] if isinstance(m, dict) and m.get("role") == "system"]
+    turns = list(messages[len(system):])
+    while len(turns) > 1 and size(system + turns) > budget:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0].get("role") != "user":  # never start on a reply whose question went
+            turns = turns[1:]
+    if not turns or size(system + turns) <= budget:
+        return system + turns, 0
+    last = turns[-1]
+    text = last.get("content")
+
+    def keeping(k: int) -> list[dict[str, Any]]:
+        return system + [dict(last, content=model.tokenizer.decode(ids[len(ids) - k:]) if k else "")]
+
+    ids = model.encode(text, add_bos=False) if isinstance(text, str) else []
+    floor = size(keeping(0)) if ids else size(system + turns)
+    if not ids or floor > budget:
+        what = "the chat template and system message" if system else "the chat template"
+        raise ContextLengthError(
+            f"{what} take {floor} tokens and max_new_tokens is {new}: no room for the last message in the model's "
+            f"context of {ctx} tokens." if ids else
+            f"The last message alone takes {floor} tokens with max_new_tokens {new} in a context of {ctx}, and it is "
+            f"not plain text that could be shortened.",
+            hint="Lower max_new_tokens" + (" or shorten the system message." if system else "."),
+            prompt_tokens=floor, max_new_tokens=new, context_length=ctx)
+    lo, hi = 0, len(ids)  # keeping(lo) fits, keeping(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if size(keeping(mid)) <= budget else (lo, mid)
+    return keeping(lo), len(ids) - lo
+
+
 class Model:
     """A loaded model. Create with :func:`edgelm.load`. Safe to share between threads (no per-call state)."""
 
@@ -712,22 +761,38 @@ class Model:
         never replace it, and it does not count against the limit on their number.
         """
         check_options(kwargs, "Model.chat")
-        return self.generate(self._chat_prompt(messages, tools, documents, chat_template_kwargs),
-                             **self._chat_kwargs(kwargs))
+        prompt = self._chat_prompt(messages, tools, documents, chat_template_kwargs, kwargs)  # may take "truncate"
+        return self.generate(prompt, **self._chat_kwargs(kwargs))
 
     def chat_stream(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
                     documents: list[dict[str, Any]] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
                     **kwargs: Unpack[GenerateOptions]) -> TextStream:
         """Streaming :meth:`chat`."""
         check_options(kwargs, "Model.chat_stream")
-        return self.stream(self._chat_prompt(messages, tools, documents, chat_template_kwargs),
-                           **self._chat_kwargs(kwargs))
+        prompt = self._chat_prompt(messages, tools, documents, chat_template_kwargs, kwargs)  # may take "truncate"
+        return self.stream(prompt, **self._chat_kwargs(kwargs))
 
-    def _chat_prompt(self, messages: Any, tools: Any, documents: Any, template_kwargs: Any) -> str:
+    def _chat_prompt(self, messages: Any, tools: Any, documents: Any, template_kwargs: Any,
+                     options: dict[str, Any] | None = None) -> str:
+        """The rendered prompt. With ``truncate="left"`` in ``options`` the *messages* are fitted to the context
+        (:func:`fit_messages`) and the option is dropped from ``options``: cutting the rendered text from the left
+        would take the system message and the template's header first."""
         from edgelm.tokenizer import validate_template_kwargs
 
-        return self.apply_chat_template(messages, tools=tools, documents=documents,
-                                        **validate_template_kwargs(template_kwargs))
+        extra = validate_template_kwargs(template_kwargs)
+
+        def render(msgs: Any) -> str:
+            return self.apply_chat_template(msgs, tools=tools, documents=documents, **extra)
+
+        if options is not None and options.get("truncate") == "left" and isinstance(messages, list) and messages:
+            from edgelm.sampling import validate_max_new_tokens
+
+            render(messages)  # the messages' own errors first, as without truncate
+            if options.get("max_new_tokens") is not None:
+                validate_max_new_tokens(options["max_new_tokens"])
+            messages, _ = fit_messages(self, messages, options.get("max_new_tokens"), render)
+            del options["truncate"]
+        return render(messages)
 
     def _chat_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         from edgelm.tokenizer import with_turn_stops

@@ -405,6 +405,29 @@ def test_default_max_new_tokens_is_capped_to_the_context(lm):
         lm.generate(ids, max_new_tokens=128)  # explicit values are never changed
 
 
+def test_chat_truncate_left_fits_the_messages_not_the_rendered_text(lm):
+    from edgelm.model import fit_messages
+
+    long = "the cat sat on the mat " * 60
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": long},
+            {"role": "assistant", "content": long}, {"role": "user", "content": "And then? " + long * 2}]
+    with pytest.raises(ContextLengthError):
+        lm.chat(msgs, max_new_tokens=20)
+    fitted, dropped = fit_messages(lm, msgs, 20)
+    # the oldest exchange went whole, the newest message lost its start, the system message stayed
+    assert fitted[0] == msgs[0] and len(fitted) == 2 and dropped > 0
+    assert msgs[3]["content"].endswith(fitted[1]["content"].lstrip())
+    g = lm.chat(msgs, max_new_tokens=20, truncate="left", temperature=0)
+    assert g.prompt_tokens == len(lm.encode(lm.apply_chat_template(fitted))) <= lm.context_length - 20
+    assert g.token_ids == lm.chat(fitted, max_new_tokens=20, temperature=0).token_ids
+    assert "".join(lm.chat_stream(msgs, max_new_tokens=20, truncate="left", temperature=0)) == g.text
+    with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
+        lm.chat(msgs, max_new_tokens=-1, truncate="left")
+    with pytest.raises(ContextLengthError, match="system message"):  # no room even for an empty message
+        lm.chat([{"role": "system", "content": long * 3}, {"role": "user", "content": "Hi"}], max_new_tokens=20,
+                truncate="left")
+
+
 def test_truncate_left_keeps_bos(lm):
     ids = [1] + list(range(300, 340)) * 12  # 481 tokens
     g = lm.generate(ids, max_new_tokens=40, truncate="left", temperature=0)

@@ -33,46 +33,22 @@ def _read(prompt: str, interactive: bool) -> str | None:
 
 
 def fit_history(lm, messages: list[dict], max_new_tokens: int | None) -> tuple[list[dict], int]:
-    """Fit the conversation to the context: drop the oldest turns (never the system message or the newest one),
-    then, if the newest message alone is still too long, the start of its text. Returns the messages and how many
-    of the newest message's tokens were dropped. The template's own tokens and the system message are never cut
-    (cutting the rendered prompt from the left would drop them first); when they leave no room for any of the
-    message, ContextLengthError."""
+    """:func:`edgelm.model.fit_messages` (oldest exchanges first, then the start of the newest message; the
+    template and system message are never cut), with its error in the command line's words."""
     from edgelm.errors import ContextLengthError
+    from edgelm.model import fit_messages
 
-    new = max_new_tokens or lm.generation_config.get("max_new_tokens") or 128
-    budget = lm.context_length - new
-    msgs = list(messages)
-    system = [m for m in msgs[:1] if m["role"] == "system"]
-    turns = msgs[len(system):]
-
-    def size(conversation: list[dict]) -> int:
-        return len(lm.encode(lm.apply_chat_template(conversation)))
-
-    while len(turns) > 1 and size(system + turns) > budget:
-        turns = turns[1:]
-        while len(turns) > 1 and turns[0]["role"] != "user":  # never start on a reply whose question is gone
-            turns = turns[1:]
-    if size(system + turns) <= budget:
-        return system + turns, 0
-    last = turns[-1]
-    ids = lm.encode(last["content"], add_bos=False)
-
-    def keeping(k: int) -> list[dict]:
-        return system + [dict(last, content=lm.tokenizer.decode(ids[len(ids) - k:]) if k else "")]
-
-    if size(keeping(0)) > budget:
+    try:
+        return fit_messages(getattr(lm, "local", lm), messages, max_new_tokens, lm.apply_chat_template)
+    except ContextLengthError as exc:
+        system = bool(messages) and messages[0].get("role") == "system"
         what = "the chat template and --system message" if system else "the chat template"
         raise ContextLengthError(
-            f"{what} take {size(keeping(0))} tokens and --max-new-tokens is {new}: no room for your message in "
-            f"the model's context of {lm.context_length} tokens.",
+            f"{what} take {exc.prompt_tokens} tokens and --max-new-tokens is {exc.max_new_tokens}: no room for your "
+            f"message in the model's context of {exc.context_length} tokens.",
             hint="Lower --max-new-tokens (-n)" + (" or shorten --system." if system else "."),
-            prompt_tokens=size(keeping(0)), max_new_tokens=new, context_length=lm.context_length)
-    lo, hi = 0, len(ids)  # keeping(lo) fits, keeping(hi) does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if size(keeping(mid)) <= budget else (lo, mid)
-    return keeping(lo), len(ids) - lo
+            prompt_tokens=exc.prompt_tokens, max_new_tokens=exc.max_new_tokens,
+            context_length=exc.context_length) from None
 
 
 def no_template_note(lm) -> str | None:
