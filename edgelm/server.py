@@ -172,9 +172,11 @@ def _type_name(value: Any) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _field(body: Mapping[str, Any], name: str, kind: type, default: Any = None) -> Any:
-    """``body[name]`` checked to be of JSON type ``kind`` (``float`` accepts integers); absent/null -> default."""
+def _field(body: Mapping[str, Any], name: str, kind: type, default: Any = None, *, path: str = "") -> Any:
+    """``body[name]`` checked to be of JSON type ``kind`` (``float`` accepts integers); absent/null -> default.
+    ``path`` is where ``body`` sits in the request ("stream_options."), for the error's message and param."""
     value = body.get(name)
+    name = path + name
     if value is None:
         return default
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
@@ -491,7 +493,7 @@ def _parse_request(body: Any, kind: str) -> _Request:
     chat_kwargs = _parse_chat_options(body) if kind == "chat" else {}
     stream = _field(body, "stream", bool, False)
     options = _field(body, "stream_options", dict, {})
-    include_usage = _field(options, "include_usage", bool, False) if stream else False
+    include_usage = _field(options, "include_usage", bool, False, path="stream_options.") if stream else False
     return _Request(kind=kind, model=model, prompt=prompt, gen_kwargs=kw, stream=stream, include_usage=include_usage,
                     chat_kwargs=chat_kwargs)
 
