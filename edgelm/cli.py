@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # extra -> the modules it brings that edgelm imports. A ModuleNotFoundError for one of them, at import or while a
 # command runs, becomes one line naming the extra and how to install it (see missing_extra_message).
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "export": ("torch", "transformers", "onnx", "safetensors", "sentencepiece", "tqdm", "tomli"),
+    "export": ("torch", "transformers", "onnx", "gguf", "safetensors", "sentencepiece", "tqdm", "tomli"),
     "server": ("starlette", "uvicorn"),
     "cloud": ("httpx",),
     "bench": ("matplotlib", "psutil"),
