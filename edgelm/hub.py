@@ -197,15 +197,37 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 # --- export on first use ---------------------------------------------------------------------------------------
 def _export_extra_installed() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("edgelm_export", "torch", "transformers", "onnx"))
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("edgelm_export", "torch", "transformers", "onnx", "gguf"))
 
 
-def _export_into_cache(name: str, target: Path, progress: bool) -> Path:
+def resolve_gguf(path: Path, *, progress: bool = True) -> Path:
+    """The model folder for a llama.cpp GGUF file: edgelm's cache (``models/gguf--STEM-KEY``, KEY from the file's
+    absolute path, size and modification time, so an edited or replaced file is exported afresh), else exported
+    there once with the ``[export]`` extra (``edgelm export FILE.gguf``'s pipeline: int8, verified, gated)."""
+    import zlib
+
+    st = path.stat()
+    key = zlib.crc32(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()) & 0xFFFFFFFF
+    target = models_dir() / f"gguf--{path.stem}-{key:08x}"
+    if (target / MANIFEST).is_file():
+        return target
+    if target.is_dir():  # an export that did not finish
+        shutil.rmtree(target)
+    if not _export_extra_installed():
+        from edgelm.cli import install_hint
+        raise ModelNotFoundError(f"{path} is a GGUF file; edgelm runs ONNX model folders, and exporting it on first "
+                                 "use needs the [export] extra, which is not installed.",
+                                 hint=f"{install_hint('export')}; or run `edgelm export {path} --out DIR` where it "
+                                      "is installed and pass DIR.")
+    return _export_into_cache(str(path), target, progress, what="a GGUF file")
+
+
+def _export_into_cache(name: str, target: Path, progress: bool, what: str = "not a published edgelm folder") -> Path:
     from edgelm_export.convert import export_model
 
     if progress:
-        print(f"edgelm: {name} is not a published edgelm folder; exporting it once into {target}", file=sys.stderr,
-              flush=True)
+        print(f"edgelm: {name} is {what}; exporting it once into {target}", file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     report = export_model(name, str(target), progress=progress)
     source = read_json(target / MANIFEST).get("source") or {}

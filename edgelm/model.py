@@ -304,12 +304,16 @@ def _check_path_argument(path: Any) -> None:
 def resolve_model_path(path: str | os.PathLike | None) -> Path:
     """``path`` itself, or for None ``$EDGELM_MODEL`` / the shipped default model, which must exist.
 
+    A ``.gguf`` file is exported once into edgelm's cache (:func:`edgelm.hub.resolve_gguf`) and loaded from there.
     A string ``org/name`` that is not a local path is a model by name: edgelm's cache, else a download or a
     first-use export into it (:func:`edgelm.hub.resolve`; a local folder of that name wins, and so does a local
     folder ``org``: then the name is a mistyped path, and the error says no model folder is there)."""
     if path is not None:
         _check_path_argument(path)
         local = Path(path).expanduser()
+        if local.is_file() and local.suffix.lower() == ".gguf":  # exported once into edgelm's cache, then reused
+            from edgelm import hub
+            return hub.resolve_gguf(local)
         if isinstance(path, str) and not local.exists():
             from edgelm import hub
             if hub.is_model_name(path):

@@ -457,6 +457,31 @@ def test_round_trip_fp32_export_greedy_matches_original(tmp_path, torch_one_thre
 
 
 # --- (b) refusals: one typed line each -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_load_a_gguf_file_exports_it_once_into_the_cache(tmp_path, torch_one_thread, monkeypatch):
+    """`edgelm.load("file.gguf")` / `--model file.gguf`: exported once into edgelm's cache (int8, the export
+    pipeline), then loaded from there; an edited file is exported afresh; without the export extra, one line."""
+    import edgelm
+    from edgelm import hub
+    from edgelm_export import convert
+
+    monkeypatch.setenv("EDGELM_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(tmp_path / "tiny.gguf", "llama", _hf_model("llama", _vocab_size(False)))
+    lm = edgelm.load(str(path), threads=1)
+    assert lm.path.parent == tmp_path / "cache" / "models" and lm.path.name.startswith("gguf--tiny-")
+    assert json.loads((lm.path / "edgelm.json").read_text())["source"]["gguf"]["sha256"] == sha256_file(path)
+    text = lm.generate("Once upon a time", max_new_tokens=8, temperature=0).text
+    monkeypatch.setattr(convert, "export_model", lambda *a, **k: pytest.fail("exported a second time"))
+    again = edgelm.load(path, threads=1)  # a Path works as well as a str
+    assert again.path == lm.path and again.generate("Once upon a time", max_new_tokens=8, temperature=0).text == text
+    assert [m.path for m in hub.cached_models()] == [lm.path] and hub.cached_models()[0].source == "exported"
+    path.write_bytes(path.read_bytes() + b"\0")  # a different file now: not the cached export
+    monkeypatch.setattr(hub, "_export_extra_installed", lambda: False)
+    with pytest.raises(edgelm.errors.ModelNotFoundError, match="GGUF file.*export.*extra") as info:
+        edgelm.load(str(path), threads=1)
+    assert f"edgelm export {path} --out DIR" in info.value.hint
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc)
     assert "\n" not in text and text.strip()
