@@ -48,7 +48,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
-from edgelm.errors import CloudError, EdgeLMError, InvalidArgumentError, RoutingError
+from edgelm.errors import CloudError, ContextLengthError, EdgeLMError, InvalidArgumentError, RoutingError
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgelm.cloud import CloudClient, CloudReply
@@ -805,8 +805,36 @@ class Hybrid:
         # The local model also stops where its template says a reply ends (Model.chat's rule: the plain fallback's
         # next-turn marker); the cloud gets only the caller's stop strings.
         local_kw = with_turn_stops(kwargs, getattr(self.local, "chat_template", None))
+        local_text = None
+        if kwargs.get("truncate") == "left":
+            # As Model.chat: the local side gets the *messages* fitted to its context (oldest exchanges first,
+            # then the start of the newest message), never the rendered prompt cut from the left, which would
+            # drop the system message and the template's header first. Routing still sees the whole
+            # conversation (too long for the local context -> cloud, which gets every message).
+            local_text, local_kw = self._fitted_chat(messages, tools, documents, template_kwargs, local_kw)
         return _Query(text, messages, _last_user(messages), prefer, tuple(tags), kwargs, tools=tools,
-                      documents=documents, local_kw=local_kw)
+                      documents=documents, local_kw=local_kw, local_text=local_text)
+
+    def _fitted_chat(self, messages: list[dict[str, Any]], tools: Any, documents: Any, template_kwargs: Any,
+                     local_kw: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """The local prompt for ``truncate="left"``: the messages fitted by :func:`edgelm.model.fit_messages`, and
+        the local options without ``truncate``. When the template and system message alone leave no room, the
+        rendered prompt is kept (its start cut by the local model, as before) rather than failing the query here:
+        the cloud may still take it whole."""
+        from edgelm.model import fit_messages
+        from edgelm.sampling import validate_max_new_tokens
+
+        if local_kw.get("max_new_tokens") is not None:
+            validate_max_new_tokens(local_kw["max_new_tokens"])
+
+        def render(msgs: list[dict[str, Any]]) -> str:
+            return self.apply_chat_template(msgs, tools=tools, documents=documents, **template_kwargs)
+
+        try:
+            fitted, _ = fit_messages(self.local, messages, local_kw.get("max_new_tokens"), render)
+        except ContextLengthError:
+            return None, local_kw
+        return render(fitted), {k: v for k, v in local_kw.items() if k != "truncate"}
 
     # --- internals ---------------------------------------------------------------------------------
     def _decide(self, q: "_Query", stream: bool = False) -> tuple[Decision | None, list[str]]:
@@ -855,7 +883,7 @@ class Hybrid:
         return Decision("local", "budget", f"{d.reason}; but {why}", d.value, d.threshold), why
 
     def _local(self, q: "_Query") -> "Generation":
-        return self.local.generate(q.text, **q.local_kwargs)
+        return self.local.generate(q.local_prompt, **q.local_kwargs)
 
     def _cloud_kwargs(self, q: "_Query") -> dict[str, Any]:
         out = {}
@@ -1044,7 +1072,7 @@ class Hybrid:
                 holder[0].result = self._finish(_local_result(gen, d, None), started)
                 return
             try:
-                ts = self.local.stream(q.text, **q.local_kwargs)  # checks its arguments (and the fit) right away
+                ts = self.local.stream(q.local_prompt, **q.local_kwargs)  # checks its arguments (and the fit) right away
             except EdgeLMError as local_exc:
                 d = self._rescue_decision(d, local_exc, budget_note)  # raises RoutingError when it cannot
             else:
@@ -1076,7 +1104,7 @@ class Hybrid:
                     yield gen.text
             else:
                 try:
-                    ts = self.local.stream(q.text, **q.local_kwargs)
+                    ts = self.local.stream(q.local_prompt, **q.local_kwargs)
                 except EdgeLMError as local_exc:
                     raise RoutingError(f"Neither side could answer: the cloud failed ({fallback}) and the local "
                                        f"model refused ({local_exc}).") from None
@@ -1097,7 +1125,7 @@ class Hybrid:
         if owed > cap:
             how += f" (at most {cap} more tokens: half its context)"
         try:
-            ts = self.local.stream(q.text + partial, **kwargs)
+            ts = self.local.stream(q.local_prompt + partial, **kwargs)
         except EdgeLMError as local_exc:
             err = RoutingError(f"The cloud stream broke after {len(partial)} characters ({fallback}) and the local "
                                f"model cannot continue it ({local_exc.message}).",
@@ -1126,10 +1154,16 @@ class _Query:
     tools: list[dict[str, Any]] | None = None      # chat only: for the template and the cloud request
     documents: list[dict[str, Any]] | None = None
     local_kw: dict[str, Any] | None = None         # chat only: kwargs plus the local template's turn stops
+    local_text: str | None = None                  # chat with truncate="left": the messages fitted to the local context
 
     @property
     def prompt(self) -> str:
         return self.text
+
+    @property
+    def local_prompt(self) -> str:
+        """What the local model generates from: ``text``, or the fitted conversation (truncate="left")."""
+        return self.text if self.local_text is None else self.local_text
 
     @property
     def local_kwargs(self) -> dict[str, Any]:

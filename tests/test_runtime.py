@@ -428,6 +428,41 @@ def test_chat_truncate_left_fits_the_messages_not_the_rendered_text(lm):
                 truncate="left")
 
 
+def test_hybrid_chat_truncate_left_fits_the_local_messages_like_model_chat(lm, monkeypatch):
+    """Hybrid.chat(truncate="left") gives the local model the fitted messages, as Model.chat does -- also when the
+    conversation went to the cloud for its length and the cloud was down -- instead of the rendered conversation
+    cut from the left (which loses the system message first)."""
+    pytest.importorskip("httpx")
+    from edgelm.cloud import CloudClient
+    from edgelm.hybrid import Hybrid
+    from edgelm.model import fit_messages
+
+    long = "the cat sat on the mat " * 60
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": long},
+            {"role": "assistant", "content": long}, {"role": "user", "content": "And then? " + long * 2}]
+    want = lm.chat(msgs, max_new_tokens=20, truncate="left", temperature=0)
+    fitted_prompt = lm.apply_chat_template(fit_messages(lm, msgs, 20)[0])
+    seen: list[str] = []  # every prompt the local model is asked to continue
+    for verb in ("generate", "stream"):
+        monkeypatch.setattr(lm, verb, lambda p, _f=getattr(lm, verb), **kw: (seen.append(p), _f(p, **kw))[1])
+    r = Hybrid(lm).chat(msgs, max_new_tokens=20, truncate="left", temperature=0)  # no cloud: local
+    assert r.source == "local" and r.generation.token_ids == want.token_ids
+    down = Hybrid(lm, CloudClient("http://127.0.0.1:9/v1", timeout=2))  # loopback, nothing listens
+    r = down.chat(msgs, max_new_tokens=20, truncate="left", temperature=0)
+    assert r.signal == "context" and r.source == "local" and r.fallback  # sent out whole, answered here
+    assert r.generation.token_ids == want.token_ids and r.generation.prompt_tokens == want.prompt_tokens
+    s = down.chat_stream(msgs, max_new_tokens=20, truncate="left", temperature=0)
+    assert "".join(s) == want.text
+    # the system message and the template's header reached the local model every time
+    assert seen == [fitted_prompt] * 3 and fitted_prompt.startswith(lm.apply_chat_template(msgs[:1], add_generation_prompt=False))
+    # the template and system message alone leave no room for the message: the query still goes out, and the
+    # fallback answers from the rendered prompt cut from the left (the caller always gets an answer)
+    huge = [{"role": "system", "content": long * 3}, {"role": "user", "content": "Hi"}]
+    r = down.chat(huge, max_new_tokens=20, truncate="left", temperature=0)
+    assert r.signal == "context" and r.source == "local" and r.fallback
+    assert r.generation.prompt_tokens == lm.context_length - 20
+
+
 def test_truncate_left_keeps_bos(lm):
     ids = [1] + list(range(300, 340)) * 12  # 481 tokens
     g = lm.generate(ids, max_new_tokens=40, truncate="left", temperature=0)
