@@ -103,6 +103,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     chosen = next((a for a in (argv or []) if a in COMMANDS), None)
     for name, (spec, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        if name == chosen:  # main() reports an unknown option with this command's own usage
+            parser.set_defaults(**{f"_parser_{name}": p})
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show a full traceback on errors")
         if name == chosen:
             command = _load(spec)
@@ -142,7 +144,9 @@ def _closed_stdout() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, so the usage line shown is that command's (exits 2)
+        getattr(args, f"_parser_{args.command}", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if args.command is None else 2

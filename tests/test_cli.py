@@ -354,3 +354,17 @@ def test_chat_without_a_template_says_so_once(stories_fp32, tmp_path):
     r = cli("chat", "--model", str(folder), "--no-verify", "-n", "5", "-t", "0", "--threads", "1", stdin="Hi\n")
     assert r.returncode == 0, r.stderr
     assert "no chat template" not in r.stderr
+
+
+@pytest.mark.parametrize("argv, command", [(["chat", "-q"], "chat"), (["generate", PROMPT, "--bogus"], "generate"),
+                                           (["info", "--nope", "x"], "info"), (["-q"], None)])
+def test_an_unknown_option_is_reported_with_its_commands_usage(capsys, argv, command):
+    from edgelm.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"unrecognized arguments: {argv[-1] if command != 'info' else '--nope'}" in err
+    # the usage line and the error name the command the option was given to (the top-level one when none was)
+    prog = f"edgelm {command}" if command else "edgelm"
+    assert err.startswith(f"usage: {prog} [-h]") and f"\n{prog}: error:" in err
