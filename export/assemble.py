@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ class ExportReport:
     fp32_model_bytes: int
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what the export did besides writing (said after its summary)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +123,8 @@ def check_tokenizer(path: Path) -> None:
 
 
 def check_eval_text(path: Path) -> Path:
+    if path.is_dir():
+        raise InvalidArgumentError(f"Evaluation text {path} is a folder.", hint="Pass a UTF-8 text file to --eval-text.")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -140,13 +144,32 @@ def weights_bytes(path: Path) -> int:
 
 
 def check_output(out: Path, overwrite: bool, src: Path) -> None:
-    if out.resolve() == src.resolve():
+    """Refuse an ``out`` the export must not write: the source folder, a folder that holds the source (replacing
+    it would delete the source), an existing folder without ``overwrite``, and with it any existing folder that
+    an earlier export did not write (no edgelm.json): ``--overwrite`` replaces a model folder, never a folder of
+    other files (``--out ~ --overwrite`` would otherwise delete the home folder)."""
+    o, s = out.resolve(), src.resolve()
+    if o == s:
         raise InvalidArgumentError(f"--out {out} is the source folder.", hint="Choose a new folder for the export.")
+    if o in s.parents:
+        raise InvalidArgumentError(f"--out {out} contains the source {src}: writing the export there would replace "
+                                   f"the source with it.", hint="Choose a new folder for the export.")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"Output path {out} exists and is not a folder.", hint="Remove it or choose another --out.")
     if out.exists() and not overwrite:
         raise ExportError(f"Output folder {out} already exists.",
                           hint="Choose another --out, or pass --overwrite to replace it.")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"Output path {out} exists and is not a folder.", hint="Remove it or choose another --out.")
+    if out.exists() and not (out / "edgelm.json").is_file() and any(out.iterdir()):
+        raise ExportError(f"Output folder {out} is not an edgelm model folder (no edgelm.json), so --overwrite "
+                          f"will not replace it: everything in it would be deleted.",
+                          hint="Choose another --out, or empty or remove that folder yourself first.")
+
+
+def check_context_length(context_length: int | None, max_pos: int) -> None:
+    """An asked --context-length the model's position table cannot hold is refused before any work."""
+    if context_length is not None and context_length > max_pos:
+        raise InvalidArgumentError(f"--context-length {context_length} is longer than the model's {max_pos} "
+                                   f"positions.", hint=f"Pass --context-length (context_length) <= {max_pos}.")
 
 
 def check_disk(parent: Path, src_bytes: int, quantize: str) -> None:
@@ -308,7 +331,8 @@ def model_card(report: ExportReport, shape: Any, src: Path, quant: dict[str, Any
         f"| head size | {shape.head_dim} |", f"| vocabulary | {shape.vocab_size} |",
         f"| context length | {shape.context_length} |",
         f"| weights | {quant.get('weights', 'fp32')} |",
-        f"| model.onnx | {report.model_bytes / 1e6:.2f} MB (fp32 graph {report.fp32_model_bytes / 1e6:.2f} MB) |",
+        f"| graph + weights (model.onnx, model.onnx.data) | {report.model_bytes / 1e6:.2f} MB "
+        f"(fp32 {report.fp32_model_bytes / 1e6:.2f} MB) |",
         f"| fp32 ONNX vs PyTorch, max abs logit diff | {report.max_logit_diff:.2e} |", "",
     ]
     if m:
@@ -389,10 +413,54 @@ def gate(fp32_dir: Path, final_dir: Path, work: Path, fp32_cfg: dict[str, Any], 
     return metrics
 
 
+# Work folders beside --out carry the exporting process's id: ".NAME.edgelm-KIND-PID-random". An export killed
+# outright (SIGKILL, the kernel's out-of-memory killer: a 135M GGUF export peaks near 3 GB) cannot remove its own,
+# so the next export to the same --out removes those whose process is gone (a live one is another export's).
+_WORK = re.compile(r"^\.(?P<name>.+)\.edgelm-(?:export|gguf|old)-(?P<pid>\d+)(?:-.*)?$")
+
+
+def work_dir(out_path: Path, kind: str) -> Path:
+    """A fresh hidden work folder beside ``out_path`` (``kind``: "export" or "gguf")."""
+    return Path(tempfile.mkdtemp(prefix=f".{out_path.name}.edgelm-{kind}-{os.getpid()}-", dir=out_path.parent))
+
+
+def clear_stale_work(out_path: Path) -> str | None:
+    """Remove the work folders of earlier exports to ``out_path`` whose process no longer runs; a note saying what
+    went (None when nothing did)."""
+    gone, size = 0, 0
+    try:
+        entries = list(out_path.parent.iterdir())
+    except OSError:
+        return None
+    for entry in entries:
+        m = _WORK.match(entry.name)
+        if not m or m["name"] != out_path.name or not entry.is_dir() or _alive(int(m["pid"])):
+            continue
+        size += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(entry, ignore_errors=True)
+        gone += 1
+    if not gone:
+        return None
+    return (f"removed {gone} work folder{'s' * (gone > 1)} ({size / 1e6:,.0f} MB) that an interrupted export "
+            f"to {out_path} left beside it")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but belongs to someone else
+        return True
+    return True
+
+
 def swap_into_place(final_dir: Path, out_path: Path) -> None:
     """Rename the finished folder to ``out_path``: a failed export never leaves a half folder there."""
     if out_path.exists():
-        old = out_path.with_name(f".{out_path.name}.edgelm-old-{os.getpid()}")
+        old = out_path.with_name(f".{out_path.name}.edgelm-old-{os.getpid()}")  # a killed swap: clear_stale_work
         os.replace(out_path, old)
         os.replace(final_dir, out_path)
         shutil.rmtree(old, ignore_errors=True)

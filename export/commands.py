@@ -317,7 +317,8 @@ def _run_export(args: argparse.Namespace) -> int:
                               onnx_file=args.onnx_file, optimum_python=args.optimum_python)
     m = report.metrics
     print(f"wrote {report.out}: {report.model_type} ({report.num_parameters:,} parameters), {report.quantization}, "
-          f"model.onnx {report.model_bytes / 1e6:.2f} MB, fp32-vs-PyTorch max logit diff {report.max_logit_diff:.1e}")
+          f"graph + weights {report.model_bytes / 1e6:.2f} MB, fp32-vs-PyTorch max logit diff "
+          f"{report.max_logit_diff:.1e}")
     if "quantized_perplexity" in m:
         print(f"perplexity fp32 {m['fp32_perplexity']:.4f} -> {report.quantization} {m['quantized_perplexity']:.4f} "
               f"({100 * m['ppl_increase']:+.2f} %), bits/byte {m['fp32_bits_per_byte']:.4f} -> "
@@ -327,11 +328,16 @@ def _run_export(args: argparse.Namespace) -> int:
         for t in m.get("auto") or []:
             print(f"  auto tried {t['method']}: {100 * t['ppl_increase']:+.2f} % "
                   f"({'within' if t['passed'] else 'over'} the gate)")
+        if m.get("forced"):
+            print(f"written with --force: {100 * m['ppl_increase']:+.2f} % is over the gate's "
+                  f"{100 * m['max_ppl_increase']:.2f} % (the card and edgelm.json say so too)")
         hint = chat_agreement_hint(report.quantization, m)
         if hint:
             print(hint)
     elif "fp32_perplexity" in m:
         print(f"perplexity {m['fp32_perplexity']:.4f}, bits/byte {m['fp32_bits_per_byte']:.4f}")
+    for note in report.notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +35,9 @@ from .assemble import (
     VERIFY_RTOL,
     check_disk,
     check_eval_text,
+    check_context_length,
     check_output,
+    clear_stale_work,
     check_tokenizer,
     choose_variant,
     edgelm_config,
@@ -49,6 +50,7 @@ from .assemble import (
     read_source_config,
     swap_into_place,
     weights_bytes,
+    work_dir,
     write_tokenizer,
 )
 
@@ -62,16 +64,23 @@ def _check_arguments(quantize: str, max_ppl_increase: float, keep_fp32: Any, con
     if quantize not in QUANTIZE_CHOICES:
         raise InvalidArgumentError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}.",
                                    hint="Use --quantize int8 (the default) or --quantize none for fp32.")
-    if not isinstance(max_ppl_increase, (int, float)) or max_ppl_increase < 0:
-        raise InvalidArgumentError(f"max_ppl_increase must be a number >= 0 (a fraction: 0.05 = 5 %), got {max_ppl_increase!r}.")
+    if (not isinstance(max_ppl_increase, (int, float)) or isinstance(max_ppl_increase, bool)
+            or not 0 <= max_ppl_increase <= 1):
+        raise InvalidArgumentError(
+            f"--max-ppl-increase (max_ppl_increase) is a fraction from 0 to 1 (0.05 = 5 %), got {max_ppl_increase!r}"
+            + (f", which would allow +{100 * max_ppl_increase:.0f} % perplexity." if isinstance(
+                max_ppl_increase, (int, float)) and max_ppl_increase > 1 else "."),
+            hint="Pass 0.05 for 5 %, or --force to write a model whatever its perplexity.")
     if isinstance(keep_fp32, str):
         keep_fp32 = [k for k in keep_fp32.split(",") if k.strip()]
     keep = tuple(k.strip() for k in keep_fp32)
     bad = [k for k in keep if k not in KEEP_FP32_CHOICES]
     if bad:
-        raise InvalidArgumentError(f"keep_fp32 entries {bad} are unknown; choose from {', '.join(KEEP_FP32_CHOICES)}.")
+        raise InvalidArgumentError(f"--keep-fp32 (keep_fp32) entries {bad} are unknown; choose from "
+                                   f"{', '.join(KEEP_FP32_CHOICES)}.")
     if context_length is not None and (not isinstance(context_length, int) or context_length < 1):
-        raise InvalidArgumentError(f"context_length must be a positive integer, got {context_length!r}.")
+        raise InvalidArgumentError(f"--context-length (context_length) must be a positive integer, got "
+                                   f"{context_length!r}.")
     return keep
 
 
@@ -120,13 +129,18 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
     """
     started = time.perf_counter()
     keep = _check_arguments(quantize, max_ppl_increase, keep_fp32, context_length)
+    out_path = Path(out).expanduser()
+    if not out_path.name:  # "--out ." (or "/"): the folder's own name, which the work folders beside it carry
+        out_path = out_path.resolve()
+    out = str(out_path)
     from .gguf import find_gguf, gguf_to_hf_folder
     gguf_file = None if _gguf else find_gguf(src)
     if gguf_file is not None:  # a GGUF: unpack it into a Hugging Face folder beside `out`, export that, remove it
-        check_output(Path(out).expanduser(), overwrite, gguf_file.parent)
+        check_output(out_path, overwrite, gguf_file.parent)
         check_eval_text(Path(eval_text).expanduser() if eval_text else DEFAULT_EVAL_TEXT)
-        Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        hf_dir = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.edgelm-gguf-", dir=Path(out).expanduser().parent))
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        cleared = clear_stale_work(out_path)
+        hf_dir = work_dir(out_path, "gguf")
         try:
             info = gguf_to_hf_folder(gguf_file, hf_dir)
             report = export_model(str(hf_dir), out, quantize=quantize, eval_text=eval_text,
@@ -135,6 +149,7 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
                                   threads=threads, _gguf=(src, info))
         finally:
             shutil.rmtree(hf_dir, ignore_errors=True)
+        report.notes[:0] = [cleared] if cleared else []
         report.seconds = round(time.perf_counter() - started, 2)
         return report
     src_path = _resolve_source(src)
@@ -152,17 +167,15 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
     arch, builder, model_type = resolve(src_cfg)  # unsupported -> raised here, before any weights are read
     check_tokenizer(src_path)
     max_pos = int(src_cfg.get("max_position_embeddings") or src_cfg.get("n_positions") or 2048)
-    if context_length is not None and context_length > max_pos:
-        raise InvalidArgumentError(f"context_length={context_length} is longer than the model's {max_pos} positions.",
-                                   hint=f"Pass context_length <= {max_pos}.")
+    check_context_length(context_length, max_pos)
     ctx = context_length or min(max_pos, DEFAULT_MAX_CONTEXT)
     eval_path = check_eval_text(Path(eval_text).expanduser() if eval_text else DEFAULT_EVAL_TEXT)
-    out_path = Path(out).expanduser()
     check_output(out_path, overwrite, src_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    cleared = clear_stale_work(out_path)  # before the disk check: what it frees counts
     check_disk(out_path.parent, weights_bytes(src_path), quantize)
 
-    work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.edgelm-export-", dir=out_path.parent))
+    work = work_dir(out_path, "export")
     try:
         report = _export(_gguf[0] if _gguf else src, src_path, src_cfg, arch, builder, model_type, out_path, work,
                          quantize=quantize, eval_path=eval_path, max_ppl_increase=float(max_ppl_increase),
@@ -177,6 +190,7 @@ def export_model(src: str, out: str, *, quantize: str = "int8", eval_text: str |
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    report.notes[:0] = [cleared] if cleared else []
     report.seconds = round(time.perf_counter() - started, 2)
     return report
 
@@ -255,13 +269,34 @@ def _load_torch_model(src_path: Path, threads: int | None) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:  # transformers >= 4.56 calls it `dtype`; older ones only know `torch_dtype`
-                model = AutoModelForCausalLM.from_pretrained(str(src_path), dtype=torch.float32)
+                model, info = AutoModelForCausalLM.from_pretrained(str(src_path), dtype=torch.float32,
+                                                                   output_loading_info=True)
             except TypeError:
-                model = AutoModelForCausalLM.from_pretrained(str(src_path), torch_dtype=torch.float32)
+                model, info = AutoModelForCausalLM.from_pretrained(str(src_path), torch_dtype=torch.float32,
+                                                                   output_loading_info=True)
     except Exception as exc:
         raise ExportError(f"transformers could not load {src_path} ({type(exc).__name__}: {exc}).",
                           hint="Check that the weights are complete and match config.json.") from exc
+    _check_loaded(src_path, info)
     return model.eval()
+
+
+def _check_loaded(src_path: Path, info: dict[str, Any]) -> None:
+    """Refuse a model that transformers completed on its own: a parameter missing from the weight files (or of
+    another shape) is *randomly initialised* and loads without an error, and the export's own checks compare
+    against that same model, so they pass. (A tied head is not missing: transformers reports only real gaps.)"""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k[0]) if isinstance(k, (tuple, list)) else str(k)
+                        for k in info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        what = "; ".join(part for part in (
+            f"missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "",
+            f"of another shape than config.json says: {', '.join(mismatched[:5])}"
+            f"{' ...' if len(mismatched) > 5 else ''}" if mismatched else "") if part)
+        raise ExportError(
+            f"The weights in {src_path} do not cover the model its config.json describes ({what}). transformers "
+            f"would fill those parameters with random values, and the export would carry them.",
+            hint="Re-download or re-save the model (every shard, every tensor), or fix config.json to match it.")
 
 
 def _build_graph(model: Any, builder: Any, model_type: str, context_length: int, work: Path) -> tuple[Path, Any]:

@@ -131,6 +131,11 @@ def distill(cfg, teacher: str | os.PathLike, *, student_layers: int | None = Non
     ``cfg.tokenizer`` defaults to the teacher's folder and must match it. Returns a TrainResult.
     """
     tdir = Path(teacher).expanduser()
+    if not tdir.is_dir():
+        raise TrainingError(f"The teacher {tdir} " + ("is a file, not a model folder." if tdir.exists() else
+                                                      "does not exist."),
+                            hint="Pass --teacher the Hugging Face folder of the model to distil (config.json, "
+                                 "weights, tokenizer.json).")
     if not (tdir / "tokenizer.json").is_file():
         raise TrainingError(f"The teacher {tdir} has no tokenizer.json.",
                             hint="Distillation needs the teacher's tokenizer; use a complete HF model folder.")

@@ -26,7 +26,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -397,9 +396,7 @@ def export_generic(src: str, src_path: Path, out: str, *, via: str, onnx_file: s
     arch = (hf_cfg.get("architectures") or [None])[0] or f"model_type={hf_cfg.get('model_type')}"
     max_pos = int(hf_cfg.get("max_position_embeddings") or hf_cfg.get("n_positions") or hf_cfg.get("seq_length")
                   or (hf_cfg.get("text_config") or {}).get("max_position_embeddings") or 2048)
-    if context_length is not None and context_length > max_pos:
-        raise InvalidArgumentError(f"context_length={context_length} is longer than the model's {max_pos} positions.",
-                                   hint=f"Pass context_length <= {max_pos}.")
+    asm.check_context_length(context_length, max_pos)
     ctx = context_length or min(max_pos, asm.DEFAULT_MAX_CONTEXT)
     python = None
     if via == "optimum":
@@ -422,14 +419,16 @@ def export_generic(src: str, src_path: Path, out: str, *, via: str, onnx_file: s
     out_path.parent.mkdir(parents=True, exist_ok=True)
     size = asm.weights_bytes(src_path) if via == "optimum" else sum(
         p.stat().st_size for p in graph_file.parent.glob(graph_file.name + "*"))  # type: ignore[union-attr]
+    cleared = asm.clear_stale_work(out_path)
     asm.check_disk(out_path.parent, size, quantize)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.edgelm-export-", dir=out_path.parent))
+    work = asm.work_dir(out_path, "export")
     try:
         report = _export(src, src_path, hf_cfg, arch, out_path, work, via=via, graph_file=graph_file, python=python,
                          quantize=quantize, eval_path=eval_path, max_ppl_increase=max_ppl_increase, force=force,
                          progress=progress, keep=keep, ctx=ctx, threads=threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    report.notes[:0] = [cleared] if cleared else []
     report.seconds = round(time.perf_counter() - started, 2)
     return report
 

@@ -339,6 +339,18 @@ def test_no_progress_silences_transformers_bars(tmp_path):
     assert "Loading weights" not in r.stderr and "it/s" not in r.stderr, r.stderr
 
 
+@needs_shared()
+def test_a_forced_export_says_it_is_over_the_gate(tmp_path, capsys):
+    from edgelm.cli import main
+
+    # a gate of 0 % refuses any quantized model that moved perplexity up at all (stories260K int8: +0.04 %)
+    rc = main(["export", str(STORIES260K), "--out", str(tmp_path / "out"), "--quantize", "int8", "--threads", "1",
+               "--max-ppl-increase", "0", "--force", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "written with --force:" in out and "over the gate's 0.00 %" in out, out
+    assert "graph + weights" in out
+
+
 # --- chat on a model without a chat template ------------------------------------------------------------------------
 def test_chat_without_a_template_says_so_once(stories_fp32, tmp_path):
     r = cli("chat", "--model", str(stories_fp32), "-n", "5", "-t", "0", "--threads", "1", stdin="Hi\nHello\n")

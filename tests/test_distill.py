@@ -35,6 +35,15 @@ def corpus(tmp_path_factory):
     return p
 
 
+def test_a_missing_teacher_is_named_as_missing(tmp_path, corpus):
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), corpus=[str(corpus)], max_steps=1, device="cpu")
+    with pytest.raises(TrainingError, match="does not exist"):
+        distill(cfg, tmp_path / "nope", student_layers=1)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainingError, match="is a file"):
+        distill(cfg, tmp_path / "file", student_layers=1)
+
+
 def test_evenly_spaced_layers():
     assert evenly_spaced_layers(12, 4) == [0, 4, 7, 11]
     assert evenly_spaced_layers(5, 3) == [0, 2, 4]

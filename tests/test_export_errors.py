@@ -116,6 +116,7 @@ def test_output_exists_without_overwrite(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     ({"quantize": "int3"}, "quantize"),
     ({"max_ppl_increase": -0.1}, "max_ppl_increase"),
+    ({"max_ppl_increase": 5}, r"fraction from 0 to 1.*\+500 %"),  # "5" meant 5 %: it would allow +500 %
     ({"keep_fp32": ["attention"]}, "keep_fp32"),
     ({"context_length": 0}, "context_length"),
 ])
@@ -194,11 +195,97 @@ def test_quality_gate_refuses_then_force_writes(tmp_path):
 def test_overwrite_replaces_the_folder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "edgelm.json").write_text("{}")  # what an earlier export wrote (--overwrite replaces only that)
     (out / "old.txt").write_text("old")
-    _export(STORIES260K, out, quantize="none", overwrite=True)
+    report = _export(STORIES260K, out, quantize="none", overwrite=True)
     names = {p.name for p in out.iterdir()}
     assert "old.txt" not in names and {"model.onnx", "edgelm.json", "tokenizer.json", "config.json"} <= names
+    assert _leftovers(tmp_path) == [] and report.notes == []
+
+
+def test_overwrite_never_replaces_a_folder_an_export_did_not_write(tmp_path, stories_copy):
+    """--overwrite replaces an earlier export, never an ordinary folder, and never one that holds the source
+    (`--out ~/models --overwrite` for a source in ~/models/x would have deleted the source and its neighbours)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not an edgelm model folder"):
+        _export(stories_copy, mine, overwrite=True)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (tmp_path, tmp_path.parent):  # the source's parent, and one above it
+        with pytest.raises(InvalidArgumentError, match="contains the source"):
+            _export(stories_copy, out, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (stories_copy / "config.json").is_file()
     assert _leftovers(tmp_path) == []
+
+
+def test_out_dot_is_named_by_its_folder(tmp_path, stories_copy, monkeypatch):
+    """`--out . --overwrite` inside an earlier export once failed with an internal "PosixPath('.') has an empty
+    name": the work folders beside it are named after the folder itself."""
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "edgelm.json").write_text("{}")
+    monkeypatch.chdir(here)
+    with pytest.raises(ExportError, match="already exists"):
+        _export(stories_copy, ".")
+    report = _export(stories_copy, ".", quantize="none", overwrite=True)
+    assert Path(report.out) == here and json.loads((here / "edgelm.json").read_text())["format_version"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_eval_text_that_is_a_folder(tmp_path, stories_copy):
+    with pytest.raises(InvalidArgumentError, match="is a folder"):
+        _export(stories_copy, tmp_path / "out", eval_text=str(tmp_path))
+
+
+def test_weights_missing_from_the_files_are_refused_not_randomly_filled(tmp_path, stories_copy):
+    """transformers random-initialises a parameter the weight files lack and loads without an error; the export's
+    own PyTorch check compares against that same model, so only the load report can catch it."""
+    from safetensors.numpy import load_file, save_file
+
+    files = sorted(stories_copy.glob("*.safetensors"))
+    if not files:
+        pytest.skip("the fixture has no safetensors weights")
+    tensors = load_file(str(files[0]))
+    gone = next(k for k in sorted(tensors) if "layers.0" in k and "mlp" in k)
+    del tensors[gone]
+    save_file(tensors, str(files[0]), metadata={"format": "pt"})
+    with pytest.raises(ExportError, match="missing: " + gone.replace(".", r"\.")):
+        _export(stories_copy, tmp_path / "out", quantize="none")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def _dead_pid() -> int:
+    import os
+
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except OSError:
+            pass
+        pid += 1
+
+
+@needs_shared()
+def test_work_folders_of_a_killed_export_are_removed_by_the_next(tmp_path):
+    """A SIGKILLed (or OOM-killed) export cannot remove its work folders; the next export to the same --out
+    removes those of dead processes, says so, and leaves a live export's and other names' alone."""
+    import os
+
+    dead = [tmp_path / f".out.edgelm-export-{_dead_pid()}-x1", tmp_path / f".out.edgelm-gguf-{_dead_pid()}-x2"]
+    live = tmp_path / f".out.edgelm-export-{os.getppid()}-x3"
+    other = tmp_path / f".other.edgelm-export-{_dead_pid()}-x4"
+    for d in (*dead, live, other):
+        d.mkdir()
+        (d / "w.bin").write_bytes(b"\0" * 1_500_000)
+    report = _export(STORIES260K, tmp_path / "out", quantize="none")
+    assert not any(d.exists() for d in dead) and live.exists() and other.exists()
+    assert report.notes == [f"removed 2 work folders (3 MB) that an interrupted export to {tmp_path / 'out'} left "
+                            f"beside it"]
 
 
 @needs_shared()
