@@ -74,6 +74,9 @@ def _check_arguments(quantize: str, max_ppl_increase: float, keep_fp32: Any, con
     if isinstance(keep_fp32, str):
         keep_fp32 = [k for k in keep_fp32.split(",") if k.strip()]
     keep = tuple(k.strip() for k in keep_fp32)
+    if keep and quantize == "none":
+        raise InvalidArgumentError(f"--keep-fp32 {','.join(keep)} does nothing with --quantize none: every weight is "
+                                   f"fp32 already.", hint="Drop --keep-fp32, or pick a quantization mode.")
     bad = [k for k in keep if k not in KEEP_FP32_CHOICES]
     if bad:
         raise InvalidArgumentError(f"--keep-fp32 (keep_fp32) entries {bad} are unknown; choose from "
@@ -212,7 +215,7 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
         bar.set_postfix_str(name)
 
     step("load")
-    model = _load_torch_model(src_path, threads)
+    model = _load_torch_model(src_path, threads, progress)
     bar.update(1)
     step("build")
     fp32_dir, shape = _build_graph(model, builder, model_type, context_length, work)
@@ -258,13 +261,18 @@ def _export(src: str, src_path: Path, src_cfg: dict[str, Any], arch: str, builde
     return report
 
 
-def _load_torch_model(src_path: Path, threads: int | None) -> Any:
-    """The source model with transformers, fp32, in eval mode."""
+def _load_torch_model(src_path: Path, threads: int | None, progress: bool = True) -> Any:
+    """The source model with transformers, fp32, in eval mode (``progress=False``: without transformers' own
+    "Loading weights" bar, as the CLI's --no-progress)."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     if threads:
         torch.set_num_threads(threads)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -277,6 +285,9 @@ def _load_torch_model(src_path: Path, threads: int | None) -> Any:
     except Exception as exc:
         raise ExportError(f"transformers could not load {src_path} ({type(exc).__name__}: {exc}).",
                           hint="Check that the weights are complete and match config.json.") from exc
+    finally:
+        if bars and not progress:
+            hf_logging.enable_progress_bar()
     _check_loaded(src_path, info)
     return model.eval()
 

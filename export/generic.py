@@ -128,9 +128,11 @@ def optimum_python(explicit: str | None = None) -> str:
     if found:
         return sys.executable
     raise ExportError("The generic path needs optimum's ONNX exporter, which this environment lacks.",
-                      hint=f"Make an environment for it (python -m venv ~/.edgelm-optimum && ~/.edgelm-optimum/bin/pip "
-                           f"install \"edgelm[optimum]\") and pass its python with --optimum-python or "
-                           f"${OPTIMUM_PYTHON_ENV}.")
+                      hint=f"In a checkout, `bash scripts/optimum-env` makes that environment once and prints its "
+                           f"python: pass it with --optimum-python \"$(bash scripts/optimum-env)\" or "
+                           f"${OPTIMUM_PYTHON_ENV}. Otherwise: python -m venv ~/.edgelm-optimum && "
+                           f"~/.edgelm-optimum/bin/pip install \"edgelm[optimum]\", and pass "
+                           f"~/.edgelm-optimum/bin/python the same way.")
 
 
 def optimum_supports(python: str, model_type: str) -> bool:

@@ -107,3 +107,28 @@ def test_weights_live_beside_the_graph(tmp_path):
     assert {p.name for p in out.iterdir()} - {"edgelm.json"} == set(manifest["files"])
     lm = edgelm.load(out)
     assert lm.generate("Once upon a time", max_new_tokens=8, temperature=0).completion_tokens == 8
+
+
+def test_progress_false_shows_no_bars_and_leaves_them_as_found(tmp_path, capfd):
+    """export_model(progress=False) from Python is as quiet as the CLI's --no-progress (transformers' own "Loading
+    weights" bar included), and gives transformers' bars back to the caller afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    from edgelm_export.convert import export_model
+
+    if not STORIES260K.is_dir():
+        pytest.skip("stories260K fixture not available")
+    hf_logging.enable_progress_bar()
+    export_model(str(STORIES260K), str(tmp_path / "out"), quantize="none", progress=False, threads=1)
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err, err
+    assert hf_logging.is_progress_bar_enabled()
+
+
+def test_keep_fp32_with_no_quantization_is_refused(tmp_path):
+    from edgelm.errors import InvalidArgumentError
+    from edgelm_export.convert import export_model
+
+    with pytest.raises(InvalidArgumentError, match="does nothing with --quantize none"):
+        export_model(str(STORIES260K), str(tmp_path / "out"), quantize="none", keep_fp32="lm_head", progress=False)
+    assert not (tmp_path / "out").exists()

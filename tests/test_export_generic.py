@@ -282,6 +282,7 @@ def test_missing_optimum_is_refused_with_what_to_do(monkeypatch, tmp_path):
     with pytest.raises(ExportError) as info:
         generic.optimum_python()
     assert "--optimum-python" in str(info.value) and "edgelm[optimum]" in str(info.value)
+    assert "scripts/optimum-env" in str(info.value)  # what docs/export.md tells a checkout to run
     with pytest.raises(InvalidArgumentError):
         generic.optimum_python(str(tmp_path / "no-python"))
 
