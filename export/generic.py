@@ -108,6 +108,12 @@ def choose_path(src_path: Path, src_cfg: dict[str, Any] | None, via: str | None,
     arch = ((src_cfg or {}).get("architectures") or [None])[0]
     if _onnx_files(src_path) and (not has_weights or arch not in SUPPORTED):  # (find_onnx then picks one)
         return "onnx"
+    if isinstance(arch, str) and arch.endswith("ForConditionalGeneration"):  # optimum would be asked for nothing
+        raise UnsupportedArchitectureError(
+            f"Cannot export {arch}: it is not a text-only causal LM (a multimodal or encoder-decoder model), and "
+            f"edgelm exports decoder-only language models.",
+            hint="Export a text-only ...ForCausalLM checkpoint of its language model if there is one; `edgelm "
+                 "export --list` shows the families.")
     return "builder" if arch in SUPPORTED else "optimum"
 
 

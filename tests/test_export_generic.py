@@ -428,3 +428,15 @@ def test_folder_written_by_optimum_cli_converts_without_torch(optimum_python, tm
     c = edgelm.load(tmp_path / "fp32", threads=1)
     assert (c.generate(prompt, max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True).token_ids
             == a.generate(prompt, max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True).token_ids)
+
+
+def test_a_multimodal_or_encoder_decoder_model_is_refused_before_optimum(tmp_path):
+    """`...ForConditionalGeneration` (Gemma 3's multimodal checkpoint, T5, ...) is no decoder-only LM: refused from
+    config.json alone, not handed to optimum (whose absence would then be the only thing the user hears of)."""
+    from edgelm.errors import UnsupportedArchitectureError
+    from edgelm_export.generic import choose_path
+
+    cfg = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"}
+    with pytest.raises(UnsupportedArchitectureError, match="not a text-only causal LM") as info:
+        choose_path(tmp_path, cfg, None, None, True)
+    assert "ForCausalLM" in (info.value.hint or "")
