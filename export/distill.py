@@ -246,7 +246,13 @@ def sample_corpus(teacher: str | os.PathLike, out_path: str | os.PathLike, *, nu
                   top_p: float = 0.95, top_k: int = 0, layout: str = "blank-line-paragraphs", seed: int = 0,
                   device: str = "auto", max_time_s: float | None = None, prompt: str | None = None,
                   separator: str = "<|endoftext|>", progress: bool = True) -> SampleResult:
-    """Sample about ``num_tokens`` teacher tokens of text and write them as a corpus file.
+    """Sample ``num_tokens`` teacher tokens of text (whole stories) and write them as a corpus file.
+
+    ``tokens`` counts, for each story written, the tokens sampled up to its end token (an unfinished story
+    trimmed to its last sentence still counts all it sampled; a story with nothing left is neither written
+    nor counted). Writing stops with the story that brings the count to ``num_tokens``, so the file holds
+    from ``num_tokens`` to ``num_tokens + max_new_tokens - 1`` of them (fewer only when ``max_time_s`` stops
+    it first); the rest of the last batch is dropped.
 
     Each sample starts from BOS (plus ``prompt`` if given) and runs until EOS/BOS or ``max_new_tokens``
     (default: the teacher's context minus the prompt). Samples are normalised to ``layout`` and written one
@@ -290,16 +296,19 @@ def sample_corpus(teacher: str | os.PathLike, out_path: str | os.PathLike, *, nu
             x = torch.tensor([head] * batch_size, device=dev)
             new = _sample_batch(model, x, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, stops=stops).tolist()
+            before = n_tok
             for row in new:
+                if n_tok >= num_tokens:   # the rest of the batch is dropped: the count stops at the ask
+                    break
                 text, kept = _sample_text(row, tok, stops=stops, prompt=prompt, layout=layout)
-                n_tok += kept
                 if not text.strip():
                     continue
                 f.write(text.rstrip("\n") + "\n" + separator + "\n")
+                n_tok += kept
                 n_docs += 1
                 n_bytes += len(text.encode("utf-8"))
             if bar is not None:
-                bar.update(sum(len(r) for r in new))
+                bar.update(n_tok - before)
     if bar is not None:
         bar.close()
     if n_docs == 0:

@@ -156,3 +156,58 @@ def test_cli_distill_sampling_mode(tmp_path):
                "--samples-out", str(out), "--sample-batch-size", "2", "--device", "cpu", "--no-progress"])
     assert rc == 0 and out.read_text().count("<|endoftext|>") >= 1
     assert main(["distill", "--teacher", str(SHARED / "fixtures" / "stories260K"), "--sample-tokens", "5"]) == 1
+
+
+def test_changed_settings_are_refused_run_only_options_are_not(recipe, tmp_path, torch_one_thread):
+    """A rerun with a changed setting names the stage, the key and every stage built from it, and runs nothing;
+    an unchanged rerun (or one that changes only how a stage runs) skips; --force --stages rebuilds the named ones."""
+    from edgelm_export.recipe import StaleStageError
+
+    order = ["tokenizer", "teacher", "samples", "student"]
+    b = tmp_path / "build"
+
+    def run(**kw):
+        logs: list[str] = []
+        return build_recipe(recipe, stages=kw.pop("stages", order), progress=False, log=logs.append, **kw), logs
+
+    run()
+    record = json.loads((b / "build-record.json").read_text())["stages"]
+    assert record["teacher"]["settings"]["max_steps"] == 12 and set(record["student"]["inputs"]) == {"teacher", "samples"}
+    assert run(overrides={"teacher": {"num_threads": 2, "save_every": 3}, "student": {"log_every": 1}}) == \
+        ({}, [f"[{s}] {p} is complete, skipped" for s, p in
+              [("tokenizer", b / "tokenizer"), ("teacher", b / "teacher"), ("samples", b / "samples.txt"),
+               ("student", b / "student")]] + [f"build finished in 0s -> {b}"])
+
+    with pytest.raises(StaleStageError, match=r"max_steps: 12 -> 16") as err:
+        run(overrides={"teacher": {"max_steps": 16}})
+    assert err.value.rebuild == ["teacher", "samples", "student"]   # the tokenizer is not built from the teacher
+    assert err.value.changes["samples"] == ["consumed teacher"]
+    assert "--force --stages teacher samples student" in str(err.value)
+    assert json.loads((b / "teacher" / "training.json").read_text())["steps"] == 12   # nothing ran
+
+    # A change in the last stage names only that stage; so does a stage stopped midway (it is not resumed
+    # from checkpoints made with the old settings).
+    (b / "student" / "training.json").unlink()
+    with pytest.raises(StaleStageError) as err:
+        run(overrides={"student": {"alpha": 0.9}})
+    assert err.value.rebuild == ["student"] and err.value.changes == {"student": ["alpha: 0.5 -> 0.9"]}
+
+    res, _ = run(stages=err.value.rebuild, force=True, overrides={"student": {"alpha": 0.9}})
+    assert set(res) == {"student"} and res["student"].steps == 8
+    assert json.loads((b / "student" / "training.json").read_text())["config"]["alpha"] == 0.9
+    assert run(overrides={"student": {"alpha": 0.9}})[0] == {}   # the new settings are now the recorded ones
+    with pytest.raises(StaleStageError, match="alpha: 0.9 -> 0.5"):
+        run()
+
+
+def test_samples_stop_at_the_asked_token_count(tmp_path, torch_one_thread):
+    """sample_corpus writes whole stories until the ask is reached: at least num_tokens, and less than one
+    story (max_new_tokens) more; the rest of the last batch is dropped, not counted."""
+    from edgelm_export.corpus import read_documents
+    from edgelm_export.distill import sample_corpus
+
+    out = tmp_path / "s.txt"
+    res = sample_corpus(SHARED / "fixtures" / "stories260K", out, num_tokens=64, batch_size=8, max_new_tokens=48,
+                        seed=0, device="cpu", progress=False)
+    assert 64 <= res.tokens <= 64 + 48 - 1
+    assert len(read_documents([out])) == res.documents < 8
