@@ -11,6 +11,16 @@ What the loop guarantees:
   same device and library versions). Checkpoints go to ``OUT/checkpoints/last.pt`` every ``save_every`` steps
   and at the end, written to a temporary file and renamed over the old one; the one before is kept as
   ``prev.pt``. A full disk raises OutOfDiskError and leaves both intact.
+* **Ctrl-C keeps whole steps.** While the loop runs (in the main thread), the first Ctrl-C only asks it to
+  stop: the step in progress finishes, then a checkpoint of that state is written and KeyboardInterrupt
+  raised. A checkpoint taken halfway through a step (its batch drawn, or its update applied before the step
+  counter moved) would make the resumed run skip a batch or apply an update twice. A second Ctrl-C, or a
+  KeyboardInterrupt from elsewhere, stops at once and writes no checkpoint unless it lands between steps;
+  ``--resume`` then continues from the last ``save_every`` one, still exactly.
+* **An unambiguous log.** ``train_log.jsonl`` gets a "resume" record on every resume, saying which
+  checkpoint it came from (``prev.pt`` when ``last.pt`` is damaged, none when there was none; both also said
+  on stderr), and loses the records of steps after that checkpoint's: the killed run's work past it is
+  redone, and keeping both would list those steps twice.
 * **Time budgets.** ``max_time_s`` stops the run cleanly (final eval and save) when the wall-clock budget is
   spent, counted across resumes. The learning rate follows warmup + cosine over *progress*, which is
   ``step / max_steps`` or, when a time budget is set, whichever of that and ``elapsed / max_time_s`` is
@@ -32,8 +42,11 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -391,6 +404,11 @@ def save_checkpoint(ckpt_dir: Path, state: dict) -> Path:
 
 def load_checkpoint(ckpt_dir: Path) -> dict | None:
     """The newest readable checkpoint (``last.pt``, else ``prev.pt`` if last is damaged), or None."""
+    return _read_checkpoint(ckpt_dir)[0]
+
+
+def _read_checkpoint(ckpt_dir: Path) -> tuple[dict | None, str | None, list[str]]:
+    """(the newest readable checkpoint or None, the file it came from, "name: why" for each newer unreadable one)."""
     import torch
 
     errors = []
@@ -402,13 +420,46 @@ def load_checkpoint(ckpt_dir: Path) -> dict | None:
             # weights_only: a checkpoint is data, so unpickling it must not be able to run code (a .pt file copied
             # from elsewhere could). Older checkpoints kept numpy's RNG state as an array: allowed by name.
             with torch.serialization.safe_globals(_numpy_globals()):
-                return torch.load(p, map_location="cpu", weights_only=True)
+                return torch.load(p, map_location="cpu", weights_only=True), name, errors
         except Exception as exc:  # truncated / corrupt / not plain data: fall back to the one before
-            errors.append(f"{name}: {exc}")
+            errors.append(f"{name}: {str(exc)[:200]}")
     if errors:
         raise TrainingError(f"No readable checkpoint in {ckpt_dir} ({'; '.join(errors)}).",
                             hint="Start again without --resume (or with a new --out).")
-    return None
+    return None, None, []
+
+
+def _trim_log(path: Path, step: int) -> dict[str, Any]:
+    """Drop from the log the records of steps after ``step`` and unreadable lines (a line half-written when the
+    process was killed); rewritten atomically. -> what was dropped, as fields of the "resume" record.
+
+    The log is written more often than checkpoints, so a killed run has logged steps its last checkpoint does
+    not hold; the resumed run does them again, and keeping the old records would list those steps twice.
+    """
+    if not path.is_file():
+        return {}
+    kept, dropped, unreadable = [], [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            unreadable += bool(line.strip())
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+            dropped.append(rec["step"])
+        else:
+            kept.append(line)
+    if not dropped and not unreadable:
+        return {}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    out: dict[str, Any] = {}
+    if dropped:
+        out.update(dropped_records=len(dropped), dropped_steps=[min(dropped), max(dropped)])
+    if unreadable:
+        out["unreadable_lines"] = unreadable
+    return out
 
 
 def _numpy_globals() -> list:
@@ -628,8 +679,8 @@ def train(cfg: TrainConfig, *, model=None, teacher=None, callback: Callable[[int
 
     run = _Run(cfg, model, teacher, hidden_map, _make_optimizer(cfg, model, device), sampler, device, amp_dtype,
                heldout, bytes_per_token, out)
-    if cfg.resume and has_ckpt:
-        run.restore()
+    if cfg.resume:
+        run.restore(has_ckpt)
     return run.execute(train_blocks, tok.path, callback)
 
 
@@ -658,14 +709,35 @@ class _Run:
     t0: float = 0.0              # when this process's part of the run started
     fwd: Any = None              # the model as called in the loop (compiled or not)
     log: Any = None              # the open train_log.jsonl
+    pending: list = field(default_factory=list)  # records for the log, written once it is open
+    saved_step: int | None = None  # the step of the newest checkpoint on disk
+    in_step: bool = False        # between drawing a step's batch and counting the step: no checkpoint then
+    stop_asked: bool = False     # a Ctrl-C waits for the step in progress to finish
 
     @property
     def ckpt_dir(self) -> Path:
         return self.out / CHECKPOINT_DIR
 
-    def restore(self) -> None:
-        """Continue from the newest checkpoint: weights, optimizer, data position, counters and RNG states."""
-        state = load_checkpoint(self.ckpt_dir)
+    def restore(self, has_ckpt: bool) -> None:
+        """Continue from the newest checkpoint: weights, optimizer, data position, counters and RNG states.
+
+        Queues a "resume" record and drops the log's records of later steps (:func:`_trim_log`). A damaged
+        ``last.pt`` (resumed from ``prev.pt``) and a folder with no checkpoint (started from step 0) are also
+        said on stderr.
+        """
+        state, name, damaged = _read_checkpoint(self.ckpt_dir) if has_ckpt else (None, None, [])
+        if state is not None:
+            self._load(state)
+            if damaged:
+                self.say(f"{'; '.join(damaged)}: unreadable, so resuming from {name} (step {self.step}).")
+        else:
+            self.say(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0.")
+        record = {"event": "resume", "step": self.step, "checkpoint": name}
+        if damaged:
+            record["damaged"] = damaged
+        self.pending.append({**record, **_trim_log(self.out / LOG_FILE, self.step)})
+
+    def _load(self, state: dict) -> None:
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -676,6 +748,7 @@ class _Run:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.elapsed_before, self.last_eval = state["elapsed_s"], state.get("eval", {})
         _set_rng_state(state["rng"], self.device)
+        self.saved_step = self.step
 
     def checkpoint(self) -> None:
         save_checkpoint(self.ckpt_dir, {
@@ -685,6 +758,16 @@ class _Run:
             "rng": _rng_state(self.device), "model_config": self.model.config.to_dict(),
             "train_config": dataclasses.asdict(self.cfg),
         })
+        self.saved_step = self.step
+
+    def say(self, msg: str, *, new_line: bool = False) -> None:
+        """A line on stderr, progress bar or not: what the user must know about the run (resume, Ctrl-C).
+        ``new_line`` starts it below whatever the terminal shows (a progress bar, "^C")."""
+        try:
+            print(f"{chr(10) if new_line else ''}{'distill' if self.teacher is not None else 'train'}: {msg}",
+                  file=sys.stderr, flush=True)
+        except (RuntimeError, OSError, ValueError):  # e.g. from the SIGINT handler while stderr is mid-write
+            pass
 
     def write_log(self, record: dict) -> None:
         self.log.write(json.dumps(record) + "\n")
@@ -708,9 +791,11 @@ class _Run:
         params = count_params(self.model)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = open(self.out / LOG_FILE, "a", encoding="utf-8")
+        for record in self.pending:
+            self.write_log(record)
         bar = self._progress_bar()
         self.t0 = time.time()
-        if self.step == 0 and not cfg.resume:
+        if self.step == 0:
             self.write_log({"event": "start", "params": params, "device": str(self.device),
                             "amp": str(self.amp_dtype), "train_blocks": int(len(train_blocks)),
                             "block_size": cfg.block_size, "heldout_tokens": int(self.heldout.size),
@@ -720,11 +805,10 @@ class _Run:
         if self.device.type == "cuda":
             train_tensor = train_tensor.to(self.device)
         try:
-            stopped = self._loop(train_tensor, bar, callback)
+            with self._ctrl_c_between_steps():
+                stopped = self._loop(train_tensor, bar, callback)
         except KeyboardInterrupt:
-            # Ctrl-C: keep the work done so far, then let the caller see the interrupt.
-            if self.step > 0:
-                self.checkpoint()
+            self._save_on_interrupt()
             self.log.close()
             if bar is not None:
                 bar.close()
@@ -736,6 +820,48 @@ class _Run:
             self.last_eval = self.run_eval() or self.last_eval
         self.checkpoint()
         return self._finish(params, "already-done" if already_done else stopped, run_time, tok_dir)
+
+    @contextmanager
+    def _ctrl_c_between_steps(self):
+        """While the loop runs, the first Ctrl-C sets ``stop_asked``, which the loop turns into a
+        KeyboardInterrupt at the next step boundary; a second one raises at once (nobody waits on a slow step).
+
+        Installed only from the main thread over Python's default handler (a caller's own handler, or
+        SIG_IGN, is left alone) and restored afterwards. A Ctrl-C during the last step stops the run before
+        its final eval: the checkpoint then holds every step and ``--resume`` finishes it.
+        """
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            yield
+            return
+
+        def on_sigint(signum, frame):
+            if self.stop_asked:
+                raise KeyboardInterrupt
+            self.stop_asked = True
+            self.say("Ctrl-C: stopping after the step in progress, then saving a checkpoint "
+                     "(press Ctrl-C again to stop at once, without one).", new_line=True)
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self.stop_asked:
+            raise KeyboardInterrupt
+
+    def _save_on_interrupt(self) -> None:
+        """On KeyboardInterrupt: checkpoint the state after the last whole step, unless the interrupt landed
+        inside one (a second Ctrl-C, or one raised elsewhere), whose half-done state must not be saved."""
+        saved = not self.in_step and self.step > 0
+        if saved:
+            self.checkpoint()
+            self.say(f"interrupted: checkpoint saved at step {self.step}; --resume continues from it.")
+        else:
+            since = f"step {self.saved_step}'s checkpoint" if self.saved_step else "step 0 (no checkpoint yet)"
+            self.say(f"interrupted {'inside a step' if self.in_step else 'before the first step'}: no checkpoint "
+                     f"written; --resume continues from {since}.")
+        self.write_log({"event": "interrupt", "step": self.step, "saved": saved})
 
     def _progress_bar(self):
         if not self.cfg.progress:
@@ -749,6 +875,8 @@ class _Run:
         cfg = self.cfg
         t_window, tok_window = time.time(), 0
         while self.step < cfg.max_steps:
+            if self.stop_asked:  # a Ctrl-C came during the last step: stop here, where a checkpoint is exact
+                raise KeyboardInterrupt
             elapsed = self.elapsed_before + (time.time() - self.t0)
             if cfg.max_time_s is not None and elapsed >= cfg.max_time_s:
                 return "time"
@@ -756,10 +884,12 @@ class _Run:
             if cfg.max_time_s is not None:
                 progress = max(progress, elapsed / cfg.max_time_s)
             lr = lr_at(cfg, self.step, progress)
+            n_tok = cfg.grad_accum * cfg.batch_size * cfg.block_size
+            self.in_step = True
             parts, grad_norm = self._optimizer_step(train_tensor, lr)
             self.step += 1
-            n_tok = cfg.grad_accum * cfg.batch_size * cfg.block_size
             self.tokens_seen += n_tok
+            self.in_step = False
             tok_window += n_tok
             record = {"step": self.step, "lr": lr, **parts, "grad_norm": grad_norm, "tokens": self.tokens_seen,
                       "epoch": round(self.sampler.epochs_done, 4)}

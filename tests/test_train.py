@@ -1,11 +1,14 @@
 """The training loop: learning, exact resume, checkpoint safety, time budget, HF output, CLI, scorer."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -198,3 +201,170 @@ def test_score_bits_per_byte_matches_the_reference_scorer():
     text = eval_file.read_text(encoding="utf-8")[:n_chars]
     got = score_bits_per_byte(model, STORIES260K, text, batch_size=4)
     assert abs(got["bits_per_byte"] - expected) < 2e-4, (got, expected)
+
+
+# --- Ctrl-C and resume bookkeeping -------------------------------------------------------------------------
+INTERRUPTED = dict(dropout=0.1, max_steps=20)  # interrupted in step 13; checkpoints every 5 steps
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup, tmp_path_factory):
+    """fn(teacher) -> the weights of the run never stopped (made once per teacher)."""
+    made: dict = {}
+
+    def weights(teacher=None):
+        if id(teacher) not in made:
+            out = tmp_path_factory.mktemp("uninterrupted") / "m"
+            train(_cfg(setup, out, **INTERRUPTED), teacher=teacher)
+            made[id(teacher)] = _weights(out)
+        return made[id(teacher)]
+    return weights
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(setup):
+    """A random teacher on the test tokenizer: distillation runs the same loop as training."""
+    from edgelm_export.corpus import load_tokenizer
+    from edgelm_export.train import build_llama
+
+    tok = load_tokenizer(setup[2])
+    return build_llama(dict(TINY), tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, seed=7)
+
+
+@contextlib.contextmanager
+def _inside_step(step: int, where: str, action):
+    """Call ``action`` inside optimizer step ``step`` (1-based): "batch", just after its batch is drawn; "update",
+    just after optimizer.step() returned, before the loop counts the step."""
+    from edgelm_export.corpus import BlockSampler
+
+    calls = {"n": 0}
+
+    def count():
+        calls["n"] += 1
+        if calls["n"] == step:
+            action()
+
+    if where == "batch":
+        real = BlockSampler.next_batch
+
+        def next_batch(self):
+            batch = real(self)
+            count()
+            return batch
+
+        BlockSampler.next_batch = next_batch
+        try:
+            yield
+        finally:
+            BlockSampler.next_batch = real
+    else:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: count())
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def _ctrl_c():
+    signal.raise_signal(signal.SIGINT)  # delivered to this (the main) thread before raise_signal returns
+
+
+def _ctrl_c_twice():
+    _ctrl_c()
+    _ctrl_c()
+
+
+def _raise():
+    raise KeyboardInterrupt  # what Ctrl-C does where the loop's handler is not installed
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("action, where, teacher, saved_at", [
+    (_ctrl_c, "batch", False, 13), (_ctrl_c, "update", False, 13), (_ctrl_c, "update", True, 13),
+    (_ctrl_c_twice, "batch", False, 10), (_raise, "batch", False, 10), (_raise, "update", False, 10),
+], ids=["ctrl-c-after-batch", "ctrl-c-after-update", "ctrl-c-after-update-distill", "ctrl-c-twice",
+        "raised-after-batch", "raised-after-update"])
+def test_interrupt_inside_a_step_resumes_bit_for_bit(setup, tmp_path, capsys, uninterrupted, tiny_teacher, action,
+                                                     where, teacher, saved_at):
+    """A Ctrl-C inside step 13 lets the step finish and checkpoints it; a second Ctrl-C (or a KeyboardInterrupt raised
+    where no handler defers it) stops at once and keeps step 10's checkpoint. Either way no half-done step is saved,
+    and the resumed run ends with exactly the weights of one never stopped."""
+    teacher = tiny_teacher if teacher else None
+    out = tmp_path / "b"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with _inside_step(13, where, action), pytest.raises(KeyboardInterrupt):
+        train(_cfg(setup, out, **INTERRUPTED), teacher=teacher)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone
+    assert load_checkpoint(out / "checkpoints")["step"] == saved_at
+    err = capsys.readouterr().err
+    assert (f"checkpoint saved at step {saved_at}" if saved_at == 13 else
+            f"no checkpoint written; --resume continues from step {saved_at}'s checkpoint") in err, err
+    res = train(_cfg(setup, out, resume=True, **INTERRUPTED), teacher=teacher)
+    assert res.steps == 20
+    assert _same_weights(uninterrupted(teacher), _weights(out)), "the resumed run's weights differ"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_resume_from_a_damaged_last_checkpoint_says_so(setup, tmp_path, capsys):
+    out = tmp_path / "m"
+    train(_cfg(setup, out, max_steps=10))
+    last = out / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:100])  # truncated
+    res = train(_cfg(setup, out, max_steps=10, resume=True))
+    assert res.steps == 10
+    assert "last.pt" in (err := capsys.readouterr().err) and "resuming from prev.pt (step 5)" in err, err
+    resume = [r for r in _log(out) if r.get("event") == "resume"]
+    assert len(resume) == 1 and resume[0]["checkpoint"] == "prev.pt" and resume[0]["step"] == 5
+    assert resume[0]["damaged"][0].startswith("last.pt: ")
+
+
+def test_resume_without_a_checkpoint_says_so(setup, tmp_path, capsys):
+    out = tmp_path / "m"
+    res = train(_cfg(setup, out, max_steps=3, resume=True))
+    assert res.steps == 3
+    assert f"no checkpoint in {out / 'checkpoints'}; starting from step 0" in capsys.readouterr().err
+    events = [r["event"] for r in _log(out) if "event" in r]
+    assert events == ["resume", "start", "end"]
+    assert _log(out)[0] == {"event": "resume", "step": 0, "checkpoint": None}
+
+
+def test_resumed_log_lists_each_step_once(setup, tmp_path):
+    """A run killed at step 13 logged steps 11-13 (and half a line) past its checkpoint at 10: the resumed log drops
+    them, says so in its "resume" record, and lists every step once."""
+    out = tmp_path / "m"
+
+    def crash(step, record):
+        if step == 13:
+            raise RuntimeError("simulated kill")
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(_cfg(setup, out, log_every=1), callback=crash)
+    with open(out / "train_log.jsonl", "a") as f:
+        f.write('{"step": 14, "lr": 0.00')  # killed while writing a line
+    train(_cfg(setup, out, log_every=1, resume=True))
+    log = _log(out)  # every line parses
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 21))
+    assert [r["step"] for r in log if "eval_loss" in r] == [5, 10, 15, 20]
+    resume = [r for r in log if r.get("event") == "resume"]
+    assert resume == [{"event": "resume", "step": 10, "checkpoint": "last.pt", "dropped_records": 3,
+                       "dropped_steps": [11, 13], "unreadable_lines": 1}]
+    assert log.index(resume[0]) == next(i for i, r in enumerate(log) if r.get("step") == 10 and "eval_loss" in r) + 1
+
+
+def test_training_off_the_main_thread_leaves_sigint_alone(setup, tmp_path):
+    """Signal handlers can only be set from the main thread: elsewhere the loop runs without one."""
+    done: dict = {}
+    worker = threading.Thread(target=lambda: done.update(res=train(_cfg(setup, tmp_path / "m", max_steps=3))))
+    worker.start()
+    worker.join()
+    assert done["res"].steps == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
