@@ -151,7 +151,7 @@ def build_recipe(path: str | os.PathLike, *, stages: list[str] | None = None, fo
     # changed setting anywhere, is reported before hours of training rather than after.
     steps = [step for stage in build.order if (step := _PREPARE[stage](build, stage, dict(build.recipe[stage])))]
     record = _Record(build.root / RECORD_NAME)
-    _check_record(steps, record, build, recipe_path)
+    _check_record(steps, record, build, os.fspath(path))
     results: dict[str, Any] = {}
     t_build = time.time()
     for step in steps:
@@ -296,7 +296,7 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, 
     return out
 
 
-def _check_record(steps: list[_Step], record: _Record, build: _Build, recipe_path: Path) -> None:
+def _check_record(steps: list[_Step], record: _Record, build: _Build, recipe: str) -> None:
     """Fill in each step's inputs and digest; raise StaleStageError when an existing output (complete, or
     started and resumable) was built from other settings or from other earlier outputs than it would be now.
 
@@ -333,10 +333,10 @@ def _check_record(steps: list[_Step], record: _Record, build: _Build, recipe_pat
             rebuild.append(step.stage)
     lines = "; ".join(f"[{stage}] {', '.join(why)}" for stage, why in changes.items())
     raise StaleStageError(
-        f"{recipe_path.name}: stage(s) {', '.join(rebuild)} in {build.root} were built from other settings "
+        f"{Path(recipe).name}: stage(s) {', '.join(rebuild)} in {build.root} were built from other settings "
         f"than the recipe now gives ({lines}). Nothing was run.",
         changes=changes, rebuild=rebuild,
-        hint=f"To rebuild them (their outputs are replaced): edgelm build-recipe {recipe_path} "
+        hint=f"To rebuild them (their outputs are replaced): edgelm build-recipe {recipe} "
              f"--force --stages {' '.join(rebuild)} (with the same --set options), or use a new build folder "
              f"(--set build.out=DIR), or go back to the settings they were built with.")
 
