@@ -315,25 +315,30 @@ def _check_record(steps: list[_Step], record: _Record, build: _Build, recipe: st
         step.inputs = dict(up if isinstance(up, tuple) else (up.stage, up.digest) for up in ups)
         step.digest = _digest(step.settings, step.inputs)
         rec = record.get(step)
-        if rec is None or not step.out.exists():
-            continue   # never built here, or the output was removed: it is simply built
-        if build.force:
-            continue   # rebuilt anyway
+        if rec is None:
+            continue   # never built here
         why = _changed_keys(rec.get("settings", {}), step.settings, step.defaults)
         why += [f"consumed {up}" for up, d in step.inputs.items() if rec.get("inputs", {}).get(up) != d]
-        if why:
-            changes[step.stage] = why
-        else:
+        if not why:
             step.digest = rec.get("digest", step.digest)   # unchanged: downstream compares against the record
+        elif step.out.exists() and not build.force:   # (a removed output, or a forced stage, is simply built)
+            changes[step.stage] = why
     if not changes:
         return
     rebuild: list[str] = []   # the changed stages and every later one that reads one of them
     for step in steps:
         if step.stage in changes or any(up in rebuild for up in step.inputs):
             rebuild.append(step.stage)
+    # ... and the unfinished stages they read (e.g. a teacher folder that was deleted), which --stages would
+    # otherwise leave out
+    unfinished = {s.stage for s in steps if not s.complete}
+    for step in reversed(steps):
+        if step.stage in rebuild:
+            rebuild += [up for up in step.inputs if up in unfinished and up not in rebuild]
+    rebuild = [s.stage for s in steps if s.stage in rebuild]
     lines = "; ".join(f"[{stage}] {', '.join(why)}" for stage, why in changes.items())
     raise StaleStageError(
-        f"{Path(recipe).name}: stage(s) {', '.join(rebuild)} in {build.root} were built from other settings "
+        f"{Path(recipe).name}: stage(s) {', '.join(changes)} in {build.root} were built from other settings "
         f"than the recipe now gives ({lines}). Nothing was run.",
         changes=changes, rebuild=rebuild,
         hint=f"To rebuild them (their outputs are replaced): edgelm build-recipe {recipe} "
@@ -428,7 +433,9 @@ def _export_stage(b: _Build, stage: str, table: dict) -> _Step:
 
     src = table.pop("model", str(b.root / "student"))
     out = Path(table.pop("out", str(b.root / "model")))
-    defaults = {k: v for k, v in _kwdefaults(export_model).items() if not k.startswith("_")}
+    defaults = {k: v for k, v in _kwdefaults(export_model).items()
+                if not k.startswith("_") and k not in ("overwrite", "progress")}   # the stage sets those two
+    _check_keys(table, "export", defaults)
     settings = _settings({**defaults, **table, "model": src})
     return _Step(stage, out, settings, (out / "edgelm.json").is_file(),
                  lambda: export_model(src, str(out), overwrite=True, progress=b.progress, **table),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -173,10 +174,10 @@ def test_changed_settings_are_refused_run_only_options_are_not(recipe, tmp_path,
     run()
     record = json.loads((b / "build-record.json").read_text())["stages"]
     assert record["teacher"]["settings"]["max_steps"] == 12 and set(record["student"]["inputs"]) == {"teacher", "samples"}
-    assert run(overrides={"teacher": {"num_threads": 2, "save_every": 3}, "student": {"log_every": 1}}) == \
-        ({}, [f"[{s}] {p} is complete, skipped" for s, p in
-              [("tokenizer", b / "tokenizer"), ("teacher", b / "teacher"), ("samples", b / "samples.txt"),
-               ("student", b / "student")]] + [f"build finished in 0s -> {b}"])
+    res, logs = run(overrides={"teacher": {"num_threads": 2, "save_every": 3}, "student": {"log_every": 1}})
+    assert res == {} and logs[:-1] == [f"[{s}] {p} is complete, skipped" for s, p in
+                                       [("tokenizer", b / "tokenizer"), ("teacher", b / "teacher"),
+                                        ("samples", b / "samples.txt"), ("student", b / "student")]]
 
     with pytest.raises(StaleStageError, match=r"max_steps: 12 -> 16") as err:
         run(overrides={"teacher": {"max_steps": 16}})
@@ -191,6 +192,15 @@ def test_changed_settings_are_refused_run_only_options_are_not(recipe, tmp_path,
     with pytest.raises(StaleStageError) as err:
         run(overrides={"student": {"alpha": 0.9}})
     assert err.value.rebuild == ["student"] and err.value.changes == {"student": ["alpha: 0.5 -> 0.9"]}
+
+    # A deleted teacher is rebuilt as a matter of course, so the stale samples' hint names it too.
+    (b / "student" / "training.json").write_text(json.dumps({"steps": 8}))   # (the student counts as done)
+    shutil.move(b / "teacher", tmp_path / "teacher-aside")
+    with pytest.raises(StaleStageError) as err2:
+        run(overrides={"samples": {"top_p": 0.5}})
+    assert err2.value.rebuild == ["teacher", "samples", "student"] and set(err2.value.changes) == {"samples", "student"}
+    shutil.move(tmp_path / "teacher-aside", b / "teacher")
+    (b / "student" / "training.json").unlink()
 
     res, _ = run(stages=err.value.rebuild, force=True, overrides={"student": {"alpha": 0.9}})
     assert set(res) == {"student"} and res["student"].steps == 8
