@@ -8,7 +8,9 @@ runs the stages in order::
     tokenizer -> teacher -> samples (sequence-level distillation text) -> student -> export
 
 and skips every stage whose output is already complete, so an interrupted build picks up where it stopped
-(and a stage that was interrupted mid-training resumes from its last checkpoint).
+(and a stage that was interrupted mid-training resumes from its last checkpoint). ``{build}/build-record.json``
+says what each stage was built from; a rerun whose settings differ is refused (:class:`StaleStageError`)
+rather than served the old outputs.
 
 Paths in a recipe may use ``{shared}`` (the shared data folder: $EDGELM_SHARED, else ../shared beside the
 repository, else ./shared) and ``{recipe_dir}``; relative paths are taken from the current directory.

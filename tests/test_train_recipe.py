@@ -147,6 +147,11 @@ def test_overrides_and_bad_recipes(recipe, tmp_path):
         load_recipe(tmp_path / "missing.toml")
     with pytest.raises(TrainingError, match="unknown keys: epochs"):
         build_recipe(recipe, stages=["teacher"], overrides={"teacher": {"epochs": 3}}, log=lambda m: None)
+    # every table is checked before any stage runs: a typo in the export table stops the teacher from training
+    with pytest.raises(TrainingError, match="unknown keys: quantise"):
+        build_recipe(recipe, stages=["teacher", "export"], overrides={"export": {"quantise": "int4"}},
+                     log=lambda m: None)
+    assert not (tmp_path / "build" / "teacher").exists()
 
 
 def test_cli_distill_sampling_mode(tmp_path):
