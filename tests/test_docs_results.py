@@ -29,6 +29,21 @@ def test_models_md_tables_are_the_results_files():
                                                    "python benchmarks/real_models.py docs"
 
 
+def test_spliced_results_in_the_other_docs_are_the_results_files():
+    """Every `<!-- results/NAME -->` block in docs/export.md and docs/performance.md is results/NAME verbatim (the
+    benchmarks' `docs` commands splice them in; a hand edit or a rerun without `docs` shows here)."""
+    import re
+
+    splice = _real_models().splice
+    for doc_path in (ROOT / "docs" / "export.md", ROOT / "docs" / "performance.md"):
+        doc = doc_path.read_text(encoding="utf-8")
+        names = re.findall(r"<!-- results/([\w.-]+) -->", doc)
+        assert doc_path.name != "export.md" or "stories260k-modes.md" in names
+        for name in names:
+            text = (ROOT / "benchmarks" / "results" / name).read_text(encoding="utf-8")
+            assert splice(doc, name, text) == doc, f"{doc_path.name} is out of date with results/{name}"
+
+
 def test_readme_output_block_is_the_recorded_run():
     mod = _load("readme_run", ROOT / "benchmarks" / "readme_run.py")
     result = json.loads(mod.RESULTS.read_text(encoding="utf-8"))
