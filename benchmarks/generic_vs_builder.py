@@ -39,25 +39,53 @@ PROMPT = ("Write a short, friendly note to a neighbour who has just moved into t
           "while they unpack. Keep it warm but brief, and sign it with a first name only.")
 
 
-def _exports(gguf: Path, quantize: str, optimum_python: str | None) -> dict[str, Path]:
-    """The two folders (built once per GGUF and quantization, kept under WORK)."""
+def _exports(gguf: Path, quantize: str, optimum_python: str | None, rebuild: bool = False) -> dict[str, Path]:
+    """The two folders (built once per GGUF and quantization, kept under WORK; ``rebuild`` re-exports them, as a
+    changed exporter needs). Each export's wall time and commit go to a FOLDER.export.json beside it."""
     from edgelm_export.convert import export_model
     from edgelm_export.gguf import gguf_to_hf_folder
 
     folders = {"builder": WORK / f"{gguf.stem}-builder-{quantize}", "generic": WORK / f"{gguf.stem}-optimum-{quantize}"}
-    if all((f / "edgelm.json").is_file() for f in folders.values()):
+    todo = [n for n, f in folders.items() if rebuild or not (f / "edgelm.json").is_file()]
+    if not todo:
         return folders
     WORK.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         hf = Path(tmp) / "hf"
         gguf_to_hf_folder(gguf, hf)
-        for name, via in (("builder", "builder"), ("generic", "optimum")):
-            if not (folders[name] / "edgelm.json").is_file():
-                t0 = time.perf_counter()
-                export_model(str(hf), str(folders[name]), quantize=quantize, via=via, optimum_python=optimum_python,
-                             overwrite=True, progress=False)
-                print(f"exported {name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        for name in todo:
+            t0 = time.perf_counter()
+            export_model(str(hf), str(folders[name]), quantize=quantize, via="builder" if name == "builder" else
+                         "optimum", optimum_python=optimum_python, overwrite=True, progress=False)
+            seconds = time.perf_counter() - t0
+            print(f"exported {name} in {seconds:.0f} s", file=sys.stderr)
+            _sidecar(folders[name]).write_text(json.dumps({"seconds": round(seconds, 1), "commit": _commit(),
+                                                           "load_average": os.getloadavg()[0]}) + "\n")
     return folders
+
+
+def _sidecar(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".export.json")
+
+
+def _commit() -> str:
+    import subprocess
+
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True).stdout.strip()
+
+
+def _export_facts(folder: Path) -> dict:
+    """What the export itself recorded (edgelm.json), the folder's size, and the sidecar's time and commit."""
+    manifest = json.loads((folder / "edgelm.json").read_text())
+    m = manifest.get("metrics", {})
+    side = json.loads(_sidecar(folder).read_text()) if _sidecar(folder).is_file() else {}
+    return {"fp32_perplexity": m.get("fp32_perplexity"), "quantized_perplexity": m.get("quantized_perplexity"),
+            "ppl_increase": m.get("ppl_increase"),
+            "max_abs_logit_diff": manifest.get("verification", {}).get("max_abs_logit_diff"),
+            "folder_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+            "export_seconds": side.get("seconds"), "exported_at_commit": side.get("commit"),
+            "created": manifest.get("created")}
 
 
 def _graph_nodes(folder: Path) -> int:
@@ -104,6 +132,15 @@ def table(result: dict) -> str:
             lines.append(f"| {run_['threads']} | {name} ({result['graph_nodes'][name]} nodes) | {d['median']:.1f} "
                          f"({d['min']:.1f}-{d['max']:.1f}) | {t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) |")
     lines.append("")
+    if "exports" in result:
+        lines += ["| export | fp32 perplexity (built-in sample) | quantized (change) | fp32 graph vs PyTorch | folder | "
+                  "export time | exported at |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for name, e in result["exports"].items():
+            secs = f"{e['export_seconds']:.0f} s" if e.get("export_seconds") else "—"
+            lines.append(f"| {name} | {e['fp32_perplexity']:.4f} | {e['quantized_perplexity']:.4f} "
+                         f"({100 * e['ppl_increase']:+.2f} %) | {e['max_abs_logit_diff']:.1e} | "
+                         f"{e['folder_bytes'] / 1e6:.0f} MB | {secs} | {e.get('exported_at_commit') or '?'} |")
+        lines.append("")
     for run_ in result["runs"]:
         r, t = run_["builder_over_generic_decode"], run_["generic_over_builder_ttft"]
         lines.append(f"- {run_['threads']} thread(s): builder decodes x{r['median']:.2f} (per-round range "
@@ -123,10 +160,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--optimum-python", default=None)
     ap.add_argument("--out", default=str(RESULTS / "generic_vs_builder"))
+    ap.add_argument("--rebuild", action="store_true", help="re-export both folders (after an exporter change)")
     args = ap.parse_args()
-    folders = _exports(Path(args.gguf), args.quantize, args.optimum_python)
+    folders = _exports(Path(args.gguf), args.quantize, args.optimum_python, args.rebuild)
     result = {"shape": "SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, vocabulary 49,152), real weights",
-              "gguf": Path(args.gguf).name, "quantize": args.quantize,
+              "gguf": Path(args.gguf).name, "quantize": args.quantize, "commit": _commit(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "exports": {n: _export_facts(f) for n, f in folders.items()},
               "graph_nodes": {n: _graph_nodes(f) for n, f in folders.items()},
               "kv_cache": {n: json.loads((f / "config.json").read_text())["onnx"]["kv_cache"]
                            for n, f in folders.items()},
@@ -137,7 +177,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(f"# Generic path vs builder ({result['shape']}, {args.quantize})\n\n"
-                                      f"Produced by `python benchmarks/generic_vs_builder.py`.\n\n" + table(result))
+                                      f"Produced by `python benchmarks/generic_vs_builder.py {' '.join(sys.argv[1:])}` at commit "
+                                      f"{result['commit']}, {result['date']}.\n\n" + table(result))
     print(table(result))
 
 
