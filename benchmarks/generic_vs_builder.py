@@ -175,11 +175,18 @@ def main() -> None:
                        for t in args.threads.split(",")]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    result["command"] = "python benchmarks/generic_vs_builder.py " + " ".join(sys.argv[1:])
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(f"# Generic path vs builder ({result['shape']}, {args.quantize})\n\n"
-                                      f"Produced by `python benchmarks/generic_vs_builder.py {' '.join(sys.argv[1:])}` at commit "
-                                      f"{result['commit']}, {result['date']}.\n\n" + table(result))
+    out.with_suffix(".md").write_text(markdown(result))
     print(table(result))
+
+
+def markdown(result: dict) -> str:
+    """The results file (spliced into docs/export.md between <!-- results/generic_vs_builder.md --> markers)."""
+    return (f"The generic path (optimum's graph) against the builder's on {result['shape']}, `--quantize "
+            f"{result['quantize']}`, through the same runtime; "
+            f"`{result.get('command', 'python benchmarks/generic_vs_builder.py')}` at commit {result['commit']}, "
+            f"{result['date']}.\n\n" + table(result))
 
 
 if __name__ == "__main__":
