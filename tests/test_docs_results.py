@@ -30,12 +30,12 @@ def test_models_md_tables_are_the_results_files():
 
 
 def test_spliced_results_in_the_other_docs_are_the_results_files():
-    """Every `<!-- results/NAME -->` block in docs/export.md and docs/performance.md is results/NAME verbatim (the
-    benchmarks' `docs` commands splice them in; a hand edit or a rerun without `docs` shows here)."""
+    """Every `<!-- results/NAME -->` block in docs/*.md is results/NAME verbatim (the benchmarks' `docs` commands,
+    or a paste of the file, put them there; a hand edit or a rerun without updating the docs shows here)."""
     import re
 
     splice = _real_models().splice
-    for doc_path in (ROOT / "docs" / "export.md", ROOT / "docs" / "performance.md"):
+    for doc_path in sorted((ROOT / "docs").glob("*.md")):
         doc = doc_path.read_text(encoding="utf-8")
         names = re.findall(r"<!-- results/([\w.-]+) -->", doc)
         assert doc_path.name != "export.md" or "stories260k-modes.md" in names
